@@ -1,0 +1,395 @@
+//! REST types shared by the server, the Rust client and the CLI.
+//!
+//! Field names follow E2B's OpenAPI spec exactly (camelCase, `sandboxID`, `templateID`),
+//! because the official SDKs deserialize these bodies. cella-only additions are marked as
+//! extensions and are always optional, so E2B clients ignore them.
+//!
+//! This crate depends on serde alone so that clients do not pull in a web framework.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the in-sandbox protocol that cella's agent reports. The SDKs enable features
+/// by comparing against this (0.6.4 unlocks everything the 2.x SDKs use).
+pub const ENVD_VERSION: &str = "0.6.13";
+
+/// E2B returns this constant client ID for backward compatibility with old SDKs.
+pub const CLIENT_ID: &str = "6532622b";
+
+/// Port of the in-sandbox agent (E2B's envd port).
+pub const ENVD_PORT: u16 = 49983;
+
+/// Default sandbox lifetime in seconds when a create request gives none (E2B's API default).
+pub const DEFAULT_TIMEOUT_SECS: u64 = 15;
+
+/// Longest lifetime a sandbox may be given, in seconds (E2B Pro's 24 h).
+pub const MAX_TIMEOUT_SECS: u64 = 86_400;
+
+/// Header that routes a request to a sandbox through the proxy.
+pub const HEADER_SANDBOX_ID: &str = "e2b-sandbox-id";
+/// Header that picks the port inside the sandbox (default [`ENVD_PORT`]).
+pub const HEADER_SANDBOX_PORT: &str = "e2b-sandbox-port";
+/// API key header.
+pub const HEADER_API_KEY: &str = "x-api-key";
+/// Agent access token header.
+pub const HEADER_ACCESS_TOKEN: &str = "x-access-token";
+
+/// Error body of every non-2xx REST response: `{code, message}` as E2B's `Error` schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// HTTP status code, repeated in the body.
+    pub code: u16,
+    /// Human-readable description; names the offending field for validation errors.
+    pub message: String,
+}
+
+/// Which isolation a sandbox got. Always reported, never implied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Isolation {
+    /// Namespaces + seccomp + Landlock + cgroups on the host kernel.
+    #[serde(rename = "jail")]
+    Jail,
+    /// Own kernel in a QEMU microvm accelerated by KVM.
+    #[serde(rename = "microvm-kvm")]
+    MicrovmKvm,
+    /// Own kernel in a QEMU microvm under TCG (software emulation).
+    #[serde(rename = "microvm-tcg")]
+    MicrovmTcg,
+}
+
+impl Isolation {
+    /// The wire name (`jail`, `microvm-kvm`, `microvm-tcg`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Jail => "jail",
+            Isolation::MicrovmKvm => "microvm-kvm",
+            Isolation::MicrovmTcg => "microvm-tcg",
+        }
+    }
+}
+
+/// Lifecycle state as E2B reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// The sandbox is alive.
+    Running,
+    /// The sandbox is paused (reserved; cella does not pause yet).
+    Paused,
+}
+
+/// `POST /sandboxes` and `POST /v2/sandboxes` body (`NewSandbox` / `NewSandboxV2`).
+///
+/// Unknown fields are ignored, as E2B does, because newer SDKs send fields older servers
+/// do not know.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewSandbox {
+    /// Template name or ID.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Lifetime in seconds from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// User metadata, returned by info/list and usable as a list filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Environment variables for every process in the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// Pause instead of kill on timeout (not supported yet; `true` is refused with 400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+    /// Legacy flag; cella always secures sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+    /// Internet access (E2B's snake_case name). cella sandboxes have no network yet.
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
+    /// cella extension: number of vCPUs (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<u32>,
+    /// cella extension: memory limit in MiB (default 512).
+    #[serde(default, rename = "memoryMB", skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// cella extension: writable disk size in MiB (default 1024).
+    #[serde(default, rename = "diskSizeMB", skip_serializing_if = "Option::is_none")]
+    pub disk_size_mb: Option<u64>,
+    /// cella extension: isolation driver to use (`jail`, `vm`); default is the server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+}
+
+/// Create/connect response (`Sandbox` schema).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sandbox {
+    /// Template the sandbox was created from.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Sandbox ID (`[a-z0-9]+`).
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// Constant, see [`CLIENT_ID`].
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// Agent protocol version.
+    pub envd_version: String,
+    /// Template alias, if it was addressed by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// Token the agent requires in `X-Access-Token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    /// Token for public traffic when that is restricted (unused: always null).
+    #[serde(default)]
+    pub traffic_access_token: Option<String>,
+    /// Sandbox domain (null: the SDK uses its configured one).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// cella extension: the isolation this sandbox got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+}
+
+/// `GET /sandboxes/{id}` response (`SandboxDetail`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxDetail {
+    /// Template ID.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Template alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// Sandbox ID.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// Constant, see [`CLIENT_ID`].
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// RFC 3339 time at which the sandbox will be killed.
+    pub end_at: String,
+    /// Agent protocol version.
+    pub envd_version: String,
+    /// Access token for the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    /// Sandbox domain.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// Memory in MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    /// Writable disk in MiB.
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    /// User metadata.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// running or paused.
+    pub state: SandboxState,
+    /// cella extension: the isolation this sandbox got.
+    pub isolation: Isolation,
+}
+
+/// One entry of `GET /sandboxes` and `GET /v2/sandboxes` (`ListedSandbox`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSandbox {
+    /// Template ID.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Template alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// Sandbox ID.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// Constant, see [`CLIENT_ID`].
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// RFC 3339 end time.
+    pub end_at: String,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// Memory in MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    /// Writable disk in MiB.
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    /// User metadata.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// running or paused.
+    pub state: SandboxState,
+    /// Agent protocol version.
+    pub envd_version: String,
+    /// cella extension: the isolation this sandbox got.
+    pub isolation: Isolation,
+}
+
+/// `POST /sandboxes/{id}/timeout` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeoutRequest {
+    /// New lifetime in seconds from now.
+    pub timeout: u64,
+}
+
+/// `POST /sandboxes/{id}/connect` and `/v2/.../connect` body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// Lifetime in seconds from now; only ever extends the current end time.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// `GET /health` body (cella reports which drivers it serves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// Always `"ok"` when the server answers.
+    pub status: String,
+    /// Default isolation for new sandboxes.
+    pub default_isolation: Isolation,
+    /// cella version.
+    pub version: String,
+}
+
+/// One audit record (`GET /audit`, cella extension).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    /// Monotonic sequence number.
+    pub id: i64,
+    /// RFC 3339 timestamp with milliseconds.
+    pub time: String,
+    /// Who: the API key's ID, `agent` for in-sandbox events, `server` for the server itself.
+    pub actor: String,
+    /// Sandbox concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    /// Event kind, e.g. `api`, `sandbox.create`, `process.start`, `process.exit`, `file.write`.
+    pub kind: String,
+    /// Event details (free-form JSON object).
+    pub detail: serde_json::Value,
+}
+
+/// A template as `GET /templates` lists it (subset of E2B's `Template`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    /// Template ID (cella uses the name).
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Build ID (hash of the spec).
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// Default vCPUs.
+    pub cpu_count: u32,
+    /// Default memory in MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    /// Default disk in MiB.
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    /// Whether the template is public (always true for cella's built-ins).
+    pub public: bool,
+    /// Names the template answers to.
+    pub aliases: Vec<String>,
+    /// Names the template answers to.
+    pub names: Vec<String>,
+    /// `ready`, `building`, `waiting` or `error`.
+    pub build_status: String,
+    /// Agent protocol version.
+    pub envd_version: String,
+}
+
+/// An API key as `cella keys list` shows it (cella extension). The secret is never listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyInfo {
+    /// Key ID (public).
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// First characters of the key, for recognition.
+    pub mask: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+/// A freshly created key; the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedApiKey {
+    /// Key metadata.
+    #[serde(flatten)]
+    pub info: ApiKeyInfo,
+    /// The secret key (`e2b_` + 40 hex).
+    pub key: String,
+}
+
+/// Sandbox IDs are lowercase alphanumerics, as E2B's (`[a-z0-9]+`).
+pub fn is_valid_sandbox_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_sandbox_accepts_sdk_body_with_unknown_fields() {
+        let body = r#"{"templateID":"base","timeout":300,"metadata":{"a":"b"},
+            "envVars":{"X":"1"},"autoPause":false,"mcp":null,"network":{}}"#;
+        let parsed: NewSandbox = serde_json::from_str(body).expect("parse");
+        assert_eq!(parsed.template_id, "base");
+        assert_eq!(parsed.timeout, Some(300));
+        assert_eq!(parsed.env_vars.expect("env")["X"], "1");
+    }
+
+    #[test]
+    fn sandbox_serializes_with_e2b_names() {
+        let s = Sandbox {
+            template_id: "base".into(),
+            sandbox_id: "iabc".into(),
+            client_id: CLIENT_ID.into(),
+            envd_version: ENVD_VERSION.into(),
+            alias: None,
+            envd_access_token: Some("t".into()),
+            traffic_access_token: None,
+            domain: None,
+            isolation: Some(Isolation::Jail),
+        };
+        let v = serde_json::to_value(&s).expect("json");
+        assert_eq!(v["sandboxID"], "iabc");
+        assert_eq!(v["templateID"], "base");
+        assert_eq!(v["clientID"], CLIENT_ID);
+        assert_eq!(v["envdVersion"], ENVD_VERSION);
+        assert_eq!(v["envdAccessToken"], "t");
+        assert_eq!(v["isolation"], "jail");
+        assert!(v.get("trafficAccessToken").is_some());
+    }
+
+    #[test]
+    fn sandbox_id_validation() {
+        assert!(is_valid_sandbox_id("i0a9z"));
+        assert!(!is_valid_sandbox_id(""));
+        assert!(!is_valid_sandbox_id("a-b"));
+        assert!(!is_valid_sandbox_id("ABC"));
+        assert!(!is_valid_sandbox_id("../x"));
+    }
+}

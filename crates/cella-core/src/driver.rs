@@ -1,0 +1,189 @@
+//! The isolation driver seam.
+//!
+//! A driver owns everything OS-specific about a sandbox: namespaces or a VM, cgroups, mounts,
+//! the root filesystem overlay, and the channel to the agent. The core only asks it to create,
+//! dial, measure and destroy. Both the jail and the microVM driver reach the agent the same way
+//! from the proxy's point of view: [`SandboxHandle::dial`] returns a TCP stream to a port inside
+//! the sandbox.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cella_api::Isolation;
+use cella_proto::control::AgentEvent;
+use tokio::sync::mpsc;
+
+/// Resource limits applied to one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// vCPUs (CPU quota = `cpu_count` × period for the jail).
+    pub cpu_count: u32,
+    /// Memory limit in MiB (processes, page cache of the writable layer included).
+    pub memory_mb: u64,
+    /// Size of the writable layer in MiB.
+    pub disk_mb: u64,
+    /// Maximum number of processes/threads.
+    pub max_pids: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_mb: 1024,
+            max_pids: 1024,
+        }
+    }
+}
+
+/// A template resolved to a built root filesystem on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateImage {
+    /// Template name (`base`).
+    pub name: String,
+    /// Build ID (hash of the spec).
+    pub build_id: String,
+    /// Directory holding the read-only root filesystem tree.
+    pub rootfs: PathBuf,
+    /// Default user for commands (`user`).
+    pub default_user: String,
+    /// Template-wide environment.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Everything a driver needs to start one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Sandbox ID (`[a-z0-9]+`), unique on this host.
+    pub id: String,
+    /// Root filesystem and defaults.
+    pub template: TemplateImage,
+    /// Limits.
+    pub limits: Limits,
+    /// Environment for every process (template env overlaid by the request's `envVars`).
+    pub env_vars: BTreeMap<String, String>,
+    /// Token the agent must require.
+    pub access_token: String,
+}
+
+/// An event the agent of sandbox `sandbox_id` reported (untrusted claims by the sandbox).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxEvent {
+    /// Which sandbox reported it.
+    pub sandbox_id: String,
+    /// What it reported.
+    pub event: AgentEvent,
+}
+
+/// Where drivers send agent events.
+pub type EventSink = mpsc::UnboundedSender<SandboxEvent>;
+
+/// Resource usage read from the sandbox's cgroup (or VMM).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SandboxStats {
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// CPU time used, nanoseconds.
+    pub cpu_usage_ns: u64,
+    /// Number of tasks.
+    pub pids: u64,
+}
+
+/// Why a sandbox stopped by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Human-readable reason (e.g. "agent exited with status 1", "killed by signal 9").
+    pub reason: String,
+}
+
+/// What cleaning up after a previous server run removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReapReport {
+    /// Processes killed.
+    pub processes: usize,
+    /// Cgroups removed.
+    pub cgroups: usize,
+    /// Sandbox directories removed.
+    pub dirs: usize,
+    /// Anything else removed (mounts, netns, VM images).
+    pub other: usize,
+}
+
+/// Errors a driver reports.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The host cannot provide this isolation (missing kernel feature, no KVM, ...).
+    #[error("isolation not available on this host: {0}")]
+    Unavailable(String),
+    /// Setting up the sandbox failed.
+    #[error("sandbox setup failed: {0}")]
+    Setup(String),
+    /// The agent did not report ready in time or died during start.
+    #[error("agent did not become ready: {0}")]
+    AgentNotReady(String),
+    /// Tear-down left something behind.
+    #[error("cleanup failed: {0}")]
+    Cleanup(String),
+    /// An OS call failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An isolation back-end.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// The isolation this driver gives.
+    fn isolation(&self) -> Isolation;
+
+    /// Start a sandbox and return once its agent reported ready. On error nothing of the
+    /// sandbox remains. Agent events are sent to `events` for the sandbox's whole life.
+    async fn create(
+        &self,
+        spec: SandboxSpec,
+        events: EventSink,
+    ) -> Result<Arc<dyn SandboxHandle>, DriverError>;
+
+    /// Remove every process, mount, cgroup, netns and file a previous server run left behind.
+    /// Called once at server start, before serving.
+    async fn reap_orphans(&self) -> Result<ReapReport, DriverError>;
+}
+
+/// A live sandbox.
+#[async_trait]
+pub trait SandboxHandle: Send + Sync + 'static {
+    /// The sandbox ID.
+    fn id(&self) -> &str;
+
+    /// The isolation this sandbox got.
+    fn isolation(&self) -> Isolation;
+
+    /// Open a TCP connection to `port` inside the sandbox (the agent is on 49983).
+    async fn dial(&self, port: u16) -> std::io::Result<tokio::net::TcpStream>;
+
+    /// Current resource usage.
+    fn stats(&self) -> Result<SandboxStats, DriverError>;
+
+    /// Resolves when the sandbox stopped on its own (agent crash, OOM of the init, VM crash).
+    /// Does not resolve for [`SandboxHandle::destroy`].
+    async fn wait_exit(&self) -> ExitInfo;
+
+    /// Kill every process and remove every trace. Idempotent.
+    async fn destroy(&self) -> Result<(), DriverError>;
+}
+
+/// First host UID/GID that sandbox IDs map to: inside 0..[`SANDBOX_ID_COUNT`] is host
+/// `SANDBOX_ID_BASE`.. . Template root filesystems are stored shifted by this base, so that
+/// files owned by root inside a sandbox are never owned by root on the host.
+pub const SANDBOX_ID_BASE: u32 = 100_000;
+
+/// Number of UIDs/GIDs mapped into a sandbox.
+pub const SANDBOX_ID_COUNT: u32 = 65_536;

@@ -1,0 +1,11 @@
+//! cella's core: everything about a sandbox that does not depend on how it is isolated.
+//!
+//! * [`driver`]: the seam to isolation back-ends (jail, microVM). A driver turns a
+//!   [`driver::SandboxSpec`] into a running [`driver::SandboxHandle`] whose agent answers, and
+//!   removes every trace of it on request or after a crash of the server.
+//! * `manager`: the registry of live sandboxes, owner checks, timeouts, and the typed commands
+//!   the HTTP layer hands in.
+//! * `store`: SQLite (keys, sandbox records, append-only audit log).
+//! * `template`: template specs, builds and the cache.
+
+pub mod driver;

@@ -1,0 +1,1 @@
+//! Jail driver (in progress).

@@ -1,0 +1,153 @@
+//! Host ↔ agent control channel: newline-delimited JSON.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest control line the host accepts from an agent. Longer lines are dropped.
+pub const MAX_EVENT_LINE: usize = 16 * 1024;
+
+/// Configuration the host sends the agent as the first line of the control channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// The sandbox's ID (also its hostname).
+    pub sandbox_id: String,
+    /// Token every envd request must carry in `X-Access-Token` (except `/health`, signed `/files`).
+    pub access_token: String,
+    /// Sandbox-wide environment variables (create request `envVars` plus template env).
+    pub env_vars: BTreeMap<String, String>,
+    /// User that commands run as unless the request names another (`user`).
+    pub default_user: String,
+    /// Working directory for commands that give none (empty: the user's home).
+    #[serde(default)]
+    pub default_workdir: String,
+    /// TCP port the agent listens on (49983).
+    pub port: u16,
+    /// Address to bind (`0.0.0.0` in a jail's private netns).
+    #[serde(default = "default_bind")]
+    pub bind: String,
+}
+
+fn default_bind() -> String {
+    "0.0.0.0".to_string()
+}
+
+/// Events the agent reports to the host. The host treats them as claims made by the sandbox
+/// (it records them in the audit log under the sandbox, tagged `agent`), never as commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AgentEvent {
+    /// The agent listens and answers requests.
+    Ready {
+        /// Agent version.
+        version: String,
+    },
+    /// A process was started through the agent.
+    ProcessStart {
+        /// PID inside the sandbox.
+        pid: u32,
+        /// Executable.
+        cmd: String,
+        /// Arguments.
+        args: Vec<String>,
+        /// Working directory.
+        cwd: String,
+        /// User it runs as.
+        user: String,
+        /// Optional E2B tag.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+    },
+    /// A process started through the agent ended.
+    ProcessExit {
+        /// PID inside the sandbox.
+        pid: u32,
+        /// Exit code (negative signal number when killed by a signal).
+        exit_code: i32,
+    },
+    /// A file was written through the agent (`POST /files`, compose).
+    FileWrite {
+        /// Absolute path inside the sandbox.
+        path: String,
+        /// Bytes written.
+        size: u64,
+        /// User it was written as.
+        user: String,
+    },
+    /// A file or directory was removed through the agent.
+    FileRemove {
+        /// Absolute path inside the sandbox.
+        path: String,
+    },
+    /// A file or directory was moved through the agent.
+    FileMove {
+        /// Source path.
+        source: String,
+        /// Destination path.
+        destination: String,
+    },
+    /// A directory was created through the agent.
+    MakeDir {
+        /// Absolute path inside the sandbox.
+        path: String,
+    },
+}
+
+impl AgentEvent {
+    /// Parse one control line from an agent; `None` for oversized or malformed lines.
+    pub fn parse_line(line: &[u8]) -> Option<AgentEvent> {
+        if line.len() > MAX_EVENT_LINE {
+            return None;
+        }
+        serde_json::from_slice(line).ok()
+    }
+
+    /// The audit `kind` this event is stored under.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentEvent::Ready { .. } => "agent.ready",
+            AgentEvent::ProcessStart { .. } => "process.start",
+            AgentEvent::ProcessExit { .. } => "process.exit",
+            AgentEvent::FileWrite { .. } => "file.write",
+            AgentEvent::FileRemove { .. } => "file.remove",
+            AgentEvent::FileMove { .. } => "file.move",
+            AgentEvent::MakeDir { .. } => "file.mkdir",
+        }
+    }
+
+    /// Encode as one control line (with the trailing newline).
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_roundtrip() {
+        let e = AgentEvent::ProcessStart {
+            pid: 7,
+            cmd: "/bin/bash".into(),
+            args: vec!["-c".into(), "true".into()],
+            cwd: "/home/user".into(),
+            user: "user".into(),
+            tag: None,
+        };
+        let line = e.to_line();
+        assert_eq!(line.last(), Some(&b'\n'));
+        let back = AgentEvent::parse_line(&line[..line.len() - 1]).expect("parse");
+        assert_eq!(back, e);
+        assert_eq!(back.kind(), "process.start");
+    }
+
+    #[test]
+    fn hostile_lines_are_dropped() {
+        assert!(AgentEvent::parse_line(b"{not json").is_none());
+        assert!(AgentEvent::parse_line(&vec![b'x'; MAX_EVENT_LINE + 1]).is_none());
+        assert!(AgentEvent::parse_line(br#"{"event":"nope"}"#).is_none());
+    }
+}

@@ -1,0 +1,1 @@
+//! E2B envd protocol types (filled in by the agent work).
