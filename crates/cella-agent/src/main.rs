@@ -1,1 +1,304 @@
-fn main() {}
+//! `cella-agent`: the first process of every sandbox.
+//!
+//! It speaks E2B's envd protocol on port 49983 so the official SDKs work unchanged, reaps
+//! zombies (it is PID 1), and reports audit events to the host over the control channel.
+//!
+//! Two modes:
+//! * `cella-agent --control-fd 3`: production. Reads one [`AgentConfig`] JSON line from the fd,
+//!   binds, writes `ready`, then streams audit events on the same fd.
+//! * `cella-agent --listen 127.0.0.1:PORT --token TOKEN [--user NAME]`: standalone, for tests
+//!   and debugging on a host.
+
+mod files;
+mod fs;
+mod http;
+mod process;
+mod reaper;
+mod rpc;
+mod spawn;
+mod state;
+mod users;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use cella_proto::control::{AgentConfig, AgentEvent};
+
+use crate::reaper::Reaper;
+use crate::state::{Agent, EventSink, Settings};
+
+/// Longest config line accepted on the control fd.
+const MAX_CONFIG_LINE: usize = 1024 * 1024;
+/// Audit events buffered while the host is slow to read.
+const EVENT_BUFFER: usize = 1024;
+
+#[derive(Debug, Default)]
+struct Args {
+    control_fd: Option<i32>,
+    listen: Option<String>,
+    token: Option<String>,
+    user: Option<String>,
+    workdir: Option<String>,
+    envs: BTreeMap<String, String>,
+}
+
+const USAGE: &str = "usage: cella-agent --control-fd FD\n       cella-agent --listen ADDR:PORT [--token TOKEN] [--user NAME] [--workdir DIR] [--env K=V]...";
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
+    let mut a = Args::default();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it.next().with_context(|| format!("{name} needs a value")),
+            }
+        };
+        match flag.as_str() {
+            "--control-fd" => {
+                a.control_fd = Some(value("--control-fd")?.parse().context("--control-fd")?)
+            }
+            "--listen" => a.listen = Some(value("--listen")?),
+            "--token" => a.token = Some(value("--token")?),
+            "--user" => a.user = Some(value("--user")?),
+            "--workdir" => a.workdir = Some(value("--workdir")?),
+            "--env" => {
+                let kv = value("--env")?;
+                let (k, v) = kv.split_once('=').context("--env takes KEY=VALUE")?;
+                a.envs.insert(k.to_string(), v.to_string());
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if a.control_fd.is_none() && a.listen.is_none() {
+        bail!("one of --control-fd or --listen is required\n{USAGE}");
+    }
+    Ok(a)
+}
+
+/// Read one line from the control fd without buffering past it.
+fn read_config_line(f: &mut std::fs::File) -> Result<AgentConfig> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match f.read(&mut byte) {
+            Ok(0) => bail!("control channel closed before the configuration line"),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => {
+                line.push(byte[0]);
+                if line.len() > MAX_CONFIG_LINE {
+                    bail!("configuration line too long");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("reading the control channel"),
+        }
+    }
+    serde_json::from_slice(&line).context("parsing the agent configuration")
+}
+
+/// Bring up `lo` (as PID 1 in a fresh network namespace it starts down).
+fn loopback_up() {
+    // SAFETY: plain socket creation; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        tracing::warn!("cannot open a socket to bring up lo");
+        return;
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into our ifreq.
+    let got = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    if got == 0 {
+        // SAFETY: the union member written by SIOCGIFFLAGS is ifru_flags.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        if flags & libc::IFF_UP as libc::c_short == 0 {
+            req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+            // SAFETY: SIOCSIFFLAGS reads our ifreq.
+            if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } != 0 {
+                tracing::warn!(
+                    "cannot bring up lo: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
+}
+
+/// Write audit events to the control fd from a dedicated thread, so a host that stops reading
+/// blocks only that thread; the channel in front of it drops events when full.
+fn spawn_event_writer(
+    mut out: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<AgentEvent>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("control-writer".into())
+        .spawn(move || {
+            while let Some(ev) = rx.blocking_recv() {
+                if out.write_all(&ev.to_line()).is_err() {
+                    break;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the control writer: {e}");
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELLA_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = parse_args(std::env::args().skip(1))?;
+    // SAFETY: getpid has no memory effects.
+    if unsafe { libc::getpid() } == 1 {
+        loopback_up();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let reaper = Reaper::new();
+    // Install the SIGCHLD handler before anything can exit.
+    tokio::spawn(reaper.clone().run());
+
+    let (settings, addr, control) = match args.control_fd {
+        Some(fd) => {
+            // SAFETY: the driver passes this fd to us; we take sole ownership of it.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            let mut file = std::fs::File::from(owned);
+            let cfg = read_config_line(&mut file)?;
+            let settings = Settings {
+                token: cfg.access_token,
+                env_vars: cfg.env_vars,
+                default_user: cfg.default_user,
+                default_workdir: cfg.default_workdir,
+                users_root: PathBuf::from("/"),
+                proc_root: PathBuf::from("/"),
+            };
+            (settings, format!("{}:{}", cfg.bind, cfg.port), Some(file))
+        }
+        None => {
+            let default_user = match args.user {
+                Some(u) => u,
+                None => {
+                    // SAFETY: getuid has no memory effects.
+                    let uid = unsafe { libc::getuid() };
+                    users::UserDb::new("/").user_name(uid)
+                }
+            };
+            let settings = Settings {
+                token: args.token.unwrap_or_default(),
+                env_vars: args.envs,
+                default_user,
+                default_workdir: args.workdir.unwrap_or_default(),
+                users_root: PathBuf::from("/"),
+                proc_root: PathBuf::from("/"),
+            };
+            (settings, args.listen.unwrap_or_default(), None)
+        }
+    };
+
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr().context("local address")?;
+
+    let events = match control {
+        Some(file) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+            spawn_event_writer(file, rx);
+            let sink = EventSink::new(tx);
+            sink.emit(AgentEvent::Ready {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            });
+            sink
+        }
+        None => {
+            eprintln!("cella-agent listening on {local}");
+            EventSink::default()
+        }
+    };
+
+    let agent = Arc::new(Agent::new(settings, reaper, events));
+    axum::serve(listener, http::app(agent))
+        .await
+        .context("serving")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Result<Args> {
+        parse_args(v.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn argument_parsing() {
+        let a = args(&["--listen", "127.0.0.1:1", "--token=t", "--user", "root", "--env", "A=b=c"])
+            .expect("parse");
+        assert_eq!(a.listen.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(a.token.as_deref(), Some("t"));
+        assert_eq!(a.user.as_deref(), Some("root"));
+        assert_eq!(a.envs.get("A").map(String::as_str), Some("b=c"));
+        assert_eq!(args(&["--control-fd", "3"]).expect("fd").control_fd, Some(3));
+        assert!(args(&[]).is_err());
+        assert!(args(&["--bogus"]).is_err());
+        assert!(args(&["--control-fd", "x"]).is_err());
+        assert!(args(&["--listen"]).is_err());
+    }
+
+    #[test]
+    fn config_line_is_read_exactly() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("ctl");
+        let cfg = AgentConfig {
+            sandbox_id: "abc".into(),
+            access_token: "tok".into(),
+            env_vars: BTreeMap::new(),
+            default_user: "user".into(),
+            default_workdir: String::new(),
+            port: 49983,
+            bind: "0.0.0.0".into(),
+        };
+        let mut line = serde_json::to_vec(&cfg).expect("json");
+        line.extend_from_slice(b"\nEXTRA");
+        std::fs::write(&p, &line).expect("write");
+        let mut f = std::fs::File::open(&p).expect("open");
+        assert_eq!(read_config_line(&mut f).expect("read"), cfg);
+        let mut rest = String::new();
+        f.read_to_string(&mut rest).expect("rest");
+        assert_eq!(rest, "EXTRA", "nothing past the newline is consumed");
+        std::fs::write(&p, b"{}").expect("write");
+        let mut f = std::fs::File::open(&p).expect("open");
+        assert!(read_config_line(&mut f).is_err());
+    }
+}

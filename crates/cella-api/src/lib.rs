@@ -393,3 +393,35 @@ mod tests {
         assert!(!is_valid_sandbox_id("../x"));
     }
 }
+
+/// One metrics sample (`SandboxMetric`), from the sandbox's cgroup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxMetric {
+    /// RFC 3339 time of the sample.
+    pub timestamp: String,
+    /// Unix seconds of the sample.
+    pub timestamp_unix: i64,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// CPU use in percent of `cpu_count` CPUs since the previous sample.
+    pub cpu_used_pct: f64,
+    /// Memory used, bytes.
+    pub mem_used: u64,
+    /// Memory limit, bytes.
+    pub mem_total: u64,
+    /// Page cache, bytes (0 when unknown).
+    pub mem_cache: u64,
+    /// Disk used, bytes (0 when unknown).
+    pub disk_used: u64,
+    /// Disk size, bytes.
+    pub disk_total: u64,
+}
+
+/// `POST /sandboxes/{id}/refreshes` body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    /// Seconds to extend the lifetime by (E2B: at most 3600).
+    #[serde(default)]
+    pub duration: Option<u64>,
+}

@@ -172,8 +172,8 @@ pub trait SandboxHandle: Send + Sync + 'static {
     /// Current resource usage.
     fn stats(&self) -> Result<SandboxStats, DriverError>;
 
-    /// Resolves when the sandbox stopped on its own (agent crash, OOM of the init, VM crash).
-    /// Does not resolve for [`SandboxHandle::destroy`].
+    /// Resolves when the sandbox's init (agent or VMM) exited, for whatever reason: a crash, or
+    /// [`SandboxHandle::destroy`]. The manager tells the two apart by its own bookkeeping.
     async fn wait_exit(&self) -> ExitInfo;
 
     /// Kill every process and remove every trace. Idempotent.

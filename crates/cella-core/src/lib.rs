@@ -9,3 +9,8 @@
 //! * `template`: template specs, builds and the cache.
 
 pub mod driver;
+#[cfg(any(test, feature = "test-support"))]
+pub mod fake;
+pub mod manager;
+pub mod store;
+pub mod template;

@@ -1,1 +1,53 @@
-//! Server (in progress).
+//! cella's HTTP front: E2B's REST API and the sandbox proxy on one listener.
+//!
+//! Routing happens before anything else: a request that names a sandbox (the
+//! `E2b-Sandbox-Id` header, or a Host of the form `<port>-<sandboxID>.<domain>`) is forwarded
+//! into that sandbox ([`proxy`]); every other request is the REST API ([`rest`]). Handlers only
+//! parse, authenticate and hand a typed command to [`cella_core::manager::Manager`].
+
+pub mod error;
+pub mod proxy;
+pub mod rest;
+
+use std::sync::Arc;
+
+use axum::Router;
+use cella_core::manager::Manager;
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The sandbox manager.
+    pub manager: Arc<Manager>,
+    /// Connection pool and dialer for proxied requests.
+    pub proxy: proxy::ProxyClient,
+}
+
+impl AppState {
+    /// State over a manager.
+    pub fn new(manager: Arc<Manager>) -> AppState {
+        AppState {
+            proxy: proxy::ProxyClient::new(manager.clone()),
+            manager,
+        }
+    }
+}
+
+/// The whole HTTP application: proxy routing in front of the REST router.
+pub fn app(state: AppState) -> Router {
+    rest::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+        state,
+        proxy::route_or_next,
+    ))
+}
+
+/// Serve `app(state)` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

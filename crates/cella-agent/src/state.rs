@@ -1,0 +1,253 @@
+//! Shared agent state, request authentication, user selection and path resolution.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, header};
+use base64::Engine as _;
+use cella_proto::control::AgentEvent;
+use cella_proto::envd::connect::{Code, ConnectError};
+use cella_proto::envd::signature::constant_time_eq;
+
+use crate::process::ProcessTable;
+use crate::reaper::Reaper;
+use crate::users::{User, UserDb, UserError};
+use crate::watch::WatcherTable;
+
+/// Static configuration of a running agent.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Access token (empty: no authentication, like an envd that was never given one).
+    pub token: String,
+    /// Sandbox-wide environment.
+    pub env_vars: BTreeMap<String, String>,
+    /// Default user for requests that name none.
+    pub default_user: String,
+    /// Default working directory for commands (empty: the user's home).
+    pub default_workdir: String,
+    /// Root of `/etc/passwd`, `/etc/group` (`/` in production).
+    pub users_root: PathBuf,
+    /// Root of `/proc` for metrics (`/` in production).
+    pub proc_root: PathBuf,
+}
+
+/// Sends audit events to the host without ever blocking.
+#[derive(Debug, Clone, Default)]
+pub struct EventSink {
+    tx: Option<tokio::sync::mpsc::Sender<AgentEvent>>,
+}
+
+impl EventSink {
+    /// A sink feeding a channel.
+    pub fn new(tx: tokio::sync::mpsc::Sender<AgentEvent>) -> Self {
+        EventSink { tx: Some(tx) }
+    }
+
+    /// Queue an event; dropped if the host is not keeping up.
+    pub fn emit(&self, event: AgentEvent) {
+        match &self.tx {
+            Some(tx) => {
+                if tx.try_send(event).is_err() {
+                    tracing::debug!("control channel full, audit event dropped");
+                }
+            }
+            None => tracing::debug!(?event, "audit event"),
+        }
+    }
+}
+
+/// Everything request handlers share.
+#[derive(Debug)]
+pub struct Agent {
+    /// Configuration.
+    pub settings: Settings,
+    /// User database.
+    pub users: UserDb,
+    /// Whether we can switch users (running as root).
+    pub is_root: bool,
+    /// Our own UID/GID, used when not root.
+    pub self_ids: (u32, u32),
+    /// Processes started through the agent.
+    pub processes: ProcessTable,
+    /// Polling watchers.
+    pub watchers: WatcherTable,
+    /// Exit status dispatcher.
+    pub reaper: Arc<Reaper>,
+    /// Audit events.
+    pub events: EventSink,
+}
+
+/// Shared handle.
+pub type AgentRef = Arc<Agent>;
+
+impl Agent {
+    /// Build the state.
+    pub fn new(settings: Settings, reaper: Arc<Reaper>, events: EventSink) -> Self {
+        // SAFETY: getuid/getgid cannot fail and have no memory effects.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Agent {
+            users: UserDb::new(settings.users_root.clone()),
+            settings,
+            is_root: uid == 0,
+            self_ids: (uid, gid),
+            processes: ProcessTable::default(),
+            watchers: WatcherTable::default(),
+            reaper,
+            events,
+        }
+    }
+
+    /// Whether a presented token matches (always true when no token is configured).
+    pub fn token_ok(&self, presented: Option<&str>) -> bool {
+        if self.settings.token.is_empty() {
+            return true;
+        }
+        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), self.settings.token.as_bytes()))
+    }
+
+    /// Whether the request carries a valid `X-Access-Token`.
+    pub fn header_token_ok(&self, headers: &HeaderMap) -> bool {
+        self.token_ok(
+            headers
+                .get(cella_proto::envd::ACCESS_TOKEN_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
+    /// Resolve a user by name, or the default user when `name` is empty/absent. When the agent
+    /// is not root it cannot switch users, so the account's home is used but the IDs are ours.
+    pub fn resolve_user(&self, name: Option<&str>) -> Result<User, UserError> {
+        let name = match name {
+            Some(n) if !n.is_empty() => n,
+            _ => self.settings.default_user.as_str(),
+        };
+        let mut user = self.users.lookup(name)?;
+        if !self.is_root {
+            user.uid = self.self_ids.0;
+            user.gid = self.self_ids.1;
+            user.groups.clear();
+        }
+        Ok(user)
+    }
+
+    /// The user a Connect request acts as (`Authorization: Basic base64("<user>:")`).
+    pub fn request_user(&self, headers: &HeaderMap) -> Result<User, ConnectError> {
+        let name = basic_auth_user(headers);
+        self.resolve_user(name.as_deref()).map_err(|e| {
+            ConnectError::new(Code::Unauthenticated, format!("invalid username: {e}"))
+        })
+    }
+
+    /// Credentials to chown created files to (`None` when not root: files are ours anyway).
+    pub fn owner_ids(&self, user: &User) -> Option<(u32, u32)> {
+        self.is_root.then_some((user.uid, user.gid))
+    }
+}
+
+/// The username from an `Authorization: Basic` header, if any.
+pub fn basic_auth_user(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let user = text.split(':').next().unwrap_or_default();
+    (!user.is_empty()).then(|| user.to_string())
+}
+
+/// Why a path could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// `~otheruser/...` is not supported.
+    #[error("cannot expand user-specific home dir in {0:?}")]
+    OtherHome(String),
+    /// NUL bytes are not allowed.
+    #[error("path contains a NUL byte")]
+    Nul,
+}
+
+/// Lexically clean an absolute path (`.`/`..`/duplicate slashes), never escaping `/`.
+pub fn clean(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    out
+}
+
+/// Resolve a request path the way envd does: `~` and `~/x` expand to `home`, relative paths
+/// are relative to `home`, an empty path is `default` (or `home`), and the result is cleaned.
+pub fn resolve_path(path: &str, home: &str, default: Option<&str>) -> Result<PathBuf, PathError> {
+    if path.contains('\0') {
+        return Err(PathError::Nul);
+    }
+    let home = if home.is_empty() { "/" } else { home };
+    let path = if path.is_empty() {
+        default.filter(|d| !d.is_empty()).unwrap_or(home)
+    } else {
+        path
+    };
+    let expanded: PathBuf = if let Some(rest) = path.strip_prefix('~') {
+        if !rest.is_empty() && !rest.starts_with('/') {
+            return Err(PathError::OtherHome(path.to_string()));
+        }
+        Path::new(home).join(rest.trim_start_matches('/'))
+    } else if path.starts_with('/') {
+        PathBuf::from(path)
+    } else {
+        Path::new(home).join(path)
+    };
+    Ok(clean(&expanded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn path_resolution() {
+        let r = |p: &str| resolve_path(p, "/home/user", None).map(|p| p.display().to_string());
+        assert_eq!(r("/etc/passwd").as_deref(), Ok("/etc/passwd"));
+        assert_eq!(r("a/b.txt").as_deref(), Ok("/home/user/a/b.txt"));
+        assert_eq!(r("~").as_deref(), Ok("/home/user"));
+        assert_eq!(r("~/x").as_deref(), Ok("/home/user/x"));
+        assert_eq!(r("").as_deref(), Ok("/home/user"));
+        assert_eq!(r("../../../../etc").as_deref(), Ok("/etc"));
+        assert_eq!(r("/a/./b//c/../d").as_deref(), Ok("/a/b/d"));
+        assert_eq!(r("/../..").as_deref(), Ok("/"));
+        assert!(matches!(r("~root/x"), Err(PathError::OtherHome(_))));
+        assert_eq!(r("a\0b"), Err(PathError::Nul));
+        assert_eq!(
+            resolve_path("", "/home/user", Some("/work")).map(|p| p.display().to_string()),
+            Ok("/work".to_string())
+        );
+    }
+
+    #[test]
+    fn basic_auth_username() {
+        let mut h = HeaderMap::new();
+        assert_eq!(basic_auth_user(&h), None);
+        // base64("root:")
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic cm9vdDo="));
+        assert_eq!(basic_auth_user(&h).as_deref(), Some("root"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer cm9vdDo="));
+        assert_eq!(basic_auth_user(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert_eq!(basic_auth_user(&h), None);
+        // base64(":")
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("basic Og=="));
+        assert_eq!(basic_auth_user(&h), None);
+    }
+}

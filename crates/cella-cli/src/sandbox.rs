@@ -1,0 +1,571 @@
+//! Sandbox commands that talk to a running server: `run`, `create`, `exec`, `ls`, `info`,
+//! `kill`, `timeout`, `audit`, `logs`.
+//!
+//! `run` owns its sandbox: whatever happens (command failure, a broken pipe, Ctrl-C, SIGTERM)
+//! the sandbox is destroyed before the CLI exits, so scripts never leak sandboxes.
+
+use std::collections::BTreeMap;
+use std::pin::pin;
+
+use anyhow::{Context, bail};
+use cella_api::{AuditEntry, NewSandbox};
+use cella_client::{Client, ExecEvent, ExecOptions, ExitStatus, ProcessStream};
+use cella_proto::envd::process::signal_name;
+use tokio::io::AsyncWriteExt;
+
+use crate::args::{command_line, parse_key_value, parse_since};
+use crate::output::{print_json, print_table, sanitize, short_time};
+
+/// Exit code after an interruption (128 + SIGINT), as shells report it.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerOpts {
+    /// Server URL.
+    #[arg(long, env = "CELLA_URL", default_value = "http://127.0.0.1:3000")]
+    pub url: String,
+    /// API key (`e2b_...`).
+    #[arg(long, env = "CELLA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+impl ServerOpts {
+    /// A client for the server; fails early and clearly without a key.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let Some(key) = self.api_key.clone().filter(|k| !k.is_empty()) else {
+            bail!("no API key: pass --api-key or set CELLA_API_KEY (create one with `cella keys create`)");
+        };
+        Ok(Client::new(&self.url, Some(key))?)
+    }
+}
+
+/// `cella run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Template to start from.
+    #[arg(long, short = 't', default_value = "base")]
+    template: String,
+    /// Sandbox lifetime in seconds (the sandbox is destroyed when the command ends anyway).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_key_value)]
+    env: Vec<(String, String)>,
+    /// User to run the command as.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Working directory.
+    #[arg(long, short = 'w')]
+    cwd: Option<String>,
+    /// Command to run; one argument is a shell line (`'ls | wc -l'`), several are a program
+    /// and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+/// `cella create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Template to start from.
+    #[arg(long, short = 't', default_value = "base")]
+    template: String,
+    /// Sandbox lifetime in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Metadata entry (repeatable).
+    #[arg(long, short = 'm', value_name = "K=V", value_parser = parse_key_value)]
+    metadata: Vec<(String, String)>,
+    /// Environment variable for every process in the sandbox (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_key_value)]
+    env: Vec<(String, String)>,
+    /// Print the full response as JSON instead of the ID.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cella exec`.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox ID.
+    id: String,
+    /// User to run the command as.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Working directory.
+    #[arg(long, short = 'w')]
+    cwd: Option<String>,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_key_value)]
+    env: Vec<(String, String)>,
+    /// Command to run (see `cella run`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+/// `cella ls`.
+#[derive(Debug, clap::Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cella info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox ID.
+    id: String,
+    /// Print JSON (includes the access token).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cella kill`.
+#[derive(Debug, clap::Args)]
+pub struct KillArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox IDs.
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+/// `cella timeout`.
+#[derive(Debug, clap::Args)]
+pub struct TimeoutArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox ID.
+    id: String,
+    /// New lifetime in seconds from now.
+    secs: u64,
+}
+
+/// `cella audit`.
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Only entries about this sandbox.
+    #[arg(long)]
+    sandbox: Option<String>,
+    /// Only entries since: a duration ago (10m, 2h), an RFC 3339 time, or Unix ms.
+    #[arg(long)]
+    since: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cella logs`.
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox ID.
+    id: String,
+    /// Only entries since (see `cella audit`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Termination requests: SIGINT, SIGTERM, SIGHUP. Once created, these signals no longer kill
+/// the CLI; the caller decides what to clean up.
+pub struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Starts catching the signals.
+    pub fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// Resolves when one of the signals arrives.
+    pub async fn recv(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.int) => {}
+            () = one(&mut self.term) => {}
+            () = one(&mut self.hup) => {}
+        }
+    }
+}
+
+/// The shell exit code for a process end: the exit code, or 128 + signal number.
+pub fn exit_code_of(st: &ExitStatus) -> u8 {
+    if let Ok(code) = u8::try_from(st.exit_code)
+        && (st.exited || code != 0 || st.status.is_empty() || st.status.starts_with("exit"))
+    {
+        return code;
+    }
+    if let Some(name) = st.status.strip_prefix("signal: ") {
+        let num = (1..=64).find(|&n| signal_name(n) == name);
+        if let Some(n) = num.and_then(|n| u8::try_from(128 + n).ok()) {
+            return n;
+        }
+    }
+    1
+}
+
+/// Copies a process's output to our stdout/stderr as it arrives; returns its end.
+async fn pump(stream: &mut ProcessStream) -> anyhow::Result<ExitStatus> {
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    while let Some(ev) = stream.next().await {
+        match ev? {
+            ExecEvent::Stdout(b) | ExecEvent::Pty(b) => {
+                stdout.write_all(&b).await.context("writing stdout")?;
+                stdout.flush().await.context("writing stdout")?;
+            }
+            ExecEvent::Stderr(b) => {
+                stderr.write_all(&b).await.context("writing stderr")?;
+                stderr.flush().await.context("writing stderr")?;
+            }
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Exited(st) => return Ok(st),
+        }
+    }
+    bail!("the command's output stream ended without an exit status")
+}
+
+fn warn_process_error(st: &ExitStatus) {
+    if let Some(err) = st.error.as_deref().filter(|e| !e.is_empty()) {
+        eprintln!("cella: {}", sanitize(err));
+    }
+}
+
+/// `cella run`: create, run, stream, destroy.
+pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    let req = NewSandbox {
+        template_id: args.template.clone(),
+        timeout: Some(args.timeout),
+        ..Default::default()
+    };
+    let mut signals = Signals::new();
+    let mut create = pin!(client.create_sandbox(&req));
+    let sandbox = tokio::select! {
+        r = &mut create => r.context("creating the sandbox")?,
+        () = signals.recv() => {
+            // The server is already building it: wait for it (a second signal gives up) and
+            // destroy it, so nothing is left behind.
+            eprintln!("cella: interrupted; removing the sandbox being created");
+            tokio::select! {
+                r = &mut create => if let Ok(s) = r { destroy(&client, &s.sandbox_id).await },
+                () = signals.recv() => {}
+            }
+            return Ok(EXIT_INTERRUPTED);
+        }
+    };
+    let id = sandbox.sandbox_id.clone();
+    let outcome = match sandbox.envd_access_token.as_deref() {
+        None => Err(anyhow::anyhow!("the server did not return an access token for sandbox {id}")),
+        Some(token) => {
+            let opts = ExecOptions {
+                envs: args.env.into_iter().collect(),
+                cwd: args.cwd,
+                user: args.user,
+                stdin: false,
+            };
+            let line = command_line(&args.cmd);
+            tokio::select! {
+                r = async {
+                    let mut stream = client.exec(&id, token, &line, &opts).await?;
+                    pump(&mut stream).await
+                } => r.map(Some),
+                () = signals.recv() => Ok(None),
+            }
+        }
+    };
+    destroy(&client, &id).await;
+    match outcome? {
+        Some(st) => {
+            warn_process_error(&st);
+            Ok(exit_code_of(&st))
+        }
+        None => Ok(EXIT_INTERRUPTED),
+    }
+}
+
+async fn destroy(client: &Client, id: &str) {
+    match client.kill_sandbox(id).await {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => eprintln!(
+            "cella: warning: could not destroy sandbox {id} ({}); it ends at its timeout",
+            crate::one_line(&anyhow::Error::from(e))
+        ),
+    }
+}
+
+/// `cella create`.
+pub async fn create(args: CreateArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    let metadata: BTreeMap<_, _> = args.metadata.into_iter().collect();
+    let env: BTreeMap<_, _> = args.env.into_iter().collect();
+    let req = NewSandbox {
+        template_id: args.template,
+        timeout: Some(args.timeout),
+        metadata: (!metadata.is_empty()).then_some(metadata),
+        env_vars: (!env.is_empty()).then_some(env),
+        ..Default::default()
+    };
+    let sandbox = client.create_sandbox(&req).await?;
+    if args.json {
+        print_json(&sandbox)?;
+    } else {
+        println!("{}", sandbox.sandbox_id);
+    }
+    Ok(0)
+}
+
+/// The access token of sandbox `id` (from `GET /sandboxes/{id}`).
+pub async fn access_token(client: &Client, id: &str) -> anyhow::Result<String> {
+    let detail = client.get_sandbox(id).await?;
+    detail
+        .envd_access_token
+        .with_context(|| format!("the server did not return an access token for sandbox {id}"))
+}
+
+/// `cella exec`.
+pub async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    let token = access_token(&client, &args.id).await?;
+    let opts = ExecOptions {
+        envs: args.env.into_iter().collect(),
+        cwd: args.cwd,
+        user: args.user,
+        stdin: false,
+    };
+    let mut signals = Signals::new();
+    let mut stream = client.exec(&args.id, &token, &command_line(&args.cmd), &opts).await?;
+    let pid = tokio::select! {
+        r = stream.wait_started() => r?,
+        () = signals.recv() => return Ok(EXIT_INTERRUPTED),
+    };
+    tokio::select! {
+        r = pump(&mut stream) => {
+            let st = r?;
+            warn_process_error(&st);
+            Ok(exit_code_of(&st))
+        }
+        () = signals.recv() => {
+            if let Err(e) = client.kill_process(&args.id, &token, pid).await {
+                eprintln!("cella: warning: could not kill process {pid}: {}", crate::one_line(&e.into()));
+            }
+            Ok(EXIT_INTERRUPTED)
+        }
+    }
+}
+
+/// `cella ls`.
+pub async fn ls(args: LsArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    let mut list = client.list_sandboxes().await?;
+    list.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sandbox_id.cmp(&b.sandbox_id)));
+    if args.json {
+        print_json(&list)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.sandbox_id.clone(),
+                sanitize(s.alias.as_deref().unwrap_or(&s.template_id)),
+                s.isolation.as_str().to_owned(),
+                short_time(&s.started_at),
+                short_time(&s.end_at),
+                s.cpu_count.to_string(),
+                format!("{}M", s.memory_mb),
+                format_metadata(&s.metadata),
+            ]
+        })
+        .collect();
+    print_table(
+        &["SANDBOX ID", "TEMPLATE", "ISOLATION", "STARTED (UTC)", "ENDS (UTC)", "CPU", "MEM", "METADATA"],
+        &rows,
+    )?;
+    Ok(0)
+}
+
+fn format_metadata(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{}={}", sanitize(k), sanitize(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `cella info`.
+pub async fn info(args: InfoArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    let d = client.get_sandbox(&args.id).await?;
+    if args.json {
+        print_json(&d)?;
+        return Ok(0);
+    }
+    let state = match d.state {
+        cella_api::SandboxState::Running => "running",
+        cella_api::SandboxState::Paused => "paused",
+    };
+    let rows = [
+        ("Sandbox ID", d.sandbox_id.clone()),
+        ("Template", sanitize(&d.template_id)),
+        ("Alias", sanitize(d.alias.as_deref().unwrap_or("-"))),
+        ("State", state.to_owned()),
+        ("Isolation", d.isolation.as_str().to_owned()),
+        ("Started", d.started_at.clone()),
+        ("Ends", d.end_at.clone()),
+        ("CPUs", d.cpu_count.to_string()),
+        ("Memory", format!("{} MiB", d.memory_mb)),
+        ("Disk", format!("{} MiB", d.disk_size_mb)),
+        ("envd version", sanitize(&d.envd_version)),
+        ("Metadata", format_metadata(&d.metadata)),
+    ];
+    for (k, v) in rows {
+        println!("{:<13} {}", format!("{k}:"), sanitize(&v));
+    }
+    Ok(0)
+}
+
+/// `cella kill`: kills each sandbox; failures are reported and make the exit code 1.
+pub async fn kill(args: KillArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    let mut failed = 0usize;
+    for id in &args.ids {
+        match client.kill_sandbox(id).await {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                failed += 1;
+                eprintln!("cella: {}: {}", sanitize(id), crate::one_line(&e.into()));
+            }
+        }
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// `cella timeout`.
+pub async fn timeout(args: TimeoutArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    client.set_timeout(&args.id, args.secs).await?;
+    Ok(0)
+}
+
+/// `cella audit`.
+pub async fn audit(args: AuditArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    show_audit(&client, args.sandbox.as_deref(), args.since.as_deref(), args.json).await
+}
+
+/// `cella logs ID` (the audit of one sandbox).
+pub async fn logs(args: LogsArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    show_audit(&client, Some(&args.id), args.since.as_deref(), args.json).await
+}
+
+async fn show_audit(
+    client: &Client,
+    sandbox: Option<&str>,
+    since: Option<&str>,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let since_ms = since
+        .map(|s| parse_since(s, cella_core::store::now_ms()))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let since_text = since_ms.map(|ms| ms.to_string());
+    let entries = client.audit(sandbox, since_text.as_deref()).await?;
+    if json {
+        print_json(&entries)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = entries.iter().map(audit_row).collect();
+    print_table(&["TIME (UTC)", "ACTOR", "SANDBOX", "KIND", "DETAIL"], &rows)?;
+    Ok(0)
+}
+
+fn audit_row(e: &AuditEntry) -> Vec<String> {
+    let detail = match &e.detail {
+        serde_json::Value::Object(m) if m.is_empty() => String::new(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    // Keep one entry on one line however long the detail is.
+    let detail: String = sanitize(&detail).chars().take(200).collect();
+    vec![
+        e.time.replacen('T', " ", 1).trim_end_matches('Z').to_owned(),
+        sanitize(&e.actor),
+        sanitize(e.sandbox_id.as_deref().unwrap_or("-")),
+        sanitize(&e.kind),
+        detail,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(exit_code: i32, exited: bool, status: &str) -> ExitStatus {
+        ExitStatus {
+            exit_code,
+            exited,
+            status: status.into(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code_of(&st(0, true, "exit status 0")), 0);
+        assert_eq!(exit_code_of(&st(3, true, "exit status 3")), 3);
+        assert_eq!(exit_code_of(&st(-1, false, "signal: killed")), 137);
+        assert_eq!(exit_code_of(&st(0, false, "signal: terminated")), 143);
+        assert_eq!(exit_code_of(&st(-1, false, "signal: signal 40")), 168);
+        assert_eq!(exit_code_of(&st(-1, false, "weird")), 1);
+        assert_eq!(exit_code_of(&st(300, true, "exit status 300")), 1);
+    }
+
+    #[test]
+    fn audit_rows_are_one_line() {
+        let e = AuditEntry {
+            id: 1,
+            time: "2024-05-06T07:08:09.010Z".into(),
+            actor: "agent".into(),
+            sandbox_id: Some("ia".into()),
+            kind: "process.start".into(),
+            detail: serde_json::json!({"cmd": "echo\nhi\u{1b}[2J"}),
+        };
+        let row = audit_row(&e);
+        assert_eq!(row[0], "2024-05-06 07:08:09.010");
+        assert!(!row[4].contains('\n') && !row[4].contains('\u{1b}'), "{}", row[4]);
+    }
+}

@@ -1,0 +1,237 @@
+//! `cella serve`: the server with its embedded defaults (SQLite in the data dir, the jail
+//! driver where no KVM, the `base` template built on first start).
+//!
+//! Start-up order matters: orphans of a previous run are removed *before* the listener opens,
+//! so a new sandbox can never collide with a leftover one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use cella_core::driver::Driver;
+use cella_core::manager::{Manager, ManagerConfig};
+use cella_core::store::Store;
+use cella_core::template::{BuildProgress, TemplateSpec, TemplateStore};
+
+/// Arguments of `cella serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address for the REST API and the sandbox proxy.
+    #[arg(long, env = "CELLA_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// State directory (database, sandboxes, templates).
+    #[arg(long, env = "CELLA_DATA_DIR", default_value = "/var/lib/cella")]
+    pub data_dir: PathBuf,
+    /// Template directory (default: <data-dir>/templates).
+    #[arg(long, env = "CELLA_TEMPLATE_DIR")]
+    pub template_dir: Option<PathBuf>,
+    /// Default isolation driver: auto (vm with KVM when available, else jail), jail or vm.
+    #[arg(long, default_value = "auto")]
+    pub driver: String,
+    /// Path of the static cella-agent binary.
+    #[arg(long, env = "CELLA_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// Templates to build at start if they are not built yet (comma-separated; empty: none).
+    #[arg(long, default_value = "base", value_delimiter = ',')]
+    pub build: Vec<String>,
+}
+
+/// Run the server until SIGINT/SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if !running_as_root() {
+        bail!("cella serve must run as root (it creates namespaces, cgroups and mounts)");
+    }
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    restrict_permissions(&data_dir)?;
+
+    let store = Store::open(&data_dir.join("cella.db")).context("opening the database")?;
+    setup_keys(&store)?;
+    let stale = store.unfinished_sandboxes().unwrap_or_default();
+    for rec in &stale {
+        let _ = store.finish_sandbox(&rec.id, "server restarted");
+    }
+
+    let drivers = build_drivers(&args, &data_dir).await?;
+    let default_isolation = drivers[0].isolation();
+
+    let template_dir = args
+        .template_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("templates"));
+    let templates = Arc::new(TemplateStore::new(template_dir));
+    for name in args.build.iter().filter(|n| !n.is_empty()) {
+        build_template(&templates, name).await?;
+    }
+
+    let manager = Manager::start(drivers, 0, templates, store.clone(), ManagerConfig::default());
+    let state = cella_server::AppState::new(manager.clone());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!(
+        "cella listening on http://{} (default isolation: {})",
+        listener.local_addr().unwrap_or(args.listen),
+        default_isolation.as_str()
+    );
+    store.audit(cella_core::store::NewAudit {
+        actor: "server".into(),
+        sandbox_id: None,
+        kind: "server.start".into(),
+        detail: serde_json::json!({ "listen": args.listen.to_string(),
+            "isolation": default_isolation.as_str(), "staleSandboxes": stale.len() }),
+    });
+
+    let shutdown_manager = manager.clone();
+    let shutdown = async move {
+        wait_for_signal().await;
+        eprintln!("cella: shutting down, destroying {} sandbox(es)", shutdown_manager.live_count());
+        shutdown_manager.shutdown().await;
+    };
+    cella_server::serve(listener, state, shutdown)
+        .await
+        .context("serving HTTP")?;
+    manager.shutdown().await;
+    store.flush_audit();
+    Ok(())
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn restrict_permissions(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting permissions of {}", dir.display()))
+}
+
+fn setup_keys(store: &Store) -> anyhow::Result<()> {
+    if let Ok(key) = std::env::var("CELLA_API_KEY") {
+        if !key.is_empty() {
+            store
+                .import_key("CELLA_API_KEY", &key)
+                .context("registering CELLA_API_KEY")?;
+            println!("cella: API key from CELLA_API_KEY registered");
+            return Ok(());
+        }
+    }
+    if store.active_key_count()? == 0 {
+        let created = store.create_key("default")?;
+        println!("cella: created API key (shown only once, store it now):");
+        println!("  {}", created.key);
+        println!("  export CELLA_API_KEY={} E2B_API_KEY={}", created.key, created.key);
+    }
+    Ok(())
+}
+
+async fn build_drivers(
+    args: &ServeArgs,
+    data_dir: &Path,
+) -> anyhow::Result<Vec<Arc<dyn Driver>>> {
+    match args.driver.as_str() {
+        "auto" | "jail" => {}
+        "vm" => bail!("the vm driver is not available in this build; use --driver jail"),
+        other => bail!("unknown driver {other:?}: expected auto, jail or vm"),
+    }
+    let agent_path = find_agent(args.agent.as_deref())?;
+    let jail = cella_jail::JailDriver::new(cella_jail::JailConfig {
+        data_dir: data_dir.join("sandboxes"),
+        agent_path,
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+    })
+    .context("starting the jail driver")?;
+    let report = jail
+        .reap_orphans()
+        .await
+        .context("removing sandboxes left by a previous run")?;
+    if report != Default::default() {
+        println!(
+            "cella: removed leftovers of a previous run: {} process(es), {} cgroup(s), {} dir(s), {} other",
+            report.processes, report.cgroups, report.dirs, report.other
+        );
+    }
+    if args.driver == "auto" {
+        println!("cella: no usable KVM microVM driver in this build: using the jail driver");
+    }
+    Ok(vec![Arc::new(jail)])
+}
+
+/// The agent binary: `--agent`, else next to this executable, else the static build output,
+/// else the installed location.
+fn find_agent(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        bail!("agent binary {} does not exist", p.display());
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("cella-agent-static"));
+            if let Some(profile) = dir.file_name() {
+                if let Some(target) = dir.parent() {
+                    candidates.push(
+                        target
+                            .join("x86_64-unknown-linux-gnu")
+                            .join(profile)
+                            .join("cella-agent"),
+                    );
+                    candidates.push(
+                        target
+                            .join("x86_64-unknown-linux-gnu")
+                            .join("release")
+                            .join("cella-agent"),
+                    );
+                }
+            }
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/lib/cella/cella-agent"));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!(
+            "cannot find the static cella-agent binary; build it with scripts/build or pass --agent"
+        ))
+}
+
+async fn build_template(templates: &Arc<TemplateStore>, name: &str) -> anyhow::Result<()> {
+    let spec = TemplateSpec::builtin(name)
+        .ok_or_else(|| anyhow::anyhow!("unknown template {name:?} in --build"))?;
+    let store = templates.clone();
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        store
+            .build(&spec, &mut |p| eprintln!("{p}"), false)
+            .with_context(|| format!("building template {name}"))
+    })
+    .await
+    .context("template build task")??;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

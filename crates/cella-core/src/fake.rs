@@ -1,0 +1,260 @@
+//! A fake [`Driver`] for tests of the manager, the REST API and the proxy without root.
+//!
+//! Each fake sandbox runs a tiny HTTP/1.1 responder on a loopback port that stands in for the
+//! agent: it answers every request with `200` and a JSON body echoing the method, path and
+//! headers it received, so tests can see exactly what the proxy forwarded. Only the agent port
+//! (49983) "is open"; any other port refuses the connection, like a closed port in a sandbox.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use cella_api::{ENVD_PORT, Isolation};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::driver::{
+    Driver, DriverError, EventSink, ExitInfo, ReapReport, SandboxHandle, SandboxSpec, SandboxStats,
+};
+
+/// The fake driver. Cloning shares the registry of created sandboxes.
+#[derive(Clone, Default)]
+pub struct FakeDriver {
+    inner: Arc<FakeInner>,
+}
+
+#[derive(Default)]
+struct FakeInner {
+    fail_next: AtomicBool,
+    created: AtomicUsize,
+    sandboxes: Mutex<HashMap<String, Arc<FakeSandbox>>>,
+}
+
+impl FakeDriver {
+    /// A fresh fake driver.
+    pub fn new() -> FakeDriver {
+        FakeDriver::default()
+    }
+
+    /// Make the next `create` fail with a setup error.
+    pub fn fail_next_create(&self) {
+        self.inner.fail_next.store(true, Ordering::SeqCst);
+    }
+
+    /// How many sandboxes were created.
+    pub fn created(&self) -> usize {
+        self.inner.created.load(Ordering::SeqCst)
+    }
+
+    /// Sandboxes alive (created and not destroyed).
+    pub fn alive(&self) -> Vec<String> {
+        self.inner
+            .sandboxes
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The spec a sandbox was created with.
+    pub fn spec(&self, id: &str) -> Option<SandboxSpec> {
+        let map = self.inner.sandboxes.lock().ok()?;
+        map.get(id).map(|s| s.spec.clone())
+    }
+
+    /// Simulate the sandbox dying on its own (agent crash).
+    pub fn crash(&self, id: &str) {
+        let sb = self.inner.sandboxes.lock().ok().and_then(|m| m.get(id).cloned());
+        if let Some(sb) = sb {
+            sb.stop("agent crashed");
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for FakeDriver {
+    fn isolation(&self) -> Isolation {
+        Isolation::Jail
+    }
+
+    async fn create(
+        &self,
+        spec: SandboxSpec,
+        _events: EventSink,
+    ) -> Result<Arc<dyn SandboxHandle>, DriverError> {
+        if self.inner.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(DriverError::Setup("injected failure".into()));
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| DriverError::Io {
+                context: "binding fake agent".into(),
+                source: e,
+            })?;
+        let addr = listener.local_addr().map_err(|e| DriverError::Io {
+            context: "fake agent address".into(),
+            source: e,
+        })?;
+        let sb = Arc::new(FakeSandbox {
+            spec,
+            addr,
+            stopped: AtomicBool::new(false),
+            exit: Notify::new(),
+            reason: Mutex::new(None),
+            inner: Arc::downgrade(&self.inner),
+        });
+        let server = tokio::spawn(echo_server(listener));
+        let sb2 = sb.clone();
+        tokio::spawn(async move {
+            sb2.exit_notified().await;
+            server.abort();
+        });
+        self.inner.created.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut m) = self.inner.sandboxes.lock() {
+            m.insert(sb.spec.id.clone(), sb.clone());
+        }
+        Ok(sb)
+    }
+
+    async fn reap_orphans(&self) -> Result<ReapReport, DriverError> {
+        Ok(ReapReport::default())
+    }
+}
+
+struct FakeSandbox {
+    spec: SandboxSpec,
+    addr: std::net::SocketAddr,
+    stopped: AtomicBool,
+    exit: Notify,
+    reason: Mutex<Option<String>>,
+    inner: std::sync::Weak<FakeInner>,
+}
+
+impl FakeSandbox {
+    fn stop(&self, reason: &str) {
+        if !self.stopped.swap(true, Ordering::SeqCst) {
+            if let Ok(mut r) = self.reason.lock() {
+                *r = Some(reason.to_string());
+            }
+            if let Some(inner) = self.inner.upgrade() {
+                if let Ok(mut m) = inner.sandboxes.lock() {
+                    m.remove(&self.spec.id);
+                }
+            }
+        }
+        self.exit.notify_waiters();
+        self.exit.notify_one();
+    }
+
+    async fn exit_notified(&self) {
+        while !self.stopped.load(Ordering::SeqCst) {
+            self.exit.notified().await;
+        }
+    }
+}
+
+#[async_trait]
+impl SandboxHandle for FakeSandbox {
+    fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    fn isolation(&self) -> Isolation {
+        Isolation::Jail
+    }
+
+    async fn dial(&self, port: u16) -> std::io::Result<TcpStream> {
+        if port != ENVD_PORT || self.stopped.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        }
+        TcpStream::connect(self.addr).await
+    }
+
+    fn stats(&self) -> Result<SandboxStats, DriverError> {
+        Ok(SandboxStats {
+            memory_bytes: 1 << 20,
+            cpu_usage_ns: 0,
+            pids: 1,
+        })
+    }
+
+    async fn wait_exit(&self) -> ExitInfo {
+        self.exit_notified().await;
+        let reason = self
+            .reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_default();
+        ExitInfo { reason }
+    }
+
+    async fn destroy(&self) -> Result<(), DriverError> {
+        self.stop("destroyed");
+        Ok(())
+    }
+}
+
+/// Answers each HTTP/1.1 request with a JSON echo of its request line and headers.
+async fn echo_server(listener: TcpListener) {
+    while let Ok((mut conn, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let Some(end) = find_head_end(&buf) else {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if buf.len() > 64 * 1024 {
+                        return;
+                    }
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let mut lines = head.split("\r\n");
+                let request_line = lines.next().unwrap_or_default().to_string();
+                let mut headers = serde_json::Map::new();
+                let mut content_length = 0usize;
+                for l in lines {
+                    if let Some((k, v)) = l.split_once(':') {
+                        let k = k.trim().to_ascii_lowercase();
+                        if k == "content-length" {
+                            content_length = v.trim().parse().unwrap_or(0);
+                        }
+                        headers.insert(k, serde_json::Value::String(v.trim().to_string()));
+                    }
+                }
+                let mut rest = buf.split_off(end + 4);
+                while rest.len() < content_length {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => rest.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let leftover = rest.split_off(content_length.min(rest.len()));
+                let body = serde_json::json!({
+                    "requestLine": request_line,
+                    "headers": headers,
+                    "body": String::from_utf8_lossy(&rest),
+                })
+                .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+                    body.len(),
+                    body
+                );
+                if conn.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                buf = leftover;
+            }
+        });
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n")
+}

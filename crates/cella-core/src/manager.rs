@@ -1,0 +1,756 @@
+//! The sandbox registry and lifecycle: the typed commands the HTTP layer hands in.
+//!
+//! Handlers only parse and authenticate; every decision about a sandbox (validation, owner
+//! checks, timeouts, audit) is made here, so the REST API, the CLI and tests share one path.
+//!
+//! Lifecycle: `create` asks a [`Driver`] for a sandbox and returns only once its agent answered.
+//! A reaper task kills sandboxes whose end time passed; a watcher per sandbox notices when it
+//! died on its own. Every transition is written to the audit log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use cella_api::{
+    CLIENT_ID, DEFAULT_TIMEOUT_SECS, ENVD_VERSION, Isolation, ListedSandbox, MAX_TIMEOUT_SECS,
+    NewSandbox, Sandbox, SandboxDetail, SandboxMetric, SandboxState,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use crate::driver::{
+    Driver, DriverError, EventSink, Limits, SandboxEvent, SandboxHandle, SandboxSpec,
+};
+use crate::store::{NewAudit, SandboxRecord, Store, format_rfc3339_ms, now_ms};
+use crate::template::{TemplateError, TemplateStore};
+
+/// Errors of manager commands. The server maps each to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// A request field is invalid (400). `field` names it.
+    #[error("invalid field '{field}': {message}")]
+    InvalidField {
+        /// JSON field name as the client sent it.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The sandbox does not exist or belongs to another key (404).
+    #[error("sandbox '{0}' not found")]
+    SandboxNotFound(String),
+    /// The template is unknown (404).
+    #[error("template '{0}' not found")]
+    TemplateNotFound(String),
+    /// The template is known but its build is not available (503).
+    #[error("template '{0}' is not built yet")]
+    TemplateNotReady(String),
+    /// The requested isolation cannot be provided on this host (400).
+    #[error("driver '{0}' is not available on this host")]
+    DriverUnavailable(String),
+    /// The server is shutting down (503).
+    #[error("server is shutting down")]
+    ShuttingDown,
+    /// The isolation driver failed (500).
+    #[error("sandbox driver failed")]
+    Driver(#[from] DriverError),
+    /// The state store failed (500).
+    #[error("state store failed")]
+    Store(#[from] crate::store::StoreError),
+    /// Template resolution failed unexpectedly (500).
+    #[error("template store failed")]
+    Template(#[source] TemplateError),
+}
+
+/// Bounds and defaults applied to create requests.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Largest vCPU count a sandbox may ask for.
+    pub max_cpu_count: u32,
+    /// Largest memory limit in MiB.
+    pub max_memory_mb: u64,
+    /// Largest disk in MiB.
+    pub max_disk_mb: u64,
+    /// Process limit per sandbox.
+    pub max_pids: u64,
+    /// How often the reaper looks for expired sandboxes.
+    pub reap_interval: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            max_cpu_count: 8,
+            max_memory_mb: 8192,
+            max_disk_mb: 32768,
+            max_pids: 1024,
+            reap_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A live sandbox as the manager tracks it.
+pub struct LiveSandbox {
+    /// Driver handle (dial, stats, destroy).
+    pub handle: Arc<dyn SandboxHandle>,
+    /// Owning API key ID.
+    pub owner: String,
+    /// Template name.
+    pub template_id: String,
+    /// Alias it was requested by, if different from the name.
+    pub alias: Option<String>,
+    /// Agent access token.
+    pub access_token: String,
+    /// Start time, ms since the epoch.
+    pub started_at_ms: i64,
+    end_at_ms: AtomicI64,
+    /// User metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Limits.
+    pub limits: Limits,
+    last_cpu: Mutex<Option<(i64, u64)>>,
+}
+
+impl LiveSandbox {
+    /// End time, ms since the epoch.
+    pub fn end_at_ms(&self) -> i64 {
+        self.end_at_ms.load(Ordering::Relaxed)
+    }
+
+    fn detail(&self) -> SandboxDetail {
+        SandboxDetail {
+            template_id: self.template_id.clone(),
+            alias: self.alias.clone(),
+            sandbox_id: self.handle.id().to_string(),
+            client_id: CLIENT_ID.to_string(),
+            started_at: format_rfc3339_ms(self.started_at_ms),
+            end_at: format_rfc3339_ms(self.end_at_ms()),
+            envd_version: ENVD_VERSION.to_string(),
+            envd_access_token: Some(self.access_token.clone()),
+            domain: None,
+            cpu_count: self.limits.cpu_count,
+            memory_mb: self.limits.memory_mb,
+            disk_size_mb: self.limits.disk_mb,
+            metadata: self.metadata.clone(),
+            state: SandboxState::Running,
+            isolation: self.handle.isolation(),
+        }
+    }
+
+    fn listed(&self) -> ListedSandbox {
+        ListedSandbox {
+            template_id: self.template_id.clone(),
+            alias: self.alias.clone(),
+            sandbox_id: self.handle.id().to_string(),
+            client_id: CLIENT_ID.to_string(),
+            started_at: format_rfc3339_ms(self.started_at_ms),
+            end_at: format_rfc3339_ms(self.end_at_ms()),
+            cpu_count: self.limits.cpu_count,
+            memory_mb: self.limits.memory_mb,
+            disk_size_mb: self.limits.disk_mb,
+            metadata: self.metadata.clone(),
+            state: SandboxState::Running,
+            envd_version: ENVD_VERSION.to_string(),
+            isolation: self.handle.isolation(),
+        }
+    }
+
+    fn sandbox(&self) -> Sandbox {
+        Sandbox {
+            template_id: self.template_id.clone(),
+            sandbox_id: self.handle.id().to_string(),
+            client_id: CLIENT_ID.to_string(),
+            envd_version: ENVD_VERSION.to_string(),
+            alias: self.alias.clone(),
+            envd_access_token: Some(self.access_token.clone()),
+            traffic_access_token: None,
+            domain: None,
+            isolation: Some(self.handle.isolation()),
+        }
+    }
+}
+
+/// The sandbox manager. Cheap to share behind an `Arc`.
+pub struct Manager {
+    drivers: Vec<Arc<dyn Driver>>,
+    default_driver: usize,
+    templates: Arc<TemplateStore>,
+    store: Store,
+    config: ManagerConfig,
+    live: RwLock<HashMap<String, Arc<LiveSandbox>>>,
+    events: EventSink,
+    shutting_down: std::sync::atomic::AtomicBool,
+    /// Sandboxes being destroyed right now, so that a kill and the reaper do not race.
+    dying: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Driver names accepted in the create request's `driver` field.
+fn driver_matches(name: &str, isolation: Isolation) -> bool {
+    match name {
+        "jail" => isolation == Isolation::Jail,
+        "vm" | "microvm" => matches!(isolation, Isolation::MicrovmKvm | Isolation::MicrovmTcg),
+        "microvm-kvm" => isolation == Isolation::MicrovmKvm,
+        "microvm-tcg" => isolation == Isolation::MicrovmTcg,
+        _ => false,
+    }
+}
+
+const KNOWN_DRIVERS: &[&str] = &["jail", "vm", "microvm", "microvm-kvm", "microvm-tcg"];
+
+impl Manager {
+    /// Build a manager and start its background tasks (reaper, agent-event recorder).
+    /// `drivers[default_driver]` serves requests that do not ask for a driver.
+    pub fn start(
+        drivers: Vec<Arc<dyn Driver>>,
+        default_driver: usize,
+        templates: Arc<TemplateStore>,
+        store: Store,
+        config: ManagerConfig,
+    ) -> Arc<Manager> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let default_driver = default_driver.min(drivers.len().saturating_sub(1));
+        let manager = Arc::new(Manager {
+            drivers,
+            default_driver,
+            templates,
+            store,
+            config,
+            live: RwLock::new(HashMap::new()),
+            events: tx,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            dying: Mutex::new(Default::default()),
+        });
+        tokio::spawn(record_agent_events(manager.store.clone(), rx));
+        tokio::spawn(reaper(Arc::downgrade(&manager)));
+        manager
+    }
+
+    /// The isolation of the default driver.
+    pub fn default_isolation(&self) -> Isolation {
+        self.drivers
+            .get(self.default_driver)
+            .map_or(Isolation::Jail, |d| d.isolation())
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The template store.
+    pub fn templates(&self) -> &Arc<TemplateStore> {
+        &self.templates
+    }
+
+    /// Create a sandbox for `owner`. Returns once its agent answers.
+    pub async fn create(
+        self: &Arc<Self>,
+        owner: &str,
+        req: NewSandbox,
+    ) -> Result<Sandbox, ManagerError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(ManagerError::ShuttingDown);
+        }
+        let timeout = validate_timeout(req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS), "timeout")?;
+        if req.template_id.trim().is_empty() {
+            return Err(ManagerError::InvalidField {
+                field: "templateID",
+                message: "must not be empty".into(),
+            });
+        }
+        if req.auto_pause == Some(true) {
+            return Err(ManagerError::InvalidField {
+                field: "autoPause",
+                message: "pausing is not supported by this server yet".into(),
+            });
+        }
+        let metadata = req.metadata.unwrap_or_default();
+        validate_map(&metadata, "metadata")?;
+        let env_vars = req.env_vars.unwrap_or_default();
+        validate_map(&env_vars, "envVars")?;
+        for key in env_vars.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(ManagerError::InvalidField {
+                    field: "envVars",
+                    message: format!("invalid variable name {key:?}"),
+                });
+            }
+        }
+        let driver = self.pick_driver(req.driver.as_deref())?;
+
+        let template_name = req.template_id.clone();
+        let templates = self.templates.clone();
+        let image = tokio::task::spawn_blocking(move || templates.resolve(&template_name))
+            .await
+            .map_err(|e| ManagerError::Driver(DriverError::Setup(e.to_string())))?
+            .map_err(|e| match e {
+                TemplateError::NotFound(n) => ManagerError::TemplateNotFound(n),
+                TemplateError::NotBuilt { name, .. } => ManagerError::TemplateNotReady(name),
+                other => ManagerError::Template(other),
+            })?;
+        let spec_defaults = crate::template::TemplateSpec::builtin(&image.name);
+        let mut limits = Limits {
+            max_pids: self.config.max_pids,
+            ..Limits::default()
+        };
+        if let Some(spec) = &spec_defaults {
+            limits.cpu_count = spec.cpu_count;
+            limits.memory_mb = spec.memory_mb;
+            limits.disk_mb = spec.disk_mb;
+        }
+        if let Some(c) = req.cpu_count {
+            limits.cpu_count = bounded(c as u64, 1, self.config.max_cpu_count as u64, "cpuCount")? as u32;
+        }
+        if let Some(m) = req.memory_mb {
+            limits.memory_mb = bounded(m, 128, self.config.max_memory_mb, "memoryMB")?;
+        }
+        if let Some(d) = req.disk_size_mb {
+            limits.disk_mb = bounded(d, 64, self.config.max_disk_mb, "diskSizeMB")?;
+        }
+
+        let mut env = image.env.clone();
+        env.extend(env_vars);
+        let id = new_sandbox_id();
+        let access_token = random_hex(32);
+        let alias = (req.template_id != image.name).then(|| req.template_id.clone());
+        let spec = SandboxSpec {
+            id: id.clone(),
+            template: image.clone(),
+            limits,
+            env_vars: env,
+            access_token: access_token.clone(),
+        };
+        let started = std::time::Instant::now();
+        let handle = match driver.create(spec, self.events.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.store.audit(NewAudit {
+                    actor: owner.to_string(),
+                    sandbox_id: Some(id.clone()),
+                    kind: "sandbox.create_failed".into(),
+                    detail: serde_json::json!({ "error": error_chain(&e) }),
+                });
+                return Err(e.into());
+            }
+        };
+        let now = now_ms();
+        let live = Arc::new(LiveSandbox {
+            handle: handle.clone(),
+            owner: owner.to_string(),
+            template_id: image.name.clone(),
+            alias,
+            access_token,
+            started_at_ms: now,
+            end_at_ms: AtomicI64::new(now + (timeout as i64) * 1000),
+            metadata: metadata.clone(),
+            limits,
+            last_cpu: Mutex::new(None),
+        });
+        self.store.insert_sandbox(&SandboxRecord {
+            id: id.clone(),
+            key_id: owner.to_string(),
+            template: image.name.clone(),
+            isolation: handle.isolation().as_str().to_string(),
+            started_at_ms: now,
+            end_at_ms: live.end_at_ms(),
+            metadata,
+            cpu_count: limits.cpu_count,
+            memory_mb: limits.memory_mb,
+            disk_mb: limits.disk_mb,
+        })?;
+        self.store.audit(NewAudit {
+            actor: owner.to_string(),
+            sandbox_id: Some(id.clone()),
+            kind: "sandbox.create".into(),
+            detail: serde_json::json!({
+                "template": image.name,
+                "build": image.build_id,
+                "isolation": handle.isolation().as_str(),
+                "timeout": timeout,
+                "cpuCount": limits.cpu_count,
+                "memoryMB": limits.memory_mb,
+                "diskSizeMB": limits.disk_mb,
+                "readyMs": started.elapsed().as_secs_f64() * 1000.0,
+            }),
+        });
+        let out = live.sandbox();
+        if let Ok(mut map) = self.live.write() {
+            map.insert(id.clone(), live);
+        }
+        tokio::spawn(watch_exit(Arc::downgrade(self), id, handle));
+        Ok(out)
+    }
+
+    fn pick_driver(&self, name: Option<&str>) -> Result<Arc<dyn Driver>, ManagerError> {
+        match name {
+            None | Some("") | Some("auto") => self
+                .drivers
+                .get(self.default_driver)
+                .cloned()
+                .ok_or_else(|| ManagerError::DriverUnavailable("default".into())),
+            Some(n) => {
+                if !KNOWN_DRIVERS.contains(&n) {
+                    return Err(ManagerError::InvalidField {
+                        field: "driver",
+                        message: format!("unknown driver {n:?} (expected jail, vm or auto)"),
+                    });
+                }
+                self.drivers
+                    .iter()
+                    .find(|d| driver_matches(n, d.isolation()))
+                    .cloned()
+                    .ok_or_else(|| ManagerError::DriverUnavailable(n.to_string()))
+            }
+        }
+    }
+
+    fn get_live(&self, owner: Option<&str>, id: &str) -> Result<Arc<LiveSandbox>, ManagerError> {
+        let map = self
+            .live
+            .read()
+            .map_err(|_| ManagerError::SandboxNotFound(id.to_string()))?;
+        match map.get(id) {
+            Some(s) if owner.is_none_or(|o| o == s.owner) => Ok(s.clone()),
+            _ => Err(ManagerError::SandboxNotFound(id.to_string())),
+        }
+    }
+
+    /// Look up a live sandbox for the proxy (no owner check: the agent checks its token).
+    pub fn route(&self, id: &str) -> Option<Arc<LiveSandbox>> {
+        self.live.read().ok()?.get(id).cloned()
+    }
+
+    /// Sandbox details.
+    pub fn info(&self, owner: &str, id: &str) -> Result<SandboxDetail, ManagerError> {
+        Ok(self.get_live(Some(owner), id)?.detail())
+    }
+
+    /// List `owner`'s sandboxes whose metadata contains every pair of `filter`.
+    pub fn list(&self, owner: &str, filter: &BTreeMap<String, String>) -> Vec<ListedSandbox> {
+        let Ok(map) = self.live.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<ListedSandbox> = map
+            .values()
+            .filter(|s| s.owner == owner)
+            .filter(|s| filter.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+            .map(|s| s.listed())
+            .collect();
+        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sandbox_id.cmp(&b.sandbox_id)));
+        out
+    }
+
+    /// Set the sandbox to end `timeout` seconds from now (may shorten).
+    pub fn set_timeout(&self, owner: &str, id: &str, timeout: u64) -> Result<(), ManagerError> {
+        let timeout = validate_timeout(timeout, "timeout")?;
+        let live = self.get_live(Some(owner), id)?;
+        let end = now_ms() + (timeout as i64) * 1000;
+        live.end_at_ms.store(end, Ordering::Relaxed);
+        self.store.audit(NewAudit {
+            actor: owner.to_string(),
+            sandbox_id: Some(id.to_string()),
+            kind: "sandbox.timeout".into(),
+            detail: serde_json::json!({ "timeout": timeout, "endAt": format_rfc3339_ms(end) }),
+        });
+        Ok(())
+    }
+
+    /// Connect to a running sandbox: returns its create response and extends (never shortens)
+    /// its end time to `timeout` seconds from now.
+    pub fn connect(
+        &self,
+        owner: &str,
+        id: &str,
+        timeout: Option<u64>,
+    ) -> Result<Sandbox, ManagerError> {
+        let live = self.get_live(Some(owner), id)?;
+        if let Some(t) = timeout {
+            let t = validate_timeout(t, "timeout")?;
+            let end = now_ms() + (t as i64) * 1000;
+            live.end_at_ms.fetch_max(end, Ordering::Relaxed);
+        }
+        Ok(live.sandbox())
+    }
+
+    /// Kill a sandbox now.
+    pub async fn kill(&self, owner: &str, id: &str) -> Result<(), ManagerError> {
+        self.get_live(Some(owner), id)?;
+        self.destroy(id, owner, "killed").await
+    }
+
+    /// Remove a sandbox from the registry and destroy it; `reason` goes to the audit log.
+    async fn destroy(&self, id: &str, actor: &str, reason: &str) -> Result<(), ManagerError> {
+        {
+            let Ok(mut dying) = self.dying.lock() else {
+                return Err(ManagerError::SandboxNotFound(id.to_string()));
+            };
+            if !dying.insert(id.to_string()) {
+                return Ok(());
+            }
+        }
+        let live = self.live.write().ok().and_then(|mut m| m.remove(id));
+        let result = match &live {
+            Some(l) => l.handle.destroy().await,
+            None => Ok(()),
+        };
+        if let Ok(mut dying) = self.dying.lock() {
+            dying.remove(id);
+        }
+        let Some(_) = live else {
+            return Err(ManagerError::SandboxNotFound(id.to_string()));
+        };
+        let detail = match &result {
+            Ok(()) => serde_json::json!({ "reason": reason }),
+            Err(e) => serde_json::json!({ "reason": reason, "cleanupError": error_chain(e) }),
+        };
+        self.store.audit(NewAudit {
+            actor: actor.to_string(),
+            sandbox_id: Some(id.to_string()),
+            kind: "sandbox.kill".into(),
+            detail,
+        });
+        if let Err(e) = self.store.finish_sandbox(id, reason) {
+            tracing::warn!(sandbox = id, error = %e, "recording sandbox end failed");
+        }
+        result.map_err(ManagerError::from)
+    }
+
+    /// Destroy every sandbox (server shutdown). New creates are refused from now on.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        let ids: Vec<String> = self
+            .live
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        let futs = ids.iter().map(|id| self.destroy(id, "server", "server shutdown"));
+        for r in futures_join_all(futs).await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "destroying sandbox at shutdown failed");
+            }
+        }
+        self.store.flush_audit();
+    }
+
+    /// Kill sandboxes whose end time passed. Returns how many.
+    pub async fn reap_expired(&self) -> usize {
+        let now = now_ms();
+        let expired: Vec<String> = self
+            .live
+            .read()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, s)| s.end_at_ms() <= now)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let n = expired.len();
+        for id in expired {
+            if let Err(e) = self.destroy(&id, "server", "timeout").await {
+                tracing::warn!(sandbox = %id, error = %e, "killing expired sandbox failed");
+            }
+        }
+        n
+    }
+
+    /// IDs of `owner`'s live sandboxes.
+    pub fn sandboxes_owned_by(&self, owner: &str) -> std::collections::HashSet<String> {
+        self.live
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|s| s.owner == owner)
+                    .map(|s| s.handle.id().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A metrics sample of a sandbox, read from its cgroup. CPU use is averaged since the
+    /// previous sample (or since start).
+    pub fn metrics(&self, owner: &str, id: &str) -> Result<SandboxMetric, ManagerError> {
+        let live = self.get_live(Some(owner), id)?;
+        let stats = live.handle.stats()?;
+        let now = now_ms();
+        let cpu_used_pct = {
+            let mut last = live
+                .last_cpu
+                .lock()
+                .map_err(|_| ManagerError::SandboxNotFound(id.to_string()))?;
+            let (t0, c0) = last.unwrap_or((live.started_at_ms, 0));
+            *last = Some((now, stats.cpu_usage_ns));
+            let wall_ns = ((now - t0).max(1) as f64) * 1e6 * f64::from(live.limits.cpu_count.max(1));
+            (stats.cpu_usage_ns.saturating_sub(c0) as f64 / wall_ns * 100.0).clamp(0.0, 100.0)
+        };
+        Ok(SandboxMetric {
+            timestamp: format_rfc3339_ms(now),
+            timestamp_unix: now / 1000,
+            cpu_count: live.limits.cpu_count,
+            cpu_used_pct,
+            mem_used: stats.memory_bytes,
+            mem_total: live.limits.memory_mb * 1024 * 1024,
+            mem_cache: 0,
+            disk_used: 0,
+            disk_total: live.limits.disk_mb * 1024 * 1024,
+        })
+    }
+
+    /// Templates as `GET /templates` lists them.
+    pub fn template_list(&self) -> Vec<cella_api::Template> {
+        self.templates
+            .list()
+            .into_iter()
+            .map(|t| {
+                let mut aliases = vec![t.spec.name.clone()];
+                aliases.extend(t.spec.aliases.iter().cloned());
+                cella_api::Template {
+                    template_id: t.spec.name.clone(),
+                    build_id: t.build_id.clone(),
+                    cpu_count: t.spec.cpu_count,
+                    memory_mb: t.spec.memory_mb,
+                    disk_size_mb: t.spec.disk_mb,
+                    public: true,
+                    names: aliases.clone(),
+                    aliases,
+                    build_status: if t.ready { "ready" } else { "waiting" }.to_string(),
+                    envd_version: ENVD_VERSION.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    /// Number of live sandboxes.
+    pub fn live_count(&self) -> usize {
+        self.live.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Forget a sandbox that died on its own, clean up what is left, and record why.
+    async fn on_exit(&self, id: &str, reason: String) {
+        if self.live.read().map(|m| m.contains_key(id)).unwrap_or(false) {
+            self.store.audit(NewAudit {
+                actor: "server".into(),
+                sandbox_id: Some(id.to_string()),
+                kind: "sandbox.crash".into(),
+                detail: serde_json::json!({ "reason": reason }),
+            });
+            if let Err(e) = self.destroy(id, "server", "crashed").await {
+                tracing::warn!(sandbox = %id, error = %e, "cleaning up crashed sandbox failed");
+            }
+        }
+    }
+}
+
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(f.await);
+    }
+    set
+}
+
+async fn watch_exit(
+    manager: std::sync::Weak<Manager>,
+    id: String,
+    handle: Arc<dyn SandboxHandle>,
+) {
+    let info = handle.wait_exit().await;
+    drop(handle);
+    if let Some(m) = manager.upgrade() {
+        m.on_exit(&id, info.reason).await;
+    }
+}
+
+async fn reaper(manager: std::sync::Weak<Manager>) {
+    loop {
+        let interval = match manager.upgrade() {
+            Some(m) => {
+                m.reap_expired().await;
+                m.config.reap_interval
+            }
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn record_agent_events(store: Store, mut rx: mpsc::UnboundedReceiver<SandboxEvent>) {
+    while let Some(ev) = rx.recv().await {
+        let kind = ev.event.kind().to_string();
+        let detail = serde_json::to_value(&ev.event).unwrap_or(serde_json::Value::Null);
+        store.audit(NewAudit {
+            actor: "agent".into(),
+            sandbox_id: Some(ev.sandbox_id),
+            kind,
+            detail,
+        });
+    }
+}
+
+fn validate_timeout(t: u64, field: &'static str) -> Result<u64, ManagerError> {
+    if t == 0 || t > MAX_TIMEOUT_SECS {
+        return Err(ManagerError::InvalidField {
+            field,
+            message: format!("must be between 1 and {MAX_TIMEOUT_SECS} seconds, got {t}"),
+        });
+    }
+    Ok(t)
+}
+
+fn bounded(v: u64, min: u64, max: u64, field: &'static str) -> Result<u64, ManagerError> {
+    if v < min || v > max {
+        return Err(ManagerError::InvalidField {
+            field,
+            message: format!("must be between {min} and {max}, got {v}"),
+        });
+    }
+    Ok(v)
+}
+
+fn validate_map(m: &BTreeMap<String, String>, field: &'static str) -> Result<(), ManagerError> {
+    const MAX_ENTRIES: usize = 256;
+    const MAX_LEN: usize = 64 * 1024;
+    if m.len() > MAX_ENTRIES {
+        return Err(ManagerError::InvalidField {
+            field,
+            message: format!("at most {MAX_ENTRIES} entries"),
+        });
+    }
+    if m.iter().any(|(k, v)| k.len() + v.len() > MAX_LEN) {
+        return Err(ManagerError::InvalidField {
+            field,
+            message: format!("an entry is longer than {MAX_LEN} bytes"),
+        });
+    }
+    Ok(())
+}
+
+/// A new sandbox ID: `i` + 20 characters of `[a-z0-9]`, as E2B's.
+pub fn new_sandbox_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let mut id = String::with_capacity(21);
+    id.push('i');
+    for _ in 0..20 {
+        id.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
+    }
+    id
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::thread_rng().fill(&mut buf[..]);
+    hex::encode(buf)
+}
+
+/// Render an error with its sources, for logs and audit records.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}

@@ -1,0 +1,704 @@
+//! Per-sandbox cgroups: memory, CPU and pid limits, usage, and killing what is left.
+//!
+//! Why a cgroup per sandbox: the limits must hold for every process inside, including ones the
+//! agent never saw (double forks, daemons), and the kernel's memcg OOM killer must pick its
+//! victim *inside* the sandbox so the host and other sandboxes carry on. The cgroup is also the
+//! only complete list of a sandbox's processes after a server crash, which is what
+//! [`Cgroups::kill_all`] and the orphan reaper rely on.
+//!
+//! Layout: every sandbox gets `cella/<id>` in each controller it needs.
+//!
+//! ```text
+//! v2 (unified):  <root>/cella/<id>/{memory.max, memory.swap.max, cpu.max, pids.max, cgroup.kill}
+//! v1 (legacy):   <root>/memory/cella/<id>/memory.limit_in_bytes (+ memory.memsw.limit_in_bytes)
+//!                <root>/cpu/cella/<id>/cpu.cfs_{period,quota}_us
+//!                <root>/cpuacct/cella/<id>/cpuacct.usage        (if a separate hierarchy)
+//!                <root>/pids/cella/<id>/pids.max
+//! ```
+//!
+//! All paths hang off a root given to [`Cgroups::detect`], so the file handling is tested
+//! against a temporary directory; only killing and `rmdir` semantics need the real cgroupfs.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cella_core::driver::{Limits, SandboxStats};
+
+/// Name of the parent cgroup all sandboxes live under.
+pub const PARENT: &str = "cella";
+
+/// CFS period used for CPU quotas, in microseconds.
+pub const CFS_PERIOD_US: u64 = 100_000;
+
+/// How long [`Cgroups::remove`] keeps retrying `rmdir` while the cgroup is busy.
+const REMOVE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Errors of cgroup handling.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// Neither a usable cgroup v2 nor the v1 controllers were found.
+    #[error("no usable cgroup hierarchy under {root}: {reason}")]
+    Unavailable {
+        /// The cgroup root that was probed.
+        root: PathBuf,
+        /// What was missing.
+        reason: String,
+    },
+    /// A cgroup file or directory operation failed.
+    #[error("cgroup operation on {path} failed")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file held something that is not the number the kernel writes there.
+    #[error("unexpected content in {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The cgroup still had processes after the kill deadline.
+    #[error("cgroup {path} still busy after killing its processes")]
+    Busy {
+        /// The cgroup directory.
+        path: PathBuf,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which cgroup interface the host offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// The unified hierarchy (`cgroup2`) with memory, cpu and pids available.
+    V2 {
+        /// The cgroup2 mount (`/sys/fs/cgroup`).
+        root: PathBuf,
+        /// `memory.swap.max` exists (swap accounting), so swap can be disabled per sandbox.
+        swap: bool,
+    },
+    /// Separate v1 hierarchies per controller.
+    V1 {
+        /// The memory hierarchy.
+        memory: PathBuf,
+        /// The cpu hierarchy (may be the same directory as `cpuacct`).
+        cpu: PathBuf,
+        /// The cpuacct hierarchy, if mounted.
+        cpuacct: Option<PathBuf>,
+        /// The pids hierarchy.
+        pids: PathBuf,
+        /// `memory.memsw.limit_in_bytes` exists (swap accounting).
+        memsw: bool,
+    },
+}
+
+/// The cgroup side of the jail driver, rooted at a configurable path.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    mode: CgroupMode,
+}
+
+fn read_trimmed(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(io_err(path))
+}
+
+fn read_u64(path: &Path) -> Result<u64, CgroupError> {
+    let s = read_trimmed(path)?;
+    s.parse::<u64>().map_err(|_| CgroupError::Parse {
+        path: path.to_path_buf(),
+    })
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(io_err(path))
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(CgroupError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Resolve a v1 hierarchy directory (`cpu` is often a symlink to `cpu,cpuacct`).
+fn v1_hierarchy(root: &Path, name: &str) -> Option<PathBuf> {
+    let p = root.join(name);
+    if p.join("cgroup.procs").is_file() {
+        Some(std::fs::canonicalize(&p).unwrap_or(p))
+    } else {
+        None
+    }
+}
+
+impl Cgroups {
+    /// Probe `root` for cgroup v2 (preferred when memory, cpu and pids are all available in
+    /// `cgroup.controllers`) or the v1 memory/cpu/pids hierarchies. Reads only.
+    pub fn detect(root: &Path) -> Result<Cgroups, CgroupError> {
+        let controllers = root.join("cgroup.controllers");
+        let mut v2_reason = String::from("no cgroup.controllers");
+        if controllers.is_file() {
+            let list = read_trimmed(&controllers)?;
+            let have: BTreeSet<&str> = list.split_whitespace().collect();
+            let missing: Vec<&str> = ["memory", "cpu", "pids"]
+                .into_iter()
+                .filter(|c| !have.contains(c))
+                .collect();
+            if missing.is_empty() {
+                return Ok(Cgroups {
+                    mode: CgroupMode::V2 {
+                        root: root.to_path_buf(),
+                        swap: false,
+                    },
+                });
+            }
+            v2_reason = format!("cgroup2 lacks controllers {}", missing.join(","));
+        }
+        let memory = v1_hierarchy(root, "memory");
+        let cpu = v1_hierarchy(root, "cpu");
+        let pids = v1_hierarchy(root, "pids");
+        match (memory, cpu, pids) {
+            (Some(memory), Some(cpu), Some(pids)) => {
+                let cpuacct = v1_hierarchy(root, "cpuacct");
+                let memsw = memory.join("memory.memsw.limit_in_bytes").is_file();
+                Ok(Cgroups {
+                    mode: CgroupMode::V1 {
+                        memory,
+                        cpu,
+                        cpuacct,
+                        pids,
+                        memsw,
+                    },
+                })
+            }
+            (m, c, p) => {
+                let mut missing = Vec::new();
+                for (name, v) in [("memory", m), ("cpu", c), ("pids", p)] {
+                    if v.is_none() {
+                        missing.push(name);
+                    }
+                }
+                Err(CgroupError::Unavailable {
+                    root: root.to_path_buf(),
+                    reason: format!("{v2_reason}; v1 lacks {}", missing.join(",")),
+                })
+            }
+        }
+    }
+
+    /// The detected mode.
+    pub fn mode(&self) -> &CgroupMode {
+        &self.mode
+    }
+
+    /// Whether this is the unified hierarchy.
+    pub fn is_v2(&self) -> bool {
+        matches!(self.mode, CgroupMode::V2 { .. })
+    }
+
+    /// Create the `cella` parent cgroups and (v2) enable the controllers for sandboxes.
+    pub fn prepare(&mut self) -> Result<(), CgroupError> {
+        match &mut self.mode {
+            CgroupMode::V2 { root, swap } => {
+                let want = "+memory +pids +cpu";
+                let root_ctl = root.join("cgroup.subtree_control");
+                let enabled = read_trimmed(&root_ctl).unwrap_or_default();
+                let on: BTreeSet<&str> = enabled.split_whitespace().collect();
+                if !["memory", "pids", "cpu"].iter().all(|c| on.contains(c)) {
+                    write_file(&root_ctl, want)?;
+                }
+                let parent = root.join(PARENT);
+                mkdir(&parent)?;
+                let parent_ctl = parent.join("cgroup.subtree_control");
+                let enabled = read_trimmed(&parent_ctl).unwrap_or_default();
+                let on: BTreeSet<&str> = enabled.split_whitespace().collect();
+                if !["memory", "pids", "cpu"].iter().all(|c| on.contains(c)) {
+                    write_file(&parent_ctl, want)?;
+                }
+                // The parent is a non-root cgroup with memory enabled by its parent, so it
+                // shows whether swap accounting exists.
+                *swap = parent.join("memory.swap.max").is_file();
+                Ok(())
+            }
+            CgroupMode::V1 { .. } => {
+                for h in self.hierarchies() {
+                    mkdir(&h.join(PARENT))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every hierarchy directory in use (deduplicated: `cpu` and `cpuacct` may be one).
+    pub fn hierarchies(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        let candidates: Vec<&PathBuf> = match &self.mode {
+            CgroupMode::V2 { root, .. } => vec![root],
+            CgroupMode::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+                ..
+            } => {
+                let mut v = vec![memory, cpu, pids];
+                if let Some(a) = cpuacct {
+                    v.push(a);
+                }
+                v
+            }
+        };
+        for c in candidates {
+            if !out.contains(c) {
+                out.push(c.clone());
+            }
+        }
+        out
+    }
+
+    /// Every cgroup directory of sandbox `id`.
+    pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
+        self.hierarchies()
+            .into_iter()
+            .map(|h| h.join(PARENT).join(id))
+            .collect()
+    }
+
+    /// The v2 cgroup directory of `id` (for `CLONE_INTO_CGROUP`); `None` on v1.
+    pub fn v2_dir(&self, id: &str) -> Option<PathBuf> {
+        match &self.mode {
+            CgroupMode::V2 { root, .. } => Some(root.join(PARENT).join(id)),
+            CgroupMode::V1 { .. } => None,
+        }
+    }
+
+    /// Create the cgroups of sandbox `id` and write its limits. On error the directories
+    /// created so far are removed again.
+    pub fn create(&self, id: &str, limits: &Limits) -> Result<(), CgroupError> {
+        let dirs = self.dirs(id);
+        let mut made = Vec::new();
+        for d in &dirs {
+            match std::fs::create_dir(d) {
+                Ok(()) => made.push(d.clone()),
+                Err(source) => {
+                    self.rmdir_all(&made);
+                    return Err(CgroupError::Io {
+                        path: d.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if let Err(e) = self.write_limits(id, limits) {
+            self.rmdir_all(&made);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn rmdir_all(&self, dirs: &[PathBuf]) {
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
+    fn write_limits(&self, id: &str, limits: &Limits) -> Result<(), CgroupError> {
+        let memory = limits.memory_mb.saturating_mul(1024 * 1024).to_string();
+        let quota = u64::from(limits.cpu_count)
+            .saturating_mul(CFS_PERIOD_US)
+            .to_string();
+        let pids = limits.max_pids.to_string();
+        match &self.mode {
+            CgroupMode::V2 { root, swap } => {
+                let d = root.join(PARENT).join(id);
+                write_file(&d.join("memory.max"), &memory)?;
+                if *swap {
+                    write_file(&d.join("memory.swap.max"), "0")?;
+                }
+                write_file(&d.join("cpu.max"), &format!("{quota} {CFS_PERIOD_US}"))?;
+                write_file(&d.join("pids.max"), &pids)?;
+            }
+            CgroupMode::V1 {
+                memory: mem_h,
+                cpu,
+                pids: pids_h,
+                memsw,
+                ..
+            } => {
+                let m = mem_h.join(PARENT).join(id);
+                write_file(&m.join("memory.limit_in_bytes"), &memory)?;
+                if *memsw {
+                    write_file(&m.join("memory.memsw.limit_in_bytes"), &memory)?;
+                }
+                let c = cpu.join(PARENT).join(id);
+                write_file(&c.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                write_file(&c.join("cpu.cfs_quota_us"), &quota)?;
+                let p = pids_h.join(PARENT).join(id);
+                write_file(&p.join("pids.max"), &pids)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Move `pid` into every cgroup of `id` (v1, or v2 without `CLONE_INTO_CGROUP`).
+    pub fn attach(&self, id: &str, pid: i32) -> Result<(), CgroupError> {
+        for d in self.dirs(id) {
+            write_file(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Resource usage of sandbox `id`.
+    pub fn stats(&self, id: &str) -> Result<SandboxStats, CgroupError> {
+        match &self.mode {
+            CgroupMode::V2 { root, .. } => {
+                let d = root.join(PARENT).join(id);
+                let memory_bytes = read_u64(&d.join("memory.current"))?;
+                let pids = read_u64(&d.join("pids.current"))?;
+                let stat_path = d.join("cpu.stat");
+                let stat = read_trimmed(&stat_path)?;
+                let usec = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or(CgroupError::Parse { path: stat_path })?;
+                Ok(SandboxStats {
+                    memory_bytes,
+                    cpu_usage_ns: usec.saturating_mul(1000),
+                    pids,
+                })
+            }
+            CgroupMode::V1 {
+                memory,
+                cpuacct,
+                pids,
+                ..
+            } => {
+                let memory_bytes =
+                    read_u64(&memory.join(PARENT).join(id).join("memory.usage_in_bytes"))?;
+                let pids = read_u64(&pids.join(PARENT).join(id).join("pids.current"))?;
+                let cpu_usage_ns = match cpuacct {
+                    Some(a) => read_u64(&a.join(PARENT).join(id).join("cpuacct.usage"))?,
+                    None => 0,
+                };
+                Ok(SandboxStats {
+                    memory_bytes,
+                    cpu_usage_ns,
+                    pids,
+                })
+            }
+        }
+    }
+
+    /// Processes currently in any cgroup of `id` (missing cgroups count as empty).
+    pub fn procs(&self, id: &str) -> Result<BTreeSet<i32>, CgroupError> {
+        let mut out = BTreeSet::new();
+        for d in self.dirs(id) {
+            let path = d.join("cgroup.procs");
+            match std::fs::read_to_string(&path) {
+                Ok(s) => {
+                    for l in s.lines() {
+                        let pid = l
+                            .trim()
+                            .parse::<i32>()
+                            .map_err(|_| CgroupError::Parse { path: path.clone() })?;
+                        out.insert(pid);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(CgroupError::Io { path, source }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// SIGKILL every process in the cgroups of `id` until none is left (or the deadline
+    /// passes). Returns how many distinct processes were signalled.
+    pub fn kill_all(&self, id: &str) -> Result<usize, CgroupError> {
+        let mut killed = BTreeSet::new();
+        if let Some(d) = self.v2_dir(id) {
+            let kill_file = d.join("cgroup.kill");
+            if kill_file.is_file() {
+                killed.extend(self.procs(id)?);
+                // cgroup.kill (5.14+) kills atomically, forks included.
+                write_file(&kill_file, "1")?;
+            }
+        }
+        let deadline = Instant::now() + REMOVE_DEADLINE;
+        loop {
+            let procs = self.procs(id)?;
+            if procs.is_empty() {
+                return Ok(killed.len());
+            }
+            for pid in procs {
+                if pid <= 0 {
+                    continue;
+                }
+                // SAFETY: kill(2) has no memory-safety preconditions; the pid comes from the
+                // sandbox's cgroup, which only holds sandbox processes.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                killed.insert(pid);
+            }
+            if Instant::now() > deadline {
+                return Err(CgroupError::Busy {
+                    path: self.dirs(id).into_iter().next().unwrap_or_default(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kill what is left in the cgroups of `id` and remove them. Missing cgroups are fine
+    /// (idempotent). Returns (processes killed, cgroup directories removed).
+    pub fn remove(&self, id: &str) -> Result<(usize, usize), CgroupError> {
+        let killed = self.kill_all(id)?;
+        let mut removed = 0;
+        for d in self.dirs(id) {
+            let deadline = Instant::now() + REMOVE_DEADLINE;
+            loop {
+                match std::fs::remove_dir(&d) {
+                    Ok(()) => {
+                        removed += 1;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        if Instant::now() > deadline {
+                            return Err(CgroupError::Busy { path: d });
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(source) => return Err(CgroupError::Io { path: d, source }),
+                }
+            }
+        }
+        Ok((killed, removed))
+    }
+
+    /// Names of every sandbox cgroup under `cella/` in any hierarchy.
+    pub fn list(&self) -> Result<BTreeSet<String>, CgroupError> {
+        let mut out = BTreeSet::new();
+        for h in self.hierarchies() {
+            let parent = h.join(PARENT);
+            let entries = match std::fs::read_dir(&parent) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(CgroupError::Io {
+                        path: parent,
+                        source,
+                    });
+                }
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_err(&parent))?;
+                let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if let (true, Some(name)) = (is_dir, entry.file_name().to_str()) {
+                    out.insert(name.to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(p: &Path, content: &str) {
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, content).expect("write");
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            cpu_count: 3,
+            memory_mb: 256,
+            disk_mb: 100,
+            max_pids: 77,
+        }
+    }
+
+    fn v1_fixture(root: &Path, memsw: bool, cpuacct: bool) {
+        touch(&root.join("memory/cgroup.procs"), "");
+        if memsw {
+            touch(&root.join("memory/memory.memsw.limit_in_bytes"), "");
+        }
+        touch(&root.join("cpu/cgroup.procs"), "");
+        touch(&root.join("pids/cgroup.procs"), "");
+        if cpuacct {
+            touch(&root.join("cpuacct/cgroup.procs"), "");
+        }
+    }
+
+    #[test]
+    fn v1_limits_are_written() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, true, true);
+        let mut cg = Cgroups::detect(root).expect("detect");
+        assert!(!cg.is_v2());
+        cg.prepare().expect("prepare");
+        assert_eq!(cg.hierarchies().len(), 4);
+        cg.create("abc", &limits()).expect("create");
+        let rd = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
+        assert_eq!(
+            rd("memory/cella/abc/memory.limit_in_bytes"),
+            (256u64 << 20).to_string()
+        );
+        assert_eq!(
+            rd("memory/cella/abc/memory.memsw.limit_in_bytes"),
+            (256u64 << 20).to_string()
+        );
+        assert_eq!(rd("cpu/cella/abc/cpu.cfs_period_us"), "100000");
+        assert_eq!(rd("cpu/cella/abc/cpu.cfs_quota_us"), "300000");
+        assert_eq!(rd("pids/cella/abc/pids.max"), "77");
+        assert!(root.join("cpuacct/cella/abc").is_dir());
+        // creating the same sandbox twice is an error, not a silent reuse
+        assert!(cg.create("abc", &limits()).is_err());
+        let names = cg.list().expect("list");
+        assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["abc".to_string()]);
+    }
+
+    #[test]
+    fn v1_without_memsw_skips_swap_limit() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, false);
+        let mut cg = Cgroups::detect(root).expect("detect");
+        cg.prepare().expect("prepare");
+        assert_eq!(cg.hierarchies().len(), 3);
+        cg.create("x1", &limits()).expect("create");
+        assert!(!root.join("memory/cella/x1/memory.memsw.limit_in_bytes").exists());
+        assert!(root.join("memory/cella/x1/memory.limit_in_bytes").exists());
+    }
+
+    #[test]
+    fn v1_cpu_cpuacct_symlink_is_one_hierarchy() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        touch(&root.join("memory/cgroup.procs"), "");
+        touch(&root.join("pids/cgroup.procs"), "");
+        touch(&root.join("cpu,cpuacct/cgroup.procs"), "");
+        std::os::unix::fs::symlink("cpu,cpuacct", root.join("cpu")).expect("ln");
+        std::os::unix::fs::symlink("cpu,cpuacct", root.join("cpuacct")).expect("ln");
+        let mut cg = Cgroups::detect(root).expect("detect");
+        cg.prepare().expect("prepare");
+        assert_eq!(cg.hierarchies().len(), 3);
+        cg.create("s", &limits()).expect("create");
+        assert!(root.join("cpu,cpuacct/cella/s/cpu.cfs_quota_us").is_file());
+    }
+
+    #[test]
+    fn v1_stats_are_read() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, true);
+        let mut cg = Cgroups::detect(root).expect("detect");
+        cg.prepare().expect("prepare");
+        cg.create("s", &limits()).expect("create");
+        touch(&root.join("memory/cella/s/memory.usage_in_bytes"), "4096\n");
+        touch(&root.join("pids/cella/s/pids.current"), "5\n");
+        touch(&root.join("cpuacct/cella/s/cpuacct.usage"), "123456789\n");
+        let st = cg.stats("s").expect("stats");
+        assert_eq!(
+            st,
+            SandboxStats {
+                memory_bytes: 4096,
+                cpu_usage_ns: 123_456_789,
+                pids: 5
+            }
+        );
+        touch(&root.join("pids/cella/s/pids.current"), "garbage");
+        assert!(matches!(cg.stats("s"), Err(CgroupError::Parse { .. })));
+    }
+
+    #[test]
+    fn v2_limits_and_stats() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        touch(&root.join("cgroup.controllers"), "cpuset cpu io memory pids\n");
+        touch(&root.join("cgroup.subtree_control"), "");
+        // a real kernel creates these when memory is enabled in the parent
+        touch(&root.join("cella/memory.swap.max"), "max\n");
+        touch(&root.join("cella/cgroup.subtree_control"), "");
+        let mut cg = Cgroups::detect(root).expect("detect");
+        assert!(cg.is_v2());
+        cg.prepare().expect("prepare");
+        assert_eq!(
+            std::fs::read_to_string(root.join("cgroup.subtree_control")).expect("read"),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("cella/cgroup.subtree_control")).expect("read"),
+            "+memory +pids +cpu"
+        );
+        cg.create("v", &limits()).expect("create");
+        let rd = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
+        assert_eq!(rd("cella/v/memory.max"), (256u64 << 20).to_string());
+        assert_eq!(rd("cella/v/memory.swap.max"), "0");
+        assert_eq!(rd("cella/v/cpu.max"), "300000 100000");
+        assert_eq!(rd("cella/v/pids.max"), "77");
+        assert_eq!(cg.v2_dir("v"), Some(root.join("cella/v")));
+
+        touch(&root.join("cella/v/memory.current"), "8192\n");
+        touch(&root.join("cella/v/pids.current"), "2\n");
+        touch(
+            &root.join("cella/v/cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
+        );
+        let st = cg.stats("v").expect("stats");
+        assert_eq!(
+            st,
+            SandboxStats {
+                memory_bytes: 8192,
+                cpu_usage_ns: 1_500_000,
+                pids: 2
+            }
+        );
+    }
+
+    #[test]
+    fn v2_without_controllers_falls_back_to_v1_or_fails() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        touch(&root.join("cgroup.controllers"), "hugetlb\n");
+        let err = Cgroups::detect(root).expect_err("no controllers anywhere");
+        let msg = err.to_string();
+        assert!(msg.contains("memory"), "{msg}");
+        v1_fixture(root, false, false);
+        let cg = Cgroups::detect(root).expect("v1 fallback");
+        assert!(!cg.is_v2());
+    }
+
+    #[test]
+    fn procs_of_missing_cgroup_is_empty_and_parsed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, false);
+        let mut cg = Cgroups::detect(root).expect("detect");
+        cg.prepare().expect("prepare");
+        assert!(cg.procs("nope").expect("procs").is_empty());
+        assert_eq!(cg.kill_all("nope").expect("kill"), 0);
+        cg.create("p", &limits()).expect("create");
+        touch(&root.join("pids/cella/p/cgroup.procs"), "x\n");
+        assert!(matches!(cg.procs("p"), Err(CgroupError::Parse { .. })));
+    }
+}

@@ -1,0 +1,411 @@
+//! The sandbox proxy: forwards a request to a port inside a sandbox.
+//!
+//! A request is for a sandbox when it carries `E2b-Sandbox-Id` (port from `E2b-Sandbox-Port`,
+//! default 49983) or when its Host is `<port>-<sandboxID>.<domain>`. The connection into the
+//! sandbox comes from the driver's [`cella_core::driver::SandboxHandle::dial`], so jail and
+//! microVM sandboxes share this one code path. Connections are pooled per sandbox and port.
+//!
+//! What never crosses into a sandbox: the caller's API key, and hop-by-hop headers. What is
+//! refused: envd's internal control routes (as E2B's proxy does). Failures answer with E2B's
+//! exact 502 texts, which the SDKs match on.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use cella_api::{ENVD_PORT, HEADER_SANDBOX_ID, HEADER_SANDBOX_PORT};
+use cella_core::manager::Manager;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::AppState;
+
+/// envd routes that only the host may call; refused through the proxy.
+const INTERNAL_ENVD_ROUTES: &[&str] = &[
+    "/init",
+    "/upgrade",
+    "/freeze",
+    "/unfreeze",
+    "/collapse",
+    "/fsfreeze",
+    "/fsthaw",
+];
+
+/// Where a proxied request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Sandbox ID.
+    pub sandbox_id: String,
+    /// Port inside the sandbox.
+    pub port: u16,
+}
+
+/// Outcome of looking at a request's routing headers.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Not for a sandbox: the REST API.
+    Api,
+    /// For a sandbox.
+    Sandbox(Target),
+    /// Names a sandbox, but malformed (bad port or ID).
+    Invalid(String),
+}
+
+/// Decide whether a request is for a sandbox, from its headers.
+pub fn routing(headers: &HeaderMap) -> Routing {
+    if let Some(id) = headers.get(HEADER_SANDBOX_ID) {
+        let Ok(id) = id.to_str() else {
+            return Routing::Invalid("E2b-Sandbox-Id is not valid text".into());
+        };
+        let port = match headers.get(HEADER_SANDBOX_PORT) {
+            None => ENVD_PORT,
+            Some(p) => match p.to_str().ok().and_then(|p| p.trim().parse::<u16>().ok()) {
+                Some(p) if p > 0 => p,
+                _ => return Routing::Invalid("E2b-Sandbox-Port is not a port number".into()),
+            },
+        };
+        return Routing::Sandbox(Target {
+            sandbox_id: id.trim().to_string(),
+            port,
+        });
+    }
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        if let Some(t) = parse_host(host) {
+            return Routing::Sandbox(t);
+        }
+    }
+    Routing::Api
+}
+
+/// Parse `<port>-<sandboxID>.<domain>[:port]`; only the left-most label counts.
+pub fn parse_host(host: &str) -> Option<Target> {
+    let (label, rest) = host.split_once('.')?;
+    if rest.is_empty() {
+        return None;
+    }
+    let (port, id) = label.split_once('-')?;
+    if id.contains('-') || !cella_api::is_valid_sandbox_id(id) {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some(Target {
+        sandbox_id: id.to_string(),
+        port,
+    })
+}
+
+/// Middleware: proxy sandbox requests, pass everything else to the REST router.
+pub async fn route_or_next(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match routing(req.headers()) {
+        Routing::Api => next.run(req).await,
+        Routing::Invalid(msg) => proxy_error(StatusCode::BAD_REQUEST, "", None, &msg),
+        Routing::Sandbox(target) => state.proxy.forward(target, req).await,
+    }
+}
+
+/// E2B's proxy error body: `{sandboxId, message, code[, port]}`.
+fn proxy_error(status: StatusCode, sandbox_id: &str, port: Option<u16>, message: &str) -> Response {
+    let mut body = serde_json::json!({
+        "sandboxId": sandbox_id,
+        "message": message,
+        "code": status.as_u16(),
+    });
+    if let Some(p) = port {
+        body["port"] = p.into();
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+fn not_found(id: &str) -> Response {
+    proxy_error(StatusCode::BAD_GATEWAY, id, None, "The sandbox was not found")
+}
+
+fn port_closed(id: &str, port: u16) -> Response {
+    proxy_error(
+        StatusCode::BAD_GATEWAY,
+        id,
+        Some(port),
+        "The sandbox is running but port is not open",
+    )
+}
+
+/// Dials `http://<sandboxID>:<port>` through the sandbox's driver.
+#[derive(Clone)]
+pub struct SandboxConnector {
+    manager: Arc<Manager>,
+}
+
+/// Errors of [`SandboxConnector`].
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The URI does not name a sandbox and port.
+    #[error("bad proxy target")]
+    BadTarget,
+    /// No such live sandbox.
+    #[error("sandbox not found")]
+    NotFound,
+    /// Nothing listens on the port.
+    #[error("port is not open")]
+    Connect(#[source] std::io::Error),
+}
+
+impl tower::Service<Uri> for SandboxConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let manager = self.manager.clone();
+        Box::pin(async move {
+            let id = uri.host().ok_or(DialError::BadTarget)?.to_string();
+            let port = uri.port_u16().ok_or(DialError::BadTarget)?;
+            let live = manager.route(&id).ok_or(DialError::NotFound)?;
+            let stream = live.handle.dial(port).await.map_err(DialError::Connect)?;
+            let _ = stream.set_nodelay(true);
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Pooled HTTP client into sandboxes.
+#[derive(Clone)]
+pub struct ProxyClient {
+    manager: Arc<Manager>,
+    client: Client<SandboxConnector, Body>,
+}
+
+impl ProxyClient {
+    /// A client that dials through `manager`'s sandboxes.
+    pub fn new(manager: Arc<Manager>) -> ProxyClient {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build(SandboxConnector {
+                manager: manager.clone(),
+            });
+        ProxyClient { manager, client }
+    }
+
+    /// Forward `req` to `target` and stream the answer back.
+    pub async fn forward(&self, target: Target, req: Request) -> Response {
+        let Target { sandbox_id, port } = target;
+        if !cella_api::is_valid_sandbox_id(&sandbox_id) || self.manager.route(&sandbox_id).is_none()
+        {
+            return not_found(&sandbox_id);
+        }
+        if port == ENVD_PORT && INTERNAL_ENVD_ROUTES.contains(&req.uri().path()) {
+            return proxy_error(StatusCode::NOT_FOUND, &sandbox_id, Some(port), "not found");
+        }
+        if is_upgrade(req.headers()) {
+            return self.forward_upgrade(&sandbox_id, port, req).await;
+        }
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let Ok(uri) = format!("http://{sandbox_id}:{port}{path}").parse::<Uri>() else {
+            return proxy_error(StatusCode::BAD_REQUEST, &sandbox_id, Some(port), "bad path");
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        strip_request_headers(&mut parts.headers);
+        let out = Request::from_parts(parts, body);
+        match self.client.request(out).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Body::new(body))
+            }
+            Err(e) => self.dial_failure(&sandbox_id, port, &e),
+        }
+    }
+
+    fn dial_failure(
+        &self,
+        sandbox_id: &str,
+        port: u16,
+        e: &hyper_util::client::legacy::Error,
+    ) -> Response {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(d) = err.downcast_ref::<DialError>() {
+                return match d {
+                    DialError::NotFound => not_found(sandbox_id),
+                    _ => port_closed(sandbox_id, port),
+                };
+            }
+            cur = err.source();
+        }
+        if self.manager.route(sandbox_id).is_none() {
+            return not_found(sandbox_id);
+        }
+        tracing::debug!(sandbox = sandbox_id, port, error = %e, "proxied request failed");
+        proxy_error(
+            StatusCode::BAD_GATEWAY,
+            sandbox_id,
+            Some(port),
+            "The sandbox closed the connection",
+        )
+    }
+
+    /// WebSocket and other `Upgrade` requests: a dedicated connection, then raw byte copying.
+    async fn forward_upgrade(&self, sandbox_id: &str, port: u16, mut req: Request) -> Response {
+        let Some(live) = self.manager.route(sandbox_id) else {
+            return not_found(sandbox_id);
+        };
+        let stream = match live.handle.dial(port).await {
+            Ok(s) => s,
+            Err(_) => return port_closed(sandbox_id, port),
+        };
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await
+        else {
+            return port_closed(sandbox_id, port);
+        };
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .and_then(|p| p.as_str().parse().ok())
+            .unwrap_or_else(|| Uri::from_static("/"));
+        parts.headers.remove(cella_api::HEADER_API_KEY);
+        parts.headers.remove(HEADER_SANDBOX_ID);
+        parts.headers.remove(HEADER_SANDBOX_PORT);
+        let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+            Ok(r) => r,
+            Err(_) => return port_closed(sandbox_id, port),
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (parts, body) = resp.into_parts();
+            return Response::from_parts(parts, Body::new(body));
+        }
+        let server_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(server)) = (client_upgrade.await, server_upgrade.await) else {
+                return;
+            };
+            let mut client = TokioIo::new(client);
+            let mut server = TokioIo::new(server);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+        let (parts, _) = resp.into_parts();
+        Response::from_parts(parts, Body::empty())
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for name in HOP_BY_HOP.iter().copied().chain(listed.iter().map(String::as_str)) {
+        h.remove(name);
+    }
+}
+
+fn strip_request_headers(h: &mut HeaderMap) {
+    strip_hop_by_hop(h);
+    // The API key is the caller's credential for this server, never for code in a sandbox.
+    h.remove(cella_api::HEADER_API_KEY);
+    h.remove(HEADER_SANDBOX_ID);
+    h.remove(HEADER_SANDBOX_PORT);
+    if !h.contains_key(header::HOST) {
+        h.insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_routing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(routing(&h), Routing::Api);
+        h.insert("e2b-sandbox-id", HeaderValue::from_static("iabc"));
+        assert_eq!(
+            routing(&h),
+            Routing::Sandbox(Target {
+                sandbox_id: "iabc".into(),
+                port: 49983
+            })
+        );
+        h.insert("e2b-sandbox-port", HeaderValue::from_static("8080"));
+        assert_eq!(
+            routing(&h),
+            Routing::Sandbox(Target {
+                sandbox_id: "iabc".into(),
+                port: 8080
+            })
+        );
+        h.insert("e2b-sandbox-port", HeaderValue::from_static("99999"));
+        assert!(matches!(routing(&h), Routing::Invalid(_)));
+    }
+
+    #[test]
+    fn host_routing() {
+        assert_eq!(
+            parse_host("8080-iabc123.cella.local:3000"),
+            Some(Target {
+                sandbox_id: "iabc123".into(),
+                port: 8080
+            })
+        );
+        assert_eq!(parse_host("localhost:3000"), None);
+        assert_eq!(parse_host("127.0.0.1:3000"), None);
+        assert_eq!(parse_host("8080-ABC.x"), None);
+        assert_eq!(parse_host("x-abc.domain"), None);
+        assert_eq!(parse_host("0-abc.domain"), None);
+        assert_eq!(parse_host("80-abc."), None);
+    }
+
+    #[test]
+    fn api_key_never_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("e2b_secret"));
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-foo"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("x-access-token", HeaderValue::from_static("t"));
+        strip_request_headers(&mut h);
+        assert!(h.get("x-api-key").is_none());
+        assert!(h.get("x-foo").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h.get("x-access-token").map(|v| v.as_bytes()), Some(&b"t"[..]));
+    }
+}

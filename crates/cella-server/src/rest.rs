@@ -1,0 +1,423 @@
+//! E2B's REST API (and cella's `/audit` extension).
+//!
+//! Every route but `/health` needs a valid `X-API-Key`; the key's ID becomes the owner of what
+//! it creates, and sandboxes of one key are invisible to every other key. Every call is
+//! recorded in the audit log with its result.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use cella_api::{
+    AuditEntry, ConnectRequest, Health, ListedSandbox, NewSandbox, RefreshRequest, TimeoutRequest,
+};
+use cella_core::store::{AuditQuery, NewAudit, now_ms};
+use serde::de::DeserializeOwned;
+
+use crate::AppState;
+use crate::error::HttpError;
+
+/// The API key ID a request authenticated as.
+#[derive(Debug, Clone)]
+pub struct Owner(pub String);
+
+/// The REST router, with authentication and auditing applied.
+pub fn router(state: AppState) -> Router {
+    let authed = Router::new()
+        .route("/sandboxes", post(create).get(list_v1))
+        .route("/v2/sandboxes", post(create).get(list_v2))
+        .route("/sandboxes/{id}", get(info).delete(kill))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/audit", get(audit))
+        .route("/templates", get(templates))
+        .route("/v2/templates", get(templates))
+        .route("/templates/aliases/{alias}", get(template_alias))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), auth_and_audit));
+    Router::new()
+        .route("/health", get(health))
+        .merge(authed)
+        .with_state(state)
+}
+
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        default_isolation: state.manager.default_isolation(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+async fn not_found() -> HttpError {
+    HttpError::not_found("no such route")
+}
+
+/// Authenticate with `X-API-Key`, then record the call and its status in the audit log.
+async fn auth_and_audit(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let key = req
+        .headers()
+        .get(cella_api::HEADER_API_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let store = state.manager.store().clone();
+    let owner = match key {
+        None => None,
+        Some(k) => match store.authenticate(&k) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "key lookup failed");
+                return HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "key lookup failed")
+                    .into_response();
+            }
+        },
+    };
+    let (actor, response) = match owner {
+        None => (
+            "anonymous".to_string(),
+            HttpError::unauthorized("missing or invalid API key (X-API-Key)").into_response(),
+        ),
+        Some(id) => {
+            req.extensions_mut().insert(Owner(id.clone()));
+            (id, next.run(req).await)
+        }
+    };
+    store.audit(NewAudit {
+        actor,
+        sandbox_id: sandbox_of_path(&path),
+        kind: "api".into(),
+        detail: serde_json::json!({
+            "method": method,
+            "path": path,
+            "status": response.status().as_u16(),
+        }),
+    });
+    response
+}
+
+fn sandbox_of_path(path: &str) -> Option<String> {
+    let rest = path
+        .strip_prefix("/v2/sandboxes/")
+        .or_else(|| path.strip_prefix("/sandboxes/"))?;
+    let id = rest.split('/').next()?;
+    cella_api::is_valid_sandbox_id(id).then(|| id.to_string())
+}
+
+/// Parse a JSON body; errors are 400s that name the offending field.
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            HttpError::bad_request(format!("invalid JSON body: {inner}"))
+        } else {
+            HttpError::bad_request(format!("invalid field '{path}': {inner}"))
+        }
+    })
+}
+
+/// Parse an optional JSON body (empty body = defaults).
+fn parse_json_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, HttpError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse_json(body)
+}
+
+fn check_id(id: &str) -> Result<(), HttpError> {
+    if cella_api::is_valid_sandbox_id(id) {
+        Ok(())
+    } else {
+        Err(HttpError::not_found(format!("sandbox '{id}' not found")))
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let req: NewSandbox = parse_json(&body)?;
+    let sandbox = state.manager.create(&owner, req).await?;
+    Ok((StatusCode::CREATED, Json(sandbox)).into_response())
+}
+
+/// Query of the list routes. Unknown parameters are ignored.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ListQuery {
+    metadata: Option<String>,
+    state: Option<String>,
+    limit: Option<String>,
+    #[serde(rename = "nextToken")]
+    next_token: Option<String>,
+}
+
+fn parse_list_query(raw: Option<String>) -> Result<ListQuery, HttpError> {
+    let raw = raw.unwrap_or_default();
+    serde_urlencoded_like(&raw)
+}
+
+fn serde_urlencoded_like(raw: &str) -> Result<ListQuery, HttpError> {
+    let mut q = ListQuery::default();
+    for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+        match k.as_ref() {
+            "metadata" => q.metadata = Some(v.into_owned()),
+            "state" => q.state = Some(v.into_owned()),
+            "limit" => q.limit = Some(v.into_owned()),
+            "nextToken" => q.next_token = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// `metadata=k%3Dv%26k2%3Dv2`: an URL-encoded query string of pairs.
+fn parse_metadata_filter(m: Option<&str>) -> BTreeMap<String, String> {
+    m.map(|s| {
+        form_urlencoded::parse(s.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+async fn list_v1(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Vec<ListedSandbox>>, HttpError> {
+    let q = parse_list_query(raw)?;
+    let filter = parse_metadata_filter(q.metadata.as_deref());
+    Ok(Json(state.manager.list(&owner, &filter)))
+}
+
+async fn list_v2(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, HttpError> {
+    let q = parse_list_query(raw)?;
+    let filter = parse_metadata_filter(q.metadata.as_deref());
+    let mut all = state.manager.list(&owner, &filter);
+    if let Some(states) = &q.state {
+        let mut want_running = false;
+        for s in states.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match s {
+                "running" => want_running = true,
+                "paused" => {}
+                other => {
+                    return Err(HttpError::bad_request(format!(
+                        "invalid field 'state': unknown state {other:?} (expected running or paused)"
+                    )));
+                }
+            }
+        }
+        if !want_running {
+            all.clear();
+        }
+    }
+    let total = all.len();
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => {
+                return Err(HttpError::bad_request(
+                    "invalid field 'limit': must be an integer between 1 and 100",
+                ));
+            }
+        },
+    };
+    let start = match q.next_token.as_deref() {
+        None | Some("") => 0,
+        Some(t) => t.parse::<usize>().map_err(|_| {
+            HttpError::bad_request("invalid field 'nextToken': not a token this server issued")
+        })?,
+    };
+    let page: Vec<ListedSandbox> = all.into_iter().skip(start).take(limit).collect();
+    let next = start + page.len();
+    let mut resp = Json(page).into_response();
+    let headers = resp.headers_mut();
+    if next < total {
+        if let Ok(v) = HeaderValue::from_str(&next.to_string()) {
+            headers.insert("x-next-token", v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
+        headers.insert("x-total-running", v);
+    }
+    Ok(resp)
+}
+
+async fn info(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    check_id(&id)?;
+    Ok(Json(state.manager.info(&owner, &id)?).into_response())
+}
+
+async fn kill(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    check_id(&id)?;
+    state.manager.kill(&owner, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_timeout(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, HttpError> {
+    check_id(&id)?;
+    let req: TimeoutRequest = parse_json(&body)?;
+    state.manager.set_timeout(&owner, &id, req.timeout)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn refresh(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, HttpError> {
+    check_id(&id)?;
+    let req: RefreshRequest = parse_json_or_default(&body)?;
+    let duration = req.duration.unwrap_or(15);
+    if duration > 3600 {
+        return Err(HttpError::bad_request(
+            "invalid field 'duration': must be at most 3600 seconds",
+        ));
+    }
+    state.manager.connect(&owner, &id, Some(duration.max(1)))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn connect(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    check_id(&id)?;
+    let req: ConnectRequest = parse_json_or_default(&body)?;
+    let sandbox = state.manager.connect(&owner, &id, req.timeout)?;
+    Ok((StatusCode::OK, Json(sandbox)).into_response())
+}
+
+async fn metrics(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    check_id(&id)?;
+    let m = state.manager.metrics(&owner, &id)?;
+    Ok(Json(vec![m]).into_response())
+}
+
+/// `GET /audit` query (cella extension).
+#[derive(Debug, Default, serde::Deserialize)]
+struct AuditParams {
+    #[serde(rename = "sandboxID", alias = "sandboxId", alias = "sandbox")]
+    sandbox_id: Option<String>,
+    since: Option<String>,
+    kind: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    query: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AuditEntry>>, HttpError> {
+    let Query(p) = query.map_err(|e| HttpError::bad_request(format!("invalid query: {e}")))?;
+    let since_ms = match p.since.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(parse_since(s).ok_or_else(|| {
+            HttpError::bad_request(
+                "invalid field 'since': expected RFC 3339 time, unix milliseconds, or a duration like 10m",
+            )
+        })?),
+    };
+    let store = state.manager.store().clone();
+    // Flush so that a caller sees its own previous calls.
+    store.flush_audit();
+    // A key sees the records it caused and the records of its sandboxes.
+    let q = AuditQuery {
+        sandbox_id: p.sandbox_id.clone(),
+        actor: None,
+        since_ms,
+        kind_prefix: p.kind,
+        limit: p.limit.map(|l| l.min(10_000)),
+    };
+    let entries = tokio::task::spawn_blocking(move || store.query_audit(&q))
+        .await
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let owned = state.manager.sandboxes_owned_by(&owner);
+    let visible = entries
+        .into_iter()
+        .filter(|e| {
+            e.actor == owner
+                || e
+                    .sandbox_id
+                    .as_deref()
+                    .is_some_and(|s| owned.contains(s))
+        })
+        .collect();
+    Ok(Json(visible))
+}
+
+/// `since`: RFC 3339, unix milliseconds, or a duration back from now (`30s`, `10m`, `2h`, `1d`).
+pub fn parse_since(s: &str) -> Option<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Some(ms);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+        return i64::try_from(ms).ok();
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: i64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return None,
+    };
+    Some(now_ms() - secs * 1000)
+}
+
+async fn templates(State(state): State<AppState>) -> Json<Vec<cella_api::Template>> {
+    Json(state.manager.template_list())
+}
+
+async fn template_alias(
+    State(state): State<AppState>,
+    Path(alias): Path<String>,
+) -> Result<Response, HttpError> {
+    let t = state
+        .manager
+        .template_list()
+        .into_iter()
+        .find(|t| t.aliases.iter().any(|a| a == &alias) || t.template_id == alias)
+        .ok_or_else(|| HttpError::not_found(format!("template '{alias}' not found")))?;
+    Ok(Json(serde_json::json!({ "templateID": t.template_id, "public": t.public })).into_response())
+}

@@ -1,0 +1,404 @@
+//! REST API and proxy tests through `app(state)` with the fake driver: no socket for the API,
+//! no root, real SQLite (in memory) and a real template store layout in a temp dir.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use cella_core::fake::FakeDriver;
+use cella_core::manager::{Manager, ManagerConfig};
+use cella_core::store::Store;
+use cella_core::template::{TemplateSpec, TemplateStore};
+use cella_server::{AppState, app};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Harness {
+    app: axum::Router,
+    driver: FakeDriver,
+    store: Store,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Lay out a "built" base template the way the template store expects it.
+fn fake_template_dir(root: &std::path::Path) {
+    let spec = TemplateSpec::base();
+    let dir = root.join(&spec.name).join(spec.build_id());
+    std::fs::create_dir_all(dir.join("rootfs")).expect("mkdir");
+    std::fs::write(
+        dir.join("spec.json"),
+        serde_json::to_vec(&spec).expect("spec json"),
+    )
+    .expect("write spec");
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fake_template_dir(dir.path());
+    let store = Store::open_in_memory().expect("store");
+    let key = store.create_key("test").expect("key").key;
+    let driver = FakeDriver::new();
+    let manager = Manager::start(
+        vec![Arc::new(driver.clone())],
+        0,
+        Arc::new(TemplateStore::new(dir.path().to_path_buf())),
+        store.clone(),
+        ManagerConfig::default(),
+    );
+    Harness {
+        app: app(AppState::new(manager)),
+        driver,
+        store,
+        key,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_with(method, uri, key, body, &[]).await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some(b) => Body::from(b.to_string()),
+            None => Body::empty(),
+        };
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(body).expect("request"))
+            .await
+            .expect("response");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, v)
+    }
+
+    async fn create(&self, body: Value) -> Value {
+        let (s, v) = self
+            .call("POST", "/v2/sandboxes", Some(&self.key), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "create failed: {v}");
+        v
+    }
+}
+
+#[tokio::test]
+async fn health_needs_no_key() {
+    let h = harness().await;
+    let (s, v) = h.call("GET", "/health", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["defaultIsolation"], "jail");
+}
+
+#[tokio::test]
+async fn every_route_needs_a_valid_key() {
+    let h = harness().await;
+    for (m, uri) in [
+        ("GET", "/sandboxes"),
+        ("GET", "/v2/sandboxes"),
+        ("POST", "/v2/sandboxes"),
+        ("GET", "/sandboxes/iabc"),
+        ("DELETE", "/sandboxes/iabc"),
+        ("GET", "/audit"),
+        ("GET", "/no/such/route"),
+    ] {
+        let (s, v) = h.call(m, uri, None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {uri}");
+        assert_eq!(v["code"], 401);
+        assert!(v["message"].as_str().is_some_and(|m| m.contains("API key")));
+        let (s, _) = h.call(m, uri, Some("e2b_0000000000000000000000000000000000000000"), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {uri} with a wrong key");
+    }
+    assert_eq!(h.driver.created(), 0);
+}
+
+#[tokio::test]
+async fn create_info_list_kill() {
+    let h = harness().await;
+    let v = h
+        .create(json!({"templateID": "base", "timeout": 60, "metadata": {"team": "a"},
+                       "envVars": {"FOO": "bar"}}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    assert!(id.starts_with('i') && cella_api::is_valid_sandbox_id(&id));
+    assert_eq!(v["templateID"], "base");
+    assert_eq!(v["clientID"], cella_api::CLIENT_ID);
+    assert!(v["envdAccessToken"].as_str().is_some_and(|t| t.len() >= 32));
+    assert_eq!(v["envdVersion"], cella_api::ENVD_VERSION);
+    let spec = h.driver.spec(&id).expect("spec");
+    assert_eq!(spec.env_vars.get("FOO").map(String::as_str), Some("bar"));
+    assert_eq!(spec.access_token, v["envdAccessToken"].as_str().expect("token"));
+
+    let (s, info) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(info["isolation"], "jail");
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["metadata"]["team"], "a");
+    for f in ["startedAt", "endAt", "cpuCount", "memoryMB", "diskSizeMB", "envdVersion"] {
+        assert!(!info[f].is_null(), "{f} missing");
+    }
+
+    let (s, list) = h.call("GET", "/v2/sandboxes", Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    // Metadata filter as the SDK encodes it: urlencode(quote(k)=quote(v)).
+    let (_, list) = h
+        .call("GET", "/v2/sandboxes?metadata=team%3Da", Some(&h.key), None)
+        .await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    let (_, list) = h
+        .call("GET", "/v2/sandboxes?metadata=team%3Db", Some(&h.key), None)
+        .await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+
+    let (s, _) = h.call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(h.driver.alive().is_empty());
+    let (s, v) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["code"], 404);
+    let (s, _) = h.call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_4xx_naming_the_problem() {
+    let h = harness().await;
+    let cases = [
+        (json!({"templateID": "nope"}), StatusCode::NOT_FOUND, "nope"),
+        (json!({"templateID": "base", "timeout": "x"}), StatusCode::BAD_REQUEST, "timeout"),
+        (json!({"templateID": "base", "timeout": 0}), StatusCode::BAD_REQUEST, "timeout"),
+        (json!({"templateID": "base", "timeout": 999999}), StatusCode::BAD_REQUEST, "timeout"),
+        (json!({"timeout": 10}), StatusCode::BAD_REQUEST, "templateID"),
+        (json!({"templateID": "base", "memoryMB": 1}), StatusCode::BAD_REQUEST, "memoryMB"),
+        (json!({"templateID": "base", "driver": "bogus"}), StatusCode::BAD_REQUEST, "driver"),
+        (json!({"templateID": "base", "driver": "vm"}), StatusCode::BAD_REQUEST, "vm"),
+        (json!({"templateID": "base", "envVars": {"A=B": "x"}}), StatusCode::BAD_REQUEST, "envVars"),
+        (json!({"templateID": "base", "metadata": {"a": 1}}), StatusCode::BAD_REQUEST, "metadata"),
+    ];
+    for (body, status, needle) in cases {
+        let (s, v) = h
+            .call("POST", "/v2/sandboxes", Some(&h.key), Some(body.clone()))
+            .await;
+        assert_eq!(s, status, "{body} → {v}");
+        let msg = v["message"].as_str().expect("message");
+        assert!(msg.contains(needle), "{body}: message {msg:?} lacks {needle:?}");
+        assert_eq!(v["code"], status.as_u16());
+    }
+    // Not JSON at all.
+    let resp = h
+        .app
+        .clone()
+        .oneshot(
+            Request::post("/v2/sandboxes")
+                .header("x-api-key", &h.key)
+                .body(Body::from("{not json"))
+                .expect("req"),
+        )
+        .await
+        .expect("resp");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(h.driver.created(), 0);
+}
+
+#[tokio::test]
+async fn keys_do_not_see_each_others_sandboxes() {
+    let h = harness().await;
+    let other = h.store.create_key("other").expect("key").key;
+    let v = h.create(json!({"templateID": "base"})).await;
+    let id = v["sandboxID"].as_str().expect("id");
+    let (s, _) = h.call("GET", &format!("/sandboxes/{id}"), Some(&other), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h.call("DELETE", &format!("/sandboxes/{id}"), Some(&other), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h
+        .call("POST", &format!("/sandboxes/{id}/timeout"), Some(&other), Some(json!({"timeout": 5})))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, list) = h.call("GET", "/v2/sandboxes", Some(&other), None).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+    assert_eq!(h.driver.alive().len(), 1);
+}
+
+#[tokio::test]
+async fn timeout_expiry_kills_and_connect_extends() {
+    let h = harness().await;
+    let v = h.create(json!({"templateID": "base", "timeout": 60})).await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let (s, _) = h
+        .call("POST", &format!("/sandboxes/{id}/timeout"), Some(&h.key), Some(json!({"timeout": 1})))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // connect with a shorter timeout must not shorten it, a longer one extends.
+    let (s, c) = h
+        .call("POST", &format!("/v2/sandboxes/{id}/connect"), Some(&h.key), Some(json!({"timeout": 1})))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(c["sandboxID"], id.as_str());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !h.driver.alive().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "sandbox not reaped");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (s, _) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    h.store.flush_audit();
+    let entries = h
+        .store
+        .query_audit(&cella_core::store::AuditQuery {
+            sandbox_id: Some(id.clone()),
+            ..Default::default()
+        })
+        .expect("audit");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.kind == "sandbox.kill" && e.detail["reason"] == "timeout"),
+        "{entries:?}"
+    );
+}
+
+#[tokio::test]
+async fn crashed_sandbox_is_forgotten_and_audited() {
+    let h = harness().await;
+    let v = h.create(json!({"templateID": "base", "timeout": 60})).await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    h.driver.crash(&id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (s, _) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+        if s == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "crash not noticed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    h.store.flush_audit();
+    let entries = h
+        .store
+        .query_audit(&cella_core::store::AuditQuery {
+            sandbox_id: Some(id),
+            ..Default::default()
+        })
+        .expect("audit");
+    assert!(entries.iter().any(|e| e.kind == "sandbox.crash"), "{entries:?}");
+}
+
+#[tokio::test]
+async fn proxy_routes_by_header_and_host_and_strips_the_api_key() {
+    let h = harness().await;
+    let v = h.create(json!({"templateID": "base"})).await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let (s, echo) = h
+        .call_with(
+            "GET",
+            "/files?path=/x",
+            Some(&h.key),
+            None,
+            &[("e2b-sandbox-id", &id), ("x-access-token", "tok")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{echo}");
+    assert_eq!(echo["requestLine"], "GET /files?path=/x HTTP/1.1");
+    assert!(echo["headers"].get("x-api-key").is_none(), "API key leaked: {echo}");
+    assert_eq!(echo["headers"]["x-access-token"], "tok");
+
+    let host = format!("49983-{id}.cella.test");
+    let (s, echo) = h
+        .call_with("POST", "/process.Process/List", None, Some(json!({})), &[("host", &host)])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(echo["requestLine"], "POST /process.Process/List HTTP/1.1");
+    assert_eq!(echo["body"], "{}");
+
+    // Port not open, unknown sandbox, internal route: E2B's answers.
+    let (s, v) = h
+        .call_with("GET", "/", None, None, &[("e2b-sandbox-id", &id), ("e2b-sandbox-port", "8080")])
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(v["message"], "The sandbox is running but port is not open");
+    assert_eq!(v["port"], 8080);
+    let (s, v) = h
+        .call_with("GET", "/health", None, None, &[("e2b-sandbox-id", "inosuchsandbox")])
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(v["message"], "The sandbox was not found");
+    let (s, _) = h
+        .call_with("POST", "/init", None, None, &[("e2b-sandbox-id", &id)])
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn failed_create_leaves_nothing_and_is_audited() {
+    let h = harness().await;
+    h.driver.fail_next_create();
+    let (s, v) = h
+        .call("POST", "/v2/sandboxes", Some(&h.key), Some(json!({"templateID": "base"})))
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("injected failure")));
+    let (_, list) = h.call("GET", "/v2/sandboxes", Some(&h.key), None).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test]
+async fn audit_records_api_calls_and_lifecycle() {
+    let h = harness().await;
+    let v = h.create(json!({"templateID": "base"})).await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    h.call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    let (s, entries) = h
+        .call("GET", &format!("/audit?sandboxID={id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let kinds: Vec<&str> = entries
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"sandbox.create"), "{kinds:?}");
+    assert!(kinds.contains(&"sandbox.kill"), "{kinds:?}");
+    assert!(kinds.contains(&"api"), "{kinds:?}");
+    // Another key sees none of it.
+    let other = h.store.create_key("other").expect("key").key;
+    let (_, entries) = h
+        .call("GET", &format!("/audit?sandboxID={id}"), Some(&other), None)
+        .await;
+    assert_eq!(entries.as_array().map(Vec::len), Some(0));
+    let (s, v) = h.call("GET", "/audit?since=yesterday", Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("since")));
+}

@@ -1,0 +1,71 @@
+"""Session fixtures: one `cella serve` (root, release build) for the whole run, configured for
+the official `e2b` SDK through E2B_API_KEY / E2B_API_URL / E2B_SANDBOX_URL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cella_e2e import CELLA, Server
+
+# The SDK reads these lazily (at each call), so setting them once here is enough.
+_SDK_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")
+
+
+@pytest.fixture(scope="session")
+def server(pytestconfig):
+    if os.geteuid() != 0:
+        pytest.skip("the e2e tests need root (cella serve creates namespaces and cgroups)")
+    if not CELLA.exists():
+        pytest.fail(f"{CELLA} is missing: run scripts/build first")
+    tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-"))
+    data_dir = tmp / "data"
+    log_path = Path(os.environ.get("CELLA_E2E_LOG", tmp / "server.log"))
+    srv = Server(data_dir=data_dir, log_path=log_path)
+
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def echo(line: str):
+        # Shown live (outside pytest's capture) so a first-run template build is visible.
+        with capman.global_and_fixture_disabled():
+            sys.stderr.write(f"[cella serve] {line}\n")
+            sys.stderr.flush()
+
+    echo(f"log: {log_path}; data dir: {data_dir}")
+    srv.start(echo=echo)
+    saved = {k: os.environ.get(k) for k in _SDK_ENV}
+    os.environ["E2B_API_KEY"] = srv.key
+    os.environ["E2B_API_URL"] = srv.url
+    os.environ["E2B_SANDBOX_URL"] = srv.url
+    try:
+        yield srv
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        code = srv.stop()
+        echo(f"server stopped with exit code {code}")
+        assert code == 0, f"cella serve exited with {code} after SIGTERM; see {log_path}"
+        if not os.environ.get("CELLA_E2E_KEEP"):
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sandbox(server):
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(template="base", timeout=300)
+    try:
+        yield sbx
+    finally:
+        try:
+            sbx.kill()
+        except Exception:
+            pass

@@ -1,0 +1,70 @@
+"""The audit log records what happened to a sandbox, from the API and from inside it."""
+
+import json
+
+from e2b import Sandbox
+
+from cella_e2e import wait_until
+
+
+def test_audit_log_has_the_sandbox_story(server):
+    sbx = Sandbox.create(template="base", timeout=120)
+    sid = sbx.sandbox_id
+    sbx.commands.run("echo audit-marker-$((6*7))")
+    sbx.files.write("/home/user/audited.txt", "x")
+    sbx.kill()
+
+    def entries():
+        with server.api() as api:
+            r = api.get("/audit", params={"sandboxID": sid})
+        assert r.status_code == 200, r.text
+        rows = r.json()
+        kinds = {e["kind"] for e in rows}
+        return rows if {"sandbox.create", "process.start", "file.write", "sandbox.kill"} <= kinds else None
+
+    rows = wait_until(entries, timeout=15, interval=0.3, what="audit entries")
+    for e in rows:
+        assert e["sandboxId"] == sid
+        assert {"id", "time", "actor", "kind", "detail"} <= set(e)
+    by_kind = {}
+    for e in rows:
+        by_kind.setdefault(e["kind"], []).append(e)
+
+    # Ordered as it happened.
+    ids = [e["id"] for e in rows]
+    assert ids == sorted(ids)
+    first = {k: min(e["id"] for e in v) for k, v in by_kind.items()}
+    assert first["sandbox.create"] < first["process.start"] < first["sandbox.kill"]
+    assert first["file.write"] < first["sandbox.kill"]
+
+    # The details say what: the command line and the file path.
+    starts = json.dumps([e["detail"] for e in by_kind["process.start"]])
+    assert "audit-marker-$((6*7))" in starts
+    writes = json.dumps([e["detail"] for e in by_kind["file.write"]])
+    assert "/home/user/audited.txt" in writes
+    # The API actions are attributed to the key (its id, never the key itself).
+    for e in by_kind["sandbox.create"] + by_kind["sandbox.kill"]:
+        assert e["actor"] and e["actor"] != "anonymous"
+        assert server.key not in json.dumps(e)
+
+    # `since` filters (RFC 3339 of the last entry: nothing older comes back).
+    last = rows[-1]
+    with server.api() as api:
+        r = api.get("/audit", params={"sandboxID": sid, "since": last["time"]})
+    assert r.status_code == 200, r.text
+    assert all(e["time"] >= last["time"] for e in r.json())
+    assert last["id"] in {e["id"] for e in r.json()}
+
+
+def test_audit_is_per_key(server, sandbox):
+    # A key only sees the audit trail of its own sandboxes.
+    from cella_e2e import KEY_RE
+
+    r = server.cli("keys", "create", "--name", "e2e-audit", "--data-dir", str(server.data_dir))
+    assert r.returncode == 0, r.stderr.decode()
+    other = KEY_RE.search(r.stdout.decode()).group(0)
+    with server.api(other) as api:
+        r = api.get("/audit", params={"sandboxID": sandbox.sandbox_id})
+    assert r.status_code in (200, 404), r.text
+    if r.status_code == 200:
+        assert r.json() == []

@@ -1,0 +1,97 @@
+"""Resource limits: memory, process count and disk are enforced per sandbox, hitting a limit
+harms only the process that hit it, and the sandbox (and the host) keep working."""
+
+import os
+
+import pytest
+from e2b import CommandExitException
+
+from cella_e2e import wait_until
+
+CGROUP = "/sys/fs/cgroup"
+
+
+def _cgroup_file(controller: str, sandbox_id: str, name: str):
+    """Read a sandbox's cgroup file on the host (v1 layout here; v2 fallback)."""
+    for path in (f"{CGROUP}/{controller}/cella/{sandbox_id}/{name}", f"{CGROUP}/cella/{sandbox_id}/{name}"):
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read().strip()
+    return None
+
+
+def test_memory_hog_is_killed_and_sandbox_survives(sandbox):
+    # 2 GiB, written (not just reserved), in a sandbox with the default 512 MiB.
+    with pytest.raises(CommandExitException) as exc:
+        sandbox.commands.run("python3 -c \"b = b'x' * (2 << 30); print(len(b))\"", timeout=120)
+    assert exc.value.exit_code != 0
+    assert "2147483648" not in exc.value.stdout
+    # Killed by the OOM killer (SIGKILL: 137 through bash) or refused with MemoryError.
+    assert exc.value.exit_code == 137 or "MemoryError" in exc.value.stderr, (exc.value.exit_code, exc.value.stderr)
+
+    assert sandbox.commands.run("echo still-alive").stdout == "still-alive\n"
+    sandbox.files.write("/tmp/after-oom", "ok")
+    assert sandbox.files.read("/tmp/after-oom") == "ok"
+    limit = _cgroup_file("memory", sandbox.sandbox_id, "memory.limit_in_bytes") or _cgroup_file(
+        "memory", sandbox.sandbox_id, "memory.max"
+    )
+    assert limit is not None, "no memory cgroup for the sandbox"
+    assert int(limit) <= 512 * 1024 * 1024
+
+
+def test_fork_bomb_hits_pids_limit_and_sandbox_recovers(sandbox):
+    pids_max = _cgroup_file("pids", sandbox.sandbox_id, "pids.max")
+    assert pids_max is not None and pids_max != "max", f"no pids limit: {pids_max!r}"
+    limit = int(pids_max)
+
+    # The classic bomb; the leading shell then blocks on stdin (a builtin: no fork needed)
+    # so that it stays alive as the handle to kill.
+    bomb = sandbox.commands.run(":(){ :|:& };: ; read -r _", background=True, stdin=True, timeout=0)
+
+    def saturated():
+        current = int(_cgroup_file("pids", sandbox.sandbox_id, "pids.current") or 0)
+        events = _cgroup_file("pids", sandbox.sandbox_id, "pids.events") or ""
+        hit = any(line.startswith("max ") and int(line.split()[1]) > 0 for line in events.splitlines())
+        return hit or current >= limit
+
+    wait_until(saturated, timeout=60, what="the pids limit to be hit")
+    # The host is unaffected: we can still fork.
+    assert os.system("true") == 0
+
+    bomb.kill()
+
+    def recovered():
+        try:
+            return sandbox.commands.run("echo recovered", timeout=20).stdout == "recovered\n"
+        except Exception:
+            return False
+
+    wait_until(recovered, timeout=90, interval=1, what="the sandbox to recover")
+    bomb.disconnect()
+    # Everything the bomb forked is gone again (counted inside: processes, not threads).
+    wait_until(
+        lambda: int(sandbox.commands.run("ps -e --no-headers | wc -l").stdout) < 10,
+        timeout=60,
+        what="the bomb's processes to be gone",
+    )
+    assert int(_cgroup_file("pids", sandbox.sandbox_id, "pids.current")) < limit // 2
+
+
+def test_filling_the_disk_fails_cleanly(sandbox):
+    with pytest.raises(CommandExitException) as exc:
+        sandbox.commands.run("dd if=/dev/zero of=/home/user/big bs=1M count=5000", timeout=170)
+    assert "No space left on device" in exc.value.stderr, exc.value.stderr
+    # The sandbox still works and gets its space back.
+    sandbox.commands.run("rm -f /home/user/big")
+    sandbox.files.write("/home/user/after-full", "fine")
+    assert sandbox.files.read("/home/user/after-full") == "fine"
+    assert sandbox.commands.run("echo ok").stdout == "ok\n"
+
+
+def test_cpu_limit_is_set(sandbox):
+    quota = _cgroup_file("cpu", sandbox.sandbox_id, "cpu.cfs_quota_us")
+    if quota is None:
+        v2 = _cgroup_file("cpu", sandbox.sandbox_id, "cpu.max")
+        assert v2 is not None and not v2.startswith("max"), v2
+    else:
+        assert int(quota) > 0, quota
