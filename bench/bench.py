@@ -552,6 +552,7 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench: must run as root")
     tmp = Path(tempfile.mkdtemp(prefix="cella-bench-"))
+    tmp.chmod(0o711)  # sandbox users (mapped uids) must be able to traverse it
     srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log")
     log(f"bench: starting cella serve (log {srv.log_path})")
     srv.start(echo=lambda line: log(f"[cella serve] {line}"))

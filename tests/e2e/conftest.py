@@ -24,6 +24,8 @@ def server(pytestconfig):
     if not CELLA.exists():
         pytest.fail(f"{CELLA} is missing: run scripts/build first")
     tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-"))
+    # mkdtemp makes it 0700; sandbox users (mapped uids) must be able to traverse it.
+    tmp.chmod(0o711)
     data_dir = tmp / "data"
     log_path = Path(os.environ.get("CELLA_E2E_LOG", tmp / "server.log"))
     srv = Server(data_dir=data_dir, log_path=log_path)

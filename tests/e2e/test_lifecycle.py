@@ -6,7 +6,7 @@ import uuid
 
 import httpx
 import pytest
-from e2b import AuthenticationException, NotFoundException, Sandbox, SandboxQuery
+from e2b import AuthenticationException, NotFoundException, Sandbox, SandboxException, SandboxQuery
 
 from cella_e2e import KEY_RE, new_api_key
 
@@ -171,8 +171,11 @@ def test_unknown_template_is_404(server):
     body = r.json()
     assert body["code"] == 404
     assert "no-such-template" in body["message"]
-    with pytest.raises(NotFoundException):
+    # The SDK maps a 404 from create to a SandboxException carrying the status.
+    with pytest.raises(SandboxException) as exc:
         Sandbox.create(template="no-such-template")
+    assert exc.value.status_code == 404
+    assert "no-such-template" in str(exc.value)
 
 
 @pytest.mark.parametrize("timeout", ["abc", -5, 1.5e12])

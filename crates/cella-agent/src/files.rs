@@ -220,7 +220,10 @@ async fn download_inner(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/octet-stream"),
     );
-    h.insert(header::VARY, header::HeaderValue::from_static("Accept-Encoding"));
+    h.insert(
+        header::VARY,
+        header::HeaderValue::from_static("Accept-Encoding"),
+    );
     if gzip {
         h.insert(
             header::CONTENT_ENCODING,
@@ -238,7 +241,8 @@ fn stream_file(
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let mut buf = vec![0u8; CHUNK];
-    let mut enc = gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut enc =
+        gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
     loop {
         let n = match file.read(&mut buf) {
             Ok(n) => n,
@@ -299,15 +303,8 @@ fn set_metadata(path: &Path, meta: &BTreeMap<String, String>) {
             continue;
         };
         // SAFETY: all pointers reference live buffers of the given lengths.
-        let rc = unsafe {
-            libc::setxattr(
-                cpath.as_ptr(),
-                name.as_ptr(),
-                v.as_ptr().cast(),
-                v.len(),
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::setxattr(cpath.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
         if rc != 0 {
             tracing::debug!(
                 "cannot store metadata on {}: {}",
@@ -401,7 +398,13 @@ fn content_type(headers: &HeaderMap) -> String {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default()
 }
 
@@ -622,11 +625,20 @@ mod tests {
     fn gzip_negotiation() {
         let mut h = HeaderMap::new();
         assert!(!accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("br, gzip;q=0.8"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("br, gzip;q=0.8"),
+        );
         assert!(accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip;q=0"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip;q=0"),
+        );
         assert!(!accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         assert!(!accepts_gzip(&h));
     }
 

@@ -16,8 +16,8 @@ use axum::response::Response;
 use cella_proto::control::AgentEvent;
 use cella_proto::envd::connect::{Code, ConnectError};
 use cella_proto::envd::filesystem::{
-    EntryInfo, EntryResponse, FileType, ListDirRequest, ListDirResponse, MoveRequest,
-    PathRequest, permission_string,
+    EntryInfo, EntryResponse, FileType, ListDirRequest, ListDirResponse, MoveRequest, PathRequest,
+    permission_string,
 };
 use cella_proto::envd::json::Timestamp;
 use cella_proto::envd::process::Empty;
@@ -94,7 +94,10 @@ pub fn read_metadata(path: &Path) -> BTreeMap<String, String> {
         };
         if vn >= 0 {
             value.truncate(vn as usize);
-            out.insert(key.to_string(), String::from_utf8_lossy(&value).into_owned());
+            out.insert(
+                key.to_string(),
+                String::from_utf8_lossy(&value).into_owned(),
+            );
         }
     }
     out
@@ -262,9 +265,8 @@ fn list_inner(
 ) -> Result<ListDirResponse, ConnectError> {
     let depth = req.depth.max(1);
     let requested = resolve(user, &req.path)?;
-    let real = std::fs::canonicalize(&requested).map_err(|e| {
-        io_err(&e, &format!("path not found: {}", requested.display()))
-    })?;
+    let real = std::fs::canonicalize(&requested)
+        .map_err(|e| io_err(&e, &format!("path not found: {}", requested.display())))?;
     let md = std::fs::metadata(&real)
         .map_err(|e| io_err(&e, &format!("directory not found: {}", real.display())))?;
     if !md.is_dir() {
@@ -274,7 +276,14 @@ fn list_inner(
         ));
     }
     let mut entries = Vec::new();
-    walk(&real, &requested, 1, depth, &agent.users.names(), &mut entries)?;
+    walk(
+        &real,
+        &requested,
+        1,
+        depth,
+        &agent.users.names(),
+        &mut entries,
+    )?;
     Ok(ListDirResponse { entries })
 }
 
@@ -306,7 +315,10 @@ fn make_dir_inner(
         Ok(_) => {
             return Err(err(
                 Code::InvalidArgument,
-                format!("path already exists but it is not a directory: {}", p.display()),
+                format!(
+                    "path already exists but it is not a directory: {}",
+                    p.display()
+                ),
             ));
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -317,8 +329,8 @@ fn make_dir_inner(
     agent.events.emit(AgentEvent::MakeDir {
         path: p.display().to_string(),
     });
-    let entry = entry_info(&p, &agent.users.names())
-        .map_err(|e| io_err(&e, "error getting file info"))?;
+    let entry =
+        entry_info(&p, &agent.users.names()).map_err(|e| io_err(&e, "error getting file info"))?;
     Ok(EntryResponse { entry: Some(entry) })
 }
 
@@ -334,7 +346,11 @@ pub async fn make_dir(State(agent): State<AgentRef>, headers: HeaderMap, body: B
     rpc::unary_response(result)
 }
 
-fn move_inner(agent: &AgentRef, user: &User, req: &MoveRequest) -> Result<EntryResponse, ConnectError> {
+fn move_inner(
+    agent: &AgentRef,
+    user: &User,
+    req: &MoveRequest,
+) -> Result<EntryResponse, ConnectError> {
     let src = resolve(user, &req.source)?;
     let dst = resolve(user, &req.destination)?;
     std::fs::symlink_metadata(&src)
@@ -354,11 +370,7 @@ fn move_inner(agent: &AgentRef, user: &User, req: &MoveRequest) -> Result<EntryR
 }
 
 /// `Move`.
-pub async fn move_entry(
-    State(agent): State<AgentRef>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn move_entry(State(agent): State<AgentRef>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let user = agent.request_user(&headers)?;
         let req: MoveRequest = rpc::unary_request(&headers, body).await?;

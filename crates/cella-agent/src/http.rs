@@ -79,7 +79,8 @@ async fn auth(State(agent): State<AgentRef>, req: Request, next: Next) -> Respon
     if exempt || agent.header_token_ok(req.headers()) {
         return next.run(req).await;
     }
-    let msg = "unauthorized access, please provide a valid access token or method signing if supported";
+    let msg =
+        "unauthorized access, please provide a valid access token or method signing if supported";
     if is_rpc(path) {
         return rpc::error_response(&rpc::err(Code::Unauthenticated, msg));
     }

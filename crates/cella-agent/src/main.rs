@@ -131,10 +131,7 @@ fn loopback_up() {
             req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
             // SAFETY: SIOCSIFFLAGS reads our ifreq.
             if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } != 0 {
-                tracing::warn!(
-                    "cannot bring up lo: {}",
-                    std::io::Error::last_os_error()
-                );
+                tracing::warn!("cannot bring up lo: {}", std::io::Error::last_os_error());
             }
         }
     }
@@ -144,10 +141,7 @@ fn loopback_up() {
 
 /// Write audit events to the control fd from a dedicated thread, so a host that stops reading
 /// blocks only that thread; the channel in front of it drops events when full.
-fn spawn_event_writer(
-    mut out: std::fs::File,
-    mut rx: tokio::sync::mpsc::Receiver<AgentEvent>,
-) {
+fn spawn_event_writer(mut out: std::fs::File, mut rx: tokio::sync::mpsc::Receiver<AgentEvent>) {
     let spawned = std::thread::Builder::new()
         .name("control-writer".into())
         .spawn(move || {
@@ -225,7 +219,11 @@ async fn run(args: Args) -> Result<()> {
         }
     };
 
-    let listener = tokio::net::TcpListener::bind(&addr)
+    // Parse the address ourselves: a static glibc binary must not reach getaddrinfo/NSS.
+    let sock: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("listen address {addr:?} must be IP:PORT"))?;
+    let listener = tokio::net::TcpListener::bind(sock)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr().context("local address")?;
@@ -263,13 +261,24 @@ mod tests {
 
     #[test]
     fn argument_parsing() {
-        let a = args(&["--listen", "127.0.0.1:1", "--token=t", "--user", "root", "--env", "A=b=c"])
-            .expect("parse");
+        let a = args(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--token=t",
+            "--user",
+            "root",
+            "--env",
+            "A=b=c",
+        ])
+        .expect("parse");
         assert_eq!(a.listen.as_deref(), Some("127.0.0.1:1"));
         assert_eq!(a.token.as_deref(), Some("t"));
         assert_eq!(a.user.as_deref(), Some("root"));
         assert_eq!(a.envs.get("A").map(String::as_str), Some("b=c"));
-        assert_eq!(args(&["--control-fd", "3"]).expect("fd").control_fd, Some(3));
+        assert_eq!(
+            args(&["--control-fd", "3"]).expect("fd").control_fd,
+            Some(3)
+        );
         assert!(args(&[]).is_err());
         assert!(args(&["--bogus"]).is_err());
         assert!(args(&["--control-fd", "x"]).is_err());

@@ -20,9 +20,8 @@ use cella_proto::control::AgentEvent;
 use cella_proto::envd::connect::{Code, ConnectError};
 use cella_proto::envd::process::{
     CloseStdinRequest, ConnectRequest, DataEvent, Empty, EndEvent, ListRequest, ListResponse,
-    ProcessConfig, ProcessEvent, ProcessInfo, ProcessSelector, SendInputRequest,
-    SendSignalRequest, Signal, StartRequest, StreamInputRequest, StreamResponse, UpdateRequest,
-    exit_status_text,
+    ProcessConfig, ProcessEvent, ProcessInfo, ProcessSelector, SendInputRequest, SendSignalRequest,
+    Signal, StartRequest, StreamInputRequest, StreamResponse, UpdateRequest, exit_status_text,
 };
 use futures::StreamExt;
 use tokio::io::unix::AsyncFd;
@@ -153,7 +152,10 @@ impl ProcessTable {
                 .cloned()
                 .ok_or_else(|| err(Code::NotFound, format!("process with tag {tag} not found")));
         }
-        Err(err(Code::InvalidArgument, "process selector needs a pid or a tag"))
+        Err(err(
+            Code::InvalidArgument,
+            "process selector needs a pid or a tag",
+        ))
     }
 
     fn list(&self) -> Vec<ProcessInfo> {
@@ -389,7 +391,10 @@ async fn start_inner(
     let program = spawn::find_executable(&config.cmd, path_var).ok_or_else(|| {
         err(
             Code::InvalidArgument,
-            format!("error starting process '{}': executable not found", config.cmd),
+            format!(
+                "error starting process '{}': executable not found",
+                config.cmd
+            ),
         )
     })?;
     let mut argv = vec![config.cmd.clone()];
@@ -510,13 +515,10 @@ pub async fn connect(State(agent): State<AgentRef>, headers: HeaderMap, body: Bo
         Ok(r) => r,
         Err(e) => return rpc::stream_error(e),
     };
-    let sub = agent
-        .processes
-        .find(req.process.as_ref())
-        .and_then(|p| {
-            p.subscribe()
-                .ok_or_else(|| err(Code::NotFound, format!("process {} has ended", p.pid)))
-        });
+    let sub = agent.processes.find(req.process.as_ref()).and_then(|p| {
+        p.subscribe()
+            .ok_or_else(|| err(Code::NotFound, format!("process {} has ended", p.pid)))
+    });
     match sub {
         Ok(rx) => rpc::stream_response(stream_of(rx), keepalive(&headers)),
         Err(e) => rpc::stream_error(e),
@@ -531,7 +533,11 @@ pub async fn list(State(agent): State<AgentRef>, headers: HeaderMap, body: Body)
     }))
 }
 
-async fn send_input(proc: &Proc, stdin: Option<&[u8]>, pty: Option<&[u8]>) -> Result<(), ConnectError> {
+async fn send_input(
+    proc: &Proc,
+    stdin: Option<&[u8]>,
+    pty: Option<&[u8]>,
+) -> Result<(), ConnectError> {
     if let Some(data) = pty {
         let m = proc.pty.as_ref().ok_or_else(|| {
             err(
@@ -609,7 +615,11 @@ pub async fn stream_input(
 }
 
 /// `SendSignal`.
-pub async fn send_signal(State(agent): State<AgentRef>, headers: HeaderMap, body: Body) -> Response {
+pub async fn send_signal(
+    State(agent): State<AgentRef>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let result = async {
         let req: SendSignalRequest = rpc::unary_request(&headers, body).await?;
         let proc = agent.processes.find(req.process.as_ref())?;
@@ -629,7 +639,11 @@ pub async fn send_signal(State(agent): State<AgentRef>, headers: HeaderMap, body
 }
 
 /// `CloseStdin`.
-pub async fn close_stdin(State(agent): State<AgentRef>, headers: HeaderMap, body: Body) -> Response {
+pub async fn close_stdin(
+    State(agent): State<AgentRef>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let result = async {
         let req: CloseStdinRequest = rpc::unary_request(&headers, body).await?;
         let proc = agent.processes.find(req.process.as_ref())?;

@@ -99,14 +99,6 @@ impl Reaper {
         rx
     }
 
-    /// Forget a parked status (a child whose start failed).
-    pub fn forget(&self, pid: i32) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.unclaimed.remove(&pid);
-        inner.order.retain(|p| *p != pid);
-        inner.waiters.remove(&pid);
-    }
-
     fn dispatch(&self, pid: i32, status: ExitStatus) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = inner.waiters.remove(&pid) {
@@ -138,14 +130,14 @@ impl Reaper {
     /// Reap on every SIGCHLD, plus a slow periodic sweep in case a signal was coalesced
     /// before the handler was installed. Runs forever.
     pub async fn run(self: Arc<Self>) {
-        let mut sigchld =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::error!("cannot watch SIGCHLD, falling back to polling: {e}");
-                    None
-                }
-            };
+        let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("cannot watch SIGCHLD, falling back to polling: {e}");
+                None
+            }
+        };
         let mut sweep = tokio::time::interval(Duration::from_millis(if sigchld.is_some() {
             2000
         } else {

@@ -129,11 +129,7 @@ pub async fn stream_request<T: DeserializeOwned>(
 pub fn envelope_stream(body: Body) -> impl Stream<Item = Result<Bytes, ConnectError>> + Send {
     let data = body.into_data_stream();
     futures::stream::unfold(
-        (
-            data,
-            EnvelopeDecoder::new(DEFAULT_MAX_MESSAGE),
-            false,
-        ),
+        (data, EnvelopeDecoder::new(DEFAULT_MAX_MESSAGE), false),
         |(mut data, mut dec, done)| async move {
             if done {
                 return None;

@@ -213,11 +213,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
         .iter()
         .map(|a| cstr(a))
         .collect::<Result<_, _>>()?;
-    let envp: Vec<CString> = spec
-        .env
-        .iter()
-        .map(|a| cstr(a))
-        .collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = spec.env.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
     let cwd = cstr(&spec.cwd)?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
@@ -237,36 +233,36 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
         stderr: None,
         pty: None,
     };
-    let (child_in, child_out, child_err, ctty): (OwnedFd, OwnedFd, OwnedFd, bool) =
-        match spec.stdio {
-            StdioMode::Pipes { stdin } => {
-                let cin = if stdin {
-                    let (r, w) = pipe()?;
-                    parent.stdin = Some(w);
-                    r
-                } else {
-                    open_dev_null()?
-                };
-                let (or, ow) = pipe()?;
-                let (er, ew) = pipe()?;
-                parent.stdout = Some(or);
-                parent.stderr = Some(er);
-                (cin, ow, ew, false)
-            }
-            StdioMode::Pty { cols, rows } => {
-                let (m, s) = open_pty(cols, rows)?;
-                let s2 = s.try_clone().map_err(|source| SpawnError::Setup {
-                    step: "duplicate the PTY",
-                    source,
-                })?;
-                let s3 = s.try_clone().map_err(|source| SpawnError::Setup {
-                    step: "duplicate the PTY",
-                    source,
-                })?;
-                parent.pty = Some(m);
-                (s, s2, s3, true)
-            }
-        };
+    let (child_in, child_out, child_err, ctty): (OwnedFd, OwnedFd, OwnedFd, bool) = match spec.stdio
+    {
+        StdioMode::Pipes { stdin } => {
+            let cin = if stdin {
+                let (r, w) = pipe()?;
+                parent.stdin = Some(w);
+                r
+            } else {
+                open_dev_null()?
+            };
+            let (or, ow) = pipe()?;
+            let (er, ew) = pipe()?;
+            parent.stdout = Some(or);
+            parent.stderr = Some(er);
+            (cin, ow, ew, false)
+        }
+        StdioMode::Pty { cols, rows } => {
+            let (m, s) = open_pty(cols, rows)?;
+            let s2 = s.try_clone().map_err(|source| SpawnError::Setup {
+                step: "duplicate the PTY",
+                source,
+            })?;
+            let s3 = s.try_clone().map_err(|source| SpawnError::Setup {
+                step: "duplicate the PTY",
+                source,
+            })?;
+            parent.pty = Some(m);
+            (s, s2, s3, true)
+        }
+    };
     let (err_r, err_w) = pipe()?;
     let (fd_in, fd_out, fd_err, fd_errpipe) = (
         child_in.as_raw_fd(),
@@ -299,8 +295,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
             if ctty && libc::ioctl(fd_in, libc::TIOCSCTTY as _, 0) < 0 {
                 child_fail(fd_errpipe, 7);
             }
-            if libc::dup2(fd_in, 0) < 0 || libc::dup2(fd_out, 1) < 0 || libc::dup2(fd_err, 2) < 0
-            {
+            if libc::dup2(fd_in, 0) < 0 || libc::dup2(fd_out, 1) < 0 || libc::dup2(fd_err, 2) < 0 {
                 child_fail(fd_errpipe, 5);
             }
             if let Some(c) = creds.as_ref() {
@@ -461,7 +456,10 @@ mod tests {
         };
         assert!(matches!(
             spawn(&bad_cwd),
-            Err(SpawnError::Child { step: "chdir to the working directory", .. })
+            Err(SpawnError::Child {
+                step: "chdir to the working directory",
+                ..
+            })
         ));
         assert!(matches!(
             spawn(&SpawnSpec {

@@ -134,9 +134,8 @@ impl Agent {
     /// The user a Connect request acts as (`Authorization: Basic base64("<user>:")`).
     pub fn request_user(&self, headers: &HeaderMap) -> Result<User, ConnectError> {
         let name = basic_auth_user(headers);
-        self.resolve_user(name.as_deref()).map_err(|e| {
-            ConnectError::new(Code::Unauthenticated, format!("invalid username: {e}"))
-        })
+        self.resolve_user(name.as_deref())
+            .map_err(|e| ConnectError::new(Code::Unauthenticated, format!("invalid username: {e}")))
     }
 
     /// Credentials to chown created files to (`None` when not root: files are ours anyway).
@@ -240,14 +239,23 @@ mod tests {
         let mut h = HeaderMap::new();
         assert_eq!(basic_auth_user(&h), None);
         // base64("root:")
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic cm9vdDo="));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic cm9vdDo="),
+        );
         assert_eq!(basic_auth_user(&h).as_deref(), Some("root"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer cm9vdDo="));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer cm9vdDo="),
+        );
         assert_eq!(basic_auth_user(&h), None);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
         assert_eq!(basic_auth_user(&h), None);
         // base64(":")
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("basic Og=="));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("basic Og=="),
+        );
         assert_eq!(basic_auth_user(&h), None);
     }
 }

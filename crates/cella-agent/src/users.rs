@@ -173,6 +173,7 @@ impl UserDb {
     }
 
     /// Name for a GID (numeric string when unknown).
+    #[cfg(test)]
     pub fn group_name(&self, gid: u32) -> String {
         self.groups()
             .into_iter()
@@ -189,11 +190,7 @@ impl UserDb {
             .into_iter()
             .map(|u| (u.uid, u.name))
             .collect();
-        let groups = self
-            .groups()
-            .into_iter()
-            .map(|g| (g.gid, g.name))
-            .collect();
+        let groups = self.groups().into_iter().map(|g| (g.gid, g.name)).collect();
         NameCache { users, groups }
     }
 }

@@ -18,8 +18,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use cella_proto::envd::connect::{Code, ConnectError};
 use cella_proto::envd::filesystem::{
-    CreateWatcherResponse, EventType, FilesystemEvent, GetWatcherEventsResponse,
-    WatchDirRequest, WatchDirResponse, WatchStart, WatcherIdRequest,
+    CreateWatcherResponse, EventType, FilesystemEvent, GetWatcherEventsResponse, WatchDirRequest,
+    WatchDirResponse, WatchStart, WatcherIdRequest,
 };
 use cella_proto::envd::process::{Empty, KeepAlive};
 use futures::StreamExt;
@@ -114,8 +114,7 @@ async fn start_watch(
             format!("path {} not a directory", root.display()),
         ));
     }
-    let inotify =
-        Inotify::init().map_err(|e| err(Code::Internal, format!("inotify init: {e}")))?;
+    let inotify = Inotify::init().map_err(|e| err(Code::Internal, format!("inotify init: {e}")))?;
     let mut stream = inotify
         .into_event_stream(vec![0u8; 16 * 1024])
         .map_err(|e| err(Code::Internal, format!("inotify stream: {e}")))?;
@@ -154,7 +153,10 @@ async fn start_watch(
             };
             let rel = match &ev.name {
                 Some(n) => dir.join(n),
-                None if ev.mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) => {
+                None if ev
+                    .mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) =>
+                {
                     // The subdirectory itself; its parent's watch reports it already.
                     if dir.as_os_str().is_empty() {
                         dir.clone()
@@ -173,8 +175,7 @@ async fn start_watch(
             let Some(kind) = event_type(ev.mask) else {
                 continue;
             };
-            let entry = if include_entry && !matches!(kind, EventType::Remove | EventType::Rename)
-            {
+            let entry = if include_entry && !matches!(kind, EventType::Remove | EventType::Rename) {
                 entry_info(&tree.root.join(&rel), &names_agent.users.names()).ok()
             } else {
                 None
@@ -296,9 +297,12 @@ pub async fn get_watcher_events(
     let result = async {
         let req: WatcherIdRequest = rpc::unary_request(&headers, body).await?;
         let table = agent.watchers.lock();
-        let w = table
-            .get(&req.watcher_id)
-            .ok_or_else(|| err(Code::NotFound, format!("watcher {} not found", req.watcher_id)))?;
+        let w = table.get(&req.watcher_id).ok_or_else(|| {
+            err(
+                Code::NotFound,
+                format!("watcher {} not found", req.watcher_id),
+            )
+        })?;
         let events: Vec<FilesystemEvent> = w
             .events
             .lock()
@@ -323,7 +327,12 @@ pub async fn remove_watcher(
             .watchers
             .lock()
             .remove(&req.watcher_id)
-            .ok_or_else(|| err(Code::NotFound, format!("watcher {} not found", req.watcher_id)))?;
+            .ok_or_else(|| {
+                err(
+                    Code::NotFound,
+                    format!("watcher {} not found", req.watcher_id),
+                )
+            })?;
         w.task.abort();
         Ok(Empty {})
     }

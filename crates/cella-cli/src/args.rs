@@ -138,7 +138,11 @@ mod tests {
             "a-b:/x",
             ":/x",
         ] {
-            assert_eq!(parse_cp_endpoint(local), CpEndpoint::Local(local.into()), "{local}");
+            assert_eq!(
+                parse_cp_endpoint(local),
+                CpEndpoint::Local(local.into()),
+                "{local}"
+            );
         }
     }
 
@@ -148,7 +152,10 @@ mod tests {
         assert_eq!(parse_since("10m", now), Ok(now - 600_000));
         assert_eq!(parse_since("1h 30m", now), Ok(now - 5_400_000));
         assert_eq!(parse_since("2d", now), Ok(now - 172_800_000));
-        assert_eq!(parse_since("2023-11-14T22:13:20Z", now), Ok(1_700_000_000_000));
+        assert_eq!(
+            parse_since("2023-11-14T22:13:20Z", now),
+            Ok(1_700_000_000_000)
+        );
         assert_eq!(
             parse_since("2023-11-14T23:13:20.5+01:00", now),
             Ok(1_700_000_000_500)
@@ -175,6 +182,9 @@ mod tests {
             command_line(&["python3".into(), "-c".into(), "print(1)".into()]),
             "python3 -c 'print(1)'"
         );
-        assert_eq!(command_line(&["echo".into(), "$HOME".into()]), "echo '$HOME'");
+        assert_eq!(
+            command_line(&["echo".into(), "$HOME".into()]),
+            "echo '$HOME'"
+        );
     }
 }

@@ -61,10 +61,24 @@ pub async fn run(args: CpArgs) -> anyhow::Result<u8> {
     let dst = parse_cp_endpoint(&args.dst);
     match (src, dst) {
         (CpEndpoint::Local(local), CpEndpoint::Sandbox { id, path }) => {
-            upload(&args.server, args.user.as_deref(), Path::new(&local), &id, &path).await
+            upload(
+                &args.server,
+                args.user.as_deref(),
+                Path::new(&local),
+                &id,
+                &path,
+            )
+            .await
         }
         (CpEndpoint::Sandbox { id, path }, CpEndpoint::Local(local)) => {
-            download(&args.server, args.user.as_deref(), &id, &path, Path::new(&local)).await
+            download(
+                &args.server,
+                args.user.as_deref(),
+                &id,
+                &path,
+                Path::new(&local),
+            )
+            .await
         }
         (CpEndpoint::Local(_), CpEndpoint::Local(_)) => {
             bail!("one side of cp must be a sandbox path (ID:/path)")
@@ -86,7 +100,10 @@ async fn upload(
         .await
         .with_context(|| format!("cannot read {}", local.display()))?;
     if meta.is_dir() {
-        bail!("{} is a directory; copying directories is not supported yet", local.display());
+        bail!(
+            "{} is a directory; copying directories is not supported yet",
+            local.display()
+        );
     }
     let target = upload_target(local, remote)?;
     let client = server.client()?;
@@ -143,7 +160,10 @@ async fn download(
 }
 
 fn partial_name(target: &Path) -> PathBuf {
-    let mut name = target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = target
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".cella-partial");
     target.with_file_name(name)
 }
@@ -154,8 +174,14 @@ mod tests {
 
     #[test]
     fn upload_into_remote_directory_keeps_the_name() {
-        assert_eq!(upload_target(Path::new("/tmp/a.txt"), "/home/user/b.txt").expect("t"), "/home/user/b.txt");
-        assert_eq!(upload_target(Path::new("/tmp/a.txt"), "/home/user/").expect("t"), "/home/user/a.txt");
+        assert_eq!(
+            upload_target(Path::new("/tmp/a.txt"), "/home/user/b.txt").expect("t"),
+            "/home/user/b.txt"
+        );
+        assert_eq!(
+            upload_target(Path::new("/tmp/a.txt"), "/home/user/").expect("t"),
+            "/home/user/a.txt"
+        );
         assert!(upload_target(Path::new("/"), "/x/").is_err());
     }
 
@@ -175,7 +201,13 @@ mod tests {
 
     #[test]
     fn partial_names() {
-        assert_eq!(partial_name(Path::new("/tmp/x")), PathBuf::from("/tmp/x.cella-partial"));
-        assert_eq!(partial_name(Path::new("x")), PathBuf::from("x.cella-partial"));
+        assert_eq!(
+            partial_name(Path::new("/tmp/x")),
+            PathBuf::from("/tmp/x.cella-partial")
+        );
+        assert_eq!(
+            partial_name(Path::new("x")),
+            PathBuf::from("x.cella-partial")
+        );
     }
 }

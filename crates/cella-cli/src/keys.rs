@@ -148,9 +148,19 @@ mod tests {
     fn create_list_revoke_on_a_data_dir() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("state");
-        assert!(open(&dir, false).is_err(), "list must not create the directory");
-        let data = DataDir { data_dir: dir.clone() };
-        run(KeysCmd::Create { data: data.clone(), name: "ci".into(), json: true }).expect("create");
+        assert!(
+            open(&dir, false).is_err(),
+            "list must not create the directory"
+        );
+        let data = DataDir {
+            data_dir: dir.clone(),
+        };
+        run(KeysCmd::Create {
+            data: data.clone(),
+            name: "ci".into(),
+            json: true,
+        })
+        .expect("create");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&dir).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
@@ -158,9 +168,19 @@ mod tests {
         let keys = store.list_keys().expect("list");
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].name, "ci");
-        run(KeysCmd::Revoke { data: data.clone(), id: keys[0].id.clone() }).expect("revoke");
+        run(KeysCmd::Revoke {
+            data: data.clone(),
+            id: keys[0].id.clone(),
+        })
+        .expect("revoke");
         assert_eq!(store.active_key_count().expect("count"), 0);
-        assert!(run(KeysCmd::Revoke { data, id: keys[0].id.clone() }).is_err());
+        assert!(
+            run(KeysCmd::Revoke {
+                data,
+                id: keys[0].id.clone()
+            })
+            .is_err()
+        );
         let audit = store
             .query_audit(&cella_core::store::AuditQuery::default())
             .expect("audit");

@@ -122,7 +122,10 @@ fn main() -> ExitCode {
     if !matches!(cli.cmd, Command::Serve(_) | Command::Template { .. }) {
         install_panic_hook();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cella: cannot start the async runtime: {e}");
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if e.chain().any(|c| c.is::<output::StdoutClosed>()) => ExitCode::from(141),
         Err(e) => {
             eprintln!("cella: {}", one_line(&e));
             ExitCode::from(1)
@@ -158,16 +162,26 @@ mod tests {
 
     #[test]
     fn run_takes_the_command_after_its_options() {
-        let cli = parse(&["run", "-t", "py", "--env", "A=1", "-e", "B=x=y", "--", "ls", "-la"]).expect("parse");
-        let Command::Run(args) = cli.cmd else { panic!("not run") };
+        let cli = parse(&[
+            "run", "-t", "py", "--env", "A=1", "-e", "B=x=y", "--", "ls", "-la",
+        ])
+        .expect("parse");
+        let Command::Run(args) = cli.cmd else {
+            panic!("not run")
+        };
         let dbg = format!("{args:?}");
         assert!(dbg.contains(r#"template: "py""#), "{dbg}");
-        assert!(dbg.contains(r#"("A", "1")"#) && dbg.contains(r#"("B", "x=y")"#), "{dbg}");
+        assert!(
+            dbg.contains(r#"("A", "1")"#) && dbg.contains(r#"("B", "x=y")"#),
+            "{dbg}"
+        );
         assert!(dbg.contains(r#"cmd: ["ls", "-la"]"#), "{dbg}");
 
         // Without `--`, everything from the first positional on is the command.
         let cli = parse(&["run", "python3", "-c", "print(1)"]).expect("parse");
-        let Command::Run(args) = cli.cmd else { panic!("not run") };
+        let Command::Run(args) = cli.cmd else {
+            panic!("not run")
+        };
         assert!(format!("{args:?}").contains(r#"cmd: ["python3", "-c", "print(1)"]"#));
     }
 
@@ -196,7 +210,15 @@ mod tests {
             &["keys", "create", "--name", "ci", "--data-dir", "/tmp/x"],
             &["keys", "list", "--json"],
             &["keys", "revoke", "k0123456789"],
-            &["create", "--url", "http://h:1", "--api-key", "e2b_00", "-m", "a=b"],
+            &[
+                "create",
+                "--url",
+                "http://h:1",
+                "--api-key",
+                "e2b_00",
+                "-m",
+                "a=b",
+            ],
         ] {
             parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }

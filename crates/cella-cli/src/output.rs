@@ -8,20 +8,38 @@ use std::io::Write;
 
 use serde::Serialize;
 
+/// Our stdout was closed by the reader (`cella ls | head -1`): not an error worth a message;
+/// `main` exits quietly with 141 (128 + SIGPIPE), as a program killed by SIGPIPE would.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout closed")]
+pub struct StdoutClosed;
+
+/// Wraps an error from writing our stdout/stderr, recognising a closed pipe.
+pub fn write_error(e: std::io::Error, what: &'static str) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context(what)
+    }
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(())
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .map_err(|e| write_error(e, "writing stdout"))
 }
 
 /// Prints a table with a header row; columns are padded to their widest cell. The last column
 /// is not padded (so no trailing spaces).
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(render_table(headers, rows).as_bytes())?;
-    Ok(())
+    std::io::stdout()
+        .lock()
+        .write_all(render_table(headers, rows).as_bytes())
+        .map_err(|e| write_error(e, "writing stdout"))
 }
 
 /// The text of [`print_table`].
@@ -93,7 +111,10 @@ mod tests {
     #[test]
     fn sanitize_and_short_time() {
         assert_eq!(sanitize("a\u{1b}[31mb\n"), "a?[31mb?");
-        assert_eq!(short_time("2024-05-06T07:08:09.010Z"), "2024-05-06 07:08:09");
+        assert_eq!(
+            short_time("2024-05-06T07:08:09.010Z"),
+            "2024-05-06 07:08:09"
+        );
         assert_eq!(short_time("bogus"), "bogus");
     }
 }

@@ -14,7 +14,7 @@ use cella_proto::envd::process::signal_name;
 use tokio::io::AsyncWriteExt;
 
 use crate::args::{command_line, parse_key_value, parse_since};
-use crate::output::{print_json, print_table, sanitize, short_time};
+use crate::output::{print_json, print_table, sanitize, short_time, write_error};
 
 /// Exit code after an interruption (128 + SIGINT), as shells report it.
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -34,7 +34,9 @@ impl ServerOpts {
     /// A client for the server; fails early and clearly without a key.
     pub fn client(&self) -> anyhow::Result<Client> {
         let Some(key) = self.api_key.clone().filter(|k| !k.is_empty()) else {
-            bail!("no API key: pass --api-key or set CELLA_API_KEY (create one with `cella keys create`)");
+            bail!(
+                "no API key: pass --api-key or set CELLA_API_KEY (create one with `cella keys create`)"
+            );
         };
         Ok(Client::new(&self.url, Some(key))?)
     }
@@ -62,7 +64,12 @@ pub struct RunArgs {
     cwd: Option<String>,
     /// Command to run; one argument is a shell line (`'ls | wc -l'`), several are a program
     /// and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     cmd: Vec<String>,
 }
 
@@ -105,7 +112,12 @@ pub struct ExecArgs {
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_key_value)]
     env: Vec<(String, String)>,
     /// Command to run (see `cella run`).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     cmd: Vec<String>,
 }
 
@@ -243,12 +255,18 @@ async fn pump(stream: &mut ProcessStream) -> anyhow::Result<ExitStatus> {
     while let Some(ev) = stream.next().await {
         match ev? {
             ExecEvent::Stdout(b) | ExecEvent::Pty(b) => {
-                stdout.write_all(&b).await.context("writing stdout")?;
-                stdout.flush().await.context("writing stdout")?;
+                let w = async {
+                    stdout.write_all(&b).await?;
+                    stdout.flush().await
+                };
+                w.await.map_err(|e| write_error(e, "writing stdout"))?;
             }
             ExecEvent::Stderr(b) => {
-                stderr.write_all(&b).await.context("writing stderr")?;
-                stderr.flush().await.context("writing stderr")?;
+                let w = async {
+                    stderr.write_all(&b).await?;
+                    stderr.flush().await
+                };
+                w.await.map_err(|e| write_error(e, "writing stderr"))?;
             }
             ExecEvent::Started { .. } => {}
             ExecEvent::Exited(st) => return Ok(st),
@@ -288,7 +306,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     let id = sandbox.sandbox_id.clone();
     let outcome = match sandbox.envd_access_token.as_deref() {
-        None => Err(anyhow::anyhow!("the server did not return an access token for sandbox {id}")),
+        None => Err(anyhow::anyhow!(
+            "the server did not return an access token for sandbox {id}"
+        )),
         Some(token) => {
             let opts = ExecOptions {
                 envs: args.env.into_iter().collect(),
@@ -367,7 +387,9 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
         stdin: false,
     };
     let mut signals = Signals::new();
-    let mut stream = client.exec(&args.id, &token, &command_line(&args.cmd), &opts).await?;
+    let mut stream = client
+        .exec(&args.id, &token, &command_line(&args.cmd), &opts)
+        .await?;
     let pid = tokio::select! {
         r = stream.wait_started() => r?,
         () = signals.recv() => return Ok(EXIT_INTERRUPTED),
@@ -391,7 +413,11 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
 pub async fn ls(args: LsArgs) -> anyhow::Result<u8> {
     let client = args.server.client()?;
     let mut list = client.list_sandboxes().await?;
-    list.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sandbox_id.cmp(&b.sandbox_id)));
+    list.sort_by(|a, b| {
+        a.started_at
+            .cmp(&b.started_at)
+            .then(a.sandbox_id.cmp(&b.sandbox_id))
+    });
     if args.json {
         print_json(&list)?;
         return Ok(0);
@@ -412,7 +438,16 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<u8> {
         })
         .collect();
     print_table(
-        &["SANDBOX ID", "TEMPLATE", "ISOLATION", "STARTED (UTC)", "ENDS (UTC)", "CPU", "MEM", "METADATA"],
+        &[
+            "SANDBOX ID",
+            "TEMPLATE",
+            "ISOLATION",
+            "STARTED (UTC)",
+            "ENDS (UTC)",
+            "CPU",
+            "MEM",
+            "METADATA",
+        ],
         &rows,
     )?;
     Ok(0)
@@ -483,7 +518,13 @@ pub async fn timeout(args: TimeoutArgs) -> anyhow::Result<u8> {
 /// `cella audit`.
 pub async fn audit(args: AuditArgs) -> anyhow::Result<u8> {
     let client = args.server.client()?;
-    show_audit(&client, args.sandbox.as_deref(), args.since.as_deref(), args.json).await
+    show_audit(
+        &client,
+        args.sandbox.as_deref(),
+        args.since.as_deref(),
+        args.json,
+    )
+    .await
 }
 
 /// `cella logs ID` (the audit of one sandbox).
@@ -522,7 +563,10 @@ fn audit_row(e: &AuditEntry) -> Vec<String> {
     // Keep one entry on one line however long the detail is.
     let detail: String = sanitize(&detail).chars().take(200).collect();
     vec![
-        e.time.replacen('T', " ", 1).trim_end_matches('Z').to_owned(),
+        e.time
+            .replacen('T', " ", 1)
+            .trim_end_matches('Z')
+            .to_owned(),
         sanitize(&e.actor),
         sanitize(e.sandbox_id.as_deref().unwrap_or("-")),
         sanitize(&e.kind),
@@ -566,6 +610,10 @@ mod tests {
         };
         let row = audit_row(&e);
         assert_eq!(row[0], "2024-05-06 07:08:09.010");
-        assert!(!row[4].contains('\n') && !row[4].contains('\u{1b}'), "{}", row[4]);
+        assert!(
+            !row[4].contains('\n') && !row[4].contains('\u{1b}'),
+            "{}",
+            row[4]
+        );
     }
 }

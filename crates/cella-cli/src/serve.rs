@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use cella_core::driver::Driver;
 use cella_core::manager::{Manager, ManagerConfig};
 use cella_core::store::Store;
-use cella_core::template::{BuildProgress, TemplateSpec, TemplateStore};
+use cella_core::template::{TemplateSpec, TemplateStore};
 
 /// Arguments of `cella serve`.
 #[derive(Debug, clap::Args)]

@@ -14,6 +14,7 @@ use rustix::termios::{self, OptionalActions, Termios};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use crate::output::write_error;
 use crate::sandbox::{EXIT_INTERRUPTED, ServerOpts, Signals, access_token, exit_code_of};
 
 /// `cella shell`.
@@ -57,11 +58,17 @@ impl Drop for RawMode {
 
 /// Terminal size of stdout (or stdin), `(cols, rows)`; 80×24 when unknown.
 fn window_size() -> (u16, u16) {
-    let from = |ws: rustix::termios::Winsize| (ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row));
+    let from = |ws: rustix::termios::Winsize| {
+        (ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+    };
     termios::tcgetwinsize(std::io::stdout().as_fd())
         .ok()
         .and_then(from)
-        .or_else(|| termios::tcgetwinsize(std::io::stdin().as_fd()).ok().and_then(from))
+        .or_else(|| {
+            termios::tcgetwinsize(std::io::stdin().as_fd())
+                .ok()
+                .and_then(from)
+        })
         .unwrap_or((80, 24))
 }
 
@@ -92,8 +99,15 @@ fn spawn_stdin_reader() -> mpsc::Receiver<Vec<u8>> {
 }
 
 /// Sends keystrokes and resizes to the remote PTY until input ends or sending fails.
-async fn forward_input(client: Client, id: String, token: String, pid: u32, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+async fn forward_input(
+    client: Client,
+    id: String,
+    token: String,
+    pid: u32,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut winch =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
     let mut input_open = true;
     loop {
         let resized = async {
@@ -152,7 +166,7 @@ pub async fn run(args: ShellArgs) -> anyhow::Result<u8> {
             ev = stream.next() => match ev {
                 Some(Ok(ExecEvent::Pty(b) | ExecEvent::Stdout(b) | ExecEvent::Stderr(b))) => {
                     if let Err(e) = async { stdout.write_all(&b).await?; stdout.flush().await }.await {
-                        break Err(anyhow::Error::from(e).context("writing to the terminal"));
+                        break Err(write_error(e, "writing to the terminal"));
                     }
                 }
                 Some(Ok(ExecEvent::Started { .. })) => {}

@@ -79,7 +79,11 @@ pub async fn run(cmd: TemplateCmd) -> anyhow::Result<()> {
         TemplateCmd::Build(args) => tokio::task::spawn_blocking(move || build(&args))
             .await
             .context("template build task")?,
-        TemplateCmd::Ls(args) => ls(&args),
+        TemplateCmd::Ls(args) => match ls(&args) {
+            // `cella template ls | head`: the reader went away, nothing to report.
+            Err(e) if is_broken_pipe(&e) => Ok(()),
+            other => other,
+        },
         TemplateCmd::Gc(args) => {
             let store = args.store();
             let removed = tokio::task::spawn_blocking(move || store.gc())
@@ -139,6 +143,15 @@ fn read_spec_file(path: &Path) -> anyhow::Result<TemplateSpec> {
     spec.validate()
         .with_context(|| format!("checking template spec {}", path.display()))?;
     Ok(spec)
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
+    })
 }
 
 fn ls(args: &LsArgs) -> anyhow::Result<()> {

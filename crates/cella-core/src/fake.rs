@@ -137,10 +137,10 @@ impl FakeSandbox {
             if let Ok(mut r) = self.reason.lock() {
                 *r = Some(reason.to_string());
             }
-            if let Some(inner) = self.inner.upgrade() {
-                if let Ok(mut m) = inner.sandboxes.lock() {
-                    m.remove(&self.spec.id);
-                }
+            if let Some(inner) = self.inner.upgrade()
+                && let Ok(mut m) = inner.sandboxes.lock()
+            {
+                m.remove(&self.spec.id);
             }
         }
         self.exit.notify_waiters();

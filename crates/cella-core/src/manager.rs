@@ -523,9 +523,8 @@ impl Manager {
             .read()
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
-        let futs = ids.iter().map(|id| self.destroy(id, "server", "server shutdown"));
-        for r in futures_join_all(futs).await {
-            if let Err(e) = r {
+        for id in &ids {
+            if let Err(e) = self.destroy(id, "server", "server shutdown").await {
                 tracing::warn!(error = %e, "destroying sandbox at shutdown failed");
             }
         }
@@ -552,19 +551,6 @@ impl Manager {
             }
         }
         n
-    }
-
-    /// IDs of `owner`'s live sandboxes.
-    pub fn sandboxes_owned_by(&self, owner: &str) -> std::collections::HashSet<String> {
-        self.live
-            .read()
-            .map(|m| {
-                m.values()
-                    .filter(|s| s.owner == owner)
-                    .map(|s| s.handle.id().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 
     /// A metrics sample of a sandbox, read from its cgroup. CPU use is averaged since the
@@ -639,14 +625,6 @@ impl Manager {
             }
         }
     }
-}
-
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futs {
-        set.push(f.await);
-    }
-    set
 }
 
 async fn watch_exit(

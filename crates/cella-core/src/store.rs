@@ -36,7 +36,7 @@ pub use self::time::{format_rfc3339_ms, now_ms, parse_rfc3339_ms};
 pub const DB_FILE_NAME: &str = "cella.db";
 
 /// Schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for another process holding the write lock.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -338,6 +338,8 @@ const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
      CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;",
+    // 1 -> 2: per-key audit visibility looks sandboxes up by owner.
+    "CREATE INDEX sandboxes_by_key ON sandboxes (key_id);",
 ];
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -465,6 +467,40 @@ mod tests {
         let audit = store.query_audit(&AuditQuery::default()).expect("audit");
         assert_eq!(audit.len(), 1);
         assert_eq!(audit[0].kind, "sandbox.create");
+    }
+
+    #[test]
+    fn old_schema_is_migrated_forward() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE_NAME);
+        {
+            // A version-1 file, as the first release wrote it, with a key in it.
+            let conn = Connection::open(&path).expect("raw open");
+            conn.execute_batch(MIGRATIONS[0]).expect("v1 schema");
+            conn.pragma_update(None, "user_version", 1).expect("v1");
+            conn.execute(
+                "INSERT INTO api_keys (id, name, key_hash, mask, created_at_ms)
+                 VALUES ('kold', 'old', 'h', 'm', 0)",
+                [],
+            )
+            .expect("row");
+        }
+        let store = Store::open(&path).expect("open migrates");
+        let conn = store.conn();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let index: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'sandboxes_by_key'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("index");
+        assert_eq!(index, 1);
+        drop(conn);
+        assert_eq!(store.list_keys().expect("keys")[0].id, "kold");
     }
 
     #[test]

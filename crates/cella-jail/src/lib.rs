@@ -540,7 +540,8 @@ impl Driver for JailDriver {
                 // Give a dying agent a moment so the reason can name its exit status.
                 let exit = tokio::time::timeout(Duration::from_millis(200), async {
                     let mut rx = sandbox.exit_rx.clone();
-                    rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone())
+                    let r = rx.wait_for(|v| v.is_some()).await;
+                    r.ok().and_then(|v| v.clone())
                 })
                 .await
                 .ok()

@@ -97,7 +97,12 @@ pub(crate) fn spawn_waiter(
     pidfd: Arc<OwnedFd>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
 ) -> io::Result<JoinHandle<()>> {
-    let afd = AsyncFd::with_interest(pidfd.try_clone()?, tokio::io::Interest::READABLE)?;
+    // SAFETY: the AsyncFd owns a fresh duplicate of the pidfd; nothing else closes or
+    // replaces that descriptor while it is registered.
+    let afd = unsafe {
+        AsyncFd::register_with_interest(pidfd.try_clone()?, tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)?;
     Ok(tokio::spawn(async move {
         loop {
             let mut guard = match afd.readable().await {
@@ -240,8 +245,11 @@ impl JailSandbox {
             source,
         })?;
         let mut rx = self.exit_rx.clone();
-        let reaped = tokio::time::timeout(REAP_DEADLINE, rx.wait_for(|v| v.is_some())).await;
-        if !matches!(reaped, Ok(Ok(_))) {
+        let reaped = tokio::time::timeout(REAP_DEADLINE, async {
+            rx.wait_for(|v| v.is_some()).await.is_ok()
+        })
+        .await;
+        if reaped != Ok(true) {
             return Err(DriverError::Cleanup(format!(
                 "sandbox {} init was not reaped within {REAP_DEADLINE:?}",
                 self.id
@@ -311,10 +319,7 @@ impl SandboxHandle for JailSandbox {
 
     async fn wait_exit(&self) -> ExitInfo {
         let mut rx = self.exit_rx.clone();
-        let info = match rx.wait_for(|v| v.is_some()).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
+        let info = rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone());
         match info {
             Some(info) if !self.destroying.load(Ordering::SeqCst) => info,
             _ => std::future::pending().await,

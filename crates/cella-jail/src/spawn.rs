@@ -51,6 +51,9 @@ const EXEC_DEADLINE: Duration = Duration::from_secs(10);
 const AGENT_PATH_ENV: &std::ffi::CStr =
     c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// `CLONE_INTO_CGROUP` (libc's constant is deprecated for overflowing `c_int`).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
 /// Where the agent binary appears inside the sandbox.
 pub const AGENT_IN_SANDBOX: &str = "/.cella/agent";
 
@@ -383,6 +386,32 @@ pub fn pidfd_reap(pidfd: RawFd, nohang: bool) -> io::Result<Option<libc::siginfo
     }
 }
 
+/// If the process behind `pidfd` has already terminated, how (without reaping it).
+fn exited_already(pidfd: &OwnedFd) -> Option<String> {
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into `info`, which lives for the call.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid filled the SIGCHLD fields (or left zeroes with WNOHANG).
+    if r != 0 || unsafe { info.si_pid() } == 0 {
+        return None;
+    }
+    // SAFETY: as above, si_status is valid for an exited child.
+    let status = unsafe { info.si_status() };
+    Some(if info.si_code == libc::CLD_EXITED {
+        format!("exited with status {status}")
+    } else {
+        format!("killed by signal {status}")
+    })
+}
+
 /// Kills and reaps the child unless disarmed (every error path after `clone3`).
 struct KillGuard {
     pidfd: Option<OwnedFd>,
@@ -533,18 +562,19 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
     let mut pidfd: c_int = -1;
     // SAFETY: an all-zero clone_args is the documented "no options" value.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    let mut flags = libc::CLONE_NEWUSER
+    let ns_flags = libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_PIDFD;
+    let mut flags = u64::try_from(ns_flags).unwrap_or(0);
     if let Some(fd) = &cgroup_fd {
-        flags |= libc::CLONE_INTO_CGROUP;
+        flags |= CLONE_INTO_CGROUP;
         args.cgroup = u64::try_from(fd.as_raw_fd()).unwrap_or(0);
     }
-    args.flags = u64::try_from(flags).unwrap_or(0);
+    args.flags = flags;
     args.pidfd = std::ptr::addr_of_mut!(pidfd) as u64;
     args.exit_signal = libc::SIGCHLD as u64;
     // SAFETY: fork-style clone3 (no CLONE_VM, no stack): the child gets a copy of this
@@ -605,6 +635,14 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         what: "keeping the pidfd",
         source: io::Error::other("pidfd missing"),
     })?;
+    // EOF also happens when the child was killed before it could report: tell them apart.
+    if let Some(status) = exited_already(&pidfd) {
+        let _ = pidfd_reap(pidfd.as_raw_fd(), false);
+        return Err(SpawnError::Child {
+            step: "unknown (the child died during setup)",
+            source: io::Error::other(status),
+        });
+    }
     Ok(Spawned {
         pid,
         pidfd,
@@ -779,13 +817,16 @@ unsafe fn child_main(plan: &ChildPlan) -> ! {
         }
         libc::close(plan.sync_read);
 
-        if libc::setgroups(0, std::ptr::null()) != 0 {
+        // Raw syscalls on purpose: glibc's set*id wrappers broadcast the change to every
+        // thread the parent had (taking glibc-internal locks copied in whatever state the
+        // parent's other threads left them), which can hang a forked child forever.
+        if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0 {
             fail(err, Step::SetGroups)
         }
-        if libc::setresgid(0, 0, 0) != 0 {
+        if libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0 {
             fail(err, Step::SetGid)
         }
-        if libc::setresuid(0, 0, 0) != 0 {
+        if libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0 {
             fail(err, Step::SetUid)
         }
         // Now that we sit in cella/<id>, make that the root of our cgroup view.

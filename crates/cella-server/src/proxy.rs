@@ -75,10 +75,10 @@ pub fn routing(headers: &HeaderMap) -> Routing {
             port,
         });
     }
-    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        if let Some(t) = parse_host(host) {
-            return Routing::Sandbox(t);
-        }
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok())
+        && let Some(t) = parse_host(host)
+    {
+        return Routing::Sandbox(t);
     }
     Routing::Api
 }

@@ -249,10 +249,10 @@ async fn list_v2(
     let next = start + page.len();
     let mut resp = Json(page).into_response();
     let headers = resp.headers_mut();
-    if next < total {
-        if let Ok(v) = HeaderValue::from_str(&next.to_string()) {
-            headers.insert("x-next-token", v);
-        }
+    if next < total
+        && let Ok(v) = HeaderValue::from_str(&next.to_string())
+    {
+        headers.insert("x-next-token", v);
     }
     if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
         headers.insert("x-total-running", v);
@@ -358,10 +358,11 @@ async fn audit(
     let store = state.manager.store().clone();
     // Flush so that a caller sees its own previous calls.
     store.flush_audit();
-    // A key sees the records it caused and the records of its sandboxes.
+    // A key sees the records it caused and the records of the sandboxes it created.
     let q = AuditQuery {
         sandbox_id: p.sandbox_id.clone(),
         actor: None,
+        visible_to: Some(owner),
         since_ms,
         kind_prefix: p.kind,
         limit: p.limit.map(|l| l.min(10_000)),
@@ -370,18 +371,7 @@ async fn audit(
         .await
         .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let owned = state.manager.sandboxes_owned_by(&owner);
-    let visible = entries
-        .into_iter()
-        .filter(|e| {
-            e.actor == owner
-                || e
-                    .sandbox_id
-                    .as_deref()
-                    .is_some_and(|s| owned.contains(s))
-        })
-        .collect();
-    Ok(Json(visible))
+    Ok(Json(entries))
 }
 
 /// `since`: RFC 3339, unix milliseconds, or a duration back from now (`30s`, `10m`, `2h`, `1d`).

@@ -72,6 +72,9 @@ pub struct AuditQuery {
     pub sandbox_id: Option<String>,
     /// Only rows by this actor (key ID, `agent`, `server`).
     pub actor: Option<String>,
+    /// Only rows this API key may see: those it caused (actor) and those about sandboxes it
+    /// created. The REST API sets it so that one tenant never reads another's log.
+    pub visible_to: Option<String>,
     /// Only rows at or after this time (Unix ms).
     pub since_ms: Option<i64>,
     /// Only rows whose kind starts with this text (`process` matches `process.start`).
@@ -289,6 +292,13 @@ impl Store {
             args.push(Value::Text(a.clone()));
             sql.push_str(&format!(" AND actor = ?{}", args.len()));
         }
+        if let Some(k) = &q.visible_to {
+            args.push(Value::Text(k.clone()));
+            let n = args.len();
+            sql.push_str(&format!(
+                " AND (actor = ?{n} OR sandbox_id IN (SELECT id FROM sandboxes WHERE key_id = ?{n}))"
+            ));
+        }
         if let Some(t) = q.since_ms {
             args.push(Value::Integer(t));
             sql.push_str(&format!(" AND ts_ms >= ?{}", args.len()));
@@ -420,6 +430,50 @@ mod tests {
             })
             .len(),
             4
+        );
+    }
+
+    #[test]
+    fn visible_to_limits_rows_to_own_calls_and_sandboxes() {
+        let store = Store::open_in_memory().expect("open");
+        let mut mine = super::super::tests::record("imine");
+        mine.key_id = "kalice".into();
+        store.insert_sandbox(&mine).expect("insert");
+        let mut theirs = super::super::tests::record("itheirs");
+        theirs.key_id = "kbob".into();
+        store.insert_sandbox(&theirs).expect("insert");
+        store.audit(ev("kalice", None, "api", 1));
+        store.audit(ev("agent", Some("imine"), "process.start", 2));
+        store.audit(ev("kbob", Some("itheirs"), "api", 3));
+        store.audit(ev("agent", Some("itheirs"), "process.start", 4));
+        store.audit(ev("server", None, "server.start", 5));
+        store.flush_audit();
+        let ns = |q: AuditQuery| -> Vec<i64> {
+            store
+                .query_audit(&q)
+                .expect("query")
+                .iter()
+                .map(|e| e.detail["n"].as_i64().expect("n"))
+                .collect()
+        };
+        let alice = || AuditQuery {
+            visible_to: Some("kalice".into()),
+            ..Default::default()
+        };
+        assert_eq!(ns(alice()), [1, 2]);
+        assert_eq!(
+            ns(AuditQuery {
+                sandbox_id: Some("itheirs".into()),
+                ..alice()
+            }),
+            [] as [i64; 0]
+        );
+        assert_eq!(
+            ns(AuditQuery {
+                visible_to: Some("kbob".into()),
+                ..Default::default()
+            }),
+            [3, 4]
         );
     }
 

@@ -67,6 +67,8 @@ pub(super) struct BuildCtx<'a> {
     pub host: &'a HostPaths,
     /// Mirror override; otherwise taken from the host's apt configuration.
     pub mirror: Option<&'a str>,
+    /// Run debootstrap even if its result is cached (`--force`: fresh packages).
+    pub refresh: bool,
     pub progress: &'a mut dyn FnMut(&BuildProgress),
 }
 
@@ -116,9 +118,7 @@ pub(super) fn run(ctx: &mut BuildCtx<'_>) -> Result<(), TemplateError> {
             fsutil::shift_ids(ctx.rootfs, SANDBOX_ID_BASE, 0)?;
         }
         None => {
-            let cached = ensure_debootstrap(ctx)?;
-            ctx.report(BuildPhase::Copy, "copying the debootstrap tree", None, None);
-            fsutil::copy_tree(&cached, ctx.rootfs)?;
+            copy_debootstrap_tree(ctx)?;
         }
     }
     {
@@ -137,8 +137,12 @@ pub(super) fn run(ctx: &mut BuildCtx<'_>) -> Result<(), TemplateError> {
     Ok(())
 }
 
-/// The debootstrap result for this spec's suite and packages, building it if needed.
-fn ensure_debootstrap(ctx: &mut BuildCtx<'_>) -> Result<PathBuf, TemplateError> {
+/// Copy the debootstrap result for this spec's suite and packages to the build's root,
+/// running debootstrap first if it is not cached (or `ctx.refresh` asks for fresh packages).
+///
+/// The whole step holds the cache lock, so a refresh never replaces a tree another build is
+/// copying.
+fn copy_debootstrap_tree(ctx: &mut BuildCtx<'_>) -> Result<(), TemplateError> {
     let dir = ctx.cache_dir.join("debootstrap");
     let debs = ctx.cache_dir.join("debs");
     for d in [&dir, &debs] {
@@ -147,33 +151,37 @@ fn ensure_debootstrap(ctx: &mut BuildCtx<'_>) -> Result<PathBuf, TemplateError> 
     }
     let key = debootstrap_key(ctx.spec);
     let cached = dir.join(&key);
-    if cached.is_dir() {
+    let _lock = super::store::lock_file(&dir.join(".lock"), &mut |msg| {
+        ctx.report(BuildPhase::Wait, msg, None, None)
+    })?;
+    if cached.is_dir() && !ctx.refresh {
         ctx.report(
             BuildPhase::Debootstrap,
             "reusing cached debootstrap tree",
             None,
             None,
         );
-        return Ok(cached);
+    } else {
+        // Holding the lock: any temporary directory left here is from a build that died.
+        clean_stale(&dir, ctx.host)?;
+        let tmp = dir.join(format!(".tmp-{key}-{}", std::process::id()));
+        if let Err(e) = debootstrap(ctx, &tmp, &debs) {
+            if let Err(cleanup) = remove_tree(&ctx.host.mountinfo, &tmp) {
+                tracing::warn!(error = %cleanup, dir = %tmp.display(), "removing failed debootstrap");
+            }
+            return Err(e);
+        }
+        if cached.exists() {
+            let old = dir.join(format!(".old-{key}-{}", std::process::id()));
+            std::fs::rename(&cached, &old)
+                .map_err(|e| TemplateError::io(format!("move {} aside", cached.display()), e))?;
+            remove_tree(&ctx.host.mountinfo, &old)?;
+        }
+        std::fs::rename(&tmp, &cached)
+            .map_err(|e| TemplateError::io(format!("rename {} into place", tmp.display()), e))?;
     }
-    let lock_path = dir.join(".lock");
-    let _lock = super::store::lock_file(&lock_path, &mut |msg| {
-        ctx.report(BuildPhase::Wait, msg, None, None)
-    })?;
-    if cached.is_dir() {
-        return Ok(cached);
-    }
-    // Holding the lock: any temporary directory left here is from a build that died.
-    clean_stale(&dir, ctx.host)?;
-    let tmp = dir.join(format!(".tmp-{key}-{}", std::process::id()));
-    let result = debootstrap(ctx, &tmp, &debs);
-    if let Err(e) = result {
-        let _ = remove_tree(&ctx.host.mountinfo, &tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, &cached)
-        .map_err(|e| TemplateError::io(format!("rename {} into place", tmp.display()), e))?;
-    Ok(cached)
+    ctx.report(BuildPhase::Copy, "copying the debootstrap tree", None, None);
+    fsutil::copy_tree(&cached, ctx.rootfs)
 }
 
 /// Remove `.tmp-*` entries of `dir` (caller holds the lock that guards them).
@@ -818,6 +826,7 @@ mod tests {
             cache_dir: dir.path(),
             host: &host,
             mirror: None,
+            refresh: false,
             progress: &mut progress,
         };
         let mut cmd = Command::new("/bin/sh");

@@ -193,7 +193,7 @@ impl TemplateStore {
     }
 
     /// Build `spec` (and its parent first, if not built) unless its current build exists or
-    /// `force`. Blocking (minutes); needs root. Waits while another process builds the same
+    /// `force` (which also re-runs debootstrap for fresh packages; the parent is not rebuilt). Blocking (minutes); needs root. Waits while another process builds the same
     /// template. On error nothing of the attempt remains.
     pub fn build(
         &self,
@@ -269,11 +269,10 @@ impl TemplateStore {
         // Holding the lock: temporary directories here are from builds that died.
         build::clean_stale(&name_dir, &self.host)?;
 
-        let started = Instant::now();
         let tmp = name_dir.join(format!(".tmp-{build_id}-{}", std::process::id()));
         std::fs::create_dir(&tmp)
             .map_err(|e| TemplateError::io(format!("create {}", tmp.display()), e))?;
-        let result = self.build_into(spec, &build_id, &tmp, parent.as_ref(), progress, started);
+        let result = self.build_into(spec, &build_id, &tmp, parent.as_ref(), force, progress);
         let info = match result {
             Ok(info) => info,
             Err(e) => {
@@ -313,9 +312,10 @@ impl TemplateStore {
         build_id: &str,
         tmp: &Path,
         parent: Option<&TemplateImage>,
+        refresh: bool,
         progress: &mut dyn FnMut(&BuildProgress),
-        started: Instant,
     ) -> Result<BuildInfo, TemplateError> {
+        let started = Instant::now();
         let rootfs = tmp.join("rootfs");
         let cache_dir = self.root.join(".cache");
         let mut ctx = BuildCtx {
@@ -325,6 +325,7 @@ impl TemplateStore {
             cache_dir: &cache_dir,
             host: &self.host,
             mirror: self.mirror.as_deref(),
+            refresh,
             progress,
         };
         build::run(&mut ctx)?;

@@ -299,8 +299,7 @@ mod tests {
 
     #[test]
     fn sdk_requests_parse() {
-        let r: ListDirRequest =
-            serde_json::from_str(r#"{"path":"/tmp","depth":2}"#).expect("list");
+        let r: ListDirRequest = serde_json::from_str(r#"{"path":"/tmp","depth":2}"#).expect("list");
         assert_eq!((r.path.as_str(), r.depth), ("/tmp", 2));
         let r: ListDirRequest = serde_json::from_str(r#"{"path":"x"}"#).expect("default depth");
         assert_eq!(r.depth, 0);

@@ -160,9 +160,9 @@ impl Timestamp {
         let (h, mi, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
         let frac = if self.nanos == 0 {
             String::new()
-        } else if self.nanos % 1_000_000 == 0 {
+        } else if self.nanos.is_multiple_of(1_000_000) {
             format!(".{:03}", self.nanos / 1_000_000)
-        } else if self.nanos % 1000 == 0 {
+        } else if self.nanos.is_multiple_of(1000) {
             format!(".{:06}", self.nanos / 1000)
         } else {
             format!(".{:09}", self.nanos)
@@ -299,11 +299,7 @@ mod tests {
     struct T {
         #[serde(with = "i64_str")]
         size: i64,
-        #[serde(
-            with = "opt_b64",
-            default,
-            skip_serializing_if = "Option::is_none"
-        )]
+        #[serde(with = "opt_b64", default, skip_serializing_if = "Option::is_none")]
         data: Option<Vec<u8>>,
     }
 
@@ -325,8 +321,8 @@ mod tests {
     #[test]
     fn base64_accepts_all_alphabets() {
         for s in ["+/8=", "+/8", "-_8=", "-_8"] {
-            let t: T = serde_json::from_str(&format!(r#"{{"size":0,"data":"{s}"}}"#))
-                .expect("decode");
+            let t: T =
+                serde_json::from_str(&format!(r#"{{"size":0,"data":"{s}"}}"#)).expect("decode");
             assert_eq!(t.data, Some(vec![0xfb, 0xff]), "alphabet {s}");
         }
         assert!(serde_json::from_str::<T>(r#"{"size":0,"data":"%%%"}"#).is_err());
@@ -350,7 +346,14 @@ mod tests {
             Timestamp::parse_rfc3339("2023-11-14T23:13:20+01:00").map(|t| t.seconds),
             Ok(1_700_000_000)
         );
-        for bad in ["", "2023-11-14", "2023-13-14T00:00:00Z", "2023-11-14T00:00:00", "2023-11-14T00:00:00.Z", "é023-11-14T00:00:00Z"] {
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-13-14T00:00:00Z",
+            "2023-11-14T00:00:00",
+            "2023-11-14T00:00:00.Z",
+            "é023-11-14T00:00:00Z",
+        ] {
             assert!(Timestamp::parse_rfc3339(bad).is_err(), "{bad}");
         }
     }

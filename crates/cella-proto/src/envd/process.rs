@@ -405,9 +405,7 @@ mod tests {
             serde_json::from_str(r#"{"process":{"pid":"7"},"signal":"BOGUS"}"#).expect("lenient");
         assert_eq!(r.signal, Signal::Unspecified);
         assert_eq!(r.process.and_then(|p| p.pid), Some(7));
-        assert!(
-            serde_json::from_str::<SendSignalRequest>(r#"{"process":{"pid":-1}}"#).is_err()
-        );
+        assert!(serde_json::from_str::<SendSignalRequest>(r#"{"process":{"pid":-1}}"#).is_err());
 
         let r: SendInputRequest =
             serde_json::from_str(r#"{"process":{"pid":3},"input":{"stdin":"aGVsbG8="}}"#)
@@ -456,7 +454,10 @@ mod tests {
             r#"{"event":{"end":{"exit_code":-1,"exited":false,"status":"signal: killed"}}}"#,
         )
         .expect("snake input");
-        assert_eq!(back.event.and_then(|e| e.end).map(|e| e.exit_code), Some(-1));
+        assert_eq!(
+            back.event.and_then(|e| e.end).map(|e| e.exit_code),
+            Some(-1)
+        );
         assert_eq!(
             serde_json::to_string(&ProcessEvent::keepalive()).expect("ser"),
             r#"{"keepalive":{}}"#

@@ -1,0 +1,642 @@
+//! Integration tests of the jail driver against the real kernel.
+//!
+//! They need root, user namespaces, cgroups and `/bin/busybox` (Debian `busybox-static`); each
+//! test prints why it skips otherwise. The sandbox root is a busybox tree built per test and
+//! owned by the sandbox's root (host uid 100000). The "agent" is a shell script: it answers
+//! the control channel (ready, plus a few events and hostile lines), then serves busybox
+//! httpd on 49983 with a CGI at `/cgi-bin/run` that runs the POSTed shell script — that is
+//! how the tests run commands inside a sandbox through `dial`, the same path the real proxy
+//! uses.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cella_core::driver::{
+    Driver, EventSink, Limits, SandboxEvent, SandboxHandle, SandboxSpec, TemplateImage,
+};
+use cella_jail::{JailConfig, JailDriver};
+use cella_proto::control::AgentEvent;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{RwLock, mpsc};
+
+/// Tests that create sandboxes hold this shared; the orphan-reaper test holds it exclusively
+/// (it removes every `cella/*` cgroup on the host).
+static SANDBOXES: RwLock<()> = RwLock::const_new(());
+
+const AGENT: &str = r#"#!/bin/sh
+read -r cfg <&3
+echo "$cfg" > /tmp/agent-config.json
+echo 'this is not json' >&3
+head -c 20000 /dev/zero | tr '\0' 'a' >&3
+echo >&3
+echo '{"event":"make_dir","path":"/from-agent"}' >&3
+# httpd dies when it cannot fork (pids.max): restart it until /tmp/stop exists
+(while [ ! -e /tmp/stop ]; do httpd -f -p 49983 -h /www; usleep 20000; done) 3>&- &
+# ready once httpd listens (49983 = 0xC33F)
+while ! grep -qs ':C33F [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6; do usleep 1000; done
+echo '{"event":"ready","version":"test"}' >&3
+wait
+"#;
+
+const CGI: &str = r#"#!/bin/sh
+echo "Content-Type: text/plain"
+echo ""
+head -c "$CONTENT_LENGTH" > /tmp/.cmd.$$
+sh /tmp/.cmd.$$ 2>&1
+echo "exit=$?"
+rm -f /tmp/.cmd.$$
+"#;
+
+struct Env {
+    tmp: tempfile::TempDir,
+    driver: JailDriver,
+    rootfs: PathBuf,
+}
+
+fn skip(reason: &str) -> Option<Env> {
+    eprintln!("skipping: {reason}");
+    None
+}
+
+fn lchown_tree(p: &Path) {
+    std::os::unix::fs::lchown(p, Some(100_000), Some(100_000)).expect("lchown");
+    let meta = std::fs::symlink_metadata(p).expect("meta");
+    if meta.is_dir() {
+        for e in std::fs::read_dir(p).expect("readdir") {
+            lchown_tree(&e.expect("entry").path());
+        }
+    }
+}
+
+fn write_exec(p: &Path, content: &str) {
+    std::fs::write(p, content).expect("write");
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+fn build_rootfs(root: &Path) {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copy busybox");
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    assert!(list.status.success());
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        if applet != "busybox" && !applet.contains('/') {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("symlink");
+        }
+    }
+    for d in ["etc", "www/cgi-bin", "mnt"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::write(root.join("etc/motd"), "template file\n").expect("write");
+    write_exec(&root.join("www/cgi-bin/run"), CGI);
+    lchown_tree(root);
+}
+
+/// A driver with its own data dir and rootfs, or `None` (with the reason printed).
+fn env_with_agent(agent: &str) -> Option<Env> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (user namespaces with a 100000+ id map, cgroups)");
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return skip("needs /bin/busybox (apt-get install busybox-static)");
+    }
+    if let Err(e) = cella_jail::probe_user_namespaces(Path::new("/proc")) {
+        return skip(&format!("{e}"));
+    }
+    if let Err(e) = cella_jail::cgroup::Cgroups::detect(Path::new("/sys/fs/cgroup")) {
+        return skip(&format!("{e}"));
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let rootfs = tmp.path().join("rootfs");
+    build_rootfs(&rootfs);
+    let agent_path = tmp.path().join("agent");
+    write_exec(&agent_path, agent);
+    let driver = JailDriver::new(JailConfig {
+        data_dir: tmp.path().join("data"),
+        agent_path,
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+    })
+    .expect("driver");
+    Some(Env {
+        tmp,
+        driver,
+        rootfs,
+    })
+}
+
+fn env() -> Option<Env> {
+    env_with_agent(AGENT)
+}
+
+static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn unique_id(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("{prefix}{}x{n}", std::process::id())
+}
+
+fn spec(env: &Env, id: &str, limits: Limits) -> SandboxSpec {
+    SandboxSpec {
+        id: id.to_string(),
+        template: TemplateImage {
+            name: "base".into(),
+            build_id: "test".into(),
+            rootfs: env.rootfs.clone(),
+            default_user: "root".into(),
+            env: Default::default(),
+        },
+        limits,
+        env_vars: [("HELLO".to_string(), "world".to_string())].into(),
+        access_token: "tok".into(),
+    }
+}
+
+fn small_limits() -> Limits {
+    Limits {
+        cpu_count: 1,
+        memory_mb: 128,
+        disk_mb: 16,
+        max_pids: 64,
+    }
+}
+
+/// Run a shell script inside the sandbox through the CGI; returns (output, exit status).
+async fn run(sb: &Arc<dyn SandboxHandle>, script: &str) -> (String, i32) {
+    let mut s = sb.dial(49983).await.expect("dial");
+    let req = format!(
+        "POST /cgi-bin/run HTTP/1.0\r\nContent-Length: {}\r\n\r\n{script}",
+        script.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut resp))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let resp = String::from_utf8_lossy(&resp).to_string();
+    // HTTP header, then the CGI's own header block (LF line ends), then the output
+    let body = resp
+        .split_once("\r\n")
+        .and_then(|(_, rest)| rest.split_once("\n\n"))
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_else(|| panic!("no HTTP body in {resp:?}"));
+    let (out, status) = body
+        .trim_end()
+        .rsplit_once("exit=")
+        .unwrap_or_else(|| panic!("no exit status in {body:?}"));
+    (out.to_string(), status.trim().parse().expect("status"))
+}
+
+async fn create(
+    env: &Env,
+    id: &str,
+    limits: Limits,
+) -> (Arc<dyn SandboxHandle>, mpsc::UnboundedReceiver<SandboxEvent>) {
+    let (tx, rx): (EventSink, _) = mpsc::unbounded_channel();
+    let t = Instant::now();
+    let sb = env
+        .driver
+        .create(spec(env, id, limits), tx)
+        .await
+        .expect("create");
+    eprintln!("sandbox {id} ready in {:?}", t.elapsed());
+    (sb, rx)
+}
+
+fn mountinfo() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo")
+}
+
+fn netns_of(pid: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|p| p.to_string_lossy().to_string())
+}
+
+fn all_netns() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+            if let Some(ns) = netns_of(pid) {
+                out.insert(ns);
+            }
+        }
+    }
+    out
+}
+
+/// What of sandbox `id` is visible on the host.
+struct Traces {
+    cgroup_dirs: Vec<PathBuf>,
+    pids: BTreeSet<i32>,
+    netns: BTreeSet<String>,
+}
+
+fn traces(env: &Env, id: &str) -> Traces {
+    let cg = env.driver.cgroups();
+    let pids = cg.procs(id).expect("procs");
+    let netns = pids.iter().filter_map(|p| netns_of(*p)).collect();
+    Traces {
+        cgroup_dirs: cg.dirs(id).into_iter().filter(|d| d.exists()).collect(),
+        pids,
+        netns,
+    }
+}
+
+async fn assert_gone(env: &Env, id: &str, alive: &Traces) {
+    let cg = env.driver.cgroups();
+    for d in cg.dirs(id) {
+        assert!(!d.exists(), "cgroup {} left behind", d.display());
+    }
+    let data: Vec<_> = std::fs::read_dir(env.tmp.path().join("data"))
+        .expect("data dir")
+        .collect();
+    assert!(data.is_empty(), "data dir not empty: {data:?}");
+    let tmp = env.tmp.path().to_string_lossy().to_string();
+    assert!(
+        !mountinfo().contains(&tmp),
+        "host mount table mentions {tmp}"
+    );
+    let now = all_netns();
+    for ns in &alive.netns {
+        assert!(!now.contains(ns), "netns {ns} still held by a process");
+    }
+    for pid in &alive.pids {
+        let ns = netns_of(*pid);
+        assert!(
+            ns.is_none() || !alive.netns.contains(&ns.unwrap_or_default()),
+            "process {pid} of the sandbox still runs"
+        );
+    }
+}
+
+fn cap_bit(status: &str, field: &str, bit: u32) -> bool {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("{field} missing in {status}"));
+    let v = u64::from_str_radix(&hex, 16).expect("hex");
+    v & (1 << bit) != 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_isolation_and_teardown() {
+    let Some(env) = env() else { return };
+    let _g = SANDBOXES.read().await;
+    let id = unique_id("life");
+    let (sb, mut events) = create(&env, &id, small_limits()).await;
+
+    // Events: the malformed and oversized lines were dropped, the rest arrived in order.
+    let first = events.recv().await.expect("event");
+    assert_eq!(first.sandbox_id, id);
+    assert_eq!(
+        first.event,
+        AgentEvent::MakeDir {
+            path: "/from-agent".into()
+        }
+    );
+    let second = events.recv().await.expect("event");
+    assert_eq!(
+        second.event,
+        AgentEvent::Ready {
+            version: "test".into()
+        }
+    );
+
+    // The agent got its config line.
+    let (cfg, code) = run(&sb, "cat /tmp/agent-config.json").await;
+    assert_eq!(code, 0);
+    let cfg: serde_json::Value = serde_json::from_str(cfg.trim()).expect("config json");
+    assert_eq!(cfg["sandbox_id"], id.as_str());
+    assert_eq!(cfg["access_token"], "tok");
+    assert_eq!(cfg["env_vars"]["HELLO"], "world");
+    assert_eq!(cfg["port"], 49983);
+
+    // Identity inside.
+    let (out, _) = run(&sb, "hostname; id -u; echo $$; cat /proc/1/cmdline | tr '\\0' ' '").await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], id, "hostname");
+    assert_eq!(lines[1], "0", "uid inside");
+    assert_ne!(lines[2], "1");
+    assert!(lines[3].contains("/.cella/agent"), "pid 1 is {:?}", lines[3]);
+
+    // Only lo, and it is up.
+    let (out, _) = run(&sb, "cat /proc/net/dev").await;
+    let ifaces: Vec<&str> = out
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(ifaces, vec!["lo"]);
+
+    // Host uid of root inside is 100000.
+    let (out, _) = run(&sb, "cat /proc/self/uid_map").await;
+    let map: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(map, vec!["0", "100000", "65536"]);
+
+    // Hardening: no_new_privs, seccomp, bounding set.
+    let (status, _) = run(&sb, "cat /proc/self/status").await;
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert!(!cap_bit(&status, "CapBnd:", 21), "CAP_SYS_ADMIN in bounding set");
+    assert!(!cap_bit(&status, "CapBnd:", 12), "CAP_NET_ADMIN in bounding set");
+    assert!(cap_bit(&status, "CapBnd:", 19), "CAP_SYS_PTRACE kept");
+    assert!(cap_bit(&status, "CapEff:", 0), "CAP_CHOWN as root inside");
+
+    // mount and a new user namespace are refused.
+    let (out, code) = run(&sb, "mount -t tmpfs none /mnt").await;
+    assert_ne!(code, 0, "mount succeeded: {out}");
+    let (out, code) = run(&sb, "unshare -U true").await;
+    assert_ne!(code, 0, "unshare -U succeeded: {out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+
+    // The root is writable (overlay), the template is not modified.
+    let (out, code) = run(
+        &sb,
+        "echo changed > /etc/motd && cat /etc/motd && touch /newfile && rm -rf /www/cgi-bin/../x && mkdir /etc/sub && ls -ld /tmp",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("changed"), "{out}");
+    assert!(out.contains("drwxrwxrwt"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(env.rootfs.join("etc/motd")).expect("motd"),
+        "template file\n"
+    );
+    assert!(!env.rootfs.join("newfile").exists());
+
+    // Devices and proc.
+    let (out, code) = run(
+        &sb,
+        "echo x > /dev/null && head -c 4 /dev/urandom | wc -c && ls /dev/pts && readlink /dev/ptmx && ls /proc/1/ >/dev/null && echo ok",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("pts/ptmx") && out.contains("ok"), "{out}");
+
+    // The agent binary is read-only.
+    let (out, code) = run(&sb, "echo x >> /.cella/agent").await;
+    assert_ne!(code, 0, "agent writable: {out}");
+
+    // Nothing of the sandbox is mounted on the host.
+    let tmp = env.tmp.path().to_string_lossy().to_string();
+    assert!(!mountinfo().contains(&tmp), "sandbox mounts visible on host");
+
+    // Stats come from the cgroup.
+    let st = sb.stats().expect("stats");
+    assert!(st.pids >= 2, "{st:?}");
+    assert!(st.memory_bytes > 0, "{st:?}");
+
+    // wait_exit does not resolve while it runs.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sb.wait_exit())
+            .await
+            .is_err()
+    );
+
+    let alive = traces(&env, &id);
+    assert!(!alive.cgroup_dirs.is_empty());
+    assert!(!alive.pids.is_empty());
+    assert_eq!(alive.netns.len(), 1, "one netns for the whole sandbox");
+    let host_ns = netns_of(std::process::id() as i32).expect("own netns");
+    assert!(!alive.netns.contains(&host_ns));
+
+    sb.destroy().await.expect("destroy");
+    assert_gone(&env, &id, &alive).await;
+    // idempotent, and concurrent calls are fine
+    let (a, b) = tokio::join!(sb.destroy(), sb.destroy());
+    a.expect("destroy again");
+    b.expect("destroy again");
+    assert!(sb.dial(49983).await.is_err(), "dial after destroy");
+    // destroy does not count as exiting on its own
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sb.wait_exit())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_quota_gives_enospc() {
+    let Some(env) = env() else { return };
+    let _g = SANDBOXES.read().await;
+    let id = unique_id("disk");
+    let limits = Limits {
+        disk_mb: 8,
+        memory_mb: 256,
+        ..small_limits()
+    };
+    let (sb, _ev) = create(&env, &id, limits).await;
+    let (out, code) = run(&sb, "dd if=/dev/zero of=/big bs=1M count=32").await;
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("No space left on device"), "{out}");
+    // the sandbox still works
+    let (out, code) = run(&sb, "rm /big && echo fine").await;
+    assert_eq!((out.trim(), code), ("fine", 0));
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_hog_is_oom_killed_inside_only() {
+    let Some(env) = env() else { return };
+    let _g = SANDBOXES.read().await;
+    let id = unique_id("oom");
+    let limits = Limits {
+        memory_mb: 48,
+        ..small_limits()
+    };
+    let (sb, _ev) = create(&env, &id, limits).await;
+    let (out, code) = run(&sb, "dd if=/dev/zero of=/dev/null bs=200M count=1").await;
+    assert_eq!(code, 137, "hog not killed by SIGKILL: {out}");
+    // the sandbox (agent, httpd) survived
+    let (out, code) = run(&sb, "echo alive").await;
+    assert_eq!((out.trim(), code), ("alive", 0));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sb.wait_exit())
+            .await
+            .is_err(),
+        "sandbox died"
+    );
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_bomb_hits_pids_max() {
+    let Some(env) = env() else { return };
+    let _g = SANDBOXES.read().await;
+    let id = unique_id("pids");
+    let limits = Limits {
+        max_pids: 16,
+        ..small_limits()
+    };
+    let (sb, _ev) = create(&env, &id, limits).await;
+    let (out, _) = run(
+        &sb,
+        "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do sleep 2 >/dev/null 2>&1 & done",
+    )
+    .await;
+    assert!(out.contains("can't fork"), "{out}");
+    let pids = sb.stats().expect("stats").pids;
+    assert!(pids <= 16, "{pids} tasks");
+    // once the sleepers are gone the sandbox works again
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut tries = 0;
+    while sb.dial(49983).await.is_err() && tries < 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tries += 1;
+    }
+    let (out, code) = run(&sb, "echo alive").await;
+    assert_eq!((out.trim(), code), ("alive", 0));
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_cannot_see_each_other() {
+    let Some(env) = env() else { return };
+    let _g = SANDBOXES.read().await;
+    let a_id = unique_id("isoa");
+    let b_id = unique_id("isob");
+    let (a, _ea) = create(&env, &a_id, small_limits()).await;
+    let (b, _eb) = create(&env, &b_id, small_limits()).await;
+    let (_, code) = run(
+        &a,
+        "echo secret > /tmp/secret-a; (sleep 12345 >/dev/null 2>&1 &) ; echo started",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let (out, _) = run(&b, "ls /tmp; cat /proc/[0-9]*/cmdline | tr '\\0' ' '; hostname").await;
+    assert!(!out.contains("secret-a"), "{out}");
+    assert!(!out.contains("12345"), "{out}");
+    assert!(out.contains(&b_id));
+    let (out, _) = run(&a, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").await;
+    assert!(out.contains("12345"), "{out}");
+    // A's files are not on the host either
+    let (out, _) = run(&a, "ls /").await;
+    assert!(!out.contains("rootfs") && !out.contains("data"), "{out}");
+    let (ta, tb) = (traces(&env, &a_id), traces(&env, &b_id));
+    assert!(ta.netns.is_disjoint(&tb.netns));
+    a.destroy().await.expect("destroy a");
+    // B is unaffected by A's teardown
+    let (out, _) = run(&b, "echo still").await;
+    assert_eq!(out.trim(), "still");
+    b.destroy().await.expect("destroy b");
+    assert_gone(&env, &a_id, &ta).await;
+    assert_gone(&env, &b_id, &tb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_agent_fails_cleanly() {
+    let Some(env) = env_with_agent("#!/bin/sh\necho dying >&2\nexit 3\n") else {
+        return;
+    };
+    let _g = SANDBOXES.read().await;
+    let id = unique_id("dead");
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let err = match env.driver.create(spec(&env, &id, small_limits()), tx).await {
+        Ok(_) => panic!("create succeeded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("status 3"), "{err}");
+    for d in env.driver.cgroups().dirs(&id) {
+        assert!(!d.exists(), "cgroup {} left behind", d.display());
+    }
+    assert!(!env.tmp.path().join("data").join(&id).exists());
+
+    // A rootfs without /bin/sh: the agent's interpreter is missing, exec fails in setup.
+    std::fs::remove_file(env.rootfs.join("bin/sh")).expect("rm sh");
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let id = unique_id("nosh");
+    let err = match env.driver.create(spec(&env, &id, small_limits()), tx).await {
+        Ok(_) => panic!("create succeeded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("execve of the agent"), "{err}");
+    for d in env.driver.cgroups().dirs(&id) {
+        assert!(!d.exists(), "cgroup {} left behind", d.display());
+    }
+    assert!(!env.tmp.path().join("data").join(&id).exists());
+
+    // Invalid ids never reach the kernel.
+    let (tx, _rx) = mpsc::unbounded_channel();
+    assert!(
+        env.driver
+            .create(spec(&env, "../etc", small_limits()), tx)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_exit_resolves_wait_exit() {
+    let Some(env) = env() else { return };
+    let _g = SANDBOXES.read().await;
+    let id = unique_id("exit");
+    let (sb, _ev) = create(&env, &id, small_limits()).await;
+    // Stop httpd for good from inside: the fake agent's `wait` returns and pid 1 exits on
+    // its own.
+    // (Signals to pid 1 from inside its pid namespace are ignored without a handler.)
+    let (out, _) = run(&sb, "kill -9 1; echo still-here").await;
+    assert!(out.contains("still-here"), "{out}");
+    let mut s = sb.dial(49983).await.expect("dial");
+    let script = "touch /tmp/stop; killall httpd";
+    let req = format!(
+        "POST /cgi-bin/run HTTP/1.0\r\nContent-Length: {}\r\n\r\n{script}",
+        script.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let info = tokio::time::timeout(Duration::from_secs(10), sb.wait_exit())
+        .await
+        .expect("wait_exit resolves");
+    assert_eq!(info.reason, "agent exited with status 0");
+    let alive = Traces {
+        cgroup_dirs: vec![],
+        pids: BTreeSet::new(),
+        netns: BTreeSet::new(),
+    };
+    sb.destroy().await.expect("destroy after exit");
+    assert_gone(&env, &id, &alive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reap_orphans_after_a_crash() {
+    let Some(env) = env() else { return };
+    let _g = SANDBOXES.write().await;
+    let foreign = env.driver.cgroups().list().expect("list");
+    if !foreign.is_empty() {
+        eprintln!("skipping: other cella sandboxes run on this host ({foreign:?}); the reaper would kill them");
+        return;
+    }
+    let id = unique_id("orph");
+    let (sb, _ev) = create(&env, &id, small_limits()).await;
+    let (_, code) = run(&sb, "(sleep 1000 >/dev/null 2>&1 &); echo ok").await;
+    assert_eq!(code, 0);
+    let alive = traces(&env, &id);
+    assert!(alive.pids.len() >= 3, "{:?}", alive.pids);
+    // Simulate a server crash: the handle and the driver are forgotten, nothing is torn down.
+    std::mem::forget(sb);
+    let config = env.driver.config().clone();
+    let driver2 = JailDriver::new(config).expect("driver after restart");
+    let report = driver2.reap_orphans().await.expect("reap");
+    assert!(report.processes >= 3, "{report:?}");
+    assert_eq!(report.cgroups, env.driver.cgroups().hierarchies().len(), "{report:?}");
+    assert_eq!(report.dirs, 1, "{report:?}");
+    // the killed init is reaped by the (leaked) waiter of the first driver
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while all_netns().intersection(&alive.netns).next().is_some() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_gone(&env, &id, &alive).await;
+    // a second run finds nothing
+    let again = driver2.reap_orphans().await.expect("reap again");
+    assert_eq!(again, Default::default());
+}

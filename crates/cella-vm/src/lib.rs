@@ -1,0 +1,1 @@
+//! microVM driver (placeholder until the driver lands).
