@@ -185,9 +185,72 @@ class Server:
 
 
 # --- host state snapshots (cleanup proofs) ---
+#
+# The proofs compare the whole host, but on a shared development machine other cella servers
+# (and the jail driver's own tests) may run sandboxes at the same time. Processes are therefore
+# attributed: a process outside the host namespaces belongs to *this* server when the first
+# ancestor in the host namespaces is the server (or init, for the orphans of a killed server);
+# a sandbox cgroup belongs to it unless it holds a process of someone else. What belongs to
+# someone else is left out of the comparison; everything else counts.
 
-def _own_ns() -> dict:
-    return {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "net", "mnt")}
+NS_KINDS = ("pid", "net", "mnt")
+
+
+def _ns_of(pid) -> Optional[dict]:
+    try:
+        return {k: os.readlink(f"/proc/{pid}/ns/{k}") for k in NS_KINDS}
+    except OSError:
+        return None
+
+
+def _ppid(pid) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        # the command may contain spaces and parentheses: split after the last ')'
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+class _Procs:
+    """One pass over /proc: namespaces, parents and ownership of every process."""
+
+    def __init__(self, server_pid: Optional[int]):
+        self.own = _ns_of("self")
+        self.server_pid = server_pid
+        self.ns = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                ns = _ns_of(name)
+                if ns is not None:
+                    self.ns[int(name)] = ns
+
+    def sandboxed(self, pid: int) -> bool:
+        ns = self.ns.get(pid)
+        return ns is not None and ns != self.own
+
+    def ours(self, pid: int) -> bool:
+        """A sandbox process of this server (see the module comment)."""
+        seen = 0
+        cur = pid
+        while cur and seen < 4096:
+            seen += 1
+            if not self.sandboxed(cur) and cur in self.ns:
+                return cur == self.server_pid or cur == 1
+            nxt = _ppid(cur)
+            if nxt is None:
+                return True  # gone meanwhile: count it (conservative)
+            cur = nxt
+        return True
 
 
 def _host_mounts() -> set:
@@ -196,51 +259,25 @@ def _host_mounts() -> set:
         return set(f.read().splitlines())
 
 
-def _cella_cgroups() -> set:
-    out = set()
+def _cella_cgroup_dirs() -> list:
+    out = []
     root = "/sys/fs/cgroup"
-    for ctrl in sorted(os.listdir(root)):
-        base = os.path.join(root, ctrl)
-        if not os.path.isdir(base):
-            continue
-        for dirpath, dirnames, _ in os.walk(base):
-            # cgroupfs trees are small; prune anything that cannot contain "cella"
-            for d in dirnames:
-                p = os.path.join(dirpath, d)
-                if "cella" in p:
-                    out.add(p)
+    for dirpath, dirnames, _ in os.walk(root):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if "cella" in p:
+                out.append(p)
     return out
 
 
-def _net_namespaces() -> set:
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                out.add(os.readlink(f"/proc/{pid}/ns/net"))
-            except OSError:
-                pass
-    return out
-
-
-def _foreign_processes() -> set:
-    """Processes in a pid, net or mount namespace other than the host's (ours): sandbox
-    processes. (Processes in the host namespaces come and go for unrelated reasons.)"""
-    own = _own_ns()
-    out = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def _cgroup_pids(path: str) -> set:
+    for name in ("cgroup.procs", "tasks"):
         try:
-            ns = {k: os.readlink(f"/proc/{pid}/ns/{k}") for k in own}
-            if ns == own:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-            out.add((int(pid), cmd))
-        except OSError:
-            pass
-    return out
+            with open(os.path.join(path, name)) as f:
+                return {int(x) for x in f.read().split()}
+        except (OSError, ValueError):
+            continue
+    return set()
 
 
 def _data_files(data_dir: Path) -> set:
@@ -248,7 +285,7 @@ def _data_files(data_dir: Path) -> set:
     for dirpath, dirnames, filenames in os.walk(data_dir):
         for name in dirnames + filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), data_dir)
-            # The database's journal files are the server's, not a sandbox's.
+            # The database's files are the server's, not a sandbox's.
             if rel.startswith("cella.db"):
                 continue
             out.add(rel)
@@ -264,12 +301,25 @@ class HostSnapshot:
     data_files: frozenset
 
     @staticmethod
-    def take(data_dir: Path) -> "HostSnapshot":
+    def take(data_dir: Path, server_pid: Optional[int] = None) -> "HostSnapshot":
+        procs = _Procs(server_pid)
+        foreign = {p for p in procs.ns if procs.sandboxed(p) and not procs.ours(p)}
+        cgroups = set()
+        for d in _cella_cgroup_dirs():
+            if not (_cgroup_pids(d) & foreign):
+                cgroups.add(d)
+        # A cgroup's children hold the processes: drop parents of foreign-only leaves too.
+        foreign_ids = {os.path.basename(d) for d in _cella_cgroup_dirs() if _cgroup_pids(d) & foreign}
+        cgroups = {d for d in cgroups if os.path.basename(d) not in foreign_ids}
+        processes = {
+            (p, _cmdline(p)) for p in procs.ns if procs.sandboxed(p) and p not in foreign
+        }
+        netns = {ns["net"] for p, ns in procs.ns.items() if p not in foreign}
         return HostSnapshot(
             mounts=frozenset(_host_mounts()),
-            cgroups=frozenset(_cella_cgroups()),
-            netns=frozenset(_net_namespaces()),
-            processes=frozenset(_foreign_processes()),
+            cgroups=frozenset(cgroups),
+            netns=frozenset(netns),
+            processes=frozenset(processes),
             data_files=frozenset(_data_files(data_dir)),
         )
 

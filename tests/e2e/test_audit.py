@@ -14,15 +14,21 @@ def test_audit_log_has_the_sandbox_story(server):
     sbx.files.write("/home/user/audited.txt", "x")
     sbx.kill()
 
+    wanted = {"sandbox.create", "process.start", "file.write", "sandbox.kill"}
+    seen = []
+
     def entries():
         with server.api() as api:
             r = api.get("/audit", params={"sandboxID": sid})
         assert r.status_code == 200, r.text
         rows = r.json()
-        kinds = {e["kind"] for e in rows}
-        return rows if {"sandbox.create", "process.start", "file.write", "sandbox.kill"} <= kinds else None
+        seen[:] = sorted({e["kind"] for e in rows})
+        return rows if wanted <= set(seen) else None
 
-    rows = wait_until(entries, timeout=15, interval=0.3, what="audit entries")
+    try:
+        rows = wait_until(entries, timeout=15, interval=0.3, what="audit entries")
+    except AssertionError:
+        raise AssertionError(f"audit of {sid} has kinds {seen}, missing {sorted(wanted - set(seen))}") from None
     for e in rows:
         assert e["sandboxId"] == sid
         assert {"id", "time", "actor", "kind", "detail"} <= set(e)

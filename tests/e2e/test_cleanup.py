@@ -13,13 +13,17 @@ from e2b import Sandbox
 from cella_e2e import HostSnapshot, wait_until
 
 
+def snap(server) -> HostSnapshot:
+    return HostSnapshot.take(server.data_dir, server.proc.pid if server.proc else None)
+
+
 def _settled_equal(server, before: HostSnapshot, timeout: float = 15) -> HostSnapshot:
     """Wait (bounded) until the host state equals `before`; fail with the difference."""
     last = {}
 
     def same():
         nonlocal last
-        now = HostSnapshot.take(server.data_dir)
+        now = snap(server)
         last = before.diff(now)
         return not last
 
@@ -40,11 +44,11 @@ def _assert_new_state(before: HostSnapshot, after: HostSnapshot):
 
 
 def test_kill_leaves_nothing_behind(server):
-    before = HostSnapshot.take(server.data_dir)
+    before = snap(server)
     sbx = Sandbox.create(template="base", timeout=120)
     sbx.commands.run("sleep 777", background=True)
     sbx.files.write("/home/user/data.bin", b"x" * 100_000)
-    after_create = HostSnapshot.take(server.data_dir)
+    after_create = snap(server)
     _assert_new_state(before, after_create)
     assert any("sleep 777" in cmd for _, cmd in after_create.processes - before.processes)
 
@@ -53,20 +57,20 @@ def test_kill_leaves_nothing_behind(server):
 
 
 def test_expiry_leaves_nothing_behind(server):
-    before = HostSnapshot.take(server.data_dir)
+    before = snap(server)
     sbx = Sandbox.create(template="base", timeout=2)
     sbx.commands.run("sleep 778", background=True)
-    _assert_new_state(before, HostSnapshot.take(server.data_dir))
+    _assert_new_state(before, snap(server))
     wait_until(lambda: not sbx.is_running(), timeout=20, interval=0.5, what="expiry")
     _settled_equal(server, before)
 
 
 def test_sigterm_destroys_all_sandboxes(server):
-    before = HostSnapshot.take(server.data_dir)
+    before = snap(server)
     sandboxes = [Sandbox.create(template="base", timeout=300) for _ in range(2)]
     for s in sandboxes:
         s.commands.run("sleep 779", background=True)
-    _assert_new_state(before, HostSnapshot.take(server.data_dir))
+    _assert_new_state(before, snap(server))
 
     code = server.stop(signal.SIGTERM)
     assert code == 0, f"cella serve exited with {code} on SIGTERM"
@@ -79,22 +83,22 @@ def test_sigterm_destroys_all_sandboxes(server):
 
 
 def test_restart_after_crash_removes_leftovers(server):
-    before = HostSnapshot.take(server.data_dir)
+    before = snap(server)
     sbx = Sandbox.create(template="base", timeout=300)
     sbx.commands.run("sleep 31337", background=True)
     sbx.files.write("/home/user/left.txt", "left behind")
-    _assert_new_state(before, HostSnapshot.take(server.data_dir))
+    _assert_new_state(before, snap(server))
 
     server.kill9()
     time.sleep(0.5)
-    crashed = HostSnapshot.take(server.data_dir)
+    crashed = snap(server)
     leftovers = before.diff(crashed)
     # Whatever the crash left (at least the sandbox's files and cgroups) ...
     assert leftovers, "a SIGKILLed server should leave its sandbox behind"
 
     server.start()
     # ... is gone before the restarted server accepts requests.
-    diff = before.diff(HostSnapshot.take(server.data_dir))
+    diff = before.diff(snap(server))
     assert not diff, f"left behind after restart: {diff}"
     assert any("leftovers" in line for line in server.lines[-20:]), server.lines[-20:]
 

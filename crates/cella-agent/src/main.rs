@@ -6,8 +6,11 @@
 //! Two modes:
 //! * `cella-agent --control-fd 3`: production. Reads one [`AgentConfig`] JSON line from the fd,
 //!   binds, writes `ready`, then streams audit events on the same fd.
-//! * `cella-agent --listen 127.0.0.1:PORT --token TOKEN [--user NAME]`: standalone, for tests
-//!   and debugging on a host.
+//! * `cella-agent --listen 127.0.0.1:PORT --token TOKEN [--user NAME] [--start CMD]`:
+//!   standalone, for tests and debugging on a host.
+//!
+//! A template's start command (the config's `start`, or `--start`) is spawned once the agent
+//! listens, as a tracked process tagged `start_cmd`.
 
 mod files;
 mod fs;
@@ -27,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use cella_proto::control::{AgentConfig, AgentEvent};
+use cella_proto::control::{AgentConfig, AgentEvent, StartCommand};
 
 use crate::reaper::Reaper;
 use crate::state::{Agent, EventSink, Settings};
@@ -45,9 +48,10 @@ struct Args {
     user: Option<String>,
     workdir: Option<String>,
     envs: BTreeMap<String, String>,
+    start: Option<String>,
 }
 
-const USAGE: &str = "usage: cella-agent --control-fd FD\n       cella-agent --listen ADDR:PORT [--token TOKEN] [--user NAME] [--workdir DIR] [--env K=V]...";
+const USAGE: &str = "usage: cella-agent --control-fd FD\n       cella-agent --listen ADDR:PORT [--token TOKEN] [--user NAME] [--workdir DIR] [--env K=V]... [--start CMD]";
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
     let mut a = Args::default();
@@ -70,6 +74,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
             "--token" => a.token = Some(value("--token")?),
             "--user" => a.user = Some(value("--user")?),
             "--workdir" => a.workdir = Some(value("--workdir")?),
+            "--start" => a.start = Some(value("--start")?),
             "--env" => {
                 let kv = value("--env")?;
                 let (k, v) = kv.split_once('=').context("--env takes KEY=VALUE")?;
@@ -182,7 +187,7 @@ async fn run(args: Args) -> Result<()> {
     // Install the SIGCHLD handler before anything can exit.
     tokio::spawn(reaper.clone().run());
 
-    let (settings, addr, control) = match args.control_fd {
+    let (settings, addr, control, start) = match args.control_fd {
         Some(fd) => {
             // SAFETY: the driver passes this fd to us; we take sole ownership of it.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -196,7 +201,12 @@ async fn run(args: Args) -> Result<()> {
                 users_root: PathBuf::from("/"),
                 proc_root: PathBuf::from("/"),
             };
-            (settings, format!("{}:{}", cfg.bind, cfg.port), Some(file))
+            (
+                settings,
+                format!("{}:{}", cfg.bind, cfg.port),
+                Some(file),
+                cfg.start,
+            )
         }
         None => {
             let default_user = match args.user {
@@ -215,7 +225,12 @@ async fn run(args: Args) -> Result<()> {
                 users_root: PathBuf::from("/"),
                 proc_root: PathBuf::from("/"),
             };
-            (settings, args.listen.unwrap_or_default(), None)
+            let start = args.start.map(|cmd| StartCommand {
+                cmd,
+                user: String::new(),
+                cwd: String::new(),
+            });
+            (settings, args.listen.unwrap_or_default(), None, start)
         }
     };
 
@@ -245,6 +260,17 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let agent = Arc::new(Agent::new(settings, reaper, events));
+    if let Some(start) = start {
+        // After `ready` and while we already accept connections: the template's server
+        // comes up next to envd, and a failure to start it never takes envd down.
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            match process::start_boot_command(&agent, &start).await {
+                Ok(pid) => tracing::info!(pid, "start command running"),
+                Err(e) => tracing::error!("cannot run the start command: {}", e.message),
+            }
+        });
+    }
     axum::serve(listener, http::app(agent))
         .await
         .context("serving")?;
@@ -297,6 +323,7 @@ mod tests {
             default_workdir: String::new(),
             port: 49983,
             bind: "0.0.0.0".into(),
+            start: None,
         };
         let mut line = serde_json::to_vec(&cfg).expect("json");
         line.extend_from_slice(b"\nEXTRA");

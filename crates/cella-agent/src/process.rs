@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use cella_proto::control::AgentEvent;
+use cella_proto::control::{AgentEvent, START_CMD_TAG, StartCommand};
 use cella_proto::envd::connect::{Code, ConnectError};
 use cella_proto::envd::process::{
     CloseStdinRequest, ConnectRequest, DataEvent, Empty, EndEvent, ListRequest, ListResponse,
@@ -359,10 +359,10 @@ fn keepalive(headers: &HeaderMap) -> Option<(Duration, StreamResponse)> {
 
 async fn start_inner(
     agent: &AgentRef,
-    headers: &HeaderMap,
+    user: User,
     req: StartRequest,
+    timeout: Option<Duration>,
 ) -> Result<mpsc::Receiver<ProcessEvent>, ConnectError> {
-    let user = agent.request_user(headers)?;
     let config = req
         .process
         .clone()
@@ -492,9 +492,39 @@ async fn start_inner(
         proc,
         outputs,
         exit_rx,
-        rpc::connect_timeout(headers),
+        timeout,
     ));
     Ok(rx)
+}
+
+/// Start the template's start command (a long-running server) as a tracked process tagged
+/// [`START_CMD_TAG`], without a timeout. Its output goes to whoever `Connect`s to it, and is
+/// otherwise dropped.
+pub async fn start_boot_command(agent: &AgentRef, start: &StartCommand) -> Result<u32, ConnectError> {
+    let user = agent
+        .resolve_user((!start.user.is_empty()).then_some(start.user.as_str()))
+        .map_err(|e| err(Code::InvalidArgument, format!("start command user: {e}")))?;
+    let req = StartRequest {
+        process: Some(ProcessConfig {
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), start.cmd.clone()],
+            envs: BTreeMap::new(),
+            cwd: (!start.cwd.is_empty()).then(|| start.cwd.clone()),
+        }),
+        pty: None,
+        tag: Some(START_CMD_TAG.to_string()),
+        stdin: Some(false),
+    };
+    let mut rx = start_inner(agent, user, req, None).await?;
+    // The first event is `start`, carrying the PID; later ones are dropped with the receiver.
+    let pid = match rx.recv().await {
+        Some(ProcessEvent {
+            start: Some(started),
+            ..
+        }) => started.pid,
+        _ => 0,
+    };
+    Ok(pid)
 }
 
 /// `Start` (server stream).
@@ -503,7 +533,11 @@ pub async fn start(State(agent): State<AgentRef>, headers: HeaderMap, body: Body
         Ok(r) => r,
         Err(e) => return rpc::stream_error(e),
     };
-    match start_inner(&agent, &headers, req).await {
+    let started = match agent.request_user(&headers) {
+        Ok(user) => start_inner(&agent, user, req, rpc::connect_timeout(&headers)).await,
+        Err(e) => Err(e),
+    };
+    match started {
         Ok(rx) => rpc::stream_response(stream_of(rx), keepalive(&headers)),
         Err(e) => rpc::stream_error(e),
     }

@@ -39,10 +39,15 @@ fn current_user() -> String {
 }
 
 fn start_agent() -> Agent {
+    start_agent_with(&[])
+}
+
+fn start_agent_with(extra: &[&str]) -> Agent {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cella-agent"))
         .args(["--listen", "127.0.0.1:0", "--token", TOKEN, "--user"])
         .arg(current_user())
         .args(["--env", "SANDBOX_WIDE=from-sandbox"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -935,4 +940,44 @@ async fn watch_dir_stream_and_polling_watcher() {
         )
         .await;
     assert_eq!((st, v["code"].as_str()), (404, Some("not_found")));
+}
+
+#[tokio::test]
+async fn start_command_runs_at_boot_as_a_tagged_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("started");
+    let cmd = format!(
+        "echo \"$SANDBOX_WIDE\" > {}; exec sleep 30",
+        marker.display()
+    );
+    let a = start_agent_with(&["--start", &cmd]);
+    let mut listed = Value::Null;
+    for _ in 0..100 {
+        let (st, list) = a.unary("/process.Process/List", json!({})).await;
+        assert_eq!(st, 200);
+        if marker.exists() {
+            listed = list;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let procs = listed["processes"].as_array().expect("processes listed");
+    let start = procs
+        .iter()
+        .find(|p| p["tag"] == "start_cmd")
+        .unwrap_or_else(|| panic!("start command is listed: {listed}"));
+    assert_eq!(start["config"]["cmd"], "/bin/sh");
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("marker").trim(),
+        "from-sandbox",
+        "the start command gets the sandbox env"
+    );
+    // It is an ordinary process: it can be killed by tag.
+    let (st, _) = a
+        .unary(
+            "/process.Process/SendSignal",
+            json!({"process": {"tag": "start_cmd"}, "signal": "SIGNAL_SIGKILL"}),
+        )
+        .await;
+    assert_eq!(st, 200);
 }

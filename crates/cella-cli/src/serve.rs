@@ -116,14 +116,14 @@ fn restrict_permissions(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn setup_keys(store: &Store) -> anyhow::Result<()> {
-    if let Ok(key) = std::env::var("CELLA_API_KEY") {
-        if !key.is_empty() {
-            store
-                .import_key("CELLA_API_KEY", &key)
-                .context("registering CELLA_API_KEY")?;
-            println!("cella: API key from CELLA_API_KEY registered");
-            return Ok(());
-        }
+    if let Ok(key) = std::env::var("CELLA_API_KEY")
+        && !key.is_empty()
+    {
+        store
+            .import_key("CELLA_API_KEY", &key)
+            .context("registering CELLA_API_KEY")?;
+        println!("cella: API key from CELLA_API_KEY registered");
+        return Ok(());
     }
     if store.active_key_count()? == 0 {
         let created = store.create_key("default")?;
@@ -176,25 +176,18 @@ fn find_agent(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         bail!("agent binary {} does not exist", p.display());
     }
     let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join("cella-agent-static"));
-            if let Some(profile) = dir.file_name() {
-                if let Some(target) = dir.parent() {
-                    candidates.push(
-                        target
-                            .join("x86_64-unknown-linux-gnu")
-                            .join(profile)
-                            .join("cella-agent"),
-                    );
-                    candidates.push(
-                        target
-                            .join("x86_64-unknown-linux-gnu")
-                            .join("release")
-                            .join("cella-agent"),
-                    );
-                }
-            }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        // Installed side by side, or the output of scripts/build.
+        candidates.push(dir.join("cella-agent-static"));
+        if let (Some(profile), Some(target)) = (dir.file_name(), dir.parent()) {
+            candidates.push(
+                target
+                    .join("x86_64-unknown-linux-gnu")
+                    .join(profile)
+                    .join("cella-agent"),
+            );
         }
     }
     candidates.push(PathBuf::from("/usr/local/lib/cella/cella-agent"));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cella_api::Isolation;
-use cella_proto::control::AgentEvent;
+use cella_proto::control::{AgentEvent, StartCommand};
 use tokio::sync::mpsc;
 
 /// Resource limits applied to one sandbox.
@@ -52,6 +52,8 @@ pub struct TemplateImage {
     pub default_user: String,
     /// Template-wide environment.
     pub env: BTreeMap<String, String>,
+    /// Command the agent starts at boot (`None`: nothing).
+    pub start_cmd: Option<StartCommand>,
 }
 
 /// Everything a driver needs to start one sandbox.

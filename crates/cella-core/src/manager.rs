@@ -288,7 +288,7 @@ impl Manager {
                 TemplateError::NotBuilt { name, .. } => ManagerError::TemplateNotReady(name),
                 other => ManagerError::Template(other),
             })?;
-        let spec_defaults = crate::template::TemplateSpec::builtin(&image.name);
+        let spec_defaults = self.templates.spec(&image.name);
         let mut limits = Limits {
             max_pids: self.config.max_pids,
             ..Limits::default()

@@ -6,14 +6,17 @@
 //! only complete list of a sandbox's processes after a server crash, which is what
 //! [`Cgroups::kill_all`] and the orphan reaper rely on.
 //!
-//! Layout: every sandbox gets `cella/<id>` in each controller it needs.
+//! Layout: every sandbox gets `cella/<instance>/<id>` in each controller it needs. The
+//! instance level keeps several cella servers (or test runs) on one host apart: the orphan
+//! reaper of one must never kill the live sandboxes of another. The driver derives the
+//! instance name from its data directory, so a restarted server finds its own leftovers.
 //!
 //! ```text
-//! v2 (unified):  <root>/cella/<id>/{memory.max, memory.swap.max, cpu.max, pids.max, cgroup.kill}
-//! v1 (legacy):   <root>/memory/cella/<id>/memory.limit_in_bytes (+ memory.memsw.limit_in_bytes)
-//!                <root>/cpu/cella/<id>/cpu.cfs_{period,quota}_us
-//!                <root>/cpuacct/cella/<id>/cpuacct.usage        (if a separate hierarchy)
-//!                <root>/pids/cella/<id>/pids.max
+//! v2 (unified):  <root>/cella/<inst>/<id>/{memory.max, memory.swap.max, cpu.max, pids.max, cgroup.kill}
+//! v1 (legacy):   <root>/memory/cella/<inst>/<id>/memory.limit_in_bytes (+ memory.memsw.limit_in_bytes)
+//!                <root>/cpu/cella/<inst>/<id>/cpu.cfs_{period,quota}_us
+//!                <root>/cpuacct/cella/<inst>/<id>/cpuacct.usage   (if a separate hierarchy)
+//!                <root>/pids/cella/<inst>/<id>/pids.max
 //! ```
 //!
 //! All paths hang off a root given to [`Cgroups::detect`], so the file handling is tested
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use cella_core::driver::{Limits, SandboxStats};
 
-/// Name of the parent cgroup all sandboxes live under.
+/// Name of the top cgroup all cella instances live under.
 pub const PARENT: &str = "cella";
 
 /// CFS period used for CPU quotas, in microseconds.
@@ -105,6 +108,7 @@ pub enum CgroupMode {
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     mode: CgroupMode,
+    instance: String,
 }
 
 fn read_trimmed(path: &Path) -> Result<String, CgroupError> {
@@ -147,8 +151,20 @@ fn v1_hierarchy(root: &Path, name: &str) -> Option<PathBuf> {
 
 impl Cgroups {
     /// Probe `root` for cgroup v2 (preferred when memory, cpu and pids are all available in
-    /// `cgroup.controllers`) or the v1 memory/cpu/pids hierarchies. Reads only.
-    pub fn detect(root: &Path) -> Result<Cgroups, CgroupError> {
+    /// `cgroup.controllers`) or the v1 memory/cpu/pids hierarchies. Reads only. `instance`
+    /// (`[a-z0-9]+`) names this driver's level under `cella/`.
+    pub fn detect(root: &Path, instance: &str) -> Result<Cgroups, CgroupError> {
+        if instance.is_empty()
+            || !instance
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(CgroupError::Unavailable {
+                root: root.to_path_buf(),
+                reason: format!("invalid instance name {instance:?}"),
+            });
+        }
+        let instance = instance.to_string();
         let controllers = root.join("cgroup.controllers");
         let mut v2_reason = String::from("no cgroup.controllers");
         if controllers.is_file() {
@@ -164,6 +180,7 @@ impl Cgroups {
                         root: root.to_path_buf(),
                         swap: false,
                     },
+                    instance,
                 });
             }
             v2_reason = format!("cgroup2 lacks controllers {}", missing.join(","));
@@ -183,6 +200,7 @@ impl Cgroups {
                         pids,
                         memsw,
                     },
+                    instance,
                 })
             }
             (m, c, p) => {
@@ -210,37 +228,55 @@ impl Cgroups {
         matches!(self.mode, CgroupMode::V2 { .. })
     }
 
-    /// Create the `cella` parent cgroups and (v2) enable the controllers for sandboxes.
+    /// Create the `cella/<instance>` parent cgroups and (v2) enable the controllers for
+    /// sandboxes on the way down.
     pub fn prepare(&mut self) -> Result<(), CgroupError> {
-        match &mut self.mode {
-            CgroupMode::V2 { root, swap } => {
-                let want = "+memory +pids +cpu";
-                let root_ctl = root.join("cgroup.subtree_control");
-                let enabled = read_trimmed(&root_ctl).unwrap_or_default();
-                let on: BTreeSet<&str> = enabled.split_whitespace().collect();
-                if !["memory", "pids", "cpu"].iter().all(|c| on.contains(c)) {
-                    write_file(&root_ctl, want)?;
+        self.ensure_parents()?;
+        let swap_file = self
+            .v2_dir("x")
+            .and_then(|d| d.parent().map(|p| p.join("memory.swap.max")));
+        if let (CgroupMode::V2 { swap, .. }, Some(f)) = (&mut self.mode, swap_file) {
+            // The parent is a non-root cgroup with memory enabled by its parent, so it shows
+            // whether swap accounting exists.
+            *swap = f.is_file();
+        }
+        Ok(())
+    }
+
+    /// Make sure `cella/<instance>` exists (and, on v2, passes the controllers down). Called
+    /// before every create, so an administrator removing the empty parent does not break the
+    /// server.
+    fn ensure_parents(&self) -> Result<(), CgroupError> {
+        match &self.mode {
+            CgroupMode::V2 { root, .. } => {
+                let top = root.join(PARENT);
+                let parent = self.parent(root);
+                for (dir, create) in [(root.clone(), false), (top, true), (parent, true)] {
+                    if create {
+                        mkdir(&dir)?;
+                    }
+                    let ctl = dir.join("cgroup.subtree_control");
+                    let enabled = read_trimmed(&ctl).unwrap_or_default();
+                    let on: BTreeSet<&str> = enabled.split_whitespace().collect();
+                    if !["memory", "pids", "cpu"].iter().all(|c| on.contains(c)) {
+                        write_file(&ctl, "+memory +pids +cpu")?;
+                    }
                 }
-                let parent = root.join(PARENT);
-                mkdir(&parent)?;
-                let parent_ctl = parent.join("cgroup.subtree_control");
-                let enabled = read_trimmed(&parent_ctl).unwrap_or_default();
-                let on: BTreeSet<&str> = enabled.split_whitespace().collect();
-                if !["memory", "pids", "cpu"].iter().all(|c| on.contains(c)) {
-                    write_file(&parent_ctl, want)?;
-                }
-                // The parent is a non-root cgroup with memory enabled by its parent, so it
-                // shows whether swap accounting exists.
-                *swap = parent.join("memory.swap.max").is_file();
                 Ok(())
             }
             CgroupMode::V1 { .. } => {
                 for h in self.hierarchies() {
                     mkdir(&h.join(PARENT))?;
+                    mkdir(&self.parent(&h))?;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// `<hierarchy>/cella/<instance>`.
+    fn parent(&self, hierarchy: &Path) -> PathBuf {
+        hierarchy.join(PARENT).join(&self.instance)
     }
 
     /// Every hierarchy directory in use (deduplicated: `cpu` and `cpuacct` may be one).
@@ -274,14 +310,14 @@ impl Cgroups {
     pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
         self.hierarchies()
             .into_iter()
-            .map(|h| h.join(PARENT).join(id))
+            .map(|h| self.parent(&h).join(id))
             .collect()
     }
 
     /// The v2 cgroup directory of `id` (for `CLONE_INTO_CGROUP`); `None` on v1.
     pub fn v2_dir(&self, id: &str) -> Option<PathBuf> {
         match &self.mode {
-            CgroupMode::V2 { root, .. } => Some(root.join(PARENT).join(id)),
+            CgroupMode::V2 { root, .. } => Some(self.parent(root).join(id)),
             CgroupMode::V1 { .. } => None,
         }
     }
@@ -289,6 +325,7 @@ impl Cgroups {
     /// Create the cgroups of sandbox `id` and write its limits. On error the directories
     /// created so far are removed again.
     pub fn create(&self, id: &str, limits: &Limits) -> Result<(), CgroupError> {
+        self.ensure_parents()?;
         let dirs = self.dirs(id);
         let mut made = Vec::new();
         for d in &dirs {
@@ -324,7 +361,7 @@ impl Cgroups {
         let pids = limits.max_pids.to_string();
         match &self.mode {
             CgroupMode::V2 { root, swap } => {
-                let d = root.join(PARENT).join(id);
+                let d = self.parent(root).join(id);
                 write_file(&d.join("memory.max"), &memory)?;
                 if *swap {
                     write_file(&d.join("memory.swap.max"), "0")?;
@@ -339,15 +376,15 @@ impl Cgroups {
                 memsw,
                 ..
             } => {
-                let m = mem_h.join(PARENT).join(id);
+                let m = self.parent(mem_h).join(id);
                 write_file(&m.join("memory.limit_in_bytes"), &memory)?;
                 if *memsw {
                     write_file(&m.join("memory.memsw.limit_in_bytes"), &memory)?;
                 }
-                let c = cpu.join(PARENT).join(id);
+                let c = self.parent(cpu).join(id);
                 write_file(&c.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
                 write_file(&c.join("cpu.cfs_quota_us"), &quota)?;
-                let p = pids_h.join(PARENT).join(id);
+                let p = self.parent(pids_h).join(id);
                 write_file(&p.join("pids.max"), &pids)?;
             }
         }
@@ -366,7 +403,7 @@ impl Cgroups {
     pub fn stats(&self, id: &str) -> Result<SandboxStats, CgroupError> {
         match &self.mode {
             CgroupMode::V2 { root, .. } => {
-                let d = root.join(PARENT).join(id);
+                let d = self.parent(root).join(id);
                 let memory_bytes = read_u64(&d.join("memory.current"))?;
                 let pids = read_u64(&d.join("pids.current"))?;
                 let stat_path = d.join("cpu.stat");
@@ -389,10 +426,10 @@ impl Cgroups {
                 ..
             } => {
                 let memory_bytes =
-                    read_u64(&memory.join(PARENT).join(id).join("memory.usage_in_bytes"))?;
-                let pids = read_u64(&pids.join(PARENT).join(id).join("pids.current"))?;
+                    read_u64(&self.parent(memory).join(id).join("memory.usage_in_bytes"))?;
+                let pids = read_u64(&self.parent(pids).join(id).join("pids.current"))?;
                 let cpu_usage_ns = match cpuacct {
-                    Some(a) => read_u64(&a.join(PARENT).join(id).join("cpuacct.usage"))?,
+                    Some(a) => read_u64(&self.parent(a).join(id).join("cpuacct.usage"))?,
                     None => 0,
                 };
                 Ok(SandboxStats {
@@ -495,7 +532,7 @@ impl Cgroups {
     pub fn list(&self) -> Result<BTreeSet<String>, CgroupError> {
         let mut out = BTreeSet::new();
         for h in self.hierarchies() {
-            let parent = h.join(PARENT);
+            let parent = self.parent(&h);
             let entries = match std::fs::read_dir(&parent) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -553,28 +590,31 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let root = tmp.path();
         v1_fixture(root, true, true);
-        let mut cg = Cgroups::detect(root).expect("detect");
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
         assert!(!cg.is_v2());
         cg.prepare().expect("prepare");
         assert_eq!(cg.hierarchies().len(), 4);
         cg.create("abc", &limits()).expect("create");
         let rd = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
         assert_eq!(
-            rd("memory/cella/abc/memory.limit_in_bytes"),
+            rd("memory/cella/t/abc/memory.limit_in_bytes"),
             (256u64 << 20).to_string()
         );
         assert_eq!(
-            rd("memory/cella/abc/memory.memsw.limit_in_bytes"),
+            rd("memory/cella/t/abc/memory.memsw.limit_in_bytes"),
             (256u64 << 20).to_string()
         );
-        assert_eq!(rd("cpu/cella/abc/cpu.cfs_period_us"), "100000");
-        assert_eq!(rd("cpu/cella/abc/cpu.cfs_quota_us"), "300000");
-        assert_eq!(rd("pids/cella/abc/pids.max"), "77");
-        assert!(root.join("cpuacct/cella/abc").is_dir());
+        assert_eq!(rd("cpu/cella/t/abc/cpu.cfs_period_us"), "100000");
+        assert_eq!(rd("cpu/cella/t/abc/cpu.cfs_quota_us"), "300000");
+        assert_eq!(rd("pids/cella/t/abc/pids.max"), "77");
+        assert!(root.join("cpuacct/cella/t/abc").is_dir());
         // creating the same sandbox twice is an error, not a silent reuse
         assert!(cg.create("abc", &limits()).is_err());
         let names = cg.list().expect("list");
-        assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["abc".to_string()]);
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            vec!["abc".to_string()]
+        );
     }
 
     #[test]
@@ -582,12 +622,19 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let root = tmp.path();
         v1_fixture(root, false, false);
-        let mut cg = Cgroups::detect(root).expect("detect");
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
         cg.prepare().expect("prepare");
         assert_eq!(cg.hierarchies().len(), 3);
         cg.create("x1", &limits()).expect("create");
-        assert!(!root.join("memory/cella/x1/memory.memsw.limit_in_bytes").exists());
-        assert!(root.join("memory/cella/x1/memory.limit_in_bytes").exists());
+        assert!(
+            !root
+                .join("memory/cella/t/x1/memory.memsw.limit_in_bytes")
+                .exists()
+        );
+        assert!(
+            root.join("memory/cella/t/x1/memory.limit_in_bytes")
+                .exists()
+        );
     }
 
     #[test]
@@ -599,11 +646,14 @@ mod tests {
         touch(&root.join("cpu,cpuacct/cgroup.procs"), "");
         std::os::unix::fs::symlink("cpu,cpuacct", root.join("cpu")).expect("ln");
         std::os::unix::fs::symlink("cpu,cpuacct", root.join("cpuacct")).expect("ln");
-        let mut cg = Cgroups::detect(root).expect("detect");
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
         cg.prepare().expect("prepare");
         assert_eq!(cg.hierarchies().len(), 3);
         cg.create("s", &limits()).expect("create");
-        assert!(root.join("cpu,cpuacct/cella/s/cpu.cfs_quota_us").is_file());
+        assert!(
+            root.join("cpu,cpuacct/cella/t/s/cpu.cfs_quota_us")
+                .is_file()
+        );
     }
 
     #[test]
@@ -611,12 +661,15 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let root = tmp.path();
         v1_fixture(root, false, true);
-        let mut cg = Cgroups::detect(root).expect("detect");
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
         cg.prepare().expect("prepare");
         cg.create("s", &limits()).expect("create");
-        touch(&root.join("memory/cella/s/memory.usage_in_bytes"), "4096\n");
-        touch(&root.join("pids/cella/s/pids.current"), "5\n");
-        touch(&root.join("cpuacct/cella/s/cpuacct.usage"), "123456789\n");
+        touch(
+            &root.join("memory/cella/t/s/memory.usage_in_bytes"),
+            "4096\n",
+        );
+        touch(&root.join("pids/cella/t/s/pids.current"), "5\n");
+        touch(&root.join("cpuacct/cella/t/s/cpuacct.usage"), "123456789\n");
         let st = cg.stats("s").expect("stats");
         assert_eq!(
             st,
@@ -626,7 +679,7 @@ mod tests {
                 pids: 5
             }
         );
-        touch(&root.join("pids/cella/s/pids.current"), "garbage");
+        touch(&root.join("pids/cella/t/s/pids.current"), "garbage");
         assert!(matches!(cg.stats("s"), Err(CgroupError::Parse { .. })));
     }
 
@@ -634,34 +687,40 @@ mod tests {
     fn v2_limits_and_stats() {
         let tmp = tempfile::tempdir().expect("tmp");
         let root = tmp.path();
-        touch(&root.join("cgroup.controllers"), "cpuset cpu io memory pids\n");
+        touch(
+            &root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        );
         touch(&root.join("cgroup.subtree_control"), "");
         // a real kernel creates these when memory is enabled in the parent
-        touch(&root.join("cella/memory.swap.max"), "max\n");
-        touch(&root.join("cella/cgroup.subtree_control"), "");
-        let mut cg = Cgroups::detect(root).expect("detect");
+        touch(&root.join("cella/t/memory.swap.max"), "max\n");
+        touch(&root.join("cella/t/cgroup.subtree_control"), "");
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
         assert!(cg.is_v2());
         cg.prepare().expect("prepare");
         assert_eq!(
             std::fs::read_to_string(root.join("cgroup.subtree_control")).expect("read"),
             "+memory +pids +cpu"
         );
-        assert_eq!(
-            std::fs::read_to_string(root.join("cella/cgroup.subtree_control")).expect("read"),
-            "+memory +pids +cpu"
-        );
+        for level in ["cella", "cella/t"] {
+            assert_eq!(
+                std::fs::read_to_string(root.join(level).join("cgroup.subtree_control"))
+                    .expect("read"),
+                "+memory +pids +cpu"
+            );
+        }
         cg.create("v", &limits()).expect("create");
         let rd = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
-        assert_eq!(rd("cella/v/memory.max"), (256u64 << 20).to_string());
-        assert_eq!(rd("cella/v/memory.swap.max"), "0");
-        assert_eq!(rd("cella/v/cpu.max"), "300000 100000");
-        assert_eq!(rd("cella/v/pids.max"), "77");
-        assert_eq!(cg.v2_dir("v"), Some(root.join("cella/v")));
+        assert_eq!(rd("cella/t/v/memory.max"), (256u64 << 20).to_string());
+        assert_eq!(rd("cella/t/v/memory.swap.max"), "0");
+        assert_eq!(rd("cella/t/v/cpu.max"), "300000 100000");
+        assert_eq!(rd("cella/t/v/pids.max"), "77");
+        assert_eq!(cg.v2_dir("v"), Some(root.join("cella/t/v")));
 
-        touch(&root.join("cella/v/memory.current"), "8192\n");
-        touch(&root.join("cella/v/pids.current"), "2\n");
+        touch(&root.join("cella/t/v/memory.current"), "8192\n");
+        touch(&root.join("cella/t/v/pids.current"), "2\n");
         touch(
-            &root.join("cella/v/cpu.stat"),
+            &root.join("cella/t/v/cpu.stat"),
             "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
         );
         let st = cg.stats("v").expect("stats");
@@ -680,12 +739,36 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let root = tmp.path();
         touch(&root.join("cgroup.controllers"), "hugetlb\n");
-        let err = Cgroups::detect(root).expect_err("no controllers anywhere");
+        let err = Cgroups::detect(root, "t").expect_err("no controllers anywhere");
         let msg = err.to_string();
         assert!(msg.contains("memory"), "{msg}");
         v1_fixture(root, false, false);
-        let cg = Cgroups::detect(root).expect("v1 fallback");
+        let cg = Cgroups::detect(root, "t").expect("v1 fallback");
         assert!(!cg.is_v2());
+    }
+
+    #[test]
+    fn instances_do_not_see_each_other() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, false);
+        let mut a = Cgroups::detect(root, "a").expect("detect");
+        let mut b = Cgroups::detect(root, "b").expect("detect");
+        a.prepare().expect("prepare");
+        b.prepare().expect("prepare");
+        a.create("s1", &limits()).expect("create");
+        b.create("s2", &limits()).expect("create");
+        assert_eq!(
+            a.list().expect("list").into_iter().collect::<Vec<_>>(),
+            vec!["s1"]
+        );
+        assert_eq!(
+            b.list().expect("list").into_iter().collect::<Vec<_>>(),
+            vec!["s2"]
+        );
+        assert!(root.join("pids/cella/a/s1").is_dir());
+        assert!(Cgroups::detect(root, "../x").is_err());
+        assert!(Cgroups::detect(root, "").is_err());
     }
 
     #[test]
@@ -693,12 +776,12 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let root = tmp.path();
         v1_fixture(root, false, false);
-        let mut cg = Cgroups::detect(root).expect("detect");
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
         cg.prepare().expect("prepare");
         assert!(cg.procs("nope").expect("procs").is_empty());
         assert_eq!(cg.kill_all("nope").expect("kill"), 0);
         cg.create("p", &limits()).expect("create");
-        touch(&root.join("pids/cella/p/cgroup.procs"), "x\n");
+        touch(&root.join("pids/cella/t/p/cgroup.procs"), "x\n");
         assert!(matches!(cg.procs("p"), Err(CgroupError::Parse { .. })));
     }
 }

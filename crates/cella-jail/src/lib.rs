@@ -211,9 +211,10 @@ impl JailConfig {
         require_absolute("agent_path", &self.agent_path)?;
         require_absolute("cgroup_root", &self.cgroup_root)?;
         spawn::check_overlay_path("data_dir", &self.data_dir).map_err(JailError::BadPath)?;
-        let meta = std::fs::metadata(&self.agent_path).map_err(|_| JailError::AgentNotExecutable {
-            path: self.agent_path.clone(),
-        })?;
+        let meta =
+            std::fs::metadata(&self.agent_path).map_err(|_| JailError::AgentNotExecutable {
+                path: self.agent_path.clone(),
+            })?;
         if !meta.is_file() || meta.mode() & 0o001 == 0 {
             return Err(JailError::AgentNotExecutable {
                 path: self.agent_path.clone(),
@@ -228,7 +229,9 @@ impl JailConfig {
 pub fn validate_id(id: &str) -> Result<(), DriverError> {
     if id.is_empty()
         || id.len() > MAX_ID_LEN
-        || !id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
         return Err(DriverError::Setup(format!(
             "invalid sandbox id {id:?}: expected 1-{MAX_ID_LEN} characters [a-z0-9]"
@@ -273,6 +276,20 @@ fn locked_mount_flags(path: &Path) -> Result<c_ulong, JailError> {
     Ok(st.f_flag & keep)
 }
 
+/// The cgroup instance level of a driver: a hash of its (canonical) data directory, so two
+/// servers with different data directories never touch each other's sandboxes, and a
+/// restarted server finds its own orphans.
+pub fn instance_name(data_dir: &Path) -> String {
+    let canonical = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    // FNV-1a, 64 bit: stable across Rust versions (unlike DefaultHasher).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canonical.as_os_str().as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("i{:012x}", h & 0xffff_ffff_ffff)
+}
+
 struct Inner {
     config: JailConfig,
     cgroups: Arc<Cgroups>,
@@ -314,19 +331,19 @@ impl JailDriver {
                 source,
             })?;
         check_searchable(&config.data_dir, true, "their sandbox directories")?;
-        let mut cgroups = Cgroups::detect(&config.cgroup_root)?;
+        let instance = instance_name(&config.data_dir);
+        let mut cgroups = Cgroups::detect(&config.cgroup_root, &instance)?;
         cgroups.prepare()?;
         let seccomp = seccomp::build()?;
         let landlock = landlock::probe_abi().map(landlock::plan_for);
         if landlock.is_none() {
             tracing::warn!("Landlock is not available: sandboxes run without it");
         }
-        let host_netns = std::fs::File::open("/proc/self/ns/net").map_err(|source| {
-            JailError::Io {
+        let host_netns =
+            std::fs::File::open("/proc/self/ns/net").map_err(|source| JailError::Io {
                 context: "opening the host network namespace".into(),
                 source,
-            }
-        })?;
+            })?;
         let agent_mount_flags = locked_mount_flags(&config.agent_path)?;
         tracing::info!(
             cgroups = ?cgroups.mode(),
@@ -366,10 +383,10 @@ fn cleanup_failed(cgroups: &Cgroups, id: &str, dir: &Path) {
     if let Err(e) = cgroups.remove(id) {
         tracing::warn!(sandbox = id, "cleanup after failed start: {e}");
     }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(sandbox = id, "cleanup after failed start: {e}");
-        }
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(sandbox = id, "cleanup after failed start: {e}");
     }
 }
 
@@ -434,6 +451,7 @@ impl Driver for JailDriver {
         let id = spec.id.clone();
         let dir = inner.config.data_dir.join(&id);
         let limits = spec.limits;
+        let started = std::time::Instant::now();
         let spawned = {
             let inner = inner.clone();
             let id = id.clone();
@@ -475,6 +493,7 @@ impl Driver for JailDriver {
             .map_err(|e| DriverError::Setup(format!("start task failed: {e}")))??
         };
 
+        let exec_elapsed = started.elapsed();
         let pidfd = Arc::new(spawned.pidfd);
         let (exit_tx, exit_rx) = watch::channel(None);
         let sandbox = Arc::new(JailSandbox {
@@ -513,6 +532,7 @@ impl Driver for JailDriver {
                 default_workdir: String::new(),
                 port: ENVD_PORT,
                 bind: "0.0.0.0".to_string(),
+                start: spec.template.start_cmd.clone(),
             };
             let mut line =
                 serde_json::to_vec(&config).map_err(|e| format!("encoding the config: {e}"))?;
@@ -530,6 +550,12 @@ impl Driver for JailDriver {
         };
         match result {
             Ok(reader) => {
+                tracing::debug!(
+                    sandbox = %id,
+                    exec_us = exec_elapsed.as_micros(),
+                    ready_us = started.elapsed().as_micros(),
+                    "jail sandbox ready"
+                );
                 let task = sandbox::spawn_event_reader(id.clone(), reader, events);
                 if let Ok(mut t) = sandbox.tasks.lock() {
                     t.push(task);
@@ -610,6 +636,19 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn instance_names_follow_the_data_dir() {
+        let a = instance_name(Path::new("/var/lib/cella/sandboxes"));
+        let b = instance_name(Path::new("/tmp/other/sandboxes"));
+        assert_ne!(a, b);
+        assert_eq!(a, instance_name(Path::new("/var/lib/cella/sandboxes")));
+        assert_eq!(a.len(), 13);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
+    }
+
+    #[test]
     fn ids_are_validated() {
         assert!(validate_id("abc123").is_ok());
         assert!(validate_id(&"a".repeat(MAX_ID_LEN)).is_ok());
@@ -622,11 +661,15 @@ mod tests {
     #[test]
     fn limits_are_validated() {
         assert!(validate_limits(&Limits::default()).is_ok());
-        let mut l = Limits::default();
-        l.disk_mb = 0;
+        let l = Limits {
+            disk_mb: 0,
+            ..Default::default()
+        };
         assert!(validate_limits(&l).is_err());
-        let mut l = Limits::default();
-        l.max_pids = 0;
+        let l = Limits {
+            max_pids: 0,
+            ..Default::default()
+        };
         assert!(validate_limits(&l).is_err());
     }
 
@@ -650,7 +693,13 @@ mod tests {
 
         let mut c = good.clone();
         c.data_dir = PathBuf::from("relative/data");
-        assert!(matches!(c.validate(), Err(JailError::RelativePath { field: "data_dir", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(JailError::RelativePath {
+                field: "data_dir",
+                ..
+            })
+        ));
 
         let mut c = good.clone();
         c.data_dir = tmp.path().join("a,b");
@@ -658,11 +707,17 @@ mod tests {
 
         let mut c = good.clone();
         c.agent_path = tmp.path().join("missing");
-        assert!(matches!(c.validate(), Err(JailError::AgentNotExecutable { .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(JailError::AgentNotExecutable { .. })
+        ));
 
         std::fs::set_permissions(&good.agent_path, std::fs::Permissions::from_mode(0o750))
             .expect("chmod");
-        assert!(matches!(good.validate(), Err(JailError::AgentNotExecutable { .. })));
+        assert!(matches!(
+            good.validate(),
+            Err(JailError::AgentNotExecutable { .. })
+        ));
     }
 
     #[test]
@@ -710,7 +765,8 @@ mod tests {
         let driver = JailDriver::new(config.clone()).expect("driver");
         assert_eq!(driver.isolation(), Isolation::Jail);
         assert!(config.data_dir.is_dir());
-        assert!(config.cgroup_root.join("memory/cella").is_dir());
+        let inst = instance_name(&config.data_dir);
+        assert!(config.cgroup_root.join("memory/cella").join(&inst).is_dir());
         assert!(!driver.cgroups().is_v2());
     }
 }

@@ -23,8 +23,8 @@ use cella_core::driver::{
     DriverError, EventSink, ExitInfo, SandboxEvent, SandboxHandle, SandboxStats,
 };
 use cella_proto::control::{AgentEvent, MAX_EVENT_LINE};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -319,11 +319,16 @@ impl SandboxHandle for JailSandbox {
 
     async fn wait_exit(&self) -> ExitInfo {
         let mut rx = self.exit_rx.clone();
-        let info = rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone());
-        match info {
-            Some(info) if !self.destroying.load(Ordering::SeqCst) => info,
-            _ => std::future::pending().await,
-        }
+        let info = rx
+            .wait_for(|v| v.is_some())
+            .await
+            .ok()
+            .and_then(|v| v.clone());
+        // Resolves after destroy too (the trait's contract): a watcher must never be parked
+        // forever on a sandbox that is gone.
+        info.unwrap_or_else(|| ExitInfo {
+            reason: "sandbox state dropped".into(),
+        })
     }
 
     async fn destroy(&self) -> Result<(), DriverError> {
@@ -347,7 +352,9 @@ mod tests {
         let mut out = Vec::new();
         let mut buf = Vec::new();
         loop {
-            let l = read_line_bounded(&mut r, &mut buf, limit).await.expect("read");
+            let l = read_line_bounded(&mut r, &mut buf, limit)
+                .await
+                .expect("read");
             if l == Line::Eof {
                 return out;
             }

@@ -298,8 +298,7 @@ mod tests {
                 {
                     libc::_exit(13);
                 }
-                if libc::umount2(c"/".as_ptr(), libc::MNT_DETACH) == 0 || errno() != libc::EPERM
-                {
+                if libc::umount2(c"/".as_ptr(), libc::MNT_DETACH) == 0 || errno() != libc::EPERM {
                     libc::_exit(14);
                 }
                 // the personality query stays allowed, exotic personalities do not

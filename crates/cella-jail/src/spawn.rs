@@ -596,9 +596,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
     }
     let pid = i32::try_from(ret).unwrap_or(-1);
     // SAFETY: CLONE_PIDFD stored a new descriptor owned by nobody else in `pidfd`.
-    let guard = KillGuard {
-        pidfd: Some(unsafe { OwnedFd::from_raw_fd(pidfd) }),
-    };
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let guard = KillGuard { pidfd: Some(pidfd) };
     drop((ctl_child, sync_r, err_w, log_w, null, cgroup_fd));
 
     let map = format!("0 {SANDBOX_ID_BASE} {SANDBOX_ID_COUNT}\n");
@@ -611,12 +610,15 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         })?;
     }
     if !req.cgroups.is_v2() {
-        req.cgroups.attach(req.id, pid).map_err(SpawnError::Cgroup)?;
+        req.cgroups
+            .attach(req.id, pid)
+            .map_err(SpawnError::Cgroup)?;
     }
-    let netns_path = CString::new(format!("/proc/{pid}/ns/net")).map_err(|_| SpawnError::Parent {
-        what: "naming the netns",
-        source: io::Error::other("NUL in path"),
-    })?;
+    let netns_path =
+        CString::new(format!("/proc/{pid}/ns/net")).map_err(|_| SpawnError::Parent {
+            what: "naming the netns",
+            source: io::Error::other("NUL in path"),
+        })?;
     let netns = open_path(&netns_path, libc::O_RDONLY).map_err(|source| SpawnError::Parent {
         what: "opening the network namespace",
         source,
@@ -1156,7 +1158,10 @@ mod tests {
     #[test]
     fn step_names_cover_every_step() {
         assert_eq!(step_name(Step::Fds as u32), "moving file descriptors");
-        assert_eq!(step_name(Step::Overlay as u32), "mounting the overlay root (template rootfs)");
+        assert_eq!(
+            step_name(Step::Overlay as u32),
+            "mounting the overlay root (template rootfs)"
+        );
         assert_eq!(step_name(Step::Exec as u32), "execve of the agent");
         assert_eq!(STEP_NAMES.len(), Step::Exec as usize + 1);
         assert_eq!(step_name(999), "unknown");

@@ -20,11 +20,7 @@ use cella_core::driver::{
 use cella_jail::{JailConfig, JailDriver};
 use cella_proto::control::AgentEvent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{RwLock, mpsc};
-
-/// Tests that create sandboxes hold this shared; the orphan-reaper test holds it exclusively
-/// (it removes every `cella/*` cgroup on the host).
-static SANDBOXES: RwLock<()> = RwLock::const_new(());
+use tokio::sync::mpsc;
 
 const AGENT: &str = r#"#!/bin/sh
 read -r cfg <&3
@@ -54,6 +50,16 @@ struct Env {
     tmp: tempfile::TempDir,
     driver: JailDriver,
     rootfs: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Remove this driver instance's (now empty) parent cgroups.
+        let inst = cella_jail::instance_name(&self.tmp.path().join("data"));
+        for h in self.driver.cgroups().hierarchies() {
+            let _ = std::fs::remove_dir(h.join("cella").join(&inst));
+        }
+    }
 }
 
 fn skip(reason: &str) -> Option<Env> {
@@ -110,7 +116,7 @@ fn env_with_agent(agent: &str) -> Option<Env> {
     if let Err(e) = cella_jail::probe_user_namespaces(Path::new("/proc")) {
         return skip(&format!("{e}"));
     }
-    if let Err(e) = cella_jail::cgroup::Cgroups::detect(Path::new("/sys/fs/cgroup")) {
+    if let Err(e) = cella_jail::cgroup::Cgroups::detect(Path::new("/sys/fs/cgroup"), "probe") {
         return skip(&format!("{e}"));
     }
     let tmp = tempfile::tempdir().expect("tmp");
@@ -152,6 +158,7 @@ fn spec(env: &Env, id: &str, limits: Limits) -> SandboxSpec {
             rootfs: env.rootfs.clone(),
             default_user: "root".into(),
             env: Default::default(),
+            start_cmd: None,
         },
         limits,
         env_vars: [("HELLO".to_string(), "world".to_string())].into(),
@@ -170,7 +177,10 @@ fn small_limits() -> Limits {
 
 /// Run a shell script inside the sandbox through the CGI; returns (output, exit status).
 async fn run(sb: &Arc<dyn SandboxHandle>, script: &str) -> (String, i32) {
-    let mut s = sb.dial(49983).await.expect("dial");
+    let mut s = sb
+        .dial(49983)
+        .await
+        .unwrap_or_else(|e| panic!("dial for {script:?}: {e}"));
     let req = format!(
         "POST /cgi-bin/run HTTP/1.0\r\nContent-Length: {}\r\n\r\n{script}",
         script.len()
@@ -199,7 +209,10 @@ async fn create(
     env: &Env,
     id: &str,
     limits: Limits,
-) -> (Arc<dyn SandboxHandle>, mpsc::UnboundedReceiver<SandboxEvent>) {
+) -> (
+    Arc<dyn SandboxHandle>,
+    mpsc::UnboundedReceiver<SandboxEvent>,
+) {
     let (tx, rx): (EventSink, _) = mpsc::unbounded_channel();
     let t = Instant::now();
     let sb = env
@@ -224,10 +237,10 @@ fn netns_of(pid: i32) -> Option<String> {
 fn all_netns() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-            if let Some(ns) = netns_of(pid) {
-                out.insert(ns);
-            }
+        if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok())
+            && let Some(ns) = netns_of(pid)
+        {
+            out.insert(ns);
         }
     }
     out
@@ -291,7 +304,6 @@ fn cap_bit(status: &str, field: &str, bit: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_isolation_and_teardown() {
     let Some(env) = env() else { return };
-    let _g = SANDBOXES.read().await;
     let id = unique_id("life");
     let (sb, mut events) = create(&env, &id, small_limits()).await;
 
@@ -322,12 +334,20 @@ async fn lifecycle_isolation_and_teardown() {
     assert_eq!(cfg["port"], 49983);
 
     // Identity inside.
-    let (out, _) = run(&sb, "hostname; id -u; echo $$; cat /proc/1/cmdline | tr '\\0' ' '").await;
+    let (out, _) = run(
+        &sb,
+        "hostname; id -u; echo $$; cat /proc/1/cmdline | tr '\\0' ' '",
+    )
+    .await;
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], id, "hostname");
     assert_eq!(lines[1], "0", "uid inside");
     assert_ne!(lines[2], "1");
-    assert!(lines[3].contains("/.cella/agent"), "pid 1 is {:?}", lines[3]);
+    assert!(
+        lines[3].contains("/.cella/agent"),
+        "pid 1 is {:?}",
+        lines[3]
+    );
 
     // Only lo, and it is up.
     let (out, _) = run(&sb, "cat /proc/net/dev").await;
@@ -348,8 +368,14 @@ async fn lifecycle_isolation_and_teardown() {
     let (status, _) = run(&sb, "cat /proc/self/status").await;
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
-    assert!(!cap_bit(&status, "CapBnd:", 21), "CAP_SYS_ADMIN in bounding set");
-    assert!(!cap_bit(&status, "CapBnd:", 12), "CAP_NET_ADMIN in bounding set");
+    assert!(
+        !cap_bit(&status, "CapBnd:", 21),
+        "CAP_SYS_ADMIN in bounding set"
+    );
+    assert!(
+        !cap_bit(&status, "CapBnd:", 12),
+        "CAP_NET_ADMIN in bounding set"
+    );
     assert!(cap_bit(&status, "CapBnd:", 19), "CAP_SYS_PTRACE kept");
     assert!(cap_bit(&status, "CapEff:", 0), "CAP_CHOWN as root inside");
 
@@ -390,7 +416,10 @@ async fn lifecycle_isolation_and_teardown() {
 
     // Nothing of the sandbox is mounted on the host.
     let tmp = env.tmp.path().to_string_lossy().to_string();
-    assert!(!mountinfo().contains(&tmp), "sandbox mounts visible on host");
+    assert!(
+        !mountinfo().contains(&tmp),
+        "sandbox mounts visible on host"
+    );
 
     // Stats come from the cgroup.
     let st = sb.stats().expect("stats");
@@ -398,11 +427,9 @@ async fn lifecycle_isolation_and_teardown() {
     assert!(st.memory_bytes > 0, "{st:?}");
 
     // wait_exit does not resolve while it runs.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(100), sb.wait_exit())
-            .await
-            .is_err()
-    );
+    if let Ok(info) = tokio::time::timeout(Duration::from_millis(100), sb.wait_exit()).await {
+        panic!("sandbox stopped on its own: {}", info.reason);
+    }
 
     let alive = traces(&env, &id);
     assert!(!alive.cgroup_dirs.is_empty());
@@ -418,18 +445,17 @@ async fn lifecycle_isolation_and_teardown() {
     a.expect("destroy again");
     b.expect("destroy again");
     assert!(sb.dial(49983).await.is_err(), "dial after destroy");
-    // destroy does not count as exiting on its own
+    // After destroy, wait_exit resolves (watchers are released).
     assert!(
-        tokio::time::timeout(Duration::from_millis(100), sb.wait_exit())
+        tokio::time::timeout(Duration::from_secs(5), sb.wait_exit())
             .await
-            .is_err()
+            .is_ok()
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_quota_gives_enospc() {
     let Some(env) = env() else { return };
-    let _g = SANDBOXES.read().await;
     let id = unique_id("disk");
     let limits = Limits {
         disk_mb: 8,
@@ -449,7 +475,6 @@ async fn disk_quota_gives_enospc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_hog_is_oom_killed_inside_only() {
     let Some(env) = env() else { return };
-    let _g = SANDBOXES.read().await;
     let id = unique_id("oom");
     let limits = Limits {
         memory_mb: 48,
@@ -473,7 +498,6 @@ async fn memory_hog_is_oom_killed_inside_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_bomb_hits_pids_max() {
     let Some(env) = env() else { return };
-    let _g = SANDBOXES.read().await;
     let id = unique_id("pids");
     let limits = Limits {
         max_pids: 16,
@@ -503,7 +527,6 @@ async fn fork_bomb_hits_pids_max() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_cannot_see_each_other() {
     let Some(env) = env() else { return };
-    let _g = SANDBOXES.read().await;
     let a_id = unique_id("isoa");
     let b_id = unique_id("isob");
     let (a, _ea) = create(&env, &a_id, small_limits()).await;
@@ -514,7 +537,11 @@ async fn sandboxes_cannot_see_each_other() {
     )
     .await;
     assert_eq!(code, 0);
-    let (out, _) = run(&b, "ls /tmp; cat /proc/[0-9]*/cmdline | tr '\\0' ' '; hostname").await;
+    let (out, _) = run(
+        &b,
+        "ls /tmp; cat /proc/[0-9]*/cmdline | tr '\\0' ' '; hostname",
+    )
+    .await;
     assert!(!out.contains("secret-a"), "{out}");
     assert!(!out.contains("12345"), "{out}");
     assert!(out.contains(&b_id));
@@ -539,7 +566,6 @@ async fn broken_agent_fails_cleanly() {
     let Some(env) = env_with_agent("#!/bin/sh\necho dying >&2\nexit 3\n") else {
         return;
     };
-    let _g = SANDBOXES.read().await;
     let id = unique_id("dead");
     let (tx, _rx) = mpsc::unbounded_channel();
     let err = match env.driver.create(spec(&env, &id, small_limits()), tx).await {
@@ -551,6 +577,12 @@ async fn broken_agent_fails_cleanly() {
         assert!(!d.exists(), "cgroup {} left behind", d.display());
     }
     assert!(!env.tmp.path().join("data").join(&id).exists());
+
+    // The instance parent cgroup is recreated when someone removed it.
+    for h in env.driver.cgroups().hierarchies() {
+        let inst = cella_jail::instance_name(&env.tmp.path().join("data"));
+        std::fs::remove_dir(h.join("cella").join(inst)).expect("rmdir empty parent");
+    }
 
     // A rootfs without /bin/sh: the agent's interpreter is missing, exec fails in setup.
     std::fs::remove_file(env.rootfs.join("bin/sh")).expect("rm sh");
@@ -579,7 +611,6 @@ async fn broken_agent_fails_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_exit_resolves_wait_exit() {
     let Some(env) = env() else { return };
-    let _g = SANDBOXES.read().await;
     let id = unique_id("exit");
     let (sb, _ev) = create(&env, &id, small_limits()).await;
     // Stop httpd for good from inside: the fake agent's `wait` returns and pid 1 exits on
@@ -610,12 +641,12 @@ async fn agent_exit_resolves_wait_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reap_orphans_after_a_crash() {
     let Some(env) = env() else { return };
-    let _g = SANDBOXES.write().await;
-    let foreign = env.driver.cgroups().list().expect("list");
-    if !foreign.is_empty() {
-        eprintln!("skipping: other cella sandboxes run on this host ({foreign:?}); the reaper would kill them");
+    // Another driver instance (other data dir) with a live sandbox: the reaper must spare it.
+    let Some(other) = env_with_agent(AGENT) else {
         return;
-    }
+    };
+    let other_id = unique_id("keep");
+    let (keep, _ek) = create(&other, &other_id, small_limits()).await;
     let id = unique_id("orph");
     let (sb, _ev) = create(&env, &id, small_limits()).await;
     let (_, code) = run(&sb, "(sleep 1000 >/dev/null 2>&1 &); echo ok").await;
@@ -628,7 +659,11 @@ async fn reap_orphans_after_a_crash() {
     let driver2 = JailDriver::new(config).expect("driver after restart");
     let report = driver2.reap_orphans().await.expect("reap");
     assert!(report.processes >= 3, "{report:?}");
-    assert_eq!(report.cgroups, env.driver.cgroups().hierarchies().len(), "{report:?}");
+    assert_eq!(
+        report.cgroups,
+        env.driver.cgroups().hierarchies().len(),
+        "{report:?}"
+    );
     assert_eq!(report.dirs, 1, "{report:?}");
     // the killed init is reaped by the (leaked) waiter of the first driver
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -639,4 +674,8 @@ async fn reap_orphans_after_a_crash() {
     // a second run finds nothing
     let again = driver2.reap_orphans().await.expect("reap again");
     assert_eq!(again, Default::default());
+    // the other instance's sandbox was not touched
+    let (out, code) = run(&keep, "echo spared").await;
+    assert_eq!((out.trim(), code), ("spared", 0));
+    keep.destroy().await.expect("destroy");
 }

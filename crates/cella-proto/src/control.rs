@@ -26,6 +26,28 @@ pub struct AgentConfig {
     /// Address to bind (`0.0.0.0` in a jail's private netns).
     #[serde(default = "default_bind")]
     pub bind: String,
+    /// The template's start command, spawned once the agent listens (a long-running server
+    /// such as the code interpreter). Tracked like any process, with the tag
+    /// [`START_CMD_TAG`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<StartCommand>,
+}
+
+/// Process tag of the template's start command (`Connect`/`List` find it by this tag).
+pub const START_CMD_TAG: &str = "start_cmd";
+
+/// A command a template starts in every sandbox at boot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartCommand {
+    /// Shell command line, run with `/bin/sh -c`.
+    pub cmd: String,
+    /// User it runs as (empty: the sandbox's default user).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    /// Working directory (empty: the user's home).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cwd: String,
 }
 
 fn default_bind() -> String {
@@ -142,6 +164,25 @@ mod tests {
         let back = AgentEvent::parse_line(&line[..line.len() - 1]).expect("parse");
         assert_eq!(back, e);
         assert_eq!(back.kind(), "process.start");
+    }
+
+    #[test]
+    fn config_start_command_is_optional() {
+        let json = r#"{"sandbox_id":"a","access_token":"t","env_vars":{},"default_user":"user","port":1}"#;
+        let cfg: AgentConfig = serde_json::from_str(json).expect("parse");
+        assert_eq!(cfg.start, None);
+        assert!(!serde_json::to_string(&cfg).expect("json").contains("start"));
+        let with = AgentConfig {
+            start: Some(StartCommand {
+                cmd: "exec server".into(),
+                user: "user".into(),
+                cwd: String::new(),
+            }),
+            ..cfg
+        };
+        let back: AgentConfig =
+            serde_json::from_str(&serde_json::to_string(&with).expect("json")).expect("parse");
+        assert_eq!(back, with);
     }
 
     #[test]

@@ -24,10 +24,15 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State over a manager.
+    /// State over a manager, with the default proxy settings.
     pub fn new(manager: Arc<Manager>) -> AppState {
+        AppState::with_port_grace(manager, proxy::DEFAULT_PORT_GRACE)
+    }
+
+    /// State whose proxy waits up to `grace` for a port of a young sandbox to open.
+    pub fn with_port_grace(manager: Arc<Manager>, grace: std::time::Duration) -> AppState {
         AppState {
-            proxy: proxy::ProxyClient::new(manager.clone()),
+            proxy: proxy::ProxyClient::new(manager.clone(), grace),
             manager,
         }
     }

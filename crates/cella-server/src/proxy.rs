@@ -139,6 +139,7 @@ fn port_closed(id: &str, port: u16) -> Response {
 #[derive(Clone)]
 pub struct SandboxConnector {
     manager: Arc<Manager>,
+    grace: std::time::Duration,
 }
 
 /// Errors of [`SandboxConnector`].
@@ -166,14 +167,43 @@ impl tower::Service<Uri> for SandboxConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let manager = self.manager.clone();
+        let grace = self.grace;
         Box::pin(async move {
             let id = uri.host().ok_or(DialError::BadTarget)?.to_string();
             let port = uri.port_u16().ok_or(DialError::BadTarget)?;
             let live = manager.route(&id).ok_or(DialError::NotFound)?;
-            let stream = live.handle.dial(port).await.map_err(DialError::Connect)?;
+            let stream = dial_with_grace(&live, port, grace).await?;
             let _ = stream.set_nodelay(true);
             Ok(TokioIo::new(stream))
         })
+    }
+}
+
+/// A young sandbox may not have opened its ports yet (a template's start command, such as the
+/// code interpreter, is still starting): refused connections are retried for a while, as
+/// E2B's proxy does, instead of failing the first request after create.
+const YOUNG_SANDBOX_MS: i64 = 30_000;
+/// Default longest time a request waits for a port of a young sandbox to open.
+pub const DEFAULT_PORT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn dial_with_grace(
+    live: &cella_core::manager::LiveSandbox,
+    port: u16,
+    grace: std::time::Duration,
+) -> Result<tokio::net::TcpStream, DialError> {
+    let start = std::time::Instant::now();
+    loop {
+        match live.handle.dial(port).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && cella_core::store::now_ms() - live.started_at_ms < YOUNG_SANDBOX_MS
+                    && start.elapsed() < grace =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            Err(e) => return Err(DialError::Connect(e)),
+        }
     }
 }
 
@@ -182,17 +212,24 @@ impl tower::Service<Uri> for SandboxConnector {
 pub struct ProxyClient {
     manager: Arc<Manager>,
     client: Client<SandboxConnector, Body>,
+    grace: std::time::Duration,
 }
 
 impl ProxyClient {
-    /// A client that dials through `manager`'s sandboxes.
-    pub fn new(manager: Arc<Manager>) -> ProxyClient {
+    /// A client that dials through `manager`'s sandboxes; refused connections to a young
+    /// sandbox are retried for up to `grace`.
+    pub fn new(manager: Arc<Manager>, grace: std::time::Duration) -> ProxyClient {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build(SandboxConnector {
                 manager: manager.clone(),
+                grace,
             });
-        ProxyClient { manager, client }
+        ProxyClient {
+            manager,
+            client,
+            grace,
+        }
     }
 
     /// Forward `req` to `target` and stream the answer back.
@@ -264,7 +301,7 @@ impl ProxyClient {
         let Some(live) = self.manager.route(sandbox_id) else {
             return not_found(sandbox_id);
         };
-        let stream = match live.handle.dial(port).await {
+        let stream = match dial_with_grace(&live, port, self.grace).await {
             Ok(s) => s,
             Err(_) => return port_closed(sandbox_id, port),
         };

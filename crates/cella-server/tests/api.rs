@@ -48,7 +48,10 @@ async fn harness() -> Harness {
         ManagerConfig::default(),
     );
     Harness {
-        app: app(AppState::new(manager)),
+        app: app(AppState::with_port_grace(
+            manager,
+            std::time::Duration::from_millis(200),
+        )),
         driver,
         store,
         key,

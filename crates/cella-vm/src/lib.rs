@@ -1,1 +1,1188 @@
-//! microVM driver (placeholder until the driver lands).
+//! The microVM isolation driver: every sandbox is a QEMU `microvm` with its own guest kernel.
+//!
+//! Why a VM at all, when the jail driver starts in a millisecond: a jail shares the host
+//! kernel, so one kernel bug reachable from a sandbox is a host compromise. A guest kernel
+//! puts a second, much narrower wall (the VMM's device model and the hypervisor) between
+//! sandbox code and the host. The price is boot time and memory, which this driver measures
+//! and keeps down (see `docs/vm.md`).
+//!
+//! One sandbox is:
+//!
+//! ```text
+//!  host                                         | guest (own kernel)
+//!  cgroup cella-vm/<id>  (RAM + VMM overhead)   |
+//!   └ qemu-system-x86_64 -M microvm  uid 2000xx, no_new_privs, -sandbox on
+//!       ├ virtio-blk  <- sandboxes/<id>/disk.qcow2 -> images/<template>.ext4 (shared, ro)
+//!       ├ virtio-net  <- tap0 in a private netns 169.254.0.22/30 ---- eth0 169.254.0.21
+//!       ├ virtconsole <- socketpair (control channel) ----------------- /dev/hvc0 (fd 3)
+//!       ├ serial      <- socketpair (console, tail kept for errors) --- ttyS0
+//!       └ balloon (free-page reporting), rng
+//!                                               | /init (busybox, initramfs): modules,
+//!                                               | mount /dev/vda, eth0, switch_root,
+//!                                               | exec /.cella/agent --control-fd 3
+//! ```
+//!
+//! The server reaches the guest only through [`SandboxHandle::dial`]: a socket created inside
+//! the sandbox's namespace connects to 169.254.0.21. Accelerator choice is in [`accel`], the
+//! command line in [`qemu`], images in [`image`], the VMM process in [`vmm`].
+//!
+//! [`SandboxHandle::dial`]: cella_core::driver::SandboxHandle::dial
+
+pub mod accel;
+pub mod cgroup;
+pub mod image;
+pub mod net;
+pub mod qemu;
+pub mod sandbox;
+pub mod vmm;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cella_api::Isolation;
+use cella_core::driver::{
+    Driver, DriverError, EventSink, ExitInfo, Limits, ReapReport, SandboxEvent, SandboxHandle,
+    SandboxSpec,
+};
+use cella_proto::control::{AgentConfig, AgentEvent, MAX_EVENT_LINE};
+use cella_proto::envd::ENVD_PORT;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+
+pub use crate::accel::{Accel, AccelChoice, AccelDecision, HostFacts};
+use crate::cgroup::{CgroupError, VmCgroups, VmmLimits};
+use crate::image::{ImageError, ImageTools};
+use crate::qemu::{BootMode, QemuPlan};
+use crate::sandbox::SlotGuard;
+pub use crate::sandbox::VmSandbox;
+use crate::vmm::{Identity, Launch, Tail};
+
+/// Longest sandbox ID (it becomes the hostname, a path component and a cgroup name).
+pub const MAX_ID_LEN: usize = 63;
+
+/// Line the guest init writes on the control channel once the agent may be configured.
+const INIT_OK: &[u8] = b"cella-init: ok";
+/// Prefix of the guest init's failure line.
+const INIT_ERROR: &[u8] = b"cella-init: error: ";
+/// Line of a probe boot.
+const PROBE_OK: &[u8] = b"cella-init: probe ok";
+
+/// How long a KVM probe guest may take to report in.
+const PROBE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// The unprivileged identities QEMU processes run as: uid `uid_base + slot`, group `gid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// First uid (default 200000: above the jail's 100000..165536).
+    pub uid_base: u32,
+    /// How many concurrent VMs (and uids).
+    pub slots: u32,
+    /// Group of every QEMU process; images are readable by it.
+    pub gid: u32,
+}
+
+impl Default for RunAs {
+    fn default() -> Self {
+        RunAs {
+            uid_base: 200_000,
+            slots: 4096,
+            gid: 200_000,
+        }
+    }
+}
+
+/// Configuration of the microVM driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Images and per-sandbox state (`images/`, `sandboxes/<id>/`).
+    pub data_dir: PathBuf,
+    /// Output of `scripts/vm-assets`: `vmlinux`, `initramfs.cpio`.
+    pub assets_dir: PathBuf,
+    /// The static `cella-agent` copied into every image as `/.cella/agent`.
+    pub agent_path: PathBuf,
+    /// `/sys/fs/cgroup` (a temporary directory in tests).
+    pub cgroup_root: PathBuf,
+    /// `/proc` (for `cpuinfo`).
+    pub proc_root: PathBuf,
+    /// `/dev` (for `kvm`).
+    pub dev_root: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `qemu-img`.
+    pub qemu_img: PathBuf,
+    /// `mkfs.ext4`.
+    pub mkfs_ext4: PathBuf,
+    /// KVM, TCG or probe.
+    pub accel: AccelChoice,
+    /// TCG translation cache, MiB.
+    pub tb_size_mb: u32,
+    /// Host memory allowed for the VMM on top of guest RAM, MiB (cgroup limit).
+    pub overhead_mb: u64,
+    /// How long a guest may take to report ready; `None` = 10 s with KVM, 45 s with TCG.
+    pub ready_timeout: Option<Duration>,
+    /// Drop QEMU to unprivileged uids; `None` keeps the server's identity.
+    pub run_as: Option<RunAs>,
+}
+
+impl VmConfig {
+    /// Defaults for everything but the three paths.
+    pub fn new(data_dir: PathBuf, assets_dir: PathBuf, agent_path: PathBuf) -> VmConfig {
+        VmConfig {
+            data_dir,
+            assets_dir,
+            agent_path,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            proc_root: PathBuf::from("/proc"),
+            dev_root: PathBuf::from("/dev"),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu_img: PathBuf::from("qemu-img"),
+            mkfs_ext4: PathBuf::from("mkfs.ext4"),
+            accel: AccelChoice::Auto,
+            tb_size_mb: 32,
+            overhead_mb: 160,
+            ready_timeout: None,
+            run_as: Some(RunAs::default()),
+        }
+    }
+
+    /// The guest kernel.
+    pub fn kernel(&self) -> PathBuf {
+        self.assets_dir.join("vmlinux")
+    }
+
+    /// The guest initramfs.
+    pub fn initramfs(&self) -> PathBuf {
+        self.assets_dir.join("initramfs.cpio")
+    }
+
+    /// Static checks (no side effects besides reading metadata).
+    pub fn validate(&self) -> Result<(), VmError> {
+        for (field, p) in [
+            ("data_dir", &self.data_dir),
+            ("assets_dir", &self.assets_dir),
+            ("agent_path", &self.agent_path),
+            ("cgroup_root", &self.cgroup_root),
+        ] {
+            if !p.is_absolute() {
+                return Err(VmError::Config(format!(
+                    "{field} must be an absolute path, got {}",
+                    p.display()
+                )));
+            }
+        }
+        if self.data_dir.to_string_lossy().contains(',') {
+            return Err(VmError::Config(format!(
+                "data_dir {} contains a comma (QEMU option syntax)",
+                self.data_dir.display()
+            )));
+        }
+        for (what, p) in [("kernel", self.kernel()), ("initramfs", self.initramfs())] {
+            if !p.is_file() {
+                return Err(VmError::Config(format!(
+                    "guest {what} {} is missing (run scripts/vm-assets)",
+                    p.display()
+                )));
+            }
+            if p.to_string_lossy().contains(',') {
+                return Err(VmError::Config(format!(
+                    "guest {what} path {} contains a comma",
+                    p.display()
+                )));
+            }
+        }
+        if !self.agent_path.is_file() {
+            return Err(VmError::Config(format!(
+                "agent binary {} is missing",
+                self.agent_path.display()
+            )));
+        }
+        if !(4..=1024).contains(&self.tb_size_mb) {
+            return Err(VmError::Config(format!(
+                "tb_size_mb {} is outside 4..=1024",
+                self.tb_size_mb
+            )));
+        }
+        if self.overhead_mb < 64 {
+            return Err(VmError::Config(format!(
+                "overhead_mb {} is below 64 (QEMU itself needs that)",
+                self.overhead_mb
+            )));
+        }
+        if let Some(r) = self.run_as
+            && (r.slots == 0 || r.uid_base == 0 || r.uid_base.checked_add(r.slots).is_none())
+        {
+            return Err(VmError::Config(format!("invalid run_as {r:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of setting up the microVM driver.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is unusable.
+    #[error("invalid microVM configuration: {0}")]
+    Config(String),
+    /// A required host tool is missing.
+    #[error(
+        "{tool} is not usable ({reason}); install qemu-system-x86 / qemu-utils (scripts/install-deps)"
+    )]
+    MissingTool {
+        /// The program.
+        tool: String,
+        /// What happened.
+        reason: String,
+    },
+    /// KVM was required but does not work.
+    #[error("{0}")]
+    Accel(String),
+    /// No usable cgroups.
+    #[error("cgroups")]
+    Cgroup(#[from] CgroupError),
+    /// A file or directory operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<VmError> for DriverError {
+    fn from(e: VmError) -> Self {
+        DriverError::Unavailable(error_chain(&e))
+    }
+}
+
+/// "outer: inner: innermost".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+fn setup_err(e: impl std::error::Error) -> DriverError {
+    DriverError::Setup(error_chain(&e))
+}
+
+/// A sandbox ID is `[a-z0-9]{1,63}`.
+pub fn validate_id(id: &str) -> Result<(), DriverError> {
+    if id.is_empty()
+        || id.len() > MAX_ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(DriverError::Setup(format!(
+            "invalid sandbox id {id:?}: expected 1-{MAX_ID_LEN} characters [a-z0-9]"
+        )));
+    }
+    Ok(())
+}
+
+/// Most vCPUs one VM may get.
+pub const MAX_VCPUS: u32 = 64;
+
+/// Limits must be positive, vCPUs at most [`MAX_VCPUS`], memory at least 128 MiB (the guest
+/// kernel and agent need about 100).
+pub fn validate_limits(l: &Limits) -> Result<(), DriverError> {
+    if l.cpu_count == 0 || l.cpu_count > MAX_VCPUS || l.memory_mb < 128 || l.disk_mb == 0 {
+        return Err(DriverError::Setup(format!(
+            "invalid limits {l:?}: need 1..={MAX_VCPUS} vCPUs, memory >= 128 MiB, disk > 0"
+        )));
+    }
+    if l.memory_mb > 1 << 20 {
+        return Err(DriverError::Setup(format!(
+            "memory_mb {} is too large",
+            l.memory_mb
+        )));
+    }
+    Ok(())
+}
+
+/// The cgroup limits of one VMM.
+pub fn vmm_limits(l: &Limits, overhead_mb: u64, tb_size_mb: u32) -> VmmLimits {
+    let mb = l
+        .memory_mb
+        .saturating_add(overhead_mb)
+        .saturating_add(u64::from(tb_size_mb));
+    VmmLimits {
+        memory_bytes: mb.saturating_mul(1 << 20),
+        // the vCPUs plus a quarter CPU for device emulation and I/O
+        cpu_quota_us: u64::from(l.cpu_count)
+            .saturating_mul(cgroup::CFS_PERIOD_US)
+            .saturating_add(cgroup::CFS_PERIOD_US / 4),
+        // main loop, vCPU threads, RCU, up to 64 block I/O workers
+        pids: 96 + u64::from(l.cpu_count),
+    }
+}
+
+/// One line from a hostile byte stream, bounded.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Full,
+    TooLong,
+    Eof,
+}
+
+async fn read_line_bounded<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok(Line::Eof);
+        }
+        let (chunk, used, done) = match avail.iter().position(|b| *b == b'\n') {
+            Some(i) => (avail.get(..i).unwrap_or_default(), i + 1, true),
+            None => (avail, avail.len(), false),
+        };
+        if !too_long {
+            if buf.len() + chunk.len() > limit {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        r.consume(used);
+        if done {
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            return Ok(if too_long { Line::TooLong } else { Line::Full });
+        }
+    }
+}
+
+/// Wait for the guest init's go-ahead on the control channel.
+async fn wait_init<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    want: &[u8],
+) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(128);
+    loop {
+        match read_line_bounded(reader, &mut buf, 1024).await {
+            Ok(Line::Full) if buf == want => return Ok(()),
+            Ok(Line::Full) if buf.starts_with(INIT_ERROR) => {
+                let msg = buf.get(INIT_ERROR.len()..).unwrap_or_default();
+                return Err(format!(
+                    "guest init failed: {}",
+                    String::from_utf8_lossy(msg)
+                ));
+            }
+            Ok(Line::Full) | Ok(Line::TooLong) => {}
+            Ok(Line::Eof) => return Err("the VM closed the control channel".into()),
+            Err(e) => return Err(format!("reading the control channel: {e}")),
+        }
+    }
+}
+
+/// Wait for the agent's ready event, forwarding anything else it reports.
+async fn wait_ready<R: AsyncRead + Unpin>(
+    id: &str,
+    reader: &mut BufReader<R>,
+    events: &EventSink,
+) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        match read_line_bounded(reader, &mut buf, MAX_EVENT_LINE).await {
+            Ok(Line::Full) => match AgentEvent::parse_line(&buf) {
+                Some(event) => {
+                    let ready = matches!(event, AgentEvent::Ready { .. });
+                    let _ = events.send(SandboxEvent {
+                        sandbox_id: id.to_string(),
+                        event,
+                    });
+                    if ready {
+                        return Ok(());
+                    }
+                }
+                None => tracing::debug!(sandbox = id, "dropped a malformed control line"),
+            },
+            Ok(Line::TooLong) => tracing::debug!(sandbox = id, "dropped an oversized control line"),
+            Ok(Line::Eof) => return Err("the agent closed the control channel".into()),
+            Err(e) => return Err(format!("reading the control channel: {e}")),
+        }
+    }
+}
+
+/// Forward the agent's events to the sink until EOF.
+fn spawn_event_reader<R: AsyncRead + Unpin + Send + 'static>(
+    id: String,
+    mut reader: BufReader<R>,
+    sink: EventSink,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            match read_line_bounded(&mut reader, &mut buf, MAX_EVENT_LINE).await {
+                Ok(Line::Full) => {
+                    if let Some(event) = AgentEvent::parse_line(&buf) {
+                        let _ = sink.send(SandboxEvent {
+                            sandbox_id: id.clone(),
+                            event,
+                        });
+                    }
+                }
+                Ok(Line::TooLong) => {}
+                Ok(Line::Eof) | Err(_) => return,
+            }
+        }
+    })
+}
+
+fn exit_reason(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "the VM powered off (guest shutdown, reboot or panic)".into(),
+        (Some(c), _) => format!("the VMM exited with status {c}"),
+        (None, Some(s)) => format!("the VMM was killed by signal {s}"),
+        _ => format!("the VMM ended ({status})"),
+    }
+}
+
+fn socketpair() -> io::Result<(OwnedFd, tokio::net::UnixStream)> {
+    let (a, b) = std::os::unix::net::UnixStream::pair()?;
+    b.set_nonblocking(true)?;
+    Ok((OwnedFd::from(a), tokio::net::UnixStream::from_std(b)?))
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DriverError {
+    let context = context.into();
+    move |source| DriverError::Io { context, source }
+}
+
+/// Size, mtime seconds and nanoseconds of a file: when they are unchanged, so is its hash.
+type FileStamp = (u64, i64, i64);
+
+struct Inner {
+    config: VmConfig,
+    cgroups: Arc<VmCgroups>,
+    decision: AccelDecision,
+    tsc_khz: Option<u64>,
+    slots: Arc<Mutex<BTreeSet<u32>>>,
+    image_lock: tokio::sync::Mutex<()>,
+    agent_hash: Mutex<Option<(FileStamp, String)>>,
+    kvm_gid: Option<u32>,
+}
+
+/// The microVM driver. Cheap to clone.
+#[derive(Clone)]
+pub struct VmDriver {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for VmDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmDriver")
+            .field("config", &self.inner.config)
+            .field("accel", &self.inner.decision)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tool_works(program: &Path, arg: &str) -> Result<(), VmError> {
+    let out = std::process::Command::new(program)
+        .arg(arg)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| VmError::MissingTool {
+            tool: program.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(VmError::MissingTool {
+            tool: program.display().to_string(),
+            reason: format!("`{arg}` exited with {}", out.status),
+        })
+    }
+}
+
+impl VmDriver {
+    /// Check the host and prepare: validates the configuration, checks the tools, creates
+    /// the data directories, detects cgroups and chooses the accelerator (booting a probe
+    /// guest under KVM when the host might support it).
+    pub async fn new(config: VmConfig) -> Result<VmDriver, VmError> {
+        config.validate()?;
+        tool_works(&config.qemu, "--version")?;
+        tool_works(&config.qemu_img, "--version")?;
+        tool_works(&config.mkfs_ext4, "-V")?;
+        let gid = config.run_as.map(|r| r.gid);
+        for (dir, mode, group) in [
+            (config.data_dir.clone(), 0o711, None),
+            (config.data_dir.join("images"), 0o750, gid),
+            (config.data_dir.join("sandboxes"), 0o711, None),
+        ] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(&dir)
+                .map_err(|source| VmError::Io {
+                    context: format!("creating {}", dir.display()),
+                    source,
+                })?;
+            if let Some(g) = group {
+                std::os::unix::fs::chown(&dir, None, Some(g)).map_err(|source| VmError::Io {
+                    context: format!("chown {}", dir.display()),
+                    source,
+                })?;
+            }
+        }
+        let cgroups = VmCgroups::detect(&config.cgroup_root)?;
+        cgroups.prepare()?;
+        let facts = HostFacts::gather(&config.proc_root, &config.dev_root);
+        let kvm_gid = std::fs::metadata(config.dev_root.join("kvm"))
+            .ok()
+            .map(|m| m.gid());
+        let probe =
+            if config.accel != AccelChoice::Tcg && facts.cpu_virt && facts.kvm_device.is_ok() {
+                Some(probe_kvm(&config, kvm_gid).await)
+            } else {
+                None
+            };
+        let decision = accel::decide(config.accel, &facts, || {
+            probe.unwrap_or_else(|| Err("not probed".into()))
+        })
+        .map_err(VmError::Accel)?;
+        if decision.accel == Accel::Tcg && facts.cpu_khz.is_none() {
+            return Err(VmError::Config(
+                "TCG guests need the host CPU clock (cpu MHz in /proc/cpuinfo) and none was found"
+                    .into(),
+            ));
+        }
+        tracing::info!(accel = ?decision.accel, reason = %decision.reason, cgroups = ?cgroups.mode(), "microVM driver ready");
+        Ok(VmDriver {
+            inner: Arc::new(Inner {
+                tsc_khz: facts.cpu_khz,
+                config,
+                cgroups: Arc::new(cgroups),
+                decision,
+                slots: Arc::new(Mutex::new(BTreeSet::new())),
+                image_lock: tokio::sync::Mutex::new(()),
+                agent_hash: Mutex::new(None),
+                kvm_gid,
+            }),
+        })
+    }
+
+    /// The accelerator in use and why.
+    pub fn accel(&self) -> &AccelDecision {
+        &self.inner.decision
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &VmConfig {
+        &self.inner.config
+    }
+
+    fn ready_timeout(&self) -> Duration {
+        self.inner
+            .config
+            .ready_timeout
+            .unwrap_or(match self.inner.decision.accel {
+                Accel::Kvm => Duration::from_secs(10),
+                Accel::Tcg => Duration::from_secs(45),
+            })
+    }
+
+    /// The agent's hash, recomputed only when its size or mtime changed.
+    fn agent_hash(&self) -> Result<String, DriverError> {
+        let p = &self.inner.config.agent_path;
+        let m = std::fs::metadata(p).map_err(io_err(format!("inspecting {}", p.display())))?;
+        let key = (m.size(), m.mtime(), m.mtime_nsec());
+        if let Ok(cache) = self.inner.agent_hash.lock()
+            && let Some((k, h)) = cache.as_ref()
+            && *k == key
+        {
+            return Ok(h.clone());
+        }
+        let h = image::file_hash16(p).map_err(setup_err)?;
+        if let Ok(mut cache) = self.inner.agent_hash.lock() {
+            *cache = Some((key, h.clone()));
+        }
+        Ok(h)
+    }
+
+    /// The ext4 image of a template build, built on first use. Returns its path and size.
+    pub async fn image_for(&self, spec: &SandboxSpec) -> Result<(PathBuf, u64), DriverError> {
+        let rootfs = spec.template.rootfs.clone();
+        if !rootfs.is_absolute() || !rootfs.is_dir() {
+            return Err(DriverError::Setup(format!(
+                "template rootfs {} is not an existing absolute directory",
+                rootfs.display()
+            )));
+        }
+        let _guard = self.inner.image_lock.lock().await;
+        let this = self.clone();
+        let name = spec.template.name.clone();
+        let build = spec.template.build_id.clone();
+        tokio::task::spawn_blocking(move || -> Result<(PathBuf, u64), DriverError> {
+            let hash = this.agent_hash()?;
+            let file = image::image_name(&name, &build, &hash);
+            let cfg = &this.inner.config;
+            let tools = ImageTools {
+                mkfs_ext4: cfg.mkfs_ext4.clone(),
+                qemu_img: cfg.qemu_img.clone(),
+            };
+            let started = Instant::now();
+            let existed = cfg.data_dir.join("images").join(&file).is_file();
+            let path = image::ensure_image(
+                &tools,
+                &cfg.data_dir.join("images"),
+                &rootfs,
+                &file,
+                &cfg.agent_path,
+                cfg.run_as.map(|r| r.gid),
+            )
+            .map_err(|e: ImageError| DriverError::Setup(error_chain(&e)))?;
+            if !existed {
+                tracing::info!(image = %path.display(), took_ms = started.elapsed().as_millis() as u64, "built VM image");
+            }
+            let size = std::fs::metadata(&path)
+                .map_err(io_err(format!("inspecting {}", path.display())))?
+                .len();
+            Ok((path, size))
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("image task failed: {e}")))?
+    }
+
+    fn take_slot(&self) -> Result<Option<SlotGuard>, DriverError> {
+        let Some(run_as) = self.inner.config.run_as else {
+            return Ok(None);
+        };
+        let mut used = self
+            .inner
+            .slots
+            .lock()
+            .map_err(|_| DriverError::Setup("slot table poisoned".into()))?;
+        let slot = (0..run_as.slots)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| {
+                DriverError::Setup(format!("all {} VM slots are in use", run_as.slots))
+            })?;
+        used.insert(slot);
+        Ok(Some(SlotGuard {
+            slot,
+            pool: self.inner.slots.clone(),
+        }))
+    }
+}
+
+/// Boot the probe guest under KVM; how long it took to report in.
+async fn probe_kvm(config: &VmConfig, kvm_gid: Option<u32>) -> Result<Duration, String> {
+    let started = Instant::now();
+    let (ctl_guest, ctl_host) = socketpair().map_err(|e| e.to_string())?;
+    let (con_guest, con_host) = socketpair().map_err(|e| e.to_string())?;
+    let plan = QemuPlan {
+        accel: Accel::Kvm,
+        tb_size_mb: config.tb_size_mb,
+        vcpus: 1,
+        memory_mb: 256,
+        kernel: config.kernel(),
+        initramfs: config.initramfs(),
+        disk: None,
+        control_fd: ctl_guest.as_raw_fd(),
+        serial_fd: con_guest.as_raw_fd(),
+        tap_fd: None,
+        mode: BootMode::Probe,
+        hostname: "probe".into(),
+        tsc_khz: None,
+    };
+    let identity = config.run_as.map(|r| Identity {
+        uid: r.uid_base.saturating_add(r.slots),
+        gid: r.gid,
+        groups: kvm_gid.into_iter().collect(),
+    });
+    let started_vmm = vmm::spawn(Launch {
+        program: config.qemu.clone(),
+        args: plan.args(),
+        inherit: vec![ctl_guest.as_raw_fd(), con_guest.as_raw_fd()],
+        cgroup_procs: Vec::new(),
+        identity,
+    })
+    .map_err(|e| format!("starting QEMU: {e}"))?;
+    drop(ctl_guest);
+    drop(con_guest);
+    let console = Tail::default();
+    let con_task =
+        vmm::spawn_tail_reader("probe console", "probe".into(), con_host, console.clone());
+    let mut reader = BufReader::new(ctl_host);
+    let result = tokio::time::timeout(PROBE_DEADLINE, wait_init(&mut reader, PROBE_OK)).await;
+    let _ = vmm::pidfd_kill(&started_vmm.pidfd);
+    let mut child = started_vmm.child;
+    let _ = child.wait().await;
+    con_task.abort();
+    match result {
+        Ok(Ok(())) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(format!("{e} ({})", console.last_lines(3))),
+        Err(_) => Err(format!(
+            "no report within {PROBE_DEADLINE:?} ({})",
+            console.last_lines(3)
+        )),
+    }
+}
+
+#[async_trait]
+impl Driver for VmDriver {
+    fn isolation(&self) -> Isolation {
+        match self.inner.decision.accel {
+            Accel::Kvm => Isolation::MicrovmKvm,
+            Accel::Tcg => Isolation::MicrovmTcg,
+        }
+    }
+
+    async fn create(
+        &self,
+        spec: SandboxSpec,
+        events: EventSink,
+    ) -> Result<Arc<dyn SandboxHandle>, DriverError> {
+        validate_id(&spec.id)?;
+        validate_limits(&spec.limits)?;
+        let t0 = Instant::now();
+        let (image, image_size) = self.image_for(&spec).await?;
+        let t_image = t0.elapsed();
+        let slot = self.take_slot()?;
+        let inner = self.inner.clone();
+        let cfg = &inner.config;
+        let id = spec.id.clone();
+        let dir = cfg.data_dir.join("sandboxes").join(&id);
+        let identity = match (cfg.run_as, &slot) {
+            (Some(r), Some(s)) => Some(Identity {
+                uid: r.uid_base + s.slot,
+                gid: r.gid,
+                groups: match inner.decision.accel {
+                    Accel::Kvm => inner.kvm_gid.into_iter().collect(),
+                    Accel::Tcg => Vec::new(),
+                },
+            }),
+            _ => None,
+        };
+        let limits = spec.limits;
+
+        // Host-side resources, on a blocking thread; undone on failure.
+        struct Prepared {
+            net: net::GuestNet,
+            cgroup_procs: Vec<std::fs::File>,
+            disk: PathBuf,
+        }
+        let prepared = {
+            let inner = inner.clone();
+            let id = id.clone();
+            let dir = dir.clone();
+            let identity = identity.clone();
+            tokio::task::spawn_blocking(move || -> Result<Prepared, DriverError> {
+                let cfg = &inner.config;
+                match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return Err(DriverError::Setup(format!("sandbox {id} already exists")));
+                    }
+                    Err(source) => {
+                        return Err(DriverError::Io {
+                            context: format!("creating {}", dir.display()),
+                            source,
+                        });
+                    }
+                }
+                let undo_dir = |e: DriverError| {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    e
+                };
+                let disk = dir.join("disk.qcow2");
+                let tools = ImageTools {
+                    mkfs_ext4: cfg.mkfs_ext4.clone(),
+                    qemu_img: cfg.qemu_img.clone(),
+                };
+                let size = image_size.saturating_add(limits.disk_mb.saturating_mul(1 << 20));
+                image::create_overlay(&tools, &image, &disk, size)
+                    .map_err(|e| undo_dir(setup_err(e)))?;
+                if let Some(idn) = &identity {
+                    for p in [&dir, &disk] {
+                        std::os::unix::fs::chown(p, Some(idn.uid), Some(idn.gid))
+                            .map_err(|e| undo_dir(io_err(format!("chown {}", p.display()))(e)))?;
+                    }
+                }
+                inner
+                    .cgroups
+                    .create(&id, &vmm_limits(&limits, cfg.overhead_mb, cfg.tb_size_mb))
+                    .map_err(|e| undo_dir(setup_err(e)))?;
+                let undo_all = |e: DriverError| {
+                    let _ = inner.cgroups.remove(&id);
+                    undo_dir(e)
+                };
+                let mut cgroup_procs = Vec::new();
+                for f in inner.cgroups.procs_files(&id) {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&f)
+                        .map_err(|e| undo_all(io_err(format!("opening {}", f.display()))(e)))?;
+                    cgroup_procs.push(file);
+                }
+                let net = net::create_guest_net().map_err(|e| {
+                    undo_all(io_err("creating the VM's network namespace and tap")(e))
+                })?;
+                Ok(Prepared {
+                    net,
+                    cgroup_procs,
+                    disk,
+                })
+            })
+            .await
+            .map_err(|e| DriverError::Setup(format!("setup task failed: {e}")))??
+        };
+        let undo_prepared = |inner: Arc<Inner>, id: String, dir: PathBuf| async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = inner.cgroups.remove(&id);
+                let _ = std::fs::remove_dir_all(&dir);
+            })
+            .await;
+        };
+
+        let sockets = socketpair().and_then(|c| socketpair().map(|s| (c, s)));
+        let ((ctl_guest, ctl_host), (con_guest, con_host)) = match sockets {
+            Ok(s) => s,
+            Err(e) => {
+                undo_prepared(inner.clone(), id.clone(), dir.clone()).await;
+                return Err(io_err("creating the VM's sockets")(e));
+            }
+        };
+        let plan = QemuPlan {
+            accel: inner.decision.accel,
+            tb_size_mb: cfg.tb_size_mb,
+            vcpus: limits.cpu_count,
+            memory_mb: limits.memory_mb,
+            kernel: cfg.kernel(),
+            initramfs: cfg.initramfs(),
+            disk: Some(prepared.disk.clone()),
+            control_fd: ctl_guest.as_raw_fd(),
+            serial_fd: con_guest.as_raw_fd(),
+            tap_fd: Some(prepared.net.tap.as_raw_fd()),
+            mode: BootMode::Run,
+            hostname: id.clone(),
+            tsc_khz: inner.tsc_khz,
+        };
+        let launched = vmm::spawn(Launch {
+            program: cfg.qemu.clone(),
+            args: plan.args(),
+            inherit: vec![
+                ctl_guest.as_raw_fd(),
+                con_guest.as_raw_fd(),
+                prepared.net.tap.as_raw_fd(),
+            ],
+            cgroup_procs: prepared.cgroup_procs,
+            identity,
+        });
+        // QEMU holds its own copies now.
+        drop(ctl_guest);
+        drop(con_guest);
+        let net::GuestNet { netns, tap } = prepared.net;
+        drop(tap);
+        let started = match launched {
+            Ok(s) => s,
+            Err(e) => {
+                undo_prepared(inner.clone(), id.clone(), dir.clone()).await;
+                return Err(io_err("starting QEMU")(e));
+            }
+        };
+
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let console = Tail::default();
+        let stderr_tail = Tail::default();
+        let mut tasks = Vec::new();
+        tasks.push(vmm::spawn_tail_reader(
+            "console",
+            id.clone(),
+            con_host,
+            console.clone(),
+        ));
+        if let Some(err) = started.stderr {
+            tasks.push(vmm::spawn_tail_reader(
+                "qemu",
+                id.clone(),
+                err,
+                stderr_tail.clone(),
+            ));
+        }
+        let mut child = started.child;
+        // The waiter is not aborted by teardown's task list: it must outlive the kill.
+        tokio::spawn(async move {
+            let info = match child.wait().await {
+                Ok(status) => ExitInfo {
+                    reason: exit_reason(&status),
+                },
+                Err(e) => ExitInfo {
+                    reason: format!("lost track of the VMM: {e}"),
+                },
+            };
+            let _ = exit_tx.send(Some(info));
+        });
+        let sandbox = Arc::new(VmSandbox {
+            id: id.clone(),
+            isolation: self.isolation(),
+            pidfd: Arc::new(started.pidfd),
+            netns: Mutex::new(Some(Arc::new(netns))),
+            cgroups: inner.cgroups.clone(),
+            dir: dir.clone(),
+            exit_rx,
+            destroying: AtomicBool::new(false),
+            destroyed: tokio::sync::Mutex::new(false),
+            tasks: Mutex::new(tasks),
+            console,
+            stderr: stderr_tail,
+            slot: Mutex::new(slot),
+        });
+
+        let timeout = self.ready_timeout();
+        let config = AgentConfig {
+            sandbox_id: id.clone(),
+            access_token: spec.access_token.clone(),
+            env_vars: spec.env_vars.clone(),
+            default_user: spec.template.default_user.clone(),
+            default_workdir: String::new(),
+            port: ENVD_PORT,
+            bind: "0.0.0.0".to_string(),
+            start: spec.template.start_cmd.clone(),
+        };
+        let mut boot_at = None;
+        let handshake = async {
+            let mut reader = BufReader::new(ctl_host);
+            wait_init(&mut reader, INIT_OK).await?;
+            boot_at = Some(t0.elapsed());
+            let mut line =
+                serde_json::to_vec(&config).map_err(|e| format!("encoding the config: {e}"))?;
+            line.push(b'\n');
+            reader
+                .get_mut()
+                .write_all(&line)
+                .await
+                .map_err(|e| format!("sending the config: {e}"))?;
+            wait_ready(&id, &mut reader, &events).await?;
+            Ok::<_, String>(reader)
+        };
+        let result = match tokio::time::timeout(timeout, handshake).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no ready event within {timeout:?}")),
+        };
+        match result {
+            Ok(reader) => {
+                let task = spawn_event_reader(id.clone(), reader, events);
+                if let Ok(mut t) = sandbox.tasks.lock() {
+                    t.push(task);
+                }
+                tracing::info!(
+                    sandbox = %id,
+                    accel = ?inner.decision.accel,
+                    image_ms = t_image.as_millis() as u64,
+                    init_ms = boot_at.map(|d| d.as_millis() as u64),
+                    ready_ms = t0.elapsed().as_millis() as u64,
+                    "VM ready"
+                );
+                Ok(sandbox)
+            }
+            Err(reason) => {
+                // Let a dying VMM finish so the reason can say how it ended.
+                let exit = tokio::time::timeout(Duration::from_millis(300), async {
+                    let mut rx = sandbox.exit_rx.clone();
+                    let r = rx.wait_for(|v| v.is_some()).await;
+                    r.ok().and_then(|v| v.clone())
+                })
+                .await
+                .ok()
+                .flatten();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let diag = sandbox.diagnostics();
+                if let Err(e) = sandbox.teardown().await {
+                    tracing::warn!(sandbox = %id, "cleanup after failed start: {e}");
+                }
+                let mut reason = reason;
+                if let Some(info) = exit {
+                    reason = format!("{reason} ({})", info.reason);
+                }
+                if !diag.is_empty() {
+                    reason = format!("{reason}; {diag}");
+                }
+                Err(DriverError::AgentNotReady(reason))
+            }
+        }
+    }
+
+    async fn reap_orphans(&self) -> Result<ReapReport, DriverError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || -> Result<ReapReport, DriverError> {
+            let mut report = ReapReport::default();
+            let names = inner
+                .cgroups
+                .list()
+                .map_err(|e| DriverError::Cleanup(error_chain(&e)))?;
+            for name in names {
+                let (killed, removed) = inner
+                    .cgroups
+                    .remove(&name)
+                    .map_err(|e| DriverError::Cleanup(error_chain(&e)))?;
+                report.processes += killed;
+                report.cgroups += removed;
+            }
+            let sandboxes = inner.config.data_dir.join("sandboxes");
+            for entry in std::fs::read_dir(&sandboxes)
+                .map_err(io_err(format!("listing {}", sandboxes.display())))?
+            {
+                let entry = entry.map_err(io_err(format!("listing {}", sandboxes.display())))?;
+                let path = entry.path();
+                let r = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                r.map_err(io_err(format!("removing {}", path.display())))?;
+                report.dirs += 1;
+            }
+            let images = inner.config.data_dir.join("images");
+            for entry in std::fs::read_dir(&images)
+                .map_err(io_err(format!("listing {}", images.display())))?
+            {
+                let entry = entry.map_err(io_err(format!("listing {}", images.display())))?;
+                if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let path = entry.path();
+                    std::fs::remove_dir_all(&path)
+                        .map_err(io_err(format!("removing {}", path.display())))?;
+                    report.other += 1;
+                }
+            }
+            Ok(report)
+        })
+        .await
+        .map_err(|e| DriverError::Cleanup(format!("reaper task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_limits() {
+        assert!(validate_id("abc123").is_ok());
+        for bad in ["", "ABC", "a-b", "a/b", "../x", "a,b"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_limits(&Limits::default()).is_ok());
+        let l = Limits {
+            memory_mb: 64,
+            ..Limits::default()
+        };
+        assert!(
+            validate_limits(&l).is_err(),
+            "too little RAM for a guest kernel"
+        );
+        let l = Limits {
+            cpu_count: MAX_VCPUS + 1,
+            ..Limits::default()
+        };
+        assert!(validate_limits(&l).is_err());
+    }
+
+    #[test]
+    fn vmm_limits_add_overhead() {
+        let l = Limits {
+            cpu_count: 2,
+            memory_mb: 256,
+            disk_mb: 512,
+            max_pids: 10,
+        };
+        let v = vmm_limits(&l, 160, 32);
+        assert_eq!(v.memory_bytes, (256 + 160 + 32) << 20);
+        assert_eq!(v.cpu_quota_us, 225_000);
+        assert_eq!(v.pids, 98);
+    }
+
+    fn config_in(tmp: &Path) -> VmConfig {
+        let assets = tmp.join("assets");
+        std::fs::create_dir_all(&assets).expect("mkdir");
+        std::fs::write(assets.join("vmlinux"), b"ELF").expect("write");
+        std::fs::write(assets.join("initramfs.cpio"), b"070701").expect("write");
+        std::fs::write(tmp.join("agent"), b"agent").expect("write");
+        VmConfig::new(tmp.join("data"), assets, tmp.join("agent"))
+    }
+
+    #[test]
+    fn config_validation() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let good = config_in(tmp.path());
+        good.validate().expect("valid");
+
+        let mut c = good.clone();
+        c.data_dir = PathBuf::from("rel");
+        assert!(c.validate().is_err());
+        let mut c = good.clone();
+        c.data_dir = tmp.path().join("a,b");
+        assert!(c.validate().is_err());
+        let mut c = good.clone();
+        c.tb_size_mb = 0;
+        assert!(c.validate().is_err());
+        let mut c = good.clone();
+        c.overhead_mb = 10;
+        assert!(c.validate().is_err());
+        let mut c = good.clone();
+        c.run_as = Some(RunAs {
+            uid_base: u32::MAX,
+            slots: 2,
+            gid: 1,
+        });
+        assert!(c.validate().is_err());
+        std::fs::remove_file(good.kernel()).expect("rm");
+        let err = good.validate().expect_err("no kernel");
+        assert!(err.to_string().contains("scripts/vm-assets"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn init_handshake_lines() {
+        let input: &[u8] = b"noise\n\xff\xfe garbage\ncella-init: ok\r\nrest";
+        let mut r = BufReader::new(input);
+        wait_init(&mut r, INIT_OK).await.expect("ok line");
+        let input: &[u8] = b"cella-init: error: cannot mount the root filesystem\n";
+        let mut r = BufReader::new(input);
+        let err = wait_init(&mut r, INIT_OK).await.expect_err("error line");
+        assert!(err.contains("cannot mount the root filesystem"), "{err}");
+        let long = vec![b'a'; 100_000];
+        let mut r = BufReader::new(long.as_slice());
+        let err = wait_init(&mut r, INIT_OK).await.expect_err("eof");
+        assert!(err.contains("closed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ready_forwards_events() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let input: &[u8] = b"{\"event\":\"make_dir\",\"path\":\"/x\"}\nnot json\n{\"event\":\"ready\",\"version\":\"1\"}\n";
+        let mut r = BufReader::new(input);
+        wait_ready("s1", &mut r, &tx).await.expect("ready");
+        let first = rx.try_recv().expect("event");
+        assert_eq!(first.sandbox_id, "s1");
+        assert!(matches!(first.event, AgentEvent::MakeDir { .. }));
+        assert!(matches!(
+            rx.try_recv().expect("ready").event,
+            AgentEvent::Ready { .. }
+        ));
+    }
+}

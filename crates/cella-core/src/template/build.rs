@@ -458,6 +458,8 @@ fn configure(ctx: &mut BuildCtx<'_>, chroot: &mut Chroot) -> Result<(), Template
         0o644,
     )?;
 
+    write_spec_files(ctx)?;
+
     let user = spec.default_user.as_str();
     if user != "root" {
         ctx.report(
@@ -541,6 +543,34 @@ fn configure(ctx: &mut BuildCtx<'_>, chroot: &mut Chroot) -> Result<(), Template
         stream(ctx, BuildPhase::Run, cmd, &label, &mut |line| {
             (line.to_owned(), done, Some(total))
         })?;
+    }
+    Ok(())
+}
+
+/// Write the spec's `files` into the tree (before packages and commands, which may use them).
+fn write_spec_files(ctx: &mut BuildCtx<'_>) -> Result<(), TemplateError> {
+    let total = ctx.spec.files.len() as u64;
+    for (i, file) in ctx.spec.files.iter().enumerate() {
+        // validate() checked the path; refuse again rather than write outside the tree.
+        if !super::is_template_path(&file.path) {
+            return Err(TemplateError::InvalidSpec(format!(
+                "files: invalid path {:?}",
+                file.path
+            )));
+        }
+        ctx.report(
+            BuildPhase::Configure,
+            &format!("writing {}", file.path),
+            Some(i as u64 + 1),
+            Some(total),
+        );
+        let mode = if file.executable { 0o755 } else { 0o644 };
+        put_file(
+            ctx.rootfs,
+            file.path.trim_start_matches('/'),
+            file.contents.as_bytes(),
+            mode,
+        )?;
     }
     Ok(())
 }
@@ -790,6 +820,58 @@ mod tests {
         put_file(&rootfs, "etc/sudoers.d/user", b"x\n", 0o440).expect("put");
         let meta = std::fs::metadata(rootfs.join("etc/sudoers.d/user")).expect("stat");
         assert_eq!(meta.permissions().mode() & 0o777, 0o440);
+    }
+
+    #[test]
+    fn spec_files_are_written_into_the_tree() {
+        let mut spec = TemplateSpec::base();
+        spec.files = vec![
+            super::super::TemplateFile {
+                path: "/opt/app/server.py".into(),
+                contents: "print(1)\n".into(),
+                executable: false,
+            },
+            super::super::TemplateFile {
+                path: "/usr/local/bin/tool".into(),
+                contents: "#!/bin/sh\n".into(),
+                executable: true,
+            },
+        ];
+        let host = HostPaths::default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seen = 0;
+        let mut progress = |_: &BuildProgress| seen += 1;
+        let mut ctx = BuildCtx {
+            spec: &spec,
+            rootfs: dir.path(),
+            parent_rootfs: None,
+            cache_dir: dir.path(),
+            host: &host,
+            mirror: None,
+            refresh: false,
+            progress: &mut progress,
+        };
+        write_spec_files(&mut ctx).expect("write");
+        let server = dir.path().join("opt/app/server.py");
+        assert_eq!(std::fs::read_to_string(&server).expect("read"), "print(1)\n");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&server), 0o644);
+        assert_eq!(mode(&dir.path().join("usr/local/bin/tool")), 0o755);
+        assert_eq!(seen, 2);
+
+        spec.files[0].path = "/opt/../../escape".into();
+        let mut progress = |_: &BuildProgress| {};
+        let mut ctx = BuildCtx {
+            spec: &spec,
+            rootfs: dir.path(),
+            parent_rootfs: None,
+            cache_dir: dir.path(),
+            host: &host,
+            mirror: None,
+            refresh: false,
+            progress: &mut progress,
+        };
+        assert!(write_spec_files(&mut ctx).is_err());
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub mod mirror;
 mod spec;
 mod store;
 
-pub use spec::{BUILDER_VERSION, TemplateSpec, is_template_name};
+pub use spec::{
+    BUILDER_VERSION, StartCommand, TemplateFile, TemplateSpec, is_template_name, is_template_path,
+};
 pub use store::{HostPaths, TemplateStatus, TemplateStore};
 
 /// What a build is doing; shown as `[template base] debootstrap: ...`.

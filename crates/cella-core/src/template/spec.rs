@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+pub use cella_proto::control::StartCommand;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -24,6 +25,15 @@ const MAX_LIST_LEN: usize = 256;
 
 /// Longest single entry (package name, command, env value) accepted.
 const MAX_ENTRY_LEN: usize = 8192;
+
+/// Largest template file accepted.
+const MAX_FILE_LEN: usize = 1024 * 1024;
+
+/// Longest template file path accepted.
+const MAX_PATH_LEN: usize = 1024;
+
+/// Where the code interpreter's server lives inside the `code-interpreter` template.
+const CODE_INTERPRETER_DIR: &str = "/opt/cella/code-interpreter";
 
 /// A template: a root filesystem recipe plus the defaults sandboxes started from it get.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +70,28 @@ pub struct TemplateSpec {
     pub memory_mb: u64,
     /// Default size of the writable layer, MiB.
     pub disk_mb: u64,
+    /// Command every sandbox of this template starts at boot (a server such as the code
+    /// interpreter). Omitted from the JSON when absent, so specs without one keep their
+    /// build ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_cmd: Option<StartCommand>,
+    /// Files written into the root filesystem before packages are installed. Their contents
+    /// are part of the spec, so changing one changes the build ID. Omitted when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<TemplateFile>,
+}
+
+/// A file the build writes into the template (owned by root, mode 0644 or 0755).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateFile {
+    /// Absolute path inside the sandbox, without `.`/`..` components.
+    pub path: String,
+    /// UTF-8 contents.
+    pub contents: String,
+    /// Make it executable (0755 instead of 0644).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub executable: bool,
 }
 
 impl TemplateSpec {
@@ -97,11 +129,16 @@ impl TemplateSpec {
             cpu_count: 2,
             memory_mb: 512,
             disk_mb: 1024,
+            start_cmd: None,
+            files: Vec::new(),
         }
     }
 
     /// `code-interpreter`: `base` plus the scientific Python stack and a Jupyter kernel, the
     /// template the `e2b-code-interpreter` SDK asks for (`code-interpreter-v1`).
+    ///
+    /// Its start command runs the code interpreter server (`templates/code-interpreter/` in
+    /// the repository, compiled into the spec) on port 49999 as the default user.
     pub fn code_interpreter() -> TemplateSpec {
         TemplateSpec {
             name: "code-interpreter".to_owned(),
@@ -128,6 +165,35 @@ impl TemplateSpec {
             cpu_count: 2,
             memory_mb: 1024,
             disk_mb: 2048,
+            start_cmd: Some(StartCommand {
+                cmd: format!(
+                    "exec python3 -u {CODE_INTERPRETER_DIR}/server.py \
+                     >>/tmp/.cella-code-interpreter.log 2>&1"
+                ),
+                user: "user".to_owned(),
+                cwd: "/home/user".to_owned(),
+            }),
+            files: [
+                (
+                    "server.py",
+                    include_str!("../../../../templates/code-interpreter/server.py"),
+                ),
+                (
+                    "kernel_startup.py",
+                    include_str!("../../../../templates/code-interpreter/kernel_startup.py"),
+                ),
+                (
+                    "charts.py",
+                    include_str!("../../../../templates/code-interpreter/charts.py"),
+                ),
+            ]
+            .into_iter()
+            .map(|(name, contents)| TemplateFile {
+                path: format!("{CODE_INTERPRETER_DIR}/{name}"),
+                contents: contents.to_owned(),
+                executable: false,
+            })
+            .collect(),
         }
     }
 
@@ -229,6 +295,34 @@ impl TemplateSpec {
         if self.cpu_count == 0 || self.memory_mb == 0 || self.disk_mb == 0 {
             return bad("cpu_count, memory_mb and disk_mb must be positive".to_owned());
         }
+        if let Some(start) = &self.start_cmd {
+            if start.cmd.trim().is_empty()
+                || start.cmd.len() > MAX_ENTRY_LEN
+                || start.cmd.contains('\0')
+            {
+                return bad("start_cmd: invalid command".to_owned());
+            }
+            if !start.user.is_empty() && !is_user_name(&start.user) {
+                return bad(format!("start_cmd: invalid user {:?}", start.user));
+            }
+            if !start.cwd.is_empty() && !is_template_path(&start.cwd) {
+                return bad(format!("start_cmd: invalid cwd {:?}", start.cwd));
+            }
+        }
+        if self.files.len() > MAX_LIST_LEN {
+            return bad(format!("too many files (max {MAX_LIST_LEN})"));
+        }
+        for file in &self.files {
+            if !is_template_path(&file.path) || file.path.ends_with('/') {
+                return bad(format!("files: invalid path {:?}", file.path));
+            }
+            if file.contents.len() > MAX_FILE_LEN {
+                return bad(format!(
+                    "files: {} is larger than {MAX_FILE_LEN} bytes",
+                    file.path
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -278,6 +372,17 @@ fn is_pip_requirement(s: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b"._-[],<>=!~*; ".contains(&b))
 }
 
+/// An absolute path inside the sandbox: starts with `/`, no `.`/`..` components, no NUL,
+/// not `/` itself.
+pub fn is_template_path(s: &str) -> bool {
+    s.len() > 1
+        && s.len() <= MAX_PATH_LEN
+        && s.starts_with('/')
+        && !s.contains('\0')
+        && s.split('/').skip(1).all(|c| c != "." && c != "..")
+        && !s.contains("//")
+}
+
 /// `[a-z_][a-z0-9_-]*`, at most 32 characters (useradd's limit).
 fn is_user_name(s: &str) -> bool {
     let mut bytes = s.bytes();
@@ -306,6 +411,32 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.len(), 16);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn base_build_id_is_unchanged_by_optional_fields() {
+        // Specs without a start command or files serialize exactly as before those fields
+        // existed, so builds made then stay valid.
+        assert_eq!(TemplateSpec::base().build_id(), "af0257113ce30398");
+        let json = serde_json::to_string(&TemplateSpec::base()).expect("json");
+        assert!(!json.contains("start_cmd") && !json.contains("files"), "{json}");
+    }
+
+    #[test]
+    fn code_interpreter_carries_its_server() {
+        let spec = TemplateSpec::code_interpreter();
+        let start = spec.start_cmd.as_ref().expect("start command");
+        assert!(start.cmd.contains("/opt/cella/code-interpreter/server.py"));
+        assert_eq!(start.user, "user");
+        let server = spec
+            .files
+            .iter()
+            .find(|f| f.path == "/opt/cella/code-interpreter/server.py")
+            .expect("server file");
+        assert!(server.contents.contains("49999"));
+        let mut changed = spec.clone();
+        changed.files[0].contents.push('\n');
+        assert_ne!(changed.build_id(), spec.build_id());
     }
 
     #[test]
@@ -340,6 +471,26 @@ mod tests {
             ("cpu", Box::new(|s| s.cpu_count += 1)),
             ("memory", Box::new(|s| s.memory_mb += 1)),
             ("disk", Box::new(|s| s.disk_mb += 1)),
+            (
+                "start",
+                Box::new(|s| {
+                    s.start_cmd = Some(StartCommand {
+                        cmd: "sleep 1".into(),
+                        user: String::new(),
+                        cwd: String::new(),
+                    })
+                }),
+            ),
+            (
+                "files",
+                Box::new(|s| {
+                    s.files.push(TemplateFile {
+                        path: "/etc/x".into(),
+                        contents: "x".into(),
+                        executable: false,
+                    })
+                }),
+            ),
         ];
         let mut seen = std::collections::HashSet::new();
         seen.insert(id.clone());
@@ -419,6 +570,41 @@ mod tests {
             Box::new(|s| s.distribution = "bookworm stable".into()),
             Box::new(|s| s.from = Some("base".into())), // its own parent
             Box::new(|s| s.cpu_count = 0),
+            Box::new(|s| {
+                s.files.push(TemplateFile {
+                    path: "/opt/../etc/shadow".into(),
+                    contents: String::new(),
+                    executable: false,
+                })
+            }),
+            Box::new(|s| {
+                s.files.push(TemplateFile {
+                    path: "relative".into(),
+                    contents: String::new(),
+                    executable: false,
+                })
+            }),
+            Box::new(|s| {
+                s.files.push(TemplateFile {
+                    path: "/big".into(),
+                    contents: "x".repeat(MAX_FILE_LEN + 1),
+                    executable: false,
+                })
+            }),
+            Box::new(|s| {
+                s.start_cmd = Some(StartCommand {
+                    cmd: " ".into(),
+                    user: String::new(),
+                    cwd: String::new(),
+                })
+            }),
+            Box::new(|s| {
+                s.start_cmd = Some(StartCommand {
+                    cmd: "x".into(),
+                    user: "root; rm".into(),
+                    cwd: String::new(),
+                })
+            }),
         ];
         for (i, mutate) in cases.into_iter().enumerate() {
             let mut spec = TemplateSpec::base();

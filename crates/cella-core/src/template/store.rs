@@ -496,6 +496,7 @@ fn image(spec: &TemplateSpec, build_id: String, dir: &Path) -> TemplateImage {
         rootfs: dir.join("rootfs"),
         default_user: spec.default_user.clone(),
         env: spec.env.clone(),
+        start_cmd: spec.start_cmd.clone(),
     }
 }
 

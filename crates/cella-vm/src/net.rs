@@ -1,0 +1,212 @@
+//! The host end of a VM's network: a private network namespace holding one tap device.
+//!
+//! Why a namespace per VM: the guest gets a fixed address (169.254.0.21, like E2B's
+//! orchestrator), and the server must reach each guest without the guests reaching each
+//! other or the host's networks. Each VM's tap lives alone in its own netns, so identical
+//! addresses never collide and nothing routes between sandboxes. The server dials into the
+//! namespace (a socket stays in the netns it was created in), exactly like the jail driver.
+//!
+//! Both the namespace and the tap are created on a short-lived dedicated thread: that thread
+//! calls `unshare(CLONE_NEWNET)` and simply ends, so no pool thread ever sits in a sandbox's
+//! namespace. The tap is not persistent: it disappears when QEMU and the driver close its
+//! descriptor, and the namespace disappears with its last reference.
+
+use std::ffi::c_char;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::qemu::{GUEST_IP, HOST_IP, LINK_PREFIX};
+
+/// `TUNSETIFF` (`_IOW('T', 202, int)`).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// Name of the tap inside each namespace.
+pub const TAP_NAME: &str = "tap0";
+
+/// A VM's network namespace and its tap device.
+#[derive(Debug)]
+pub struct GuestNet {
+    /// `/proc/thread-self/ns/net` of the namespace.
+    pub netns: OwnedFd,
+    /// The tap's queue descriptor, handed to QEMU.
+    pub tap: OwnedFd,
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn ifreq_for(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is a plain C struct/union for which all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = src as c_char;
+    }
+    req
+}
+
+fn sockaddr_v4(a: [u8; 4]) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) and sockaddr is plain
+    // data; this is how the SIOCSIF* ioctls expect an IPv4 address.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+    let mut req = ifreq_for(name);
+    // SAFETY: SIOCGIFFLAGS reads into `req`, a valid ifreq naming an interface.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the flags member of the union was just written by the kernel.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, a valid ifreq.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Ok(())
+}
+
+fn prefix_mask(prefix: u8) -> [u8; 4] {
+    let bits: u32 = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
+    bits.to_be_bytes()
+}
+
+/// Runs on the dedicated thread, inside the new namespace.
+fn setup_in_new_netns() -> io::Result<GuestNet> {
+    // SAFETY: unshare affects only this (dedicated, short-lived) thread's namespaces.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+    let netns = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net")?);
+
+    // SAFETY: open(2) with a constant NUL-terminated path.
+    let tun = check(unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    })?;
+    // SAFETY: `tun` was just opened and is owned by nobody else.
+    let tap = unsafe { OwnedFd::from_raw_fd(tun) };
+    let mut req = ifreq_for(TAP_NAME);
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads a valid ifreq naming the device and its flags.
+    check(unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, &req) })?;
+
+    // SAFETY: socket(2) with constant arguments.
+    let s =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `s` was just created and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(s) };
+    set_up(&sock, "lo")?;
+    let mut req = ifreq_for(TAP_NAME);
+    req.ifr_ifru.ifru_addr = sockaddr_v4(HOST_IP);
+    // SAFETY: SIOCSIFADDR reads a valid ifreq carrying an AF_INET address.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) })?;
+    let mut req = ifreq_for(TAP_NAME);
+    req.ifr_ifru.ifru_netmask = sockaddr_v4(prefix_mask(LINK_PREFIX));
+    // SAFETY: SIOCSIFNETMASK reads a valid ifreq carrying an AF_INET mask.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) })?;
+    set_up(&sock, TAP_NAME)?;
+    Ok(GuestNet { netns, tap })
+}
+
+/// Create a network namespace with `lo` up and [`TAP_NAME`] addressed as the host end of the
+/// guest link. Blocking (spawns and joins a thread).
+pub fn create_guest_net() -> io::Result<GuestNet> {
+    std::thread::Builder::new()
+        .name("cella-vm-netns".into())
+        .spawn(setup_in_new_netns)?
+        .join()
+        .map_err(|_| io::Error::other("netns setup thread panicked"))?
+}
+
+fn socket_in(netns: &OwnedFd) -> io::Result<std::net::TcpStream> {
+    // SAFETY: setns on a namespace descriptor we hold; affects only this dedicated thread,
+    // which ends right after.
+    check(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = check(unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(std::net::TcpStream::from(unsafe {
+        OwnedFd::from_raw_fd(fd)
+    }))
+}
+
+/// Connect to `port` on the guest through the VM's namespace.
+pub async fn dial(netns: std::sync::Arc<OwnedFd>, port: u16) -> io::Result<tokio::net::TcpStream> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("cella-vm-dial".into())
+        .spawn(move || {
+            let _ = tx.send(socket_in(&netns));
+        })?;
+    let std_stream = rx
+        .await
+        .map_err(|_| io::Error::other("dial thread ended without a socket"))??;
+    let socket = tokio::net::TcpSocket::from_std_stream(std_stream);
+    let [a, b, c, d] = GUEST_IP;
+    socket
+        .connect(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::new(a, b, c, d),
+            port,
+        )))
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        assert_eq!(prefix_mask(30), [255, 255, 255, 252]);
+        assert_eq!(prefix_mask(24), [255, 255, 255, 0]);
+        assert_eq!(prefix_mask(0), [0, 0, 0, 0]);
+        assert_eq!(prefix_mask(32), [255, 255, 255, 255]);
+    }
+
+    #[test]
+    fn ifreq_names_are_truncated_and_terminated() {
+        let r = ifreq_for("a-very-long-interface-name");
+        assert_eq!(r.ifr_name[libc::IFNAMSIZ - 1], 0);
+        assert_eq!(r.ifr_name[0], b'a' as c_char);
+    }
+
+    #[test]
+    fn tap_in_own_namespace() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("skipping: needs root and /dev/net/tun");
+            return;
+        }
+        let net = create_guest_net().expect("netns + tap");
+        let host = std::fs::read_link("/proc/self/ns/net").expect("readlink");
+        let ours = std::fs::read_link(format!("/proc/self/fd/{}", net.netns.as_raw_fd()))
+            .expect("readlink");
+        assert_ne!(host, ours, "the tap must live in its own namespace");
+    }
+}

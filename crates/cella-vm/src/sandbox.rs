@@ -1,0 +1,179 @@
+//! A live VM sandbox: dialing into its network namespace, its exit, and teardown.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cella_api::Isolation;
+use cella_core::driver::{DriverError, ExitInfo, SandboxHandle, SandboxStats};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cgroup::VmCgroups;
+use crate::vmm::{Tail, pidfd_kill};
+
+/// How long teardown waits for the killed VMM to be reaped.
+const REAP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Returns the sandbox's uid slot to the pool when dropped.
+#[derive(Debug)]
+pub(crate) struct SlotGuard {
+    pub(crate) slot: u32,
+    pub(crate) pool: Arc<Mutex<std::collections::BTreeSet<u32>>>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.remove(&self.slot);
+        }
+    }
+}
+
+/// A VM sandbox.
+pub struct VmSandbox {
+    pub(crate) id: String,
+    pub(crate) isolation: Isolation,
+    pub(crate) pidfd: Arc<OwnedFd>,
+    pub(crate) netns: Mutex<Option<Arc<OwnedFd>>>,
+    pub(crate) cgroups: Arc<VmCgroups>,
+    pub(crate) dir: PathBuf,
+    pub(crate) exit_rx: watch::Receiver<Option<ExitInfo>>,
+    pub(crate) destroying: AtomicBool,
+    pub(crate) destroyed: tokio::sync::Mutex<bool>,
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) console: Tail,
+    pub(crate) stderr: Tail,
+    pub(crate) slot: Mutex<Option<SlotGuard>>,
+}
+
+impl std::fmt::Debug for VmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSandbox")
+            .field("id", &self.id)
+            .field("isolation", &self.isolation)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmSandbox {
+    /// The last lines of the guest console and QEMU's stderr (for error messages).
+    pub fn diagnostics(&self) -> String {
+        let mut parts = Vec::new();
+        let console = self.console.last_lines(4);
+        if !console.is_empty() {
+            parts.push(format!("console: {console}"));
+        }
+        let stderr = self.stderr.last_lines(3);
+        if !stderr.is_empty() {
+            parts.push(format!("qemu: {stderr}"));
+        }
+        parts.join("; ")
+    }
+
+    /// Kill the VMM, wait for it, remove its cgroups, overlay and directory, drop the netns.
+    /// Shared by destroy and failed creates; idempotent.
+    pub(crate) async fn teardown(&self) -> Result<(), DriverError> {
+        pidfd_kill(&self.pidfd).map_err(|source| DriverError::Io {
+            context: format!("killing the VMM of {}", self.id),
+            source,
+        })?;
+        let mut rx = self.exit_rx.clone();
+        let reaped = tokio::time::timeout(REAP_DEADLINE, async {
+            rx.wait_for(|v| v.is_some()).await.is_ok()
+        })
+        .await;
+        if reaped != Ok(true) {
+            return Err(DriverError::Cleanup(format!(
+                "the VMM of {} was not reaped within {REAP_DEADLINE:?}",
+                self.id
+            )));
+        }
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+        if let Ok(mut ns) = self.netns.lock() {
+            ns.take();
+        }
+        let cgroups = self.cgroups.clone();
+        let id = self.id.clone();
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), DriverError> {
+            cgroups
+                .remove(&id)
+                .map_err(|e| DriverError::Cleanup(format!("cgroups of {id}: {e}")))?;
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(DriverError::Io {
+                    context: format!("removing {}", dir.display()),
+                    source,
+                }),
+            }
+        })
+        .await
+        .map_err(|e| DriverError::Cleanup(format!("teardown task failed: {e}")))??;
+        if let Ok(mut s) = self.slot.lock() {
+            s.take();
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SandboxHandle for VmSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    async fn dial(&self, port: u16) -> io::Result<tokio::net::TcpStream> {
+        let netns = self
+            .netns
+            .lock()
+            .map_err(|_| io::Error::other("sandbox state poisoned"))?
+            .clone()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "sandbox destroyed"))?;
+        crate::net::dial(netns, port).await
+    }
+
+    fn stats(&self) -> Result<SandboxStats, DriverError> {
+        self.cgroups
+            .stats(&self.id)
+            .map_err(|e| DriverError::Setup(format!("reading cgroup stats of {}: {e}", self.id)))
+    }
+
+    async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit_rx.clone();
+        let info = rx
+            .wait_for(|v| v.is_some())
+            .await
+            .ok()
+            .and_then(|v| v.clone());
+        match info {
+            Some(info) if !self.destroying.load(Ordering::SeqCst) => info,
+            _ => std::future::pending().await,
+        }
+    }
+
+    async fn destroy(&self) -> Result<(), DriverError> {
+        self.destroying.store(true, Ordering::SeqCst);
+        let mut done = self.destroyed.lock().await;
+        if *done {
+            return Ok(());
+        }
+        self.teardown().await?;
+        *done = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,409 @@
+//! End-to-end: boot a real microVM from the base template, talk envd to its agent, destroy it
+//! and prove nothing is left. Needs root, QEMU, `scripts/vm-assets` output, a built base
+//! template and the static agent; otherwise it prints why it skips.
+//!
+//! Environment: `CELLA_VM_ASSETS` (default /var/lib/cella/vm), `CELLA_TEMPLATES` (default
+//! /var/lib/cella/templates), `CELLA_AGENT` (default target/release/cella-agent-static).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use cella_core::driver::{Driver, Limits, SandboxHandle, SandboxSpec, TemplateImage};
+use cella_vm::{VmConfig, VmDriver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn env_path(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+fn find_base_rootfs(templates: &Path) -> Option<(String, PathBuf)> {
+    let base = templates.join("base");
+    let mut builds: Vec<PathBuf> = std::fs::read_dir(&base)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("rootfs/etc").is_dir() && p.join("build.json").is_file())
+        .collect();
+    builds.sort();
+    let b = builds.pop()?;
+    let id = b.file_name()?.to_string_lossy().into_owned();
+    Some((id, b.join("rootfs")))
+}
+
+struct Env {
+    assets: PathBuf,
+    agent: PathBuf,
+    build_id: String,
+    rootfs: PathBuf,
+}
+
+fn environment() -> Option<Env> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root (netns, tap, cgroups, uid switch)");
+        return None;
+    }
+    if std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        eprintln!("skipping: qemu-system-x86_64 is not installed (scripts/install-deps)");
+        return None;
+    }
+    let assets = env_path("CELLA_VM_ASSETS", "/var/lib/cella/vm");
+    if !assets.join("vmlinux").is_file() || !assets.join("initramfs.cpio").is_file() {
+        eprintln!(
+            "skipping: no guest assets in {} (run scripts/vm-assets)",
+            assets.display()
+        );
+        return None;
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let agent = std::env::var_os("CELLA_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target/release/cella-agent-static"));
+    if !agent.is_file() {
+        eprintln!(
+            "skipping: no static agent at {} (run scripts/build)",
+            agent.display()
+        );
+        return None;
+    }
+    let templates = env_path("CELLA_TEMPLATES", "/var/lib/cella/templates");
+    let Some((build_id, rootfs)) = find_base_rootfs(&templates) else {
+        eprintln!(
+            "skipping: no built base template under {} (cella template build base)",
+            templates.display()
+        );
+        return None;
+    };
+    Some(Env {
+        assets,
+        agent: std::fs::canonicalize(&agent).expect("agent path"),
+        build_id,
+        rootfs,
+    })
+}
+
+fn spec(env: &Env, id: &str) -> SandboxSpec {
+    SandboxSpec {
+        id: id.to_string(),
+        template: TemplateImage {
+            name: "base".into(),
+            build_id: env.build_id.clone(),
+            rootfs: env.rootfs.clone(),
+            default_user: "user".into(),
+            env: BTreeMap::new(),
+            start_cmd: None,
+        },
+        limits: Limits {
+            cpu_count: 1,
+            memory_mb: 256,
+            disk_mb: 512,
+            max_pids: 1024,
+        },
+        env_vars: BTreeMap::new(),
+        access_token: "vm-test-token".into(),
+    }
+}
+
+/// One HTTP/1.1 exchange with `Connection: close`; returns (status, body), de-chunked.
+async fn http(
+    h: &dyn SandboxHandle,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut s = h.dial(49983).await.expect("dial the agent");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let mut rest = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        loop {
+            let nl = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk size");
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16)
+                .expect("hex size");
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+            rest = rest[nl + 2 + size + 2..].to_vec();
+        }
+        rest = out;
+    }
+    (status, rest)
+}
+
+/// Run a command through envd's Process/Start (Connect server streaming, JSON); returns stdout.
+async fn run(h: &dyn SandboxHandle, cmd: &str, args: &[&str]) -> String {
+    let msg = serde_json::json!({"process": {"cmd": cmd, "args": args}});
+    let payload = serde_json::to_vec(&msg).expect("json");
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(payload.len()).expect("len").to_be_bytes());
+    body.extend_from_slice(&payload);
+    let (status, resp) = http(
+        h,
+        "POST",
+        "/process.Process/Start",
+        &[
+            ("Content-Type", "application/connect+json"),
+            ("X-Access-Token", "vm-test-token"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let mut stdout = Vec::new();
+    let mut rest = resp.as_slice();
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let frame = &rest[5..5 + len];
+        let v: serde_json::Value = serde_json::from_slice(frame).expect("frame json");
+        if let Some(data) = v.pointer("/event/data/stdout").and_then(|d| d.as_str()) {
+            stdout.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .expect("base64"),
+            );
+        }
+        rest = &rest[5 + len..];
+    }
+    String::from_utf8_lossy(&stdout).into_owned()
+}
+
+fn rss_breakdown(pid: i32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            [
+                "Rss:",
+                "Pss_Anon:",
+                "Pss_File:",
+                "Anonymous:",
+                "AnonHugePages:",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn net_namespaces_we_hold() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|t| t.to_string_lossy().starts_with("net:["))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_sandbox_end_to_end() {
+    let Some(env) = environment() else { return };
+    let tmp = tempfile::Builder::new()
+        .prefix("cella-vm-test")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .expect("chmod");
+    let config = VmConfig::new(
+        tmp.path().join("data"),
+        env.assets.clone(),
+        env.agent.clone(),
+    );
+    let driver = VmDriver::new(config).await.expect("driver");
+    eprintln!(
+        "accelerator: {:?} ({})",
+        driver.accel().accel,
+        driver.accel().reason
+    );
+    driver.reap_orphans().await.expect("reap");
+
+    let id = format!("vmit{}", std::process::id());
+    let t = Instant::now();
+    let (image, size) = driver.image_for(&spec(&env, &id)).await.expect("image");
+    eprintln!(
+        "image {} ({} MiB) ready in {:?} (cold build)",
+        image.display(),
+        size >> 20,
+        t.elapsed()
+    );
+
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let sb = driver
+        .create(spec(&env, &id), events)
+        .await
+        .expect("create");
+    let ready = t.elapsed();
+    eprintln!("create -> ready: {ready:?}");
+    let first = rx.recv().await.expect("event");
+    assert!(matches!(
+        first.event,
+        cella_proto::control::AgentEvent::Ready { .. }
+    ));
+
+    let (status, _) = http(sb.as_ref(), "GET", "/health", &[], b"").await;
+    assert_eq!(status, 204);
+
+    let guest = run(sb.as_ref(), "/bin/uname", &["-r"]).await;
+    let expected = std::fs::read_to_string(env.assets.join("kernel.release")).unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("host release");
+    eprintln!("guest kernel: {}", guest.trim());
+    assert_ne!(
+        guest.trim(),
+        host.trim(),
+        "uname must show the guest's kernel"
+    );
+    if !expected.trim().is_empty() {
+        assert_eq!(guest.trim(), expected.trim());
+    }
+    let hostname = run(sb.as_ref(), "/bin/hostname", &[]).await;
+    assert_eq!(hostname.trim(), id);
+    // the disk got the sandbox's size (image + disk_mb), grown online by the init
+    let df = run(sb.as_ref(), "/bin/df", &["-m", "/"]).await;
+    eprintln!("guest df: {}", df.lines().last().unwrap_or_default());
+
+    // Memory of the idle VM (the whole QEMU process), after the guest settles.
+    let cg = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/cella-vm/{id}/cgroup.procs"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/cella-vm/{id}/cgroup.procs")))
+        .expect("cgroup procs");
+    let pid: i32 = cg
+        .lines()
+        .next()
+        .expect("qemu pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    eprintln!("RSS right after ready: {}", rss_breakdown(pid));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    eprintln!("RSS idle 10 s later:  {}", rss_breakdown(pid));
+    let stats = sb.stats().expect("stats");
+    eprintln!("cgroup stats: {stats:?}");
+    assert!(stats.memory_bytes > 0);
+
+    let dir = tmp.path().join("data/sandboxes").join(&id);
+    assert!(dir.join("disk.qcow2").is_file());
+    sb.destroy().await.expect("destroy");
+    sb.destroy().await.expect("destroy is idempotent");
+    // SAFETY: kill with signal 0 only checks for existence.
+    assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "QEMU must be gone");
+    assert!(!dir.exists(), "sandbox directory must be gone");
+    for h in ["memory", "cpu", "cpuacct", "pids"] {
+        assert!(!Path::new(&format!("/sys/fs/cgroup/{h}/cella-vm/{id}")).exists());
+    }
+    assert!(!Path::new(&format!("/sys/fs/cgroup/cella-vm/{id}")).exists());
+    assert!(sb.dial(49983).await.is_err(), "no dialing after destroy");
+    assert_eq!(net_namespaces_we_hold(), 0, "the netns must be released");
+    assert!(image.is_file(), "the template image stays cached");
+
+    // A second (warm) start, then a crash of the VMM mid-life: wait_exit resolves.
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let sb = driver
+        .create(spec(&env, &format!("{id}b")), events)
+        .await
+        .expect("warm create");
+    eprintln!("create -> ready (image cached): {:?}", t.elapsed());
+    let cg = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/cella-vm/{id}b/cgroup.procs"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/cella-vm/{id}b/cgroup.procs")))
+        .expect("cgroup procs");
+    let pid: i32 = cg.lines().next().expect("pid").trim().parse().expect("pid");
+    // SAFETY: signalling the QEMU process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let exit = tokio::time::timeout(Duration::from_secs(10), sb.wait_exit())
+        .await
+        .expect("wait_exit resolves after a VMM crash");
+    eprintln!("exit after crash: {}", exit.reason);
+    assert!(exit.reason.contains("signal 9"), "{}", exit.reason);
+    sb.destroy().await.expect("destroy after crash");
+    let report = driver.reap_orphans().await.expect("reap");
+    assert_eq!(report.processes, 0, "{report:?}");
+    assert_eq!(report.dirs, 0, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_becomes_ready_fails_cleanly() {
+    let Some(env) = environment() else { return };
+    let tmp = tempfile::Builder::new()
+        .prefix("cella-vm-test")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .expect("chmod");
+    // An "agent" that exits at once: init (PID 1) dies, the guest kernel panics, QEMU exits.
+    let bad_agent = tmp.path().join("agent");
+    let mut f = std::fs::File::create(&bad_agent).expect("create");
+    f.write_all(b"#!/bin/sh\nexit 3\n").expect("write");
+    drop(f);
+    let mut config = VmConfig::new(tmp.path().join("data"), env.assets.clone(), bad_agent);
+    config.ready_timeout = Some(Duration::from_secs(60));
+    let driver = VmDriver::new(config).await.expect("driver");
+    let id = format!("vmbad{}", std::process::id());
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let err = match driver.create(spec(&env, &id), events).await {
+        Ok(_) => panic!("a guest without a working agent must not become ready"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("failed after {:?}: {err}", t.elapsed());
+    assert!(
+        err.contains("control channel") || err.contains("powered off"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("data/sandboxes").join(&id).exists());
+    assert!(!Path::new(&format!("/sys/fs/cgroup/memory/cella-vm/{id}")).exists());
+    assert_eq!(net_namespaces_we_hold(), 0);
+    let mut leftovers = String::new();
+    for e in std::fs::read_dir(tmp.path().join("data/sandboxes")).expect("ls") {
+        leftovers.push_str(&e.expect("entry").file_name().to_string_lossy());
+    }
+    assert!(leftovers.is_empty(), "{leftovers}");
+}
