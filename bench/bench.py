@@ -266,10 +266,14 @@ def read_kib(path, key):
 
 def cella_cgroup_dirs(controller, ids):
     """The cgroups of the given sandboxes (other cella servers may run on the host too)."""
-    base = Path("/sys/fs/cgroup") / controller / "cella"
-    if not base.is_dir():
-        base = Path("/sys/fs/cgroup/cella")  # v2
-    return [base / i for i in ids if (base / i).is_dir()]
+    out = []
+    for i in ids:
+        for pattern in (f"{controller}/cella/*/{i}", f"{controller}/cella/{i}", f"cella/*/{i}", f"cella/{i}"):
+            found = [p for p in Path("/sys/fs/cgroup").glob(pattern) if p.is_dir()]
+            if found:
+                out.append(found[0])
+                break
+    return out
 
 
 def sandbox_pids(ids):

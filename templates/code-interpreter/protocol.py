@@ -12,7 +12,6 @@ import datetime as _dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -199,19 +198,6 @@ def error_event(name: str, value: str, traceback: str = "") -> dict:
     return {"type": "error", "name": name, "value": value, "traceback": traceback}
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def kernel_env(base: dict) -> dict:
     env = dict(base)
     # Figures are shown inline (as PNG results) without savefig; the template's env sets Agg
@@ -233,16 +219,18 @@ class KernelProcess:
     kernel can start before jupyter_client is even imported."""
 
     def __init__(self, runtime_dir: str, cwd: str, env: dict):
-        ports = free_ports(5)
+        # IPC sockets in the server's private (0700) runtime directory: no port races, and
+        # nothing else in the sandbox can reach the kernel.
+        base = os.path.join(runtime_dir, f"k-{uuid.uuid4().hex[:12]}")
         self.connection = {
-            "shell_port": ports[0],
-            "iopub_port": ports[1],
-            "stdin_port": ports[2],
-            "control_port": ports[3],
-            "hb_port": ports[4],
-            "ip": "127.0.0.1",
+            "shell_port": 1,
+            "iopub_port": 2,
+            "stdin_port": 3,
+            "control_port": 4,
+            "hb_port": 5,
+            "ip": base,
             "key": uuid.uuid4().hex,
-            "transport": "tcp",
+            "transport": "ipc",
             "signature_scheme": "hmac-sha256",
             "kernel_name": "python3",
         }
@@ -309,9 +297,12 @@ class KernelProcess:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-        try:
-            os.unlink(self.conn_file)
-        except OSError:
-            pass
+        paths = [self.conn_file]
+        paths += [f"{self.connection['ip']}-{n}" for n in range(1, 6)]
+        for path in paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 

@@ -12,11 +12,9 @@ import os
 import queue
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -331,15 +329,3 @@ class HostSnapshot:
             if a != b:
                 out[name] = {"+": sorted(map(str, b - a)), "-": sorted(map(str, a - b))}
         return out
-
-
-def dump_server_log(server: Server, n: int = 40) -> str:
-    return "\n".join(server.lines[-n:])
-
-
-def which(name: str) -> Optional[str]:
-    return shutil.which(name)
-
-
-def eprint(*a):
-    print(*a, file=sys.stderr)

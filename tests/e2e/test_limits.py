@@ -1,6 +1,7 @@
 """Resource limits: memory, process count and disk are enforced per sandbox, hitting a limit
 harms only the process that hit it, and the sandbox (and the host) keep working."""
 
+import glob
 import os
 
 import pytest
@@ -12,9 +13,16 @@ CGROUP = "/sys/fs/cgroup"
 
 
 def _cgroup_file(controller: str, sandbox_id: str, name: str):
-    """Read a sandbox's cgroup file on the host (v1 layout here; v2 fallback)."""
-    for path in (f"{CGROUP}/{controller}/cella/{sandbox_id}/{name}", f"{CGROUP}/cella/{sandbox_id}/{name}"):
-        if os.path.exists(path):
+    """Read a sandbox's cgroup file on the host: `cella/<instance>/<id>` (or `cella/<id>`) in
+    the controller's v1 hierarchy, or the same under the v2 root."""
+    patterns = [
+        f"{CGROUP}/{controller}/cella/*/{sandbox_id}/{name}",
+        f"{CGROUP}/{controller}/cella/{sandbox_id}/{name}",
+        f"{CGROUP}/cella/*/{sandbox_id}/{name}",
+        f"{CGROUP}/cella/{sandbox_id}/{name}",
+    ]
+    for pattern in patterns:
+        for path in glob.glob(pattern):
             with open(path) as f:
                 return f.read().strip()
     return None

@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of the in-sandbox protocol that cella's agent reports. The SDKs enable features
-/// by comparing against this (0.6.4 unlocks everything the 2.x SDKs use).
-pub const ENVD_VERSION: &str = "0.6.13";
+/// by comparing against this; 0.6.4 is the newest gate the 2.x SDKs check (watching network
+/// mounts), and everything up to it is implemented.
+pub const ENVD_VERSION: &str = "0.6.4";
 
 /// E2B returns this constant client ID for backward compatibility with old SDKs.
 pub const CLIENT_ID: &str = "6532622b";
@@ -118,7 +119,11 @@ pub struct NewSandbox {
     #[serde(default, rename = "memoryMB", skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u64>,
     /// cella extension: writable disk size in MiB (default 1024).
-    #[serde(default, rename = "diskSizeMB", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "diskSizeMB",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub disk_size_mb: Option<u64>,
     /// cella extension: isolation driver to use (`jail`, `vm`); default is the server's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -344,7 +349,11 @@ pub struct CreatedApiKey {
 
 /// Sandbox IDs are lowercase alphanumerics, as E2B's (`[a-z0-9]+`).
 pub fn is_valid_sandbox_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 #[cfg(test)]

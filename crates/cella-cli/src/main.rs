@@ -8,6 +8,7 @@ mod args;
 mod cp;
 mod keys;
 mod output;
+mod py;
 mod sandbox;
 mod serve;
 mod shell;
@@ -51,6 +52,8 @@ enum Command {
     Kill(sandbox::KillArgs),
     /// Set a sandbox's remaining lifetime.
     Timeout(sandbox::TimeoutArgs),
+    /// Run Python in a code-interpreter sandbox; image results are written to files.
+    Py(py::PyArgs),
     /// Copy a file between this machine and a sandbox (ID:/path on one side).
     Cp(cp::CpArgs),
     /// Show the audit log.
@@ -108,6 +111,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Info(args) => sandbox::info(args).await,
         Command::Kill(args) => sandbox::kill(args).await,
         Command::Timeout(args) => sandbox::timeout(args).await,
+        Command::Py(args) => py::run(args).await,
         Command::Cp(args) => cp::run(args).await,
         Command::Audit(args) => sandbox::audit(args).await,
         Command::Logs(args) => sandbox::logs(args).await,

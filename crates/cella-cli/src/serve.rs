@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// Path of the static cella-agent binary.
     #[arg(long, env = "CELLA_AGENT")]
     pub agent: Option<PathBuf>,
+    /// Guest kernel and initramfs of the microVM driver (made by scripts/vm-assets).
+    #[arg(long, env = "CELLA_VM_ASSETS", default_value = "/var/lib/cella/vm")]
+    pub vm_assets: PathBuf,
     /// Templates to build at start if they are not built yet (comma-separated; empty: none).
     #[arg(long, default_value = "base", value_delimiter = ',')]
     pub build: Vec<String>,
@@ -66,7 +69,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         build_template(&templates, name).await?;
     }
 
-    let manager = Manager::start(drivers, 0, templates, store.clone(), ManagerConfig::default());
+    let manager = Manager::start(
+        drivers,
+        0,
+        templates,
+        store.clone(),
+        ManagerConfig::default(),
+    );
     let state = cella_server::AppState::new(manager.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -87,7 +96,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown_manager = manager.clone();
     let shutdown = async move {
         wait_for_signal().await;
-        eprintln!("cella: shutting down, destroying {} sandbox(es)", shutdown_manager.live_count());
+        eprintln!(
+            "cella: shutting down, destroying {} sandbox(es)",
+            shutdown_manager.live_count()
+        );
         shutdown_manager.shutdown().await;
     };
     cella_server::serve(listener, state, shutdown)
@@ -129,7 +141,10 @@ fn setup_keys(store: &Store) -> anyhow::Result<()> {
         let created = store.create_key("default")?;
         println!("cella: created API key (shown only once, store it now):");
         println!("  {}", created.key);
-        println!("  export CELLA_API_KEY={} E2B_API_KEY={}", created.key, created.key);
+        println!(
+            "  export CELLA_API_KEY={} E2B_API_KEY={}",
+            created.key, created.key
+        );
     }
     Ok(())
 }
@@ -138,32 +153,78 @@ async fn build_drivers(
     args: &ServeArgs,
     data_dir: &Path,
 ) -> anyhow::Result<Vec<Arc<dyn Driver>>> {
-    match args.driver.as_str() {
-        "auto" | "jail" => {}
-        "vm" => bail!("the vm driver is not available in this build; use --driver jail"),
-        other => bail!("unknown driver {other:?}: expected auto, jail or vm"),
+    if !matches!(args.driver.as_str(), "auto" | "jail" | "vm") {
+        bail!("unknown driver {:?}: expected auto, jail or vm", args.driver);
     }
     let agent_path = find_agent(args.agent.as_deref())?;
     let jail = cella_jail::JailDriver::new(cella_jail::JailConfig {
         data_dir: data_dir.join("sandboxes"),
-        agent_path,
+        agent_path: agent_path.clone(),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
     })
     .context("starting the jail driver")?;
-    let report = jail
-        .reap_orphans()
-        .await
-        .context("removing sandboxes left by a previous run")?;
+    report_reaped("jail", jail.reap_orphans().await?);
+    let jail: Arc<dyn Driver> = Arc::new(jail);
+
+    let vm = match start_vm_driver(args, data_dir, &agent_path).await {
+        Ok(vm) => Some(vm),
+        Err(e) if args.driver == "vm" => return Err(e.context("starting the vm driver")),
+        Err(e) => {
+            println!("cella: microVM driver unavailable ({e:#}); sandboxes asking for it get a 400");
+            None
+        }
+    };
+    let vm_is_kvm = vm
+        .as_ref()
+        .is_some_and(|v| v.isolation() == cella_api::Isolation::MicrovmKvm);
+    let drivers = match (args.driver.as_str(), vm) {
+        ("vm", Some(vm)) => vec![vm, jail],
+        ("auto", Some(vm)) if vm_is_kvm => vec![vm, jail],
+        (_, Some(vm)) => vec![jail, vm],
+        (_, None) => vec![jail],
+    };
+    let names: Vec<&str> = drivers.iter().map(|d| d.isolation().as_str()).collect();
+    println!(
+        "cella: drivers: {} (default {})",
+        names.join(", "),
+        names.first().copied().unwrap_or("none")
+    );
+    Ok(drivers)
+}
+
+async fn start_vm_driver(
+    args: &ServeArgs,
+    data_dir: &Path,
+    agent_path: &Path,
+) -> anyhow::Result<Arc<dyn Driver>> {
+    let config = cella_vm::VmConfig::new(
+        data_dir.join("vm"),
+        args.vm_assets.clone(),
+        agent_path.to_path_buf(),
+    );
+    if !config.kernel().is_file() {
+        bail!(
+            "no guest kernel in {} (run scripts/vm-assets)",
+            args.vm_assets.display()
+        );
+    }
+    let vm = cella_vm::VmDriver::new(config).await?;
+    println!(
+        "cella: microVM acceleration: {:?} ({})",
+        vm.accel().accel,
+        vm.accel().reason
+    );
+    report_reaped("vm", vm.reap_orphans().await?);
+    Ok(Arc::new(vm))
+}
+
+fn report_reaped(driver: &str, report: cella_core::driver::ReapReport) {
     if report != Default::default() {
         println!(
-            "cella: removed leftovers of a previous run: {} process(es), {} cgroup(s), {} dir(s), {} other",
+            "cella: removed leftovers of a previous run ({driver}): {} process(es), {} cgroup(s), {} dir(s), {} other",
             report.processes, report.cgroups, report.dirs, report.other
         );
     }
-    if args.driver == "auto" {
-        println!("cella: no usable KVM microVM driver in this build: using the jail driver");
-    }
-    Ok(vec![Arc::new(jail)])
 }
 
 /// The agent binary: `--agent`, else next to this executable, else the static build output,
@@ -191,12 +252,11 @@ fn find_agent(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         }
     }
     candidates.push(PathBuf::from("/usr/local/lib/cella/cella-agent"));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| anyhow::anyhow!(
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow::anyhow!(
             "cannot find the static cella-agent binary; build it with scripts/build or pass --agent"
-        ))
+        )
+    })
 }
 
 async fn build_template(templates: &Arc<TemplateStore>, name: &str) -> anyhow::Result<()> {

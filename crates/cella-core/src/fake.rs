@@ -65,7 +65,12 @@ impl FakeDriver {
 
     /// Simulate the sandbox dying on its own (agent crash).
     pub fn crash(&self, id: &str) {
-        let sb = self.inner.sandboxes.lock().ok().and_then(|m| m.get(id).cloned());
+        let sb = self
+            .inner
+            .sandboxes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned());
         if let Some(sb) = sb {
             sb.stop("agent crashed");
         }

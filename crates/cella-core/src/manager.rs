@@ -299,7 +299,8 @@ impl Manager {
             limits.disk_mb = spec.disk_mb;
         }
         if let Some(c) = req.cpu_count {
-            limits.cpu_count = bounded(c as u64, 1, self.config.max_cpu_count as u64, "cpuCount")? as u32;
+            limits.cpu_count =
+                bounded(c as u64, 1, self.config.max_cpu_count as u64, "cpuCount")? as u32;
         }
         if let Some(m) = req.memory_mb {
             limits.memory_mb = bounded(m, 128, self.config.max_memory_mb, "memoryMB")?;
@@ -436,7 +437,11 @@ impl Manager {
             .filter(|s| filter.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
             .map(|s| s.listed())
             .collect();
-        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sandbox_id.cmp(&b.sandbox_id)));
+        out.sort_by(|a, b| {
+            a.started_at
+                .cmp(&b.started_at)
+                .then(a.sandbox_id.cmp(&b.sandbox_id))
+        });
         out
     }
 
@@ -566,7 +571,8 @@ impl Manager {
                 .map_err(|_| ManagerError::SandboxNotFound(id.to_string()))?;
             let (t0, c0) = last.unwrap_or((live.started_at_ms, 0));
             *last = Some((now, stats.cpu_usage_ns));
-            let wall_ns = ((now - t0).max(1) as f64) * 1e6 * f64::from(live.limits.cpu_count.max(1));
+            let wall_ns =
+                ((now - t0).max(1) as f64) * 1e6 * f64::from(live.limits.cpu_count.max(1));
             (stats.cpu_usage_ns.saturating_sub(c0) as f64 / wall_ns * 100.0).clamp(0.0, 100.0)
         };
         Ok(SandboxMetric {
@@ -613,7 +619,12 @@ impl Manager {
 
     /// Forget a sandbox that died on its own, clean up what is left, and record why.
     async fn on_exit(&self, id: &str, reason: String) {
-        if self.live.read().map(|m| m.contains_key(id)).unwrap_or(false) {
+        if self
+            .live
+            .read()
+            .map(|m| m.contains_key(id))
+            .unwrap_or(false)
+        {
             self.store.audit(NewAudit {
                 actor: "server".into(),
                 sandbox_id: Some(id.to_string()),
@@ -627,11 +638,7 @@ impl Manager {
     }
 }
 
-async fn watch_exit(
-    manager: std::sync::Weak<Manager>,
-    id: String,
-    handle: Arc<dyn SandboxHandle>,
-) {
+async fn watch_exit(manager: std::sync::Weak<Manager>, id: String, handle: Arc<dyn SandboxHandle>) {
     let info = handle.wait_exit().await;
     drop(handle);
     if let Some(m) = manager.upgrade() {

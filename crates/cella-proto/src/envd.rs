@@ -17,8 +17,9 @@ pub mod json;
 pub mod process;
 pub mod signature;
 
-/// TCP port envd listens on inside a sandbox.
-pub const ENVD_PORT: u16 = 49983;
+/// TCP port envd listens on inside a sandbox, and the envd version the agent reports (defined
+/// once, in the REST types, because the create response carries the version too).
+pub use cella_api::{ENVD_PORT, ENVD_VERSION};
 
 /// Header carrying the sandbox's access token on every envd request.
 pub const ACCESS_TOKEN_HEADER: &str = "X-Access-Token";
@@ -26,6 +27,3 @@ pub const ACCESS_TOKEN_HEADER: &str = "X-Access-Token";
 /// Header asking a server stream to emit keepalive events every N seconds.
 pub const KEEPALIVE_HEADER: &str = "Keepalive-Ping-Interval";
 
-/// envd version the agent reports. The SDK enables features by comparing against it; 0.6.4 is
-/// the newest gate it checks (watching network mounts).
-pub const ENVD_VERSION: &str = "0.6.4";

@@ -123,7 +123,12 @@ fn proxy_error(status: StatusCode, sandbox_id: &str, port: Option<u16>, message:
 }
 
 fn not_found(id: &str) -> Response {
-    proxy_error(StatusCode::BAD_GATEWAY, id, None, "The sandbox was not found")
+    proxy_error(
+        StatusCode::BAD_GATEWAY,
+        id,
+        None,
+        "The sandbox was not found",
+    )
 }
 
 fn port_closed(id: &str, port: u16) -> Response {
@@ -371,7 +376,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .collect();
-    for name in HOP_BY_HOP.iter().copied().chain(listed.iter().map(String::as_str)) {
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(listed.iter().map(String::as_str))
+    {
         h.remove(name);
     }
 }
@@ -443,6 +452,9 @@ mod tests {
         assert!(h.get("x-api-key").is_none());
         assert!(h.get("x-foo").is_none());
         assert!(h.get("connection").is_none());
-        assert_eq!(h.get("x-access-token").map(|v| v.as_bytes()), Some(&b"t"[..]));
+        assert_eq!(
+            h.get("x-access-token").map(|v| v.as_bytes()),
+            Some(&b"t"[..])
+        );
     }
 }

@@ -42,7 +42,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/templates", get(templates))
         .route("/templates/aliases/{alias}", get(template_alias))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), auth_and_audit));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth_and_audit,
+        ));
     Router::new()
         .route("/health", get(health))
         .merge(authed)
@@ -409,5 +412,8 @@ async fn template_alias(
         .into_iter()
         .find(|t| t.aliases.iter().any(|a| a == &alias) || t.template_id == alias)
         .ok_or_else(|| HttpError::not_found(format!("template '{alias}' not found")))?;
-    Ok(Json(serde_json::json!({ "templateID": t.template_id, "public": t.public })).into_response())
+    Ok(
+        Json(serde_json::json!({ "templateID": t.template_id, "public": t.public }))
+            .into_response(),
+    )
 }

@@ -140,7 +140,14 @@ async fn every_route_needs_a_valid_key() {
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {uri}");
         assert_eq!(v["code"], 401);
         assert!(v["message"].as_str().is_some_and(|m| m.contains("API key")));
-        let (s, _) = h.call(m, uri, Some("e2b_0000000000000000000000000000000000000000"), None).await;
+        let (s, _) = h
+            .call(
+                m,
+                uri,
+                Some("e2b_0000000000000000000000000000000000000000"),
+                None,
+            )
+            .await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {uri} with a wrong key");
     }
     assert_eq!(h.driver.created(), 0);
@@ -150,8 +157,10 @@ async fn every_route_needs_a_valid_key() {
 async fn create_info_list_kill() {
     let h = harness().await;
     let v = h
-        .create(json!({"templateID": "base", "timeout": 60, "metadata": {"team": "a"},
-                       "envVars": {"FOO": "bar"}}))
+        .create(
+            json!({"templateID": "base", "timeout": 60, "metadata": {"team": "a"},
+                       "envVars": {"FOO": "bar"}}),
+        )
         .await;
     let id = v["sandboxID"].as_str().expect("id").to_string();
     assert!(id.starts_with('i') && cella_api::is_valid_sandbox_id(&id));
@@ -161,14 +170,26 @@ async fn create_info_list_kill() {
     assert_eq!(v["envdVersion"], cella_api::ENVD_VERSION);
     let spec = h.driver.spec(&id).expect("spec");
     assert_eq!(spec.env_vars.get("FOO").map(String::as_str), Some("bar"));
-    assert_eq!(spec.access_token, v["envdAccessToken"].as_str().expect("token"));
+    assert_eq!(
+        spec.access_token,
+        v["envdAccessToken"].as_str().expect("token")
+    );
 
-    let (s, info) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    let (s, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(info["isolation"], "jail");
     assert_eq!(info["state"], "running");
     assert_eq!(info["metadata"]["team"], "a");
-    for f in ["startedAt", "endAt", "cpuCount", "memoryMB", "diskSizeMB", "envdVersion"] {
+    for f in [
+        "startedAt",
+        "endAt",
+        "cpuCount",
+        "memoryMB",
+        "diskSizeMB",
+        "envdVersion",
+    ] {
         assert!(!info[f].is_null(), "{f} missing");
     }
 
@@ -185,13 +206,19 @@ async fn create_info_list_kill() {
         .await;
     assert_eq!(list.as_array().map(Vec::len), Some(0));
 
-    let (s, _) = h.call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    let (s, _) = h
+        .call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert!(h.driver.alive().is_empty());
-    let (s, v) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    let (s, v) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(v["code"], 404);
-    let (s, _) = h.call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    let (s, _) = h
+        .call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
@@ -200,15 +227,51 @@ async fn bad_input_is_a_4xx_naming_the_problem() {
     let h = harness().await;
     let cases = [
         (json!({"templateID": "nope"}), StatusCode::NOT_FOUND, "nope"),
-        (json!({"templateID": "base", "timeout": "x"}), StatusCode::BAD_REQUEST, "timeout"),
-        (json!({"templateID": "base", "timeout": 0}), StatusCode::BAD_REQUEST, "timeout"),
-        (json!({"templateID": "base", "timeout": 999999}), StatusCode::BAD_REQUEST, "timeout"),
-        (json!({"timeout": 10}), StatusCode::BAD_REQUEST, "templateID"),
-        (json!({"templateID": "base", "memoryMB": 1}), StatusCode::BAD_REQUEST, "memoryMB"),
-        (json!({"templateID": "base", "driver": "bogus"}), StatusCode::BAD_REQUEST, "driver"),
-        (json!({"templateID": "base", "driver": "vm"}), StatusCode::BAD_REQUEST, "vm"),
-        (json!({"templateID": "base", "envVars": {"A=B": "x"}}), StatusCode::BAD_REQUEST, "envVars"),
-        (json!({"templateID": "base", "metadata": {"a": 1}}), StatusCode::BAD_REQUEST, "metadata"),
+        (
+            json!({"templateID": "base", "timeout": "x"}),
+            StatusCode::BAD_REQUEST,
+            "timeout",
+        ),
+        (
+            json!({"templateID": "base", "timeout": 0}),
+            StatusCode::BAD_REQUEST,
+            "timeout",
+        ),
+        (
+            json!({"templateID": "base", "timeout": 999999}),
+            StatusCode::BAD_REQUEST,
+            "timeout",
+        ),
+        (
+            json!({"timeout": 10}),
+            StatusCode::BAD_REQUEST,
+            "templateID",
+        ),
+        (
+            json!({"templateID": "base", "memoryMB": 1}),
+            StatusCode::BAD_REQUEST,
+            "memoryMB",
+        ),
+        (
+            json!({"templateID": "base", "driver": "bogus"}),
+            StatusCode::BAD_REQUEST,
+            "driver",
+        ),
+        (
+            json!({"templateID": "base", "driver": "vm"}),
+            StatusCode::BAD_REQUEST,
+            "vm",
+        ),
+        (
+            json!({"templateID": "base", "envVars": {"A=B": "x"}}),
+            StatusCode::BAD_REQUEST,
+            "envVars",
+        ),
+        (
+            json!({"templateID": "base", "metadata": {"a": 1}}),
+            StatusCode::BAD_REQUEST,
+            "metadata",
+        ),
     ];
     for (body, status, needle) in cases {
         let (s, v) = h
@@ -216,7 +279,10 @@ async fn bad_input_is_a_4xx_naming_the_problem() {
             .await;
         assert_eq!(s, status, "{body} → {v}");
         let msg = v["message"].as_str().expect("message");
-        assert!(msg.contains(needle), "{body}: message {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{body}: message {msg:?} lacks {needle:?}"
+        );
         assert_eq!(v["code"], status.as_u16());
     }
     // Not JSON at all.
@@ -241,12 +307,21 @@ async fn keys_do_not_see_each_others_sandboxes() {
     let other = h.store.create_key("other").expect("key").key;
     let v = h.create(json!({"templateID": "base"})).await;
     let id = v["sandboxID"].as_str().expect("id");
-    let (s, _) = h.call("GET", &format!("/sandboxes/{id}"), Some(&other), None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = h.call("DELETE", &format!("/sandboxes/{id}"), Some(&other), None).await;
+    let (s, _) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&other), None)
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = h
-        .call("POST", &format!("/sandboxes/{id}/timeout"), Some(&other), Some(json!({"timeout": 5})))
+        .call("DELETE", &format!("/sandboxes/{id}"), Some(&other), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/timeout"),
+            Some(&other),
+            Some(json!({"timeout": 5})),
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (_, list) = h.call("GET", "/v2/sandboxes", Some(&other), None).await;
@@ -260,12 +335,22 @@ async fn timeout_expiry_kills_and_connect_extends() {
     let v = h.create(json!({"templateID": "base", "timeout": 60})).await;
     let id = v["sandboxID"].as_str().expect("id").to_string();
     let (s, _) = h
-        .call("POST", &format!("/sandboxes/{id}/timeout"), Some(&h.key), Some(json!({"timeout": 1})))
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/timeout"),
+            Some(&h.key),
+            Some(json!({"timeout": 1})),
+        )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     // connect with a shorter timeout must not shorten it, a longer one extends.
     let (s, c) = h
-        .call("POST", &format!("/v2/sandboxes/{id}/connect"), Some(&h.key), Some(json!({"timeout": 1})))
+        .call(
+            "POST",
+            &format!("/v2/sandboxes/{id}/connect"),
+            Some(&h.key),
+            Some(json!({"timeout": 1})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(c["sandboxID"], id.as_str());
@@ -274,7 +359,9 @@ async fn timeout_expiry_kills_and_connect_extends() {
         assert!(std::time::Instant::now() < deadline, "sandbox not reaped");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let (s, _) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    let (s, _) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     h.store.flush_audit();
     let entries = h
@@ -300,7 +387,9 @@ async fn crashed_sandbox_is_forgotten_and_audited() {
     h.driver.crash(&id);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let (s, _) = h.call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+        let (s, _) = h
+            .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+            .await;
         if s == StatusCode::NOT_FOUND {
             break;
         }
@@ -315,7 +404,10 @@ async fn crashed_sandbox_is_forgotten_and_audited() {
             ..Default::default()
         })
         .expect("audit");
-    assert!(entries.iter().any(|e| e.kind == "sandbox.crash"), "{entries:?}");
+    assert!(
+        entries.iter().any(|e| e.kind == "sandbox.crash"),
+        "{entries:?}"
+    );
 }
 
 #[tokio::test]
@@ -334,12 +426,21 @@ async fn proxy_routes_by_header_and_host_and_strips_the_api_key() {
         .await;
     assert_eq!(s, StatusCode::OK, "{echo}");
     assert_eq!(echo["requestLine"], "GET /files?path=/x HTTP/1.1");
-    assert!(echo["headers"].get("x-api-key").is_none(), "API key leaked: {echo}");
+    assert!(
+        echo["headers"].get("x-api-key").is_none(),
+        "API key leaked: {echo}"
+    );
     assert_eq!(echo["headers"]["x-access-token"], "tok");
 
     let host = format!("49983-{id}.cella.test");
     let (s, echo) = h
-        .call_with("POST", "/process.Process/List", None, Some(json!({})), &[("host", &host)])
+        .call_with(
+            "POST",
+            "/process.Process/List",
+            None,
+            Some(json!({})),
+            &[("host", &host)],
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(echo["requestLine"], "POST /process.Process/List HTTP/1.1");
@@ -347,13 +448,25 @@ async fn proxy_routes_by_header_and_host_and_strips_the_api_key() {
 
     // Port not open, unknown sandbox, internal route: E2B's answers.
     let (s, v) = h
-        .call_with("GET", "/", None, None, &[("e2b-sandbox-id", &id), ("e2b-sandbox-port", "8080")])
+        .call_with(
+            "GET",
+            "/",
+            None,
+            None,
+            &[("e2b-sandbox-id", &id), ("e2b-sandbox-port", "8080")],
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_GATEWAY);
     assert_eq!(v["message"], "The sandbox is running but port is not open");
     assert_eq!(v["port"], 8080);
     let (s, v) = h
-        .call_with("GET", "/health", None, None, &[("e2b-sandbox-id", "inosuchsandbox")])
+        .call_with(
+            "GET",
+            "/health",
+            None,
+            None,
+            &[("e2b-sandbox-id", "inosuchsandbox")],
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_GATEWAY);
     assert_eq!(v["message"], "The sandbox was not found");
@@ -368,10 +481,19 @@ async fn failed_create_leaves_nothing_and_is_audited() {
     let h = harness().await;
     h.driver.fail_next_create();
     let (s, v) = h
-        .call("POST", "/v2/sandboxes", Some(&h.key), Some(json!({"templateID": "base"})))
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(json!({"templateID": "base"})),
+        )
         .await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(v["message"].as_str().is_some_and(|m| m.contains("injected failure")));
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("injected failure"))
+    );
     let (_, list) = h.call("GET", "/v2/sandboxes", Some(&h.key), None).await;
     assert_eq!(list.as_array().map(Vec::len), Some(0));
 }
@@ -381,7 +503,8 @@ async fn audit_records_api_calls_and_lifecycle() {
     let h = harness().await;
     let v = h.create(json!({"templateID": "base"})).await;
     let id = v["sandboxID"].as_str().expect("id").to_string();
-    h.call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None).await;
+    h.call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
     let (s, entries) = h
         .call("GET", &format!("/audit?sandboxID={id}"), Some(&h.key), None)
         .await;
@@ -401,7 +524,9 @@ async fn audit_records_api_calls_and_lifecycle() {
         .call("GET", &format!("/audit?sandboxID={id}"), Some(&other), None)
         .await;
     assert_eq!(entries.as_array().map(Vec::len), Some(0));
-    let (s, v) = h.call("GET", "/audit?since=yesterday", Some(&h.key), None).await;
+    let (s, v) = h
+        .call("GET", "/audit?since=yesterday", Some(&h.key), None)
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["message"].as_str().is_some_and(|m| m.contains("since")));
 }

@@ -41,7 +41,6 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,7 +144,7 @@ impl VmConfig {
             qemu_img: PathBuf::from("qemu-img"),
             mkfs_ext4: PathBuf::from("mkfs.ext4"),
             accel: AccelChoice::Auto,
-            tb_size_mb: 32,
+            tb_size_mb: 16,
             overhead_mb: 160,
             ready_timeout: None,
             run_as: Some(RunAs::default()),
@@ -946,7 +945,6 @@ impl Driver for VmDriver {
             cgroups: inner.cgroups.clone(),
             dir: dir.clone(),
             exit_rx,
-            destroying: AtomicBool::new(false),
             destroyed: tokio::sync::Mutex::new(false),
             tasks: Mutex::new(tasks),
             console,

@@ -3,7 +3,6 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +42,6 @@ pub struct VmSandbox {
     pub(crate) cgroups: Arc<VmCgroups>,
     pub(crate) dir: PathBuf,
     pub(crate) exit_rx: watch::Receiver<Option<ExitInfo>>,
-    pub(crate) destroying: AtomicBool,
     pub(crate) destroyed: tokio::sync::Mutex<bool>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) console: Tail,
@@ -65,7 +63,13 @@ impl VmSandbox {
     /// The last lines of the guest console and QEMU's stderr (for error messages).
     pub fn diagnostics(&self) -> String {
         let mut parts = Vec::new();
-        let console = self.console.last_lines(4);
+        if let Some(key) =
+            self.console
+                .last_matching(&["Kernel panic", "cella-init", "error", "Error"])
+        {
+            parts.push(format!("guest: {key}"));
+        }
+        let console = self.console.last_lines(2);
         if !console.is_empty() {
             parts.push(format!("console: {console}"));
         }
@@ -160,14 +164,14 @@ impl SandboxHandle for VmSandbox {
             .await
             .ok()
             .and_then(|v| v.clone());
-        match info {
-            Some(info) if !self.destroying.load(Ordering::SeqCst) => info,
-            _ => std::future::pending().await,
-        }
+        // Resolves after destroy too (the trait's contract): the manager tells a crash from a
+        // destroy by its own bookkeeping, and no watcher may stay parked on a dead VM.
+        info.unwrap_or_else(|| ExitInfo {
+            reason: "sandbox state dropped".into(),
+        })
     }
 
     async fn destroy(&self) -> Result<(), DriverError> {
-        self.destroying.store(true, Ordering::SeqCst);
         let mut done = self.destroyed.lock().await;
         if *done {
             return Ok(());

@@ -187,6 +187,15 @@ impl Tail {
         }
     }
 
+    /// The last kept line containing one of `needles`.
+    pub fn last_matching(&self, needles: &[&str]) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.inner.lock().ok()?).into_owned();
+        text.lines()
+            .rev()
+            .find(|l| needles.iter().any(|n| l.contains(n)))
+            .map(|l| l.trim().to_string())
+    }
+
     /// The kept text's last `lines` non-empty lines, joined with " | ".
     pub fn last_lines(&self, lines: usize) -> String {
         let text = match self.inner.lock() {
@@ -249,6 +258,11 @@ mod tests {
         let last = t.last_lines(2);
         assert!(last.ends_with("Kernel panic - not syncing"), "{last}");
         assert!(!last.contains("first"));
+        assert_eq!(
+            t.last_matching(&["panic"]).as_deref(),
+            Some("Kernel panic - not syncing")
+        );
+        assert_eq!(t.last_matching(&["nothing"]), None);
         let t = Tail::default();
         t.push(b"a\nb\nc\n");
         assert_eq!(t.last_lines(2), "b | c");

@@ -307,6 +307,23 @@ async fn microvm_sandbox_end_to_end() {
     // the disk got the sandbox's size (image + disk_mb), grown online by the init
     let df = run(sb.as_ref(), "/bin/df", &["-m", "/"]).await;
     eprintln!("guest df: {}", df.lines().last().unwrap_or_default());
+    let disk_mb: u64 = df
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        disk_mb > (size >> 20) + 256,
+        "the root fs was not grown to the disk: {df}"
+    );
+    let meminfo = run(sb.as_ref(), "/bin/cat", &["/proc/meminfo"]).await;
+    let keep = ["MemTotal", "MemFree", "Cached", "AnonPages", "Slab"];
+    let summary: Vec<&str> = meminfo
+        .lines()
+        .filter(|l| keep.iter().any(|k| l.starts_with(&format!("{k}:"))))
+        .collect();
+    eprintln!("guest meminfo: {}", summary.join(", "));
 
     // Memory of the idle VM (the whole QEMU process), after the guest settles.
     let cg = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/cella-vm/{id}/cgroup.procs"))
@@ -330,6 +347,9 @@ async fn microvm_sandbox_end_to_end() {
     assert!(dir.join("disk.qcow2").is_file());
     sb.destroy().await.expect("destroy");
     sb.destroy().await.expect("destroy is idempotent");
+    tokio::time::timeout(Duration::from_secs(5), sb.wait_exit())
+        .await
+        .expect("wait_exit resolves after destroy");
     // SAFETY: kill with signal 0 only checks for existence.
     assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "QEMU must be gone");
     assert!(!dir.exists(), "sandbox directory must be gone");

@@ -146,17 +146,49 @@ impl TemplateSpec {
             from: Some("base".to_owned()),
             distribution: "bookworm".to_owned(),
             apt_packages: Vec::new(),
+            // The kernel stack plus what E2B's code-interpreter template ships and agents use
+            // most (docs/code-interpreter.md lists it, and what was left out and why).
             pip_packages: [
+                "aiohttp",
+                "beautifulsoup4",
+                "bokeh",
+                "imageio",
                 "ipykernel",
+                "ipython",
+                "joblib",
+                "jupyter-client",
                 "jupyter-server",
                 "matplotlib",
+                "nltk",
                 "numpy",
+                "openpyxl",
+                "orjson",
                 "pandas",
+                "pillow",
+                "plotly",
+                "pytest",
+                "python-docx",
+                "pytz",
+                "requests",
+                "scikit-learn",
+                "scipy",
+                "seaborn",
+                "sympy",
+                "tabulate",
+                "textblob",
+                "tornado",
+                "xarray",
+                "xlrd",
             ]
             .into_iter()
             .map(str::to_owned)
             .collect(),
-            run: Vec::new(),
+            // Build matplotlib's font cache now, for the default user, instead of in the
+            // user's first plotting cell (several seconds).
+            run: vec![
+                "HOME=/home/user runuser -u user -- python3 -c 'import matplotlib.pyplot'"
+                    .to_owned(),
+            ],
             default_user: "user".to_owned(),
             env: BTreeMap::from([
                 ("LANG".to_owned(), "C.UTF-8".to_owned()),
@@ -177,6 +209,14 @@ impl TemplateSpec {
                 (
                     "server.py",
                     include_str!("../../../../templates/code-interpreter/server.py"),
+                ),
+                (
+                    "protocol.py",
+                    include_str!("../../../../templates/code-interpreter/protocol.py"),
+                ),
+                (
+                    "app.py",
+                    include_str!("../../../../templates/code-interpreter/app.py"),
                 ),
                 (
                     "kernel_startup.py",
