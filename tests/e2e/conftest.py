@@ -18,7 +18,7 @@ _SDK_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")
 
 
 @pytest.fixture(scope="session")
-def server(pytestconfig):
+def server(pytestconfig, request):
     if os.geteuid() != 0:
         pytest.skip("the e2e tests need root (cella serve creates namespaces and cgroups)")
     if not CELLA.exists():
@@ -56,7 +56,11 @@ def server(pytestconfig):
         echo(f"server stopped with exit code {code}")
         assert code == 0, f"cella serve exited with {code} after SIGTERM; see {log_path}"
         if not os.environ.get("CELLA_E2E_KEEP"):
-            shutil.rmtree(data_dir, ignore_errors=True)
+            # Keep the server log of a failed run; a clean run leaves nothing behind.
+            if request.session.testsfailed and log_path.parent == tmp:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

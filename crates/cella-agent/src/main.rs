@@ -271,6 +271,10 @@ async fn run(args: Args) -> Result<()> {
             }
         });
     }
+    // Small stream frames (process output, the end event) must not wait for Nagle + delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, http::app(agent))
         .await
         .context("serving")?;

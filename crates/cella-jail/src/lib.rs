@@ -10,9 +10,11 @@
 //! * **pid, mount, network, ipc, uts, cgroup namespaces**: the sandbox sees its own process
 //!   tree (the agent is pid 1), its own mounts (none of which the host ever sees), only `lo`,
 //!   its hostname (= sandbox id) and its own cgroup root.
-//! * **overlay root on a size-limited tmpfs**: the template's rootfs is the read-only lower
-//!   layer; writes land on a tmpfs of `disk_mb` (the disk quota) and vanish with the sandbox.
-//! * **cgroups** ([`cgroup`]): memory (OOM kills stay inside), CPU quota, pids.
+//! * **overlay root on a per-sandbox disk** ([`disk`]): the template's rootfs is the read-only
+//!   lower layer; writes land on a sparse ext4 image of `disk_mb` (the disk quota: `ENOSPC`,
+//!   independent of the memory limit) that the kernel frees with the sandbox.
+//! * **cgroups** ([`cgroup`]): memory (OOM kills stay inside and never hit the agent, whose
+//!   `oom_score_adj` is -1000), CPU quota, pids.
 //! * **capability bounding set, no_new_privs, Landlock ([`landlock`]) and seccomp
 //!   ([`seccomp`])**: cut the kernel surface that user namespaces still expose.
 //!
@@ -21,6 +23,7 @@
 //! [`SANDBOX_ID_BASE`]: cella_core::driver::SANDBOX_ID_BASE
 
 pub mod cgroup;
+pub mod disk;
 pub mod landlock;
 pub mod sandbox;
 pub mod seccomp;
@@ -47,10 +50,23 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 use crate::cgroup::{CgroupError, Cgroups};
+use crate::disk::{DiskError, LoopRef};
 use crate::landlock::LandlockPlan;
 use crate::sandbox::{JailSandbox, Line, read_line_bounded};
 use crate::seccomp::{SeccompError, SeccompPrograms};
 use crate::spawn::{SpawnError, SpawnRequest};
+
+/// Where loop devices live.
+const DEV_ROOT: &str = "/dev";
+
+/// Where the kernel describes loop devices.
+const SYS_ROOT: &str = "/sys";
+
+/// How long a destroyed or reaped sandbox's loop device may take to be released.
+const LOOP_RELEASE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// `TMPFS_MAGIC` from statfs(2).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 /// How long the agent has to report ready after exec.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -109,6 +125,9 @@ pub enum JailError {
     /// No usable cgroup hierarchy.
     #[error("cgroups")]
     Cgroup(#[from] CgroupError),
+    /// The per-sandbox disks cannot be made here (no mkfs.ext4, no loop devices).
+    #[error("sandbox disks")]
+    Disk(#[from] DiskError),
     /// The seccomp policy does not compile here.
     #[error("seccomp policy")]
     Seccomp(#[from] SeccompError),
@@ -292,6 +311,7 @@ pub fn instance_name(data_dir: &Path) -> String {
 
 struct Inner {
     config: JailConfig,
+    mkfs: PathBuf,
     cgroups: Arc<Cgroups>,
     seccomp: SeccompPrograms,
     landlock: Option<LandlockPlan>,
@@ -334,6 +354,14 @@ impl JailDriver {
         let instance = instance_name(&config.data_dir);
         let mut cgroups = Cgroups::detect(&config.cgroup_root, &instance)?;
         cgroups.prepare()?;
+        let mkfs = disk::find_mkfs(std::env::var_os("PATH").as_deref())?;
+        disk::probe_loop(Path::new(DEV_ROOT))?;
+        if on_tmpfs(&config.data_dir) {
+            tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "the data directory is on tmpfs: sandbox disks will use host memory"
+            );
+        }
         let seccomp = seccomp::build()?;
         let landlock = landlock::probe_abi().map(landlock::plan_for);
         if landlock.is_none() {
@@ -353,6 +381,7 @@ impl JailDriver {
         Ok(JailDriver {
             inner: Arc::new(Inner {
                 config,
+                mkfs,
                 cgroups: Arc::new(cgroups),
                 seccomp,
                 landlock,
@@ -378,9 +407,47 @@ impl JailDriver {
     }
 }
 
-/// Remove a sandbox's cgroups and directory after a failed start.
-fn cleanup_failed(cgroups: &Cgroups, id: &str, dir: &Path) {
+/// Whether `path` lies on a tmpfs.
+fn on_tmpfs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into `st`; `c` is NUL-terminated.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    i64::from(st.f_type) == TMPFS_MAGIC
+}
+
+/// Wait for a sandbox's loop device to be released by the kernel (it is, once the
+/// sandbox's mount namespace is gone); if it is not, ask for a detach and report it.
+fn release_disk(id: &str, disk: &LoopRef) -> Result<(), DriverError> {
+    let sys = Path::new(SYS_ROOT);
+    if disk::wait_released(sys, disk, LOOP_RELEASE_DEADLINE) {
+        return Ok(());
+    }
+    if let Err(e) = disk::detach_loop(Path::new(DEV_ROOT), disk.index) {
+        tracing::warn!(sandbox = id, "detaching loop{}: {e}", disk.index);
+    }
+    if disk::still_bound(sys, disk) {
+        return Err(DriverError::Cleanup(format!(
+            "the disk of sandbox {id} (loop{}) is still in use after {LOOP_RELEASE_DEADLINE:?}",
+            disk.index
+        )));
+    }
+    Ok(())
+}
+
+/// Remove a sandbox's cgroups, disk and directory after a failed start.
+fn cleanup_failed(cgroups: &Cgroups, id: &str, dir: &Path, disk: Option<&LoopRef>) {
     if let Err(e) = cgroups.remove(id) {
+        tracing::warn!(sandbox = id, "cleanup after failed start: {e}");
+    }
+    if let Some(d) = disk
+        && let Err(e) = release_disk(id, d)
+    {
         tracing::warn!(sandbox = id, "cleanup after failed start: {e}");
     }
     if let Err(e) = std::fs::remove_dir_all(dir)
@@ -456,7 +523,7 @@ impl Driver for JailDriver {
             let inner = inner.clone();
             let id = id.clone();
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || -> Result<spawn::Spawned, DriverError> {
+            tokio::task::spawn_blocking(move || -> Result<(spawn::Spawned, LoopRef), DriverError> {
                 match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -473,9 +540,21 @@ impl Driver for JailDriver {
                     let _ = std::fs::remove_dir(&dir);
                     return Err(DriverError::Setup(error_chain(&e)));
                 }
+                let disk = disk::prepare(
+                    &inner.mkfs,
+                    Path::new(DEV_ROOT),
+                    &dir.join(disk::IMAGE_NAME),
+                    limits.disk_mb,
+                    cella_core::driver::SANDBOX_ID_BASE,
+                )
+                .map_err(|e| {
+                    cleanup_failed(&inner.cgroups, &id, &dir, None);
+                    DriverError::Setup(error_chain(&e))
+                })?;
                 let req = SpawnRequest {
                     id: &id,
                     sandbox_dir: &dir,
+                    writable_layer: std::os::fd::AsFd::as_fd(&disk.mount),
                     rootfs: &rootfs,
                     agent: &inner.config.agent_path,
                     agent_mount_flags: inner.agent_mount_flags,
@@ -484,15 +563,24 @@ impl Driver for JailDriver {
                     seccomp: &inner.seccomp,
                     landlock: inner.landlock,
                 };
-                spawn::spawn(&req).map_err(|e| {
-                    cleanup_failed(&inner.cgroups, &id, &dir);
-                    DriverError::Setup(error_chain(&e))
-                })
+                let spawned = spawn::spawn(&req);
+                // The sandbox has its own attachment of the disk now (or failed): the
+                // detached original must go, or it would keep the disk alive.
+                let disk::WritableDisk { loop_ref, mount } = disk;
+                drop(mount);
+                match spawned {
+                    Ok(s) => Ok((s, loop_ref)),
+                    Err(e) => {
+                        cleanup_failed(&inner.cgroups, &id, &dir, Some(&loop_ref));
+                        Err(DriverError::Setup(error_chain(&e)))
+                    }
+                }
             })
             .await
             .map_err(|e| DriverError::Setup(format!("start task failed: {e}")))??
         };
 
+        let (spawned, disk) = spawned;
         let exec_elapsed = started.elapsed();
         let pidfd = Arc::new(spawned.pidfd);
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -503,6 +591,7 @@ impl Driver for JailDriver {
             host_netns: inner.host_netns.clone(),
             cgroups: inner.cgroups.clone(),
             dir: dir.clone(),
+            disk,
             exit_rx,
             destroying: AtomicBool::new(false),
             destroyed: tokio::sync::Mutex::new(false),
@@ -601,6 +690,23 @@ impl Driver for JailDriver {
                 report.cgroups += removed;
             }
             let data_dir = &inner.config.data_dir;
+            // Disks of the killed sandboxes go with their mount namespaces; detach any the
+            // kernel still holds after a grace period.
+            let (found, left) = disk::release_under(
+                Path::new(SYS_ROOT),
+                Path::new(DEV_ROOT),
+                data_dir,
+                LOOP_RELEASE_DEADLINE,
+            )
+            .map_err(|source| DriverError::Io {
+                context: "listing loop devices".into(),
+                source,
+            })?;
+            if left > 0 {
+                tracing::warn!(found, still_bound = left, "orphaned sandbox disks still bound");
+            } else if found > 0 {
+                tracing::info!(found, "released orphaned sandbox disks");
+            }
             let entries = std::fs::read_dir(data_dir).map_err(|source| DriverError::Io {
                 context: format!("listing {}", data_dir.display()),
                 source,
@@ -761,6 +867,12 @@ mod tests {
             let d = config.cgroup_root.join(c);
             std::fs::create_dir_all(&d).expect("mkdir");
             std::fs::write(d.join("cgroup.procs"), "").expect("write");
+        }
+        if let Err(e) = disk::find_mkfs(std::env::var_os("PATH").as_deref())
+            .and_then(|_| disk::probe_loop(Path::new(DEV_ROOT)))
+        {
+            eprintln!("skipping the rest: {e}");
+            return;
         }
         let driver = JailDriver::new(config.clone()).expect("driver");
         assert_eq!(driver.isolation(), Isolation::Jail);

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cgroup::Cgroups;
+use crate::disk::LoopRef;
 use crate::spawn::{pidfd_kill, pidfd_reap};
 
 /// How long destroy waits for the killed init to be reaped.
@@ -221,6 +222,7 @@ pub struct JailSandbox {
     pub(crate) host_netns: Arc<OwnedFd>,
     pub(crate) cgroups: Arc<Cgroups>,
     pub(crate) dir: PathBuf,
+    pub(crate) disk: LoopRef,
     pub(crate) exit_rx: watch::Receiver<Option<ExitInfo>>,
     pub(crate) destroying: AtomicBool,
     pub(crate) destroyed: tokio::sync::Mutex<bool>,
@@ -237,8 +239,8 @@ impl std::fmt::Debug for JailSandbox {
 }
 
 impl JailSandbox {
-    /// Kill, reap, and remove cgroups and the directory. Shared by destroy and failed
-    /// creates; idempotent.
+    /// Kill, reap, remove cgroups, wait for the disk's release, remove the directory. Shared
+    /// by destroy and failed creates; idempotent.
     pub(crate) async fn teardown(&self) -> Result<(), DriverError> {
         pidfd_kill(self.pidfd.as_raw_fd()).map_err(|source| DriverError::Io {
             context: format!("killing sandbox {}", self.id),
@@ -266,18 +268,25 @@ impl JailSandbox {
         let cgroups = self.cgroups.clone();
         let id = self.id.clone();
         let dir = self.dir.clone();
+        let disk = self.disk.clone();
         tokio::task::spawn_blocking(move || -> Result<(), DriverError> {
             cgroups
                 .remove(&id)
                 .map_err(|e| DriverError::Cleanup(format!("cgroups of {id}: {e}")))?;
+            // The init is reaped, so the mount namespace is gone and with it the last user
+            // of the disk; the kernel detaches the loop device and frees the image.
+            let released = crate::release_disk(&id, &disk);
             match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(DriverError::Io {
-                    context: format!("removing {}", dir.display()),
-                    source,
-                }),
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DriverError::Io {
+                        context: format!("removing {}", dir.display()),
+                        source,
+                    });
+                }
             }
+            released
         })
         .await
         .map_err(|e| DriverError::Cleanup(format!("teardown task failed: {e}")))?

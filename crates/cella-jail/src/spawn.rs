@@ -10,15 +10,17 @@
 //! ```text
 //!  parent (blocking thread)                      child (new user/pid/mnt/net/ipc/uts ns)
 //!  ───────────────────────                       ───────────────────────────────────────
+//!  (caller: ext4 image → loop → fsmount, detached; see crate::disk)
 //!  socketpair, pipes, /dev/null, cgroup fd
 //!  clone3(NEW*, PIDFD [, INTO_CGROUP]) ───────▶  close parent ends, move fds ≥ 10
 //!  uid_map/gid_map "0 100000 65536"              read(sync) … blocks
+//!  oom_score_adj -1000 (the agent is never the OOM victim)
 //!  v1: pid → cella/<id>/cgroup.procs
 //!  open /proc/<pid>/ns/net
 //!  write(sync) ───────────────────────────────▶  setgroups/setresgid/setresuid(0)
 //!                                                unshare(CGROUP); MS_PRIVATE on /
-//!                                                tmpfs(size=disk) on data_dir/<id>
-//!                                                overlay(lower=rootfs, upper/work on tmpfs)
+//!                                                move_mount(disk) onto data_dir/<id>
+//!                                                overlay(lower=rootfs, upper/work on disk)
 //!                                                proc, /dev (tmpfs + binds + devpts + shm),
 //!                                                /.cella/agent (ro bind), sysfs (best effort)
 //!                                                pivot_root + detach old root
@@ -27,13 +29,19 @@
 //!  read(err) ◀── EOF on exec / (step, errno) ──  execve("/.cella/agent --control-fd 3")
 //! ```
 //!
-//! Every mount is made inside the sandbox's own mount namespace, after `MS_PRIVATE`: the host
-//! never sees any of them and the kernel tears all of them down with the namespace. The
-//! tmpfs under the overlay is the disk quota (writes fail with `ENOSPC` at `disk_mb`).
+//! Every mount is attached inside the sandbox's own mount namespace, after `MS_PRIVATE`: the
+//! host never sees any of them and the kernel tears all of them down with the namespace. The
+//! ext4 disk under the overlay is the disk quota (writes fail with `ENOSPC` at `disk_mb`); it
+//! is built by the parent as a detached mount because ext4 cannot be mounted from inside a
+//! user namespace.
+//!
+//! The agent gets `oom_score_adj` -1000 from the parent: when the sandbox runs out of memory
+//! the cgroup's OOM killer picks one of the user's processes (the agent resets every child to
+//! 0), never pid 1, whose death would end the whole sandbox.
 
 use std::ffi::{CString, c_int, c_ulong};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,6 +58,9 @@ const EXEC_DEADLINE: Duration = Duration::from_secs(10);
 /// PATH of the agent (its only environment variable).
 const AGENT_PATH_ENV: &std::ffi::CStr =
     c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `MOVE_MOUNT_F_EMPTY_PATH`: `move_mount` takes the source from the descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// `CLONE_INTO_CGROUP` (libc's constant is deprecated for overflowing `c_int`).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -131,7 +142,7 @@ const STEP_NAMES: [&str; 31] = [
     "setresuid(0)",
     "cgroup namespace",
     "making mounts private",
-    "mounting the writable layer (tmpfs)",
+    "attaching the writable layer (ext4 disk)",
     "creating upper/work directories",
     "mounting the overlay root (template rootfs)",
     "entering the new root",
@@ -219,15 +230,18 @@ pub enum SpawnError {
 pub struct SpawnRequest<'a> {
     /// Sandbox ID (hostname).
     pub id: &'a str,
-    /// `data_dir/<id>` (exists, empty; the child mounts its tmpfs there).
+    /// `data_dir/<id>` (exists; the child attaches the writable layer there).
     pub sandbox_dir: &'a Path,
+    /// The writable layer: a detached mount (`fsmount`) of the sandbox's disk
+    /// ([`crate::disk`]); the child attaches it with `move_mount`.
+    pub writable_layer: BorrowedFd<'a>,
     /// Template root filesystem (overlay lower layer).
     pub rootfs: &'a Path,
     /// Host path of the agent binary.
     pub agent: &'a Path,
     /// Mount flags the agent's bind must keep (from the host mount: locked flags).
     pub agent_mount_flags: c_ulong,
-    /// Limits (disk size of the writable layer, /dev/shm size).
+    /// Limits (/dev/shm size).
     pub limits: Limits,
     /// The cgroups (already created for `id`).
     pub cgroups: &'a Cgroups,
@@ -261,7 +275,7 @@ struct ChildPlan {
     null: RawFd,
     log_write: RawFd,
     sandbox_dir: CString,
-    tmpfs_opts: CString,
+    layer_mount: RawFd,
     upper: CString,
     work: CString,
     root: CString,
@@ -544,7 +558,7 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         null: null.as_raw_fd(),
         log_write: log_w.as_raw_fd(),
         sandbox_dir: cstring("sandbox directory", req.sandbox_dir)?,
-        tmpfs_opts: cs(format!("size={}m,mode=0755", req.limits.disk_mb))?,
+        layer_mount: req.writable_layer.as_raw_fd(),
         upper: cs(format!("{dir}/upper"))?,
         work: cs(format!("{dir}/work"))?,
         root: cs(format!("{dir}/root"))?,
@@ -609,6 +623,14 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
             }
         })?;
     }
+    // Only the agent: it resets every process it starts to 0 (and so do processes those
+    // start, by inheritance), so the user's processes are the OOM killer's candidates.
+    std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000").map_err(|source| {
+        SpawnError::Parent {
+            what: "protecting the agent from the OOM killer",
+            source,
+        }
+    })?;
     if !req.cgroups.is_v2() {
         req.cgroups
             .attach(req.id, pid)
@@ -845,12 +867,13 @@ unsafe fn child_main(plan: &ChildPlan) -> ! {
         {
             fail(err, Step::PrivateMounts)
         }
-        if libc::mount(
-            c"tmpfs".as_ptr(),
+        if libc::syscall(
+            libc::SYS_move_mount,
+            plan.layer_mount,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
             plan.sandbox_dir.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            plan.tmpfs_opts.as_ptr().cast(),
+            MOVE_MOUNT_F_EMPTY_PATH,
         ) != 0
         {
             fail(err, Step::WritableLayer)

@@ -29,8 +29,9 @@ echo 'this is not json' >&3
 head -c 20000 /dev/zero | tr '\0' 'a' >&3
 echo >&3
 echo '{"event":"make_dir","path":"/from-agent"}' >&3
-# httpd dies when it cannot fork (pids.max): restart it until /tmp/stop exists
-(while [ ! -e /tmp/stop ]; do httpd -f -p 49983 -h /www; usleep 20000; done) 3>&- &
+# httpd dies when it cannot fork (pids.max): restart it until /tmp/stop exists.
+# Like the real agent, hand children a normal OOM score (the agent itself has -1000).
+(echo 0 > /proc/self/oom_score_adj; while [ ! -e /tmp/stop ]; do httpd -f -p 49983 -h /www; usleep 20000; done) 3>&- &
 # ready once httpd listens (49983 = 0xC33F)
 while ! grep -qs ':C33F [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6; do usleep 1000; done
 echo '{"event":"ready","version":"test"}' >&3
@@ -278,6 +279,8 @@ async fn assert_gone(env: &Env, id: &str, alive: &Traces) {
         !mountinfo().contains(&tmp),
         "host mount table mentions {tmp}"
     );
+    let loops = cella_jail::disk::loops_under(Path::new("/sys"), env.tmp.path()).expect("loops");
+    assert!(loops.is_empty(), "loop devices still bound: {loops:?}");
     let now = all_netns();
     for ns in &alive.netns {
         assert!(!now.contains(ns), "netns {ns} still held by a process");
@@ -421,6 +424,15 @@ async fn lifecycle_isolation_and_teardown() {
         "sandbox mounts visible on host"
     );
 
+    // The writable layer is a loop-mounted disk while the sandbox lives, but only in the
+    // sandbox's mount namespace.
+    let loops = cella_jail::disk::loops_under(Path::new("/sys"), env.tmp.path()).expect("loops");
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    assert!(loops[0].backing.starts_with(env.tmp.path().join("data").join(&id)));
+    let (out, code) = run(&sb, "grep ' / ' /proc/self/mountinfo; cat /proc/mounts").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("overlay"), "{out}");
+
     // Stats come from the cgroup.
     let st = sb.stats().expect("stats");
     assert!(st.pids >= 2, "{st:?}");
@@ -472,6 +484,59 @@ async fn disk_quota_gives_enospc() {
     sb.destroy().await.expect("destroy");
 }
 
+/// The reported failure: with the writable layer on tmpfs, filling a disk larger than the
+/// memory limit woke the memory cgroup's OOM killer, which killed the agent. On the ext4
+/// disk the page cache is reclaimable: the write ends in ENOSPC at the quota and everything
+/// keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_larger_than_memory_fills_with_enospc() {
+    let Some(env) = env() else { return };
+    let id = unique_id("full");
+    let limits = Limits {
+        memory_mb: 128,
+        disk_mb: 256,
+        ..small_limits()
+    };
+    let (sb, _ev) = create(&env, &id, limits).await;
+    let (out, code) = run(
+        &sb,
+        "mkdir -p /home/user && dd if=/dev/zero of=/home/user/big bs=1M count=5000; echo dd=$?; ls -l /home/user/big",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("No space left on device"), "{out}");
+    assert!(!out.contains("dd=0"), "{out}");
+    // ls -l: "-rw-r--r-- 1 root root <size> ..."
+    let size: u64 = out
+        .lines()
+        .find(|l| l.contains("/home/user/big"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {out}"));
+    assert!(
+        size > 200 << 20 && size <= 256 << 20,
+        "{size} bytes written before ENOSPC"
+    );
+    // pid 1 and the server inside it are alive, and the disk is usable again after a delete
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sb.wait_exit())
+            .await
+            .is_err(),
+        "sandbox died"
+    );
+    let (out, code) = run(
+        &sb,
+        "rm /home/user/big && echo again > /home/user/small && cat /home/user/small && cat /proc/1/cmdline",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("again"), "{out}");
+    assert!(out.contains("/.cella/agent"), "{out}");
+    let alive = traces(&env, &id);
+    sb.destroy().await.expect("destroy");
+    assert_gone(&env, &id, &alive).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_hog_is_oom_killed_inside_only() {
     let Some(env) = env() else { return };
@@ -481,6 +546,14 @@ async fn memory_hog_is_oom_killed_inside_only() {
         ..small_limits()
     };
     let (sb, _ev) = create(&env, &id, limits).await;
+    // The agent is exempt from the OOM killer; what it starts is not.
+    let (out, code) = run(
+        &sb,
+        "cat /proc/1/oom_score_adj; cat /proc/self/oom_score_adj",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["-1000", "0"]);
     let (out, code) = run(&sb, "dd if=/dev/zero of=/dev/null bs=200M count=1").await;
     assert_eq!(code, 137, "hog not killed by SIGKILL: {out}");
     // the sandbox (agent, httpd) survived
@@ -678,4 +751,36 @@ async fn reap_orphans_after_a_crash() {
     let (out, code) = run(&keep, "echo spared").await;
     assert_eq!((out.trim(), code), ("spared", 0));
     keep.destroy().await.expect("destroy");
+}
+
+/// Prints create→ready timings (median and worst of a few sequential starts); asserts only
+/// that every sandbox starts and is torn down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_to_ready_timings() {
+    let Some(env) = env() else { return };
+    let limits = Limits {
+        disk_mb: 1024,
+        memory_mb: 512,
+        ..small_limits()
+    };
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let id = unique_id("time");
+        let (tx, _rx): (EventSink, _) = mpsc::unbounded_channel();
+        let t = Instant::now();
+        let sb = env
+            .driver
+            .create(spec(&env, &id, limits), tx)
+            .await
+            .expect("create");
+        times.push(t.elapsed());
+        sb.destroy().await.expect("destroy");
+    }
+    times.sort();
+    eprintln!(
+        "create→ready over {} starts (disk 1024 MiB): median {:?}, max {:?}",
+        times.len(),
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
 }
