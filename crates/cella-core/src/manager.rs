@@ -182,7 +182,14 @@ pub struct Manager {
     shutting_down: std::sync::atomic::AtomicBool,
     /// Sandboxes being destroyed right now, so that a kill and the reaper do not race.
     dying: Mutex<std::collections::HashSet<String>>,
+    /// Creates by `Idempotency-Key`: (owner, key) → the create's outcome and when it started.
+    idempotent: Mutex<HashMap<(String, String), (i64, IdempotentCell)>>,
 }
+
+type IdempotentCell = Arc<tokio::sync::OnceCell<Sandbox>>;
+
+/// How long an `Idempotency-Key` is remembered.
+const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 
 /// Driver names accepted in the create request's `driver` field.
 fn driver_matches(name: &str, isolation: Isolation) -> bool {
@@ -219,6 +226,7 @@ impl Manager {
             events: tx,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             dying: Mutex::new(Default::default()),
+            idempotent: Mutex::new(HashMap::new()),
         });
         tokio::spawn(record_agent_events(manager.store.clone(), rx));
         tokio::spawn(reaper(Arc::downgrade(&manager)));
@@ -380,6 +388,43 @@ impl Manager {
         }
         tokio::spawn(watch_exit(Arc::downgrade(self), id, handle));
         Ok(out)
+    }
+
+    /// Create with an `Idempotency-Key`: the first request with a key creates; concurrent and
+    /// later requests with the same key (from the same API key, within 24 h) get the same
+    /// sandbox instead of a second one. A failed create does not consume the key.
+    pub async fn create_idempotent(
+        self: &Arc<Self>,
+        owner: &str,
+        key: &str,
+        req: NewSandbox,
+    ) -> Result<Sandbox, ManagerError> {
+        if key.is_empty()
+            || key.len() > 255
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ManagerError::InvalidField {
+                field: "Idempotency-Key",
+                message: "1-255 lowercase letters, digits or hyphens".into(),
+            });
+        }
+        let cell = {
+            let mut map = self
+                .idempotent
+                .lock()
+                .map_err(|_| ManagerError::ShuttingDown)?;
+            let now = now_ms();
+            map.retain(|_, (t, _)| now - *t < IDEMPOTENCY_TTL_MS);
+            map.entry((owner.to_string(), key.to_string()))
+                .or_insert_with(|| (now, Arc::new(tokio::sync::OnceCell::new())))
+                .1
+                .clone()
+        };
+        cell.get_or_try_init(|| self.create(owner, req))
+            .await
+            .cloned()
     }
 
     fn pick_driver(&self, name: Option<&str>) -> Result<Arc<dyn Driver>, ManagerError> {

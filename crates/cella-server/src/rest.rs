@@ -37,6 +37,36 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/metrics", get(metrics_many))
+        .route("/sandboxes/{id}/logs", get(logs_v1))
+        .route("/v2/sandboxes/{id}/logs", get(logs_v2))
+        // E2B features cella does not offer yet: a clear 501, never a hang or a bare 404.
+        .route("/sandboxes/{id}/pause", post(not_implemented))
+        .route("/sandboxes/{id}/resume", post(not_implemented))
+        .route("/sandboxes/{id}/fork", post(not_implemented))
+        .route("/sandboxes/{id}/snapshots", post(not_implemented))
+        .route("/snapshots", get(not_implemented))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(not_implemented),
+        )
+        .route("/volumes", get(not_implemented).post(not_implemented))
+        .route(
+            "/volumes/{id}",
+            get(not_implemented).delete(not_implemented),
+        )
+        .route("/secrets", get(not_implemented).post(not_implemented))
+        .route(
+            "/secrets/{id}",
+            get(not_implemented).delete(not_implemented),
+        )
+        .route("/v3/templates", post(not_implemented))
+        .route("/v2/templates/{id}/builds/{build}", post(not_implemented))
+        .route(
+            "/templates/{id}/builds/{build}/status",
+            get(not_implemented),
+        )
+        .route("/templates/{id}/files/{hash}", get(not_implemented))
         .route("/audit", get(audit))
         .route("/templates", get(templates))
         .route("/v2/templates", get(templates))
@@ -58,6 +88,22 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
         default_isolation: state.manager.default_isolation(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
+}
+
+async fn not_implemented(req: Request) -> HttpError {
+    let what = match req.uri().path() {
+        p if p.ends_with("/pause") || p.ends_with("/resume") => "pausing and resuming sandboxes",
+        p if p.ends_with("/fork") => "forking sandboxes",
+        p if p.contains("snapshots") => "snapshots",
+        p if p.ends_with("/network") => "changing a sandbox's network rules",
+        p if p.starts_with("/volumes") => "volumes",
+        p if p.starts_with("/secrets") => "secrets",
+        _ => "building templates through the API (use `cella template build`)",
+    };
+    HttpError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("{what} is not supported by this cella server"),
+    )
 }
 
 async fn not_found() -> HttpError {
@@ -149,10 +195,20 @@ fn check_id(id: &str) -> Result<(), HttpError> {
 async fn create(
     State(state): State<AppState>,
     Extension(Owner(owner)): Extension<Owner>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
     let req: NewSandbox = parse_json(&body)?;
-    let sandbox = state.manager.create(&owner, req).await?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            HttpError::bad_request("invalid field 'Idempotency-Key': not valid text")
+        })?),
+    };
+    let sandbox = match key {
+        Some(k) => state.manager.create_idempotent(&owner, k, req).await?,
+        None => state.manager.create(&owner, req).await?,
+    };
     Ok((StatusCode::CREATED, Json(sandbox)).into_response())
 }
 
@@ -332,6 +388,122 @@ async fn metrics(
     check_id(&id)?;
     let m = state.manager.metrics(&owner, &id)?;
     Ok(Json(vec![m]).into_response())
+}
+
+/// `GET /sandboxes/metrics?sandbox_ids=a,b`: the latest sample of each (unknown IDs are
+/// left out, as E2B does).
+async fn metrics_many(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, HttpError> {
+    let raw = raw.unwrap_or_default();
+    let ids: Vec<String> = form_urlencoded::parse(raw.as_bytes())
+        .filter(|(k, _)| k == "sandbox_ids")
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if ids.len() > 100 {
+        return Err(HttpError::bad_request(
+            "invalid field 'sandbox_ids': at most 100 IDs",
+        ));
+    }
+    let mut out = serde_json::Map::new();
+    for id in ids {
+        if let Ok(m) = state.manager.metrics(&owner, &id) {
+            out.insert(id, serde_json::to_value(m).unwrap_or_default());
+        }
+    }
+    Ok(Json(serde_json::json!({ "sandboxes": out })).into_response())
+}
+
+/// A sandbox's log: its audit records (process starts and exits, file changes, lifecycle),
+/// newest last. E2B serves the guest's system log here; cella's agent has none, and this is what
+/// a user looking at "what happened in my sandbox" wants.
+fn sandbox_log(
+    state: &AppState,
+    owner: &str,
+    id: &str,
+    since_ms: Option<i64>,
+    limit: usize,
+) -> Result<Vec<AuditEntry>, HttpError> {
+    check_id(id)?;
+    let store = state.manager.store().clone();
+    store.flush_audit();
+    let entries = store
+        .query_audit(&AuditQuery {
+            sandbox_id: Some(id.to_string()),
+            visible_to: Some(owner.to_string()),
+            since_ms,
+            limit: Some(limit),
+            ..Default::default()
+        })
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if entries.is_empty() && state.manager.info(owner, id).is_err() {
+        return Err(HttpError::not_found(format!("sandbox '{id}' not found")));
+    }
+    Ok(entries)
+}
+
+fn log_line(e: &AuditEntry) -> String {
+    format!("{} {}", e.kind, e.detail)
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct LogParams {
+    start: Option<i64>,
+    cursor: Option<i64>,
+    limit: Option<usize>,
+}
+
+async fn logs_v1(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    query: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(p) = query.map_err(|e| HttpError::bad_request(format!("invalid query: {e}")))?;
+    let entries = sandbox_log(
+        &state,
+        &owner,
+        &id,
+        p.start,
+        p.limit.unwrap_or(1000).min(1000),
+    )?;
+    let logs: Vec<_> = entries
+        .iter()
+        .map(|e| serde_json::json!({ "timestamp": e.time, "line": log_line(e) }))
+        .collect();
+    let log_entries: Vec<_> = entries
+        .iter()
+        .map(|e| serde_json::json!({ "timestamp": e.time, "message": log_line(e), "level": "info", "fields": {} }))
+        .collect();
+    Ok(Json(serde_json::json!({ "logs": logs, "logEntries": log_entries })).into_response())
+}
+
+async fn logs_v2(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    query: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(p) = query.map_err(|e| HttpError::bad_request(format!("invalid query: {e}")))?;
+    let entries = sandbox_log(
+        &state,
+        &owner,
+        &id,
+        p.cursor,
+        p.limit.unwrap_or(1000).min(1000),
+    )?;
+    let logs: Vec<_> = entries
+        .iter()
+        .map(|e| serde_json::json!({ "timestamp": e.time, "message": log_line(e), "level": "info", "fields": { "kind": e.kind } }))
+        .collect();
+    Ok(Json(serde_json::json!({ "logs": logs })).into_response())
 }
 
 /// `GET /audit` query (cella extension).

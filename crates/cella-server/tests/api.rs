@@ -530,3 +530,140 @@ async fn audit_records_api_calls_and_lifecycle() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["message"].as_str().is_some_and(|m| m.contains("since")));
 }
+
+#[tokio::test]
+async fn idempotency_key_creates_once() {
+    let h = harness().await;
+    let body = json!({"templateID": "base"});
+    let (s1, a) = h
+        .call_with(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(body.clone()),
+            &[("idempotency-key", "retry-1")],
+        )
+        .await;
+    let (s2, b) = h
+        .call_with(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(body.clone()),
+            &[("idempotency-key", "retry-1")],
+        )
+        .await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(a["sandboxID"], b["sandboxID"]);
+    assert_eq!(h.driver.created(), 1);
+    // Another key value, or another API key, creates anew.
+    let (_, c) = h
+        .call_with(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(body.clone()),
+            &[("idempotency-key", "retry-2")],
+        )
+        .await;
+    assert_ne!(a["sandboxID"], c["sandboxID"]);
+    let other = h.store.create_key("other").expect("key").key;
+    let (_, d) = h
+        .call_with(
+            "POST",
+            "/v2/sandboxes",
+            Some(&other),
+            Some(body.clone()),
+            &[("idempotency-key", "retry-1")],
+        )
+        .await;
+    assert_ne!(a["sandboxID"], d["sandboxID"]);
+    assert_eq!(h.driver.created(), 3);
+    let (s, v) = h
+        .call_with(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(body),
+            &[("idempotency-key", "Bad Key")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Idempotency-Key"))
+    );
+}
+
+#[tokio::test]
+async fn unsupported_features_answer_501_with_a_reason() {
+    let h = harness().await;
+    let v = h.create(json!({"templateID": "base"})).await;
+    let id = v["sandboxID"].as_str().expect("id");
+    for (m, uri, needle) in [
+        ("POST", format!("/sandboxes/{id}/pause"), "pausing"),
+        ("POST", format!("/sandboxes/{id}/fork"), "forking"),
+        ("GET", "/volumes".to_string(), "volumes"),
+        ("POST", "/v3/templates".to_string(), "templates"),
+    ] {
+        let (s, v) = h.call(m, &uri, Some(&h.key), Some(json!({}))).await;
+        assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{m} {uri}");
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|msg| msg.contains(needle)),
+            "{v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn metrics_and_logs() {
+    let h = harness().await;
+    let v = h.create(json!({"templateID": "base"})).await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let (s, m) = h
+        .call(
+            "GET",
+            &format!("/sandboxes/{id}/metrics"),
+            Some(&h.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(m[0]["memUsed"], 1 << 20);
+    assert_eq!(m[0]["memTotal"], 512u64 * 1024 * 1024);
+    let (s, m) = h
+        .call(
+            "GET",
+            &format!("/sandboxes/metrics?sandbox_ids={id},inope"),
+            Some(&h.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(m["sandboxes"].as_object().map(|o| o.len()), Some(1));
+    assert!(m["sandboxes"][&id]["cpuCount"].is_number());
+    let (s, l) = h
+        .call(
+            "GET",
+            &format!("/v2/sandboxes/{id}/logs"),
+            Some(&h.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        l["logs"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("sandbox.create")))),
+        "{l}"
+    );
+    let (s, _) = h
+        .call("GET", "/v2/sandboxes/inope/logs", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
