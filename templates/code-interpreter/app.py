@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import uuid
 from queue import Empty
 
@@ -559,6 +560,12 @@ async def serve(args, runtime_dir: str, cwd: str, first: KernelProcess | None) -
         xheaders=False,
     )
     sockets = tornado.netutil.bind_sockets(args.port, address=args.host)
+    for sock in sockets:
+        # Accepted connections inherit this on Linux: set before the first byte is written.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
     http.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     log(f"listening on {args.host}:{port}")

@@ -27,6 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CELLA = ROOT / "target" / "release" / "cella"
 TEMPLATE_DIR = Path(os.environ.get("CELLA_E2E_TEMPLATE_DIR", "/var/lib/cella/templates"))
 READY_RE = re.compile(r"cella listening on (http://\S+)")
+
+# Which isolation driver the session server runs with (`cella serve --driver`): the suite runs
+# once per driver (tests/e2e/run). `ISOLATIONS` is what `GET /sandboxes/{id}` may report.
+DRIVER = os.environ.get("CELLA_E2E_DRIVER", "jail")
+if DRIVER not in ("jail", "vm"):
+    raise RuntimeError(f"CELLA_E2E_DRIVER={DRIVER!r}: expected jail or vm")
+ISOLATIONS = {"jail": {"jail"}, "vm": {"microvm-kvm", "microvm-tcg"}}[DRIVER]
+VM_ASSETS = Path(os.environ.get("CELLA_VM_ASSETS", "/var/lib/cella/vm"))
 KEY_RE = re.compile(r"e2b_[0-9a-f]{40}")
 
 # The first start builds the `base` template with debootstrap: minutes on this machine.
@@ -90,6 +98,7 @@ class Server:
             "--listen", f"127.0.0.1:{self.port}",
             "--data-dir", str(self.data_dir),
             "--template-dir", str(TEMPLATE_DIR),
+            "--driver", DRIVER,
         ]
         log = open(self.log_path, "a", buffering=1)
         log.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n")
@@ -251,6 +260,28 @@ class _Procs:
         return True
 
 
+def _is_vmm(cmd: str) -> bool:
+    return cmd.split(" ", 1)[0].rsplit("/", 1)[-1].startswith("qemu-system")
+
+
+def _fd_netns(pid) -> set:
+    """Network namespaces a process holds open as descriptors (the VM driver keeps each VM's
+    netns only that way: no process lives in it)."""
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("net:["):
+            out.add(target)
+    return out
+
+
 def _host_mounts() -> set:
     # Mount IDs are stable for existing mounts, so the lines compare as-is.
     with open("/proc/self/mountinfo") as f:
@@ -286,6 +317,10 @@ def _data_files(data_dir: Path) -> set:
             # The database's files are the server's, not a sandbox's.
             if rel.startswith("cella.db"):
                 continue
+            # The VM driver's per-template disk images are a cache, built by the first
+            # sandbox of a template and kept by design (half-built `.tmp-*` ones count).
+            if rel.startswith("vm/images/") and not rel.startswith("vm/images/.tmp-"):
+                continue
             out.add(rel)
     return out
 
@@ -302,6 +337,16 @@ class HostSnapshot:
     def take(data_dir: Path, server_pid: Optional[int] = None) -> "HostSnapshot":
         procs = _Procs(server_pid)
         foreign = {p for p in procs.ns if procs.sandboxed(p) and not procs.ours(p)}
+        # A microVM's QEMU runs in the host namespaces; its disk under our data dir (on its
+        # command line) says whose it is, which also holds for the orphans of a killed server.
+        disk_prefix = f"{data_dir}/vm/sandboxes/"
+        vmms = {}
+        for p in procs.ns:
+            if not procs.sandboxed(p):
+                cmd = _cmdline(p)
+                if _is_vmm(cmd):
+                    vmms[p] = cmd
+        foreign |= {p for p, cmd in vmms.items() if disk_prefix not in cmd}
         cgroups = set()
         for d in _cella_cgroup_dirs():
             if not (_cgroup_pids(d) & foreign):
@@ -312,7 +357,10 @@ class HostSnapshot:
         processes = {
             (p, _cmdline(p)) for p in procs.ns if procs.sandboxed(p) and p not in foreign
         }
+        processes |= {(p, cmd) for p, cmd in vmms.items() if p not in foreign}
         netns = {ns["net"] for p, ns in procs.ns.items() if p not in foreign}
+        if server_pid is not None:
+            netns |= _fd_netns(server_pid)
         return HostSnapshot(
             mounts=frozenset(_host_mounts()),
             cgroups=frozenset(cgroups),

@@ -11,10 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from cella_e2e import CELLA, Server
+from cella_e2e import CELLA, DRIVER, Server
 
 # The SDK reads these lazily (at each call), so setting them once here is enough.
 _SDK_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "driver(name, reason): the test checks something only the `name` driver has "
+        "(jail or vm); on the other driver it is skipped with `reason`",
+    )
+
+
+def pytest_report_header(config):
+    return f"cella driver: {DRIVER} (CELLA_E2E_DRIVER)"
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers(name="driver"):
+        name, reason = mark.args
+        if name != DRIVER:
+            pytest.skip(f"{name} driver only: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +57,7 @@ def server(pytestconfig, request):
             sys.stderr.write(f"[cella serve] {line}\n")
             sys.stderr.flush()
 
-    echo(f"log: {log_path}; data dir: {data_dir}")
+    echo(f"driver: {DRIVER}; log: {log_path}; data dir: {data_dir}")
     srv.start(echo=echo)
     saved = {k: os.environ.get(k) for k in _SDK_ENV}
     os.environ["E2B_API_KEY"] = srv.key

@@ -2,15 +2,17 @@
 shuts down, and once a crashed server (SIGKILL) starts again on the same data dir.
 
 "Nothing" is measured, not assumed: host mounts (/proc/self/mountinfo), cgroups with "cella"
-in their path, network namespaces in use, processes outside the host's namespaces, and the
-files under the data dir are compared before and after."""
+in their path (`cella/` for jails, `cella-vm/` for microVMs), network namespaces in use by a
+process or held open by the server, processes outside the host's namespaces and QEMU
+processes running a disk of this data dir, and the files under the data dir (a microVM's
+qcow2 overlay among them) are compared before and after."""
 
 import signal
 import time
 
 from e2b import Sandbox
 
-from cella_e2e import HostSnapshot, wait_until
+from cella_e2e import DRIVER, HostSnapshot, wait_until
 
 
 def snap(server) -> HostSnapshot:
@@ -50,7 +52,13 @@ def test_kill_leaves_nothing_behind(server):
     sbx.files.write("/home/user/data.bin", b"x" * 100_000)
     after_create = snap(server)
     _assert_new_state(before, after_create)
-    assert any("sleep 777" in cmd for _, cmd in after_create.processes - before.processes)
+    new_procs = after_create.processes - before.processes
+    if DRIVER == "vm":
+        # The guest's processes are inside the VM; on the host the sandbox is its QEMU.
+        assert any(f"/{sbx.sandbox_id}/disk.qcow2" in cmd for _, cmd in new_procs), new_procs
+        assert any(f.endswith(f"/{sbx.sandbox_id}/disk.qcow2") for f in after_create.data_files)
+    else:
+        assert any("sleep 777" in cmd for _, cmd in new_procs), new_procs
 
     assert sbx.kill() is True
     _settled_equal(server, before)

@@ -487,20 +487,17 @@ async fn start_inner(
         user: user.name.clone(),
         tag: req.tag.clone(),
     });
-    tokio::spawn(supervise(
-        agent.clone(),
-        proc,
-        outputs,
-        exit_rx,
-        timeout,
-    ));
+    tokio::spawn(supervise(agent.clone(), proc, outputs, exit_rx, timeout));
     Ok(rx)
 }
 
 /// Start the template's start command (a long-running server) as a tracked process tagged
 /// [`START_CMD_TAG`], without a timeout. Its output goes to whoever `Connect`s to it, and is
 /// otherwise dropped.
-pub async fn start_boot_command(agent: &AgentRef, start: &StartCommand) -> Result<u32, ConnectError> {
+pub async fn start_boot_command(
+    agent: &AgentRef,
+    start: &StartCommand,
+) -> Result<u32, ConnectError> {
     let user = agent
         .resolve_user((!start.user.is_empty()).then_some(start.user.as_str()))
         .map_err(|e| err(Code::InvalidArgument, format!("start command user: {e}")))?;

@@ -289,6 +289,16 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
                     libc::signal(sig, libc::SIG_DFL);
                 }
             }
+            // Rank every process we start above the agent for the OOM killer (raising needs
+            // no privilege; do it before dropping to the user). Best effort.
+            let oom = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if oom >= 0 {
+                libc::write(oom, b"1000".as_ptr().cast(), 4);
+                libc::close(oom);
+            }
             if libc::setsid() < 0 {
                 child_fail(fd_errpipe, 6);
             }

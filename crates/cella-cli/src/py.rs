@@ -322,8 +322,14 @@ mod tests {
             r#"{"type":"end_of_execution"}"#.to_owned(),
         ];
         for line in &lines {
-            handle_line(line.as_bytes(), dir.path(), &mut summary, &mut out, &mut err)
-                .expect("handle");
+            handle_line(
+                line.as_bytes(),
+                dir.path(),
+                &mut summary,
+                &mut out,
+                &mut err,
+            )
+            .expect("handle");
         }
         assert_eq!(String::from_utf8_lossy(&out), "hello\n42\n");
         let err = String::from_utf8_lossy(&err);

@@ -6,17 +6,25 @@
 //! only complete list of a sandbox's processes after a server crash, which is what
 //! [`Cgroups::kill_all`] and the orphan reaper rely on.
 //!
-//! Layout: every sandbox gets `cella/<instance>/<id>` in each controller it needs. The
+//! Why one module for both drivers: this crate is also the "jailer" of the microVM driver's
+//! VMM processes (the Firecracker model: the VMM itself is confined like any other untrusted
+//! process, and a QEMU cgroup caps guest RAM plus VMM overhead). The two drivers differ only
+//! in the parent name ([`JAIL_PARENT`], `cella-vm`) and in the limits they write
+//! ([`CgroupLimits`]), so the subtle parts (v1/v2 detection, controller delegation, killing
+//! until empty, `rmdir` retries, instance scoping) exist once.
+//!
+//! Layout: every sandbox gets `<parent>/<instance>/<id>` in each controller it needs. The
 //! instance level keeps several cella servers (or test runs) on one host apart: the orphan
-//! reaper of one must never kill the live sandboxes of another. The driver derives the
-//! instance name from its data directory, so a restarted server finds its own leftovers.
+//! reaper of one must never kill the live sandboxes of another. The drivers derive the
+//! instance name from their data directory ([`crate::instance_name`]), so a restarted server
+//! finds its own leftovers.
 //!
 //! ```text
-//! v2 (unified):  <root>/cella/<inst>/<id>/{memory.max, memory.swap.max, cpu.max, pids.max, cgroup.kill}
-//! v1 (legacy):   <root>/memory/cella/<inst>/<id>/memory.limit_in_bytes (+ memory.memsw.limit_in_bytes)
-//!                <root>/cpu/cella/<inst>/<id>/cpu.cfs_{period,quota}_us
-//!                <root>/cpuacct/cella/<inst>/<id>/cpuacct.usage   (if a separate hierarchy)
-//!                <root>/pids/cella/<inst>/<id>/pids.max
+//! v2 (unified):  <root>/<parent>/<inst>/<id>/{memory.max, memory.swap.max, cpu.max, pids.max, cgroup.kill}
+//! v1 (legacy):   <root>/memory/<parent>/<inst>/<id>/memory.limit_in_bytes (+ memory.memsw.limit_in_bytes)
+//!                <root>/cpu/<parent>/<inst>/<id>/cpu.cfs_{period,quota}_us
+//!                <root>/cpuacct/<parent>/<inst>/<id>/cpuacct.usage   (if a separate hierarchy)
+//!                <root>/pids/<parent>/<inst>/<id>/pids.max
 //! ```
 //!
 //! All paths hang off a root given to [`Cgroups::detect`], so the file handling is tested
@@ -29,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use cella_core::driver::{Limits, SandboxStats};
 
-/// Name of the top cgroup all cella instances live under.
-pub const PARENT: &str = "cella";
+/// Name of the top cgroup all jail sandboxes (of every cella instance) live under.
+pub const JAIL_PARENT: &str = "cella";
 
 /// CFS period used for CPU quotas, in microseconds.
 pub const CFS_PERIOD_US: u64 = 100_000;
@@ -79,6 +87,28 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
     }
 }
 
+/// What one sandbox's cgroups enforce, in the units the kernel files take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLimits {
+    /// Memory cap in bytes (swap is disabled where the kernel accounts it).
+    pub memory_bytes: u64,
+    /// CPU quota per [`CFS_PERIOD_US`], microseconds.
+    pub cpu_quota_us: u64,
+    /// Maximum processes (v1 and v2 count threads too).
+    pub pids: u64,
+}
+
+impl From<&Limits> for CgroupLimits {
+    /// A jail sandbox's limits: exactly its memory, one period per CPU, its pid cap.
+    fn from(l: &Limits) -> CgroupLimits {
+        CgroupLimits {
+            memory_bytes: l.memory_mb.saturating_mul(1024 * 1024),
+            cpu_quota_us: u64::from(l.cpu_count).saturating_mul(CFS_PERIOD_US),
+            pids: l.max_pids,
+        }
+    }
+}
+
 /// Which cgroup interface the host offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupMode {
@@ -104,10 +134,11 @@ pub enum CgroupMode {
     },
 }
 
-/// The cgroup side of the jail driver, rooted at a configurable path.
+/// The cgroups of one driver instance (`<parent>/<instance>`), rooted at a configurable path.
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     mode: CgroupMode,
+    parent: String,
     instance: String,
 }
 
@@ -150,20 +181,36 @@ fn v1_hierarchy(root: &Path, name: &str) -> Option<PathBuf> {
 }
 
 impl Cgroups {
-    /// Probe `root` for cgroup v2 (preferred when memory, cpu and pids are all available in
-    /// `cgroup.controllers`) or the v1 memory/cpu/pids hierarchies. Reads only. `instance`
-    /// (`[a-z0-9]+`) names this driver's level under `cella/`.
+    /// [`Cgroups::detect_under`] for jail sandboxes (parent [`JAIL_PARENT`]).
     pub fn detect(root: &Path, instance: &str) -> Result<Cgroups, CgroupError> {
-        if instance.is_empty()
-            || !instance
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        {
+        Cgroups::detect_under(root, JAIL_PARENT, instance)
+    }
+
+    /// Probe `root` for cgroup v2 (preferred when memory, cpu and pids are all available in
+    /// `cgroup.controllers`) or the v1 memory/cpu/pids hierarchies. Reads only. `parent`
+    /// (`[a-z0-9-]+`, e.g. `cella` or `cella-vm`) is the driver's top cgroup, `instance`
+    /// (`[a-z0-9]+`) names this server's level under it.
+    pub fn detect_under(root: &Path, parent: &str, instance: &str) -> Result<Cgroups, CgroupError> {
+        let name_ok = |name: &str, dash: bool| {
+            !name.is_empty()
+                && !name.starts_with('-')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || (dash && b == b'-'))
+        };
+        if !name_ok(parent, true) {
+            return Err(CgroupError::Unavailable {
+                root: root.to_path_buf(),
+                reason: format!("invalid parent cgroup name {parent:?}"),
+            });
+        }
+        if !name_ok(instance, false) {
             return Err(CgroupError::Unavailable {
                 root: root.to_path_buf(),
                 reason: format!("invalid instance name {instance:?}"),
             });
         }
+        let parent = parent.to_string();
         let instance = instance.to_string();
         let controllers = root.join("cgroup.controllers");
         let mut v2_reason = String::from("no cgroup.controllers");
@@ -180,6 +227,7 @@ impl Cgroups {
                         root: root.to_path_buf(),
                         swap: false,
                     },
+                    parent,
                     instance,
                 });
             }
@@ -200,6 +248,7 @@ impl Cgroups {
                         pids,
                         memsw,
                     },
+                    parent,
                     instance,
                 })
             }
@@ -228,7 +277,17 @@ impl Cgroups {
         matches!(self.mode, CgroupMode::V2 { .. })
     }
 
-    /// Create the `cella/<instance>` parent cgroups and (v2) enable the controllers for
+    /// The driver's top cgroup name (`cella`, `cella-vm`).
+    pub fn parent_name(&self) -> &str {
+        &self.parent
+    }
+
+    /// This server's level under the parent.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Create the `<parent>/<instance>` cgroups and (v2) enable the controllers for
     /// sandboxes on the way down.
     pub fn prepare(&mut self) -> Result<(), CgroupError> {
         self.ensure_parents()?;
@@ -243,13 +302,13 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Make sure `cella/<instance>` exists (and, on v2, passes the controllers down). Called
+    /// Make sure `<parent>/<instance>` exists (and, on v2, passes the controllers down). Called
     /// before every create, so an administrator removing the empty parent does not break the
     /// server.
     fn ensure_parents(&self) -> Result<(), CgroupError> {
         match &self.mode {
             CgroupMode::V2 { root, .. } => {
-                let top = root.join(PARENT);
+                let top = root.join(&self.parent);
                 let parent = self.parent(root);
                 for (dir, create) in [(root.clone(), false), (top, true), (parent, true)] {
                     if create {
@@ -266,7 +325,7 @@ impl Cgroups {
             }
             CgroupMode::V1 { .. } => {
                 for h in self.hierarchies() {
-                    mkdir(&h.join(PARENT))?;
+                    mkdir(&h.join(&self.parent))?;
                     mkdir(&self.parent(&h))?;
                 }
                 Ok(())
@@ -274,9 +333,9 @@ impl Cgroups {
         }
     }
 
-    /// `<hierarchy>/cella/<instance>`.
+    /// `<hierarchy>/<parent>/<instance>`.
     fn parent(&self, hierarchy: &Path) -> PathBuf {
-        hierarchy.join(PARENT).join(&self.instance)
+        hierarchy.join(&self.parent).join(&self.instance)
     }
 
     /// Every hierarchy directory in use (deduplicated: `cpu` and `cpuacct` may be one).
@@ -314,6 +373,15 @@ impl Cgroups {
             .collect()
     }
 
+    /// The `cgroup.procs` files of `id`: a child opens them before exec and writes `0` to
+    /// join every cgroup of the sandbox (how VMM processes are placed).
+    pub fn procs_files(&self, id: &str) -> Vec<PathBuf> {
+        self.dirs(id)
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
     /// The v2 cgroup directory of `id` (for `CLONE_INTO_CGROUP`); `None` on v1.
     pub fn v2_dir(&self, id: &str) -> Option<PathBuf> {
         match &self.mode {
@@ -322,9 +390,11 @@ impl Cgroups {
         }
     }
 
-    /// Create the cgroups of sandbox `id` and write its limits. On error the directories
-    /// created so far are removed again.
-    pub fn create(&self, id: &str, limits: &Limits) -> Result<(), CgroupError> {
+    /// Create the cgroups of sandbox `id` and write its limits (a jail's [`Limits`] or the
+    /// [`CgroupLimits`] a driver computed). On error the directories created so far are
+    /// removed again.
+    pub fn create(&self, id: &str, limits: impl Into<CgroupLimits>) -> Result<(), CgroupError> {
+        let limits = limits.into();
         self.ensure_parents()?;
         let dirs = self.dirs(id);
         let mut made = Vec::new();
@@ -340,7 +410,7 @@ impl Cgroups {
                 }
             }
         }
-        if let Err(e) = self.write_limits(id, limits) {
+        if let Err(e) = self.write_limits(id, &limits) {
             self.rmdir_all(&made);
             return Err(e);
         }
@@ -353,12 +423,10 @@ impl Cgroups {
         }
     }
 
-    fn write_limits(&self, id: &str, limits: &Limits) -> Result<(), CgroupError> {
-        let memory = limits.memory_mb.saturating_mul(1024 * 1024).to_string();
-        let quota = u64::from(limits.cpu_count)
-            .saturating_mul(CFS_PERIOD_US)
-            .to_string();
-        let pids = limits.max_pids.to_string();
+    fn write_limits(&self, id: &str, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        let memory = limits.memory_bytes.to_string();
+        let quota = limits.cpu_quota_us.to_string();
+        let pids = limits.pids.to_string();
         match &self.mode {
             CgroupMode::V2 { root, swap } => {
                 let d = self.parent(root).join(id);
@@ -528,7 +596,8 @@ impl Cgroups {
         Ok((killed, removed))
     }
 
-    /// Names of every sandbox cgroup under `cella/` in any hierarchy.
+    /// Names of every sandbox cgroup of this instance (`<parent>/<instance>/*`) in any
+    /// hierarchy; other instances and other parents are never listed.
     pub fn list(&self) -> Result<BTreeSet<String>, CgroupError> {
         let mut out = BTreeSet::new();
         for h in self.hierarchies() {
@@ -783,5 +852,147 @@ mod tests {
         cg.create("p", &limits()).expect("create");
         touch(&root.join("pids/cella/t/p/cgroup.procs"), "x\n");
         assert!(matches!(cg.procs("p"), Err(CgroupError::Parse { .. })));
+    }
+    // The microVM driver's use: its own parent, limits in kernel units, joining by fd.
+
+    fn vmm_limits() -> CgroupLimits {
+        CgroupLimits {
+            memory_bytes: 384 << 20,
+            cpu_quota_us: 125_000,
+            pids: 130,
+        }
+    }
+
+    #[test]
+    fn vm_parent_v1_limits_and_procs_files() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, true);
+        let mut cg = Cgroups::detect_under(root, "cella-vm", "i1").expect("v1");
+        assert!(matches!(cg.mode(), CgroupMode::V1 { memsw: false, .. }));
+        assert_eq!(cg.parent_name(), "cella-vm");
+        assert_eq!(cg.instance(), "i1");
+        cg.prepare().expect("prepare");
+        cg.create("abc", vmm_limits()).expect("create");
+        let rd = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
+        assert_eq!(
+            rd("memory/cella-vm/i1/abc/memory.limit_in_bytes"),
+            (384u64 << 20).to_string()
+        );
+        assert_eq!(rd("cpu/cella-vm/i1/abc/cpu.cfs_quota_us"), "125000");
+        assert_eq!(rd("cpu/cella-vm/i1/abc/cpu.cfs_period_us"), "100000");
+        assert_eq!(rd("pids/cella-vm/i1/abc/pids.max"), "130");
+        assert_eq!(
+            cg.procs_files("abc"),
+            ["memory", "cpu", "pids", "cpuacct"]
+                .iter()
+                .map(|h| root
+                    .join(h)
+                    .canonicalize()
+                    .expect("canonical")
+                    .join("cella-vm/i1/abc/cgroup.procs"))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            cg.list().expect("list"),
+            BTreeSet::from(["abc".to_string()])
+        );
+        // the jail's tree is not touched
+        assert!(!root.join("memory/cella").exists());
+        // a second create of the same id fails and leaves the first intact
+        assert!(cg.create("abc", vmm_limits()).is_err());
+        assert!(root.join("memory/cella-vm/i1/abc").is_dir());
+    }
+
+    #[test]
+    fn vm_parent_v2_limits_swap_and_stats() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        std::fs::write(root.join("cgroup.controllers"), "cpu pids\n").expect("write");
+        let err = Cgroups::detect_under(root, "cella-vm", "i1").expect_err("no memory");
+        assert!(
+            err.to_string().contains("lacks controllers memory"),
+            "{err}"
+        );
+        touch(&root.join("cgroup.controllers"), "cpu memory pids io\n");
+        touch(&root.join("cgroup.subtree_control"), "memory pids cpu\n");
+        touch(&root.join("cella-vm/i1/memory.swap.max"), "max\n");
+        let mut cg = Cgroups::detect_under(root, "cella-vm", "i1").expect("v2");
+        cg.prepare().expect("prepare");
+        // already delegated at the root: left alone
+        assert_eq!(
+            std::fs::read_to_string(root.join("cgroup.subtree_control")).expect("read"),
+            "memory pids cpu\n"
+        );
+        cg.create("x", vmm_limits()).expect("create");
+        let rd = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
+        assert_eq!(rd("cella-vm/i1/x/memory.max"), (384u64 << 20).to_string());
+        assert_eq!(rd("cella-vm/i1/x/memory.swap.max"), "0");
+        assert_eq!(rd("cella-vm/i1/x/cpu.max"), "125000 100000");
+        assert_eq!(rd("cella-vm/i1/x/pids.max"), "130");
+        assert_eq!(cg.dirs("x"), vec![root.join("cella-vm/i1/x")]);
+        assert_eq!(
+            cg.procs_files("x"),
+            vec![root.join("cella-vm/i1/x/cgroup.procs")]
+        );
+        touch(&root.join("cella-vm/i1/x/memory.current"), "1048576\n");
+        touch(&root.join("cella-vm/i1/x/pids.current"), "7\n");
+        touch(
+            &root.join("cella-vm/i1/x/cpu.stat"),
+            "usage_usec 250\nuser_usec 1\n",
+        );
+        let s = cg.stats("x").expect("stats");
+        assert_eq!(
+            s,
+            SandboxStats {
+                memory_bytes: 1 << 20,
+                cpu_usage_ns: 250_000,
+                pids: 7
+            }
+        );
+        touch(&root.join("cella-vm/i1/x/cpu.stat"), "garbage");
+        assert!(matches!(cg.stats("x"), Err(CgroupError::Parse { .. })));
+    }
+
+    #[test]
+    fn parents_and_instances_are_apart() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, false);
+        let mut jail = Cgroups::detect(root, "i1").expect("jail");
+        let mut vm = Cgroups::detect_under(root, "cella-vm", "i1").expect("vm");
+        let mut vm2 = Cgroups::detect_under(root, "cella-vm", "i2").expect("vm2");
+        for cg in [&mut jail, &mut vm, &mut vm2] {
+            cg.prepare().expect("prepare");
+        }
+        jail.create("j", &limits()).expect("create");
+        vm.create("v", vmm_limits()).expect("create");
+        vm2.create("w", vmm_limits()).expect("create");
+        let names = |cg: &Cgroups| cg.list().expect("list").into_iter().collect::<Vec<_>>();
+        assert_eq!(names(&jail), vec!["j"]);
+        assert_eq!(names(&vm), vec!["v"]);
+        assert_eq!(names(&vm2), vec!["w"]);
+        // The orphan reaper of one VM instance cannot reach the other's sandbox, not even by
+        // name (a real cgroupfs is needed for an actual removal: see tests/jail.rs).
+        assert_eq!(vm.remove("w").expect("remove"), (0, 0));
+        assert!(root.join("pids/cella-vm/i2/w").is_dir());
+        assert!(root.join("pids/cella-vm/i1/v").is_dir());
+        assert!(root.join("pids/cella/i1/j").is_dir());
+        for bad in ["", "-x", "a/b", "..", "Cella"] {
+            assert!(Cgroups::detect_under(root, bad, "i1").is_err(), "{bad:?}");
+        }
+        assert!(Cgroups::detect_under(root, "cella-vm", "i-1").is_err());
+    }
+
+    #[test]
+    fn jail_limits_convert_to_kernel_units() {
+        assert_eq!(
+            CgroupLimits::from(&limits()),
+            CgroupLimits {
+                memory_bytes: 256 << 20,
+                cpu_quota_us: 300_000,
+                pids: 77
+            }
+        );
     }
 }

@@ -62,9 +62,9 @@ const LOOP_ATTEMPTS: u32 = 16;
 /// what mkfs would refuse anyway.
 pub const MAX_DISK_MB: u64 = 16 << 20;
 
-/// Name of the image inside the sandbox directory (it only exists until the loop device
-/// holds it).
-pub const IMAGE_NAME: &str = "disk.img";
+/// Prefix of image names in the data directory (an image is only named until the loop
+/// device holds it).
+pub const IMAGE_PREFIX: &str = ".disk-";
 
 /// Where `mkfs.ext4` is looked for before `PATH`.
 const MKFS_CANDIDATES: [&str; 3] = [
@@ -180,6 +180,23 @@ pub struct WritableDisk {
     pub mount: OwnedFd,
 }
 
+/// A fresh image path in `data_dir`: random, not derived from the sandbox ID, because every
+/// sandbox can read all loop devices' backing paths in sysfs and must not learn other
+/// sandboxes' IDs from them.
+pub fn image_path(data_dir: &Path) -> Result<PathBuf, DiskError> {
+    let mut nonce = [0u8; 12];
+    // SAFETY: getrandom writes at most `nonce.len()` bytes into the live buffer.
+    let n = unsafe { libc::getrandom(nonce.as_mut_ptr().cast(), nonce.len(), 0) };
+    if usize::try_from(n).ok() != Some(nonce.len()) {
+        return Err(DiskError::Io {
+            context: "drawing a random image name".into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(data_dir.join(format!("{IMAGE_PREFIX}{hex}.img")))
+}
+
 /// Locate `mkfs.ext4`: the usual sbin directories, then `path_var` (a `PATH` value).
 pub fn find_mkfs(path_var: Option<&std::ffi::OsStr>) -> Result<PathBuf, DiskError> {
     let mut searched: Vec<PathBuf> = MKFS_CANDIDATES.iter().map(PathBuf::from).collect();
@@ -240,8 +257,14 @@ pub fn mkfs_args(image: &Path, owner: u32) -> Vec<std::ffi::OsString> {
     args
 }
 
-/// Create the sparse image `image` of `size_mb` MiB and format it.
-pub fn create_image(mkfs: &Path, image: &Path, size_mb: u64, owner: u32) -> Result<File, DiskError> {
+/// Create the sparse image `image` of `size_mb` MiB and format it. An existing file is never
+/// touched; on error the new file is removed again.
+pub fn create_image(
+    mkfs: &Path,
+    image: &Path,
+    size_mb: u64,
+    owner: u32,
+) -> Result<File, DiskError> {
     if size_mb == 0 || size_mb > MAX_DISK_MB {
         return Err(DiskError::BadSize(size_mb));
     }
@@ -252,6 +275,20 @@ pub fn create_image(mkfs: &Path, image: &Path, size_mb: u64, owner: u32) -> Resu
         .mode(0o600)
         .open(image)
         .map_err(io_err(format!("creating {}", image.display())))?;
+    let formatted = size_and_format(mkfs, &file, image, size_mb, owner);
+    if formatted.is_err() {
+        let _ = std::fs::remove_file(image);
+    }
+    formatted.map(|()| file)
+}
+
+fn size_and_format(
+    mkfs: &Path,
+    file: &File,
+    image: &Path,
+    size_mb: u64,
+    owner: u32,
+) -> Result<(), DiskError> {
     file.set_len(size_mb << 20)
         .map_err(io_err(format!("sizing {}", image.display())))?;
     let out = Command::new(mkfs)
@@ -278,7 +315,7 @@ pub fn create_image(mkfs: &Path, image: &Path, size_mb: u64, owner: u32) -> Resu
             output: text,
         });
     }
-    Ok(file)
+    Ok(())
 }
 
 fn open_rw(path: &Path) -> io::Result<OwnedFd> {
@@ -431,8 +468,13 @@ pub fn mount_detached(device: &Path) -> Result<OwnedFd, DiskError> {
         log,
         source,
     };
-    let dev = CString::new(device.as_os_str().as_bytes())
-        .map_err(|_| fail("naming the device", String::new(), io::ErrorKind::InvalidInput.into()))?;
+    let dev = CString::new(device.as_os_str().as_bytes()).map_err(|_| {
+        fail(
+            "naming the device",
+            String::new(),
+            io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
     // SAFETY: fsopen with a NUL-terminated filesystem name.
     let r = unsafe { libc::syscall(libc::SYS_fsopen, c"ext4".as_ptr(), FSOPEN_CLOEXEC) };
     if r < 0 {
@@ -441,8 +483,18 @@ pub fn mount_detached(device: &Path) -> Result<OwnedFd, DiskError> {
     // SAFETY: fsopen returned a new descriptor owned by nobody else.
     let fsfd = unsafe { OwnedFd::from_raw_fd(c_int::try_from(r).unwrap_or(-1)) };
     let steps: [(&'static str, c_uint, Option<&CStr>, Option<&CStr>); 3] = [
-        ("setting the source", FSCONFIG_SET_STRING, Some(c"source"), Some(&dev)),
-        ("noinit_itable", FSCONFIG_SET_FLAG, Some(c"noinit_itable"), None),
+        (
+            "setting the source",
+            FSCONFIG_SET_STRING,
+            Some(c"source"),
+            Some(&dev),
+        ),
+        (
+            "noinit_itable",
+            FSCONFIG_SET_FLAG,
+            Some(c"noinit_itable"),
+            None,
+        ),
         ("creating the superblock", FSCONFIG_CMD_CREATE, None, None),
     ];
     for (step, cmd, key, value) in steps {
@@ -479,8 +531,9 @@ pub fn prepare(
     size_mb: u64,
     owner: u32,
 ) -> Result<WritableDisk, DiskError> {
-    let made = create_image(mkfs, image, size_mb, owner);
-    let attached = made.and_then(|file| attach_loop(dev_root, &file, image));
+    let file = create_image(mkfs, image, size_mb, owner)?;
+    let attached = attach_loop(dev_root, &file, image);
+    drop(file);
     // The loop device holds the file open now (or we failed): the name is no longer needed.
     if let Err(e) = std::fs::remove_file(image)
         && e.kind() != io::ErrorKind::NotFound
@@ -604,7 +657,10 @@ pub fn release_under(
             continue;
         }
         if let Err(e) = detach_loop(dev_root, l.index) {
-            tracing::warn!(loop_index = l.index, "detaching an orphaned loop device: {e}");
+            tracing::warn!(
+                loop_index = l.index,
+                "detaching an orphaned loop device: {e}"
+            );
         }
         if still_bound(sys_root, l) {
             left += 1;
@@ -625,6 +681,20 @@ mod tests {
     fn loop_structs_match_the_kernel_abi() {
         assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
         assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+
+    #[test]
+    fn image_names_are_random_and_in_the_data_dir() {
+        let a = image_path(Path::new("/d")).expect("name");
+        let b = image_path(Path::new("/d")).expect("name");
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), Some(Path::new("/d")));
+        let name = a.file_name().and_then(|n| n.to_str()).expect("utf-8");
+        assert!(
+            name.starts_with(IMAGE_PREFIX) && name.ends_with(".img"),
+            "{name}"
+        );
+        assert_eq!(name.len(), IMAGE_PREFIX.len() + 24 + 4);
     }
 
     #[test]
@@ -689,7 +759,11 @@ mod tests {
         std::fs::remove_dir_all(sys.join("block/loop12/loop")).expect("rm");
         assert!(wait_released(&sys, &found[1], Duration::from_millis(50)));
         // no /sys/block at all: nothing found, no error
-        assert!(loops_under(&tmp.path().join("nosys"), &data).expect("scan").is_empty());
+        assert!(
+            loops_under(&tmp.path().join("nosys"), &data)
+                .expect("scan")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -703,9 +777,13 @@ mod tests {
         };
         assert!(!wait_released(&sys, &l, Duration::from_millis(20)));
         // release_under with a fake /dev that has no loop5: detach is a no-op, still bound
-        let (found, left) =
-            release_under(&sys, &tmp.path().join("dev"), Path::new("/d"), Duration::ZERO)
-                .expect("release");
+        let (found, left) = release_under(
+            &sys,
+            &tmp.path().join("dev"),
+            Path::new("/d"),
+            Duration::ZERO,
+        )
+        .expect("release");
         assert_eq!((found, left), (1, 1));
     }
 

@@ -13,8 +13,9 @@
 //! * **overlay root on a per-sandbox disk** ([`disk`]): the template's rootfs is the read-only
 //!   lower layer; writes land on a sparse ext4 image of `disk_mb` (the disk quota: `ENOSPC`,
 //!   independent of the memory limit) that the kernel frees with the sandbox.
-//! * **cgroups** ([`cgroup`]): memory (OOM kills stay inside and never hit the agent, whose
-//!   `oom_score_adj` is -1000), CPU quota, pids.
+//! * **cgroups** ([`cgroup`]): memory (OOM kills stay inside and pick the user's processes,
+//!   which the agent starts with `oom_score_adj` 1000, before the agent; see [`spawn`]), CPU
+//!   quota, pids.
 //! * **capability bounding set, no_new_privs, Landlock ([`landlock`]) and seccomp
 //!   ([`seccomp`])**: cut the kernel surface that user namespaces still expose.
 //!
@@ -65,9 +66,6 @@ const SYS_ROOT: &str = "/sys";
 /// How long a destroyed or reaped sandbox's loop device may take to be released.
 const LOOP_RELEASE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// `TMPFS_MAGIC` from statfs(2).
-const TMPFS_MAGIC: i64 = 0x0102_1994;
-
 /// How long the agent has to report ready after exec.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -77,8 +75,9 @@ pub const MAX_ID_LEN: usize = 63;
 /// Configuration of the jail driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailConfig {
-    /// Per-sandbox state lives in `data_dir/<sandbox-id>/` (only a mount point on the host;
-    /// everything the sandbox writes lives in its own mount namespace).
+    /// Per-sandbox state lives in `data_dir/<sandbox-id>/` (only a mount point on the host)
+    /// and, for the moment until a loop device holds it, a disk image `data_dir/.disk-*.img`
+    /// (see [`disk`]). Keep it on a real disk: the images are the sandboxes' writable layers.
     pub data_dir: PathBuf,
     /// Host path of the static `cella-agent` binary.
     pub agent_path: PathBuf,
@@ -418,7 +417,7 @@ fn on_tmpfs(path: &Path) -> bool {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return false;
     }
-    i64::from(st.f_type) == TMPFS_MAGIC
+    st.f_type == libc::TMPFS_MAGIC
 }
 
 /// Wait for a sandbox's loop device to be released by the kernel (it is, once the
@@ -454,6 +453,71 @@ fn cleanup_failed(cgroups: &Cgroups, id: &str, dir: &Path, disk: Option<&LoopRef
         && e.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(sandbox = id, "cleanup after failed start: {e}");
+    }
+}
+
+/// The blocking half of a start: sandbox directory, cgroups, disk, clone. Cleans up after
+/// itself on error.
+fn start_blocking(
+    inner: &Inner,
+    id: &str,
+    dir: &Path,
+    rootfs: &Path,
+    limits: Limits,
+) -> Result<(spawn::Spawned, LoopRef), DriverError> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(DriverError::Setup(format!("sandbox {id} already exists")));
+        }
+        Err(source) => {
+            return Err(DriverError::Io {
+                context: format!("creating {}", dir.display()),
+                source,
+            });
+        }
+    }
+    if let Err(e) = inner.cgroups.create(id, &limits) {
+        let _ = std::fs::remove_dir(dir);
+        return Err(DriverError::Setup(error_chain(&e)));
+    }
+    let disk = disk::image_path(&inner.config.data_dir)
+        .and_then(|image| {
+            disk::prepare(
+                &inner.mkfs,
+                Path::new(DEV_ROOT),
+                &image,
+                limits.disk_mb,
+                cella_core::driver::SANDBOX_ID_BASE,
+            )
+        })
+        .map_err(|e| {
+            cleanup_failed(&inner.cgroups, id, dir, None);
+            DriverError::Setup(error_chain(&e))
+        })?;
+    let req = SpawnRequest {
+        id,
+        sandbox_dir: dir,
+        writable_layer: std::os::fd::AsFd::as_fd(&disk.mount),
+        rootfs,
+        agent: &inner.config.agent_path,
+        agent_mount_flags: inner.agent_mount_flags,
+        limits,
+        cgroups: &inner.cgroups,
+        seccomp: &inner.seccomp,
+        landlock: inner.landlock,
+    };
+    let spawned = spawn::spawn(&req);
+    // The sandbox has its own attachment of the disk now (or failed): the detached original
+    // must go, or it would keep the disk alive.
+    let disk::WritableDisk { loop_ref, mount } = disk;
+    drop(mount);
+    match spawned {
+        Ok(s) => Ok((s, loop_ref)),
+        Err(e) => {
+            cleanup_failed(&inner.cgroups, id, dir, Some(&loop_ref));
+            Err(DriverError::Setup(error_chain(&e)))
+        }
     }
 }
 
@@ -519,68 +583,14 @@ impl Driver for JailDriver {
         let dir = inner.config.data_dir.join(&id);
         let limits = spec.limits;
         let started = std::time::Instant::now();
-        let spawned = {
+        let (spawned, disk) = {
             let inner = inner.clone();
             let id = id.clone();
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || -> Result<(spawn::Spawned, LoopRef), DriverError> {
-                match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        return Err(DriverError::Setup(format!("sandbox {id} already exists")));
-                    }
-                    Err(source) => {
-                        return Err(DriverError::Io {
-                            context: format!("creating {}", dir.display()),
-                            source,
-                        });
-                    }
-                }
-                if let Err(e) = inner.cgroups.create(&id, &limits) {
-                    let _ = std::fs::remove_dir(&dir);
-                    return Err(DriverError::Setup(error_chain(&e)));
-                }
-                let disk = disk::prepare(
-                    &inner.mkfs,
-                    Path::new(DEV_ROOT),
-                    &dir.join(disk::IMAGE_NAME),
-                    limits.disk_mb,
-                    cella_core::driver::SANDBOX_ID_BASE,
-                )
-                .map_err(|e| {
-                    cleanup_failed(&inner.cgroups, &id, &dir, None);
-                    DriverError::Setup(error_chain(&e))
-                })?;
-                let req = SpawnRequest {
-                    id: &id,
-                    sandbox_dir: &dir,
-                    writable_layer: std::os::fd::AsFd::as_fd(&disk.mount),
-                    rootfs: &rootfs,
-                    agent: &inner.config.agent_path,
-                    agent_mount_flags: inner.agent_mount_flags,
-                    limits,
-                    cgroups: &inner.cgroups,
-                    seccomp: &inner.seccomp,
-                    landlock: inner.landlock,
-                };
-                let spawned = spawn::spawn(&req);
-                // The sandbox has its own attachment of the disk now (or failed): the
-                // detached original must go, or it would keep the disk alive.
-                let disk::WritableDisk { loop_ref, mount } = disk;
-                drop(mount);
-                match spawned {
-                    Ok(s) => Ok((s, loop_ref)),
-                    Err(e) => {
-                        cleanup_failed(&inner.cgroups, &id, &dir, Some(&loop_ref));
-                        Err(DriverError::Setup(error_chain(&e)))
-                    }
-                }
-            })
-            .await
-            .map_err(|e| DriverError::Setup(format!("start task failed: {e}")))??
+            tokio::task::spawn_blocking(move || start_blocking(&inner, &id, &dir, &rootfs, limits))
+                .await
+                .map_err(|e| DriverError::Setup(format!("start task failed: {e}")))??
         };
-
-        let (spawned, disk) = spawned;
         let exec_elapsed = started.elapsed();
         let pidfd = Arc::new(spawned.pidfd);
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -703,7 +713,11 @@ impl Driver for JailDriver {
                 source,
             })?;
             if left > 0 {
-                tracing::warn!(found, still_bound = left, "orphaned sandbox disks still bound");
+                tracing::warn!(
+                    found,
+                    still_bound = left,
+                    "orphaned sandbox disks still bound"
+                );
             } else if found > 0 {
                 tracing::info!(found, "released orphaned sandbox disks");
             }

@@ -14,7 +14,6 @@
 //!  socketpair, pipes, /dev/null, cgroup fd
 //!  clone3(NEW*, PIDFD [, INTO_CGROUP]) ───────▶  close parent ends, move fds ≥ 10
 //!  uid_map/gid_map "0 100000 65536"              read(sync) … blocks
-//!  oom_score_adj -1000 (the agent is never the OOM victim)
 //!  v1: pid → cella/<id>/cgroup.procs
 //!  open /proc/<pid>/ns/net
 //!  write(sync) ───────────────────────────────▶  setgroups/setresgid/setresuid(0)
@@ -35,9 +34,13 @@
 //! is built by the parent as a detached mount because ext4 cannot be mounted from inside a
 //! user namespace.
 //!
-//! The agent gets `oom_score_adj` -1000 from the parent: when the sandbox runs out of memory
-//! the cgroup's OOM killer picks one of the user's processes (the agent resets every child to
-//! 0), never pid 1, whose death would end the whole sandbox.
+//! The agent keeps the server's `oom_score_adj` (normally 0) and gives every process it
+//! starts 1000, so when the sandbox runs out of memory the cgroup's OOM killer picks one of
+//! the user's processes, not pid 1, whose death would end the whole sandbox. Raising the
+//! score needs no privilege. Lowering the agent's instead (-1000) would need
+//! `CAP_SYS_RESOURCE`, which a containerised server often lacks, and would let every
+//! process in the sandbox lower itself to -1000 too (the floor is inherited) and so become
+//! unkillable, leaving the cgroup's OOM killer without a victim.
 
 use std::ffi::{CString, c_int, c_ulong};
 use std::io;
@@ -623,14 +626,6 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
             }
         })?;
     }
-    // Only the agent: it resets every process it starts to 0 (and so do processes those
-    // start, by inheritance), so the user's processes are the OOM killer's candidates.
-    std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000").map_err(|source| {
-        SpawnError::Parent {
-            what: "protecting the agent from the OOM killer",
-            source,
-        }
-    })?;
     if !req.cgroups.is_v2() {
         req.cgroups
             .attach(req.id, pid)

@@ -30,8 +30,8 @@ head -c 20000 /dev/zero | tr '\0' 'a' >&3
 echo >&3
 echo '{"event":"make_dir","path":"/from-agent"}' >&3
 # httpd dies when it cannot fork (pids.max): restart it until /tmp/stop exists.
-# Like the real agent, hand children a normal OOM score (the agent itself has -1000).
-(echo 0 > /proc/self/oom_score_adj; while [ ! -e /tmp/stop ]; do httpd -f -p 49983 -h /www; usleep 20000; done) 3>&- &
+# Like the real agent, rank children above itself for the OOM killer.
+(echo 1000 > /proc/self/oom_score_adj; while [ ! -e /tmp/stop ]; do httpd -f -p 49983 -h /www; usleep 20000; done) 3>&- &
 # ready once httpd listens (49983 = 0xC33F)
 while ! grep -qs ':C33F [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6; do usleep 1000; done
 echo '{"event":"ready","version":"test"}' >&3
@@ -294,6 +294,23 @@ async fn assert_gone(env: &Env, id: &str, alive: &Traces) {
     }
 }
 
+/// OOM kills in the sandbox's memory cgroup (v1 `memory.oom_control`, v2 `memory.events`).
+fn oom_kills(env: &Env, id: &str) -> u64 {
+    for d in env.driver.cgroups().dirs(id) {
+        for f in ["memory.oom_control", "memory.events"] {
+            if let Ok(text) = std::fs::read_to_string(d.join(f))
+                && let Some(n) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|v| v.trim().parse().ok())
+            {
+                return n;
+            }
+        }
+    }
+    panic!("no OOM kill counter for {id}");
+}
+
 fn cap_bit(status: &str, field: &str, bit: u32) -> bool {
     let hex = status
         .lines()
@@ -428,7 +445,14 @@ async fn lifecycle_isolation_and_teardown() {
     // sandbox's mount namespace.
     let loops = cella_jail::disk::loops_under(Path::new("/sys"), env.tmp.path()).expect("loops");
     assert_eq!(loops.len(), 1, "{loops:?}");
-    assert!(loops[0].backing.starts_with(env.tmp.path().join("data").join(&id)));
+    let backing = &loops[0].backing;
+    assert!(
+        backing.starts_with(env.tmp.path().join("data")),
+        "{backing:?}"
+    );
+    // all sandboxes can read backing paths in sysfs: they must not name sandboxes
+    assert!(!backing.to_string_lossy().contains(&id), "{backing:?}");
+    assert!(!backing.exists(), "image {backing:?} still named");
     let (out, code) = run(&sb, "grep ' / ' /proc/self/mountinfo; cat /proc/mounts").await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("overlay"), "{out}");
@@ -498,6 +522,18 @@ async fn disk_larger_than_memory_fills_with_enospc() {
         ..small_limits()
     };
     let (sb, _ev) = create(&env, &id, limits).await;
+    // The root reports the disk's size (overlay passes on the upper layer's statfs).
+    let (out, code) = run(&sb, "df -k / | tail -n 1").await;
+    assert_eq!(code, 0, "{out}");
+    let total_kb: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {out}"));
+    assert!(
+        total_kb > 230 << 10 && total_kb <= 256 << 10,
+        "root is {total_kb} KiB"
+    );
     let (out, code) = run(
         &sb,
         "mkdir -p /home/user && dd if=/dev/zero of=/home/user/big bs=1M count=5000; echo dd=$?; ls -l /home/user/big",
@@ -509,13 +545,18 @@ async fn disk_larger_than_memory_fills_with_enospc() {
     // ls -l: "-rw-r--r-- 1 root root <size> ..."
     let size: u64 = out
         .lines()
-        .find(|l| l.contains("/home/user/big"))
+        .find(|l| l.starts_with("-rw") && l.ends_with("/home/user/big"))
         .and_then(|l| l.split_whitespace().nth(4))
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no size in {out}"));
     assert!(
         size > 200 << 20 && size <= 256 << 20,
         "{size} bytes written before ENOSPC"
+    );
+    assert_eq!(
+        oom_kills(&env, &id),
+        0,
+        "the memory cgroup OOM-killed something"
     );
     // pid 1 and the server inside it are alive, and the disk is usable again after a delete
     assert!(
@@ -546,16 +587,17 @@ async fn memory_hog_is_oom_killed_inside_only() {
         ..small_limits()
     };
     let (sb, _ev) = create(&env, &id, limits).await;
-    // The agent is exempt from the OOM killer; what it starts is not.
+    // What the agent starts ranks above it for the OOM killer.
     let (out, code) = run(
         &sb,
         "cat /proc/1/oom_score_adj; cat /proc/self/oom_score_adj",
     )
     .await;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["-1000", "0"]);
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["0", "1000"]);
     let (out, code) = run(&sb, "dd if=/dev/zero of=/dev/null bs=200M count=1").await;
     assert_eq!(code, 137, "hog not killed by SIGKILL: {out}");
+    assert!(oom_kills(&env, &id) >= 1);
     // the sandbox (agent, httpd) survived
     let (out, code) = run(&sb, "echo alive").await;
     assert_eq!((out.trim(), code), ("alive", 0));
@@ -783,4 +825,35 @@ async fn create_to_ready_timings() {
         times[times.len() / 2],
         times[times.len() - 1]
     );
+}
+
+/// The disk on its own: the image is unlinked as soon as the loop device holds it, and
+/// dropping the detached mount releases the loop device.
+#[test]
+fn disk_leaves_nothing_behind() {
+    let Some(env) = env() else { return };
+    let dir = env.tmp.path().join("data");
+    let mkfs = cella_jail::disk::find_mkfs(std::env::var_os("PATH").as_deref()).expect("mkfs");
+    let image = dir.join("solo.img");
+    let disk =
+        cella_jail::disk::prepare(&mkfs, Path::new("/dev"), &image, 64, 100_000).expect("prepare");
+    assert!(!image.exists(), "image still named");
+    let bound = cella_jail::disk::loops_under(Path::new("/sys"), &dir).expect("loops");
+    assert_eq!(bound, vec![disk.loop_ref.clone()]);
+    // detached: in no mount table
+    let source = format!(" /dev/loop{} ", disk.loop_ref.index);
+    assert!(!mountinfo().contains(&source), "{source} is mounted");
+    drop(disk.mount);
+    assert!(cella_jail::disk::wait_released(
+        Path::new("/sys"),
+        &disk.loop_ref,
+        Duration::from_secs(5)
+    ));
+    // A failure leaves nothing either: an existing image name is refused before mkfs.
+    std::fs::write(&image, b"x").expect("write");
+    let err = cella_jail::disk::prepare(&mkfs, Path::new("/dev"), &image, 64, 100_000)
+        .expect_err("exists");
+    assert!(err.to_string().contains("creating"), "{err}");
+    assert!(image.exists(), "someone else's file was removed");
+    std::fs::remove_file(&image).expect("rm");
 }

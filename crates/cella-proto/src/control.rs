@@ -168,7 +168,8 @@ mod tests {
 
     #[test]
     fn config_start_command_is_optional() {
-        let json = r#"{"sandbox_id":"a","access_token":"t","env_vars":{},"default_user":"user","port":1}"#;
+        let json =
+            r#"{"sandbox_id":"a","access_token":"t","env_vars":{},"default_user":"user","port":1}"#;
         let cfg: AgentConfig = serde_json::from_str(json).expect("parse");
         assert_eq!(cfg.start, None);
         assert!(!serde_json::to_string(&cfg).expect("json").contains("start"));

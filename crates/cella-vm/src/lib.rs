@@ -10,7 +10,8 @@
 //!
 //! ```text
 //!  host                                         | guest (own kernel)
-//!  cgroup cella-vm/<id>  (RAM + VMM overhead)   |
+//!  cgroup cella-vm/<inst>/<id> (RAM + VMM      |
+//!         overhead; cella_jail::cgroup)         |
 //!   └ qemu-system-x86_64 -M microvm  uid 2000xx, no_new_privs, -sandbox on
 //!       ├ virtio-blk  <- sandboxes/<id>/disk.qcow2 -> images/<template>.ext4 (shared, ro)
 //!       ├ virtio-net  <- tap0 in a private netns 169.254.0.22/30 ---- eth0 169.254.0.21
@@ -29,7 +30,6 @@
 //! [`SandboxHandle::dial`]: cella_core::driver::SandboxHandle::dial
 
 pub mod accel;
-pub mod cgroup;
 pub mod image;
 pub mod net;
 pub mod qemu;
@@ -50,18 +50,21 @@ use cella_core::driver::{
     Driver, DriverError, EventSink, ExitInfo, Limits, ReapReport, SandboxEvent, SandboxHandle,
     SandboxSpec,
 };
+use cella_jail::cgroup::{CFS_PERIOD_US, CgroupError, CgroupLimits, Cgroups};
 use cella_proto::control::{AgentConfig, AgentEvent, MAX_EVENT_LINE};
 use cella_proto::envd::ENVD_PORT;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 pub use crate::accel::{Accel, AccelChoice, AccelDecision, HostFacts};
-use crate::cgroup::{CgroupError, VmCgroups, VmmLimits};
 use crate::image::{ImageError, ImageTools};
 use crate::qemu::{BootMode, QemuPlan};
 use crate::sandbox::SlotGuard;
 pub use crate::sandbox::VmSandbox;
 use crate::vmm::{Identity, Launch, Tail};
+
+/// Top cgroup of every VMM (of every cella instance); the jail's is `cella`.
+pub const CGROUP_PARENT: &str = "cella-vm";
 
 /// Longest sandbox ID (it becomes the hostname, a path component and a cgroup name).
 pub const MAX_ID_LEN: usize = 63;
@@ -314,17 +317,17 @@ pub fn validate_limits(l: &Limits) -> Result<(), DriverError> {
 }
 
 /// The cgroup limits of one VMM.
-pub fn vmm_limits(l: &Limits, overhead_mb: u64, tb_size_mb: u32) -> VmmLimits {
+pub fn vmm_limits(l: &Limits, overhead_mb: u64, tb_size_mb: u32) -> CgroupLimits {
     let mb = l
         .memory_mb
         .saturating_add(overhead_mb)
         .saturating_add(u64::from(tb_size_mb));
-    VmmLimits {
+    CgroupLimits {
         memory_bytes: mb.saturating_mul(1 << 20),
         // the vCPUs plus a quarter CPU for device emulation and I/O
         cpu_quota_us: u64::from(l.cpu_count)
-            .saturating_mul(cgroup::CFS_PERIOD_US)
-            .saturating_add(cgroup::CFS_PERIOD_US / 4),
+            .saturating_mul(CFS_PERIOD_US)
+            .saturating_add(CFS_PERIOD_US / 4),
         // main loop, vCPU threads, RCU, up to 64 block I/O workers
         pids: 96 + u64::from(l.cpu_count),
     }
@@ -475,7 +478,7 @@ type FileStamp = (u64, i64, i64);
 
 struct Inner {
     config: VmConfig,
-    cgroups: Arc<VmCgroups>,
+    cgroups: Arc<Cgroups>,
     decision: AccelDecision,
     tsc_khz: Option<u64>,
     slots: Arc<Mutex<BTreeSet<u32>>>,
@@ -548,7 +551,10 @@ impl VmDriver {
                 })?;
             }
         }
-        let cgroups = VmCgroups::detect(&config.cgroup_root)?;
+        // Scoped per server instance (a hash of the data directory, which exists by now so
+        // it canonicalizes): the orphan reaper below only ever sees this server's VMs.
+        let instance = cella_jail::instance_name(&config.data_dir);
+        let mut cgroups = Cgroups::detect_under(&config.cgroup_root, CGROUP_PARENT, &instance)?;
         cgroups.prepare()?;
         let facts = HostFacts::gather(&config.proc_root, &config.dev_root);
         let kvm_gid = std::fs::metadata(config.dev_root.join("kvm"))
@@ -593,6 +599,11 @@ impl VmDriver {
     /// The configuration in use.
     pub fn config(&self) -> &VmConfig {
         &self.inner.config
+    }
+
+    /// This instance's cgroups (`cella-vm/<instance>/<id>`).
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.inner.cgroups
     }
 
     fn ready_timeout(&self) -> Duration {
@@ -825,7 +836,7 @@ impl Driver for VmDriver {
                 }
                 inner
                     .cgroups
-                    .create(&id, &vmm_limits(&limits, cfg.overhead_mb, cfg.tb_size_mb))
+                    .create(&id, vmm_limits(&limits, cfg.overhead_mb, cfg.tb_size_mb))
                     .map_err(|e| undo_dir(setup_err(e)))?;
                 let undo_all = |e: DriverError| {
                     let _ = inner.cgroups.remove(&id);

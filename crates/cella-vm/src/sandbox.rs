@@ -9,10 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cella_api::Isolation;
 use cella_core::driver::{DriverError, ExitInfo, SandboxHandle, SandboxStats};
+use cella_jail::cgroup::Cgroups;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cgroup::VmCgroups;
 use crate::vmm::{Tail, pidfd_kill};
 
 /// How long teardown waits for the killed VMM to be reaped.
@@ -39,7 +39,7 @@ pub struct VmSandbox {
     pub(crate) isolation: Isolation,
     pub(crate) pidfd: Arc<OwnedFd>,
     pub(crate) netns: Mutex<Option<Arc<OwnedFd>>>,
-    pub(crate) cgroups: Arc<VmCgroups>,
+    pub(crate) cgroups: Arc<Cgroups>,
     pub(crate) dir: PathBuf,
     pub(crate) exit_rx: watch::Receiver<Option<ExitInfo>>,
     pub(crate) destroyed: tokio::sync::Mutex<bool>,

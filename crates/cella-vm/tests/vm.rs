@@ -238,6 +238,13 @@ fn net_namespaces_we_hold() -> usize {
         .unwrap_or(0)
 }
 
+/// The QEMU process of sandbox `id`: the one process in its cgroups.
+fn qemu_pid(driver: &VmDriver, id: &str) -> i32 {
+    let procs = driver.cgroups().procs(id).expect("cgroup procs");
+    assert_eq!(procs.len(), 1, "one VMM process per VM cgroup: {procs:?}");
+    procs.into_iter().next().expect("qemu pid")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_sandbox_end_to_end() {
     let Some(env) = environment() else { return };
@@ -326,16 +333,36 @@ async fn microvm_sandbox_end_to_end() {
     eprintln!("guest meminfo: {}", summary.join(", "));
 
     // Memory of the idle VM (the whole QEMU process), after the guest settles.
-    let cg = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/cella-vm/{id}/cgroup.procs"))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/cella-vm/{id}/cgroup.procs")))
-        .expect("cgroup procs");
-    let pid: i32 = cg
-        .lines()
-        .next()
-        .expect("qemu pid")
-        .trim()
-        .parse()
-        .expect("pid");
+    let cg_dirs = driver.cgroups().dirs(&id);
+    assert!(
+        cg_dirs
+            .iter()
+            .all(|d| d.is_dir()
+                && d.ends_with(format!("cella-vm/{}/{id}", driver.cgroups().instance()))),
+        "{cg_dirs:?}"
+    );
+    let pid = qemu_pid(&driver, &id);
+
+    // Another server (another data dir) starting up on this host reaps only its own leftovers.
+    let other = VmDriver::new(VmConfig::new(
+        tmp.path().join("other"),
+        env.assets.clone(),
+        env.agent.clone(),
+    ))
+    .await
+    .expect("second driver");
+    assert_ne!(other.cgroups().instance(), driver.cgroups().instance());
+    let report = other
+        .reap_orphans()
+        .await
+        .expect("reap of the other instance");
+    assert_eq!(report.processes, 0, "{report:?}");
+    // SAFETY: kill with signal 0 only checks for existence.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    assert!(alive, "another server's reaper killed our VM");
+    let (status, _) = http(sb.as_ref(), "GET", "/health", &[], b"").await;
+    assert_eq!(status, 204);
+
     eprintln!("RSS right after ready: {}", rss_breakdown(pid));
     tokio::time::sleep(Duration::from_secs(10)).await;
     eprintln!("RSS idle 10 s later:  {}", rss_breakdown(pid));
@@ -353,10 +380,9 @@ async fn microvm_sandbox_end_to_end() {
     // SAFETY: kill with signal 0 only checks for existence.
     assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "QEMU must be gone");
     assert!(!dir.exists(), "sandbox directory must be gone");
-    for h in ["memory", "cpu", "cpuacct", "pids"] {
-        assert!(!Path::new(&format!("/sys/fs/cgroup/{h}/cella-vm/{id}")).exists());
+    for d in &cg_dirs {
+        assert!(!d.exists(), "{} must be gone", d.display());
     }
-    assert!(!Path::new(&format!("/sys/fs/cgroup/cella-vm/{id}")).exists());
     assert!(sb.dial(49983).await.is_err(), "no dialing after destroy");
     assert_eq!(net_namespaces_we_hold(), 0, "the netns must be released");
     assert!(image.is_file(), "the template image stays cached");
@@ -369,10 +395,7 @@ async fn microvm_sandbox_end_to_end() {
         .await
         .expect("warm create");
     eprintln!("create -> ready (image cached): {:?}", t.elapsed());
-    let cg = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/cella-vm/{id}b/cgroup.procs"))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/cella-vm/{id}b/cgroup.procs")))
-        .expect("cgroup procs");
-    let pid: i32 = cg.lines().next().expect("pid").trim().parse().expect("pid");
+    let pid = qemu_pid(&driver, &format!("{id}b"));
     // SAFETY: signalling the QEMU process this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let exit = tokio::time::timeout(Duration::from_secs(10), sb.wait_exit())
@@ -419,7 +442,9 @@ async fn a_guest_that_never_becomes_ready_fails_cleanly() {
         "{err}"
     );
     assert!(!tmp.path().join("data/sandboxes").join(&id).exists());
-    assert!(!Path::new(&format!("/sys/fs/cgroup/memory/cella-vm/{id}")).exists());
+    for d in driver.cgroups().dirs(&id) {
+        assert!(!d.exists(), "{} must be gone", d.display());
+    }
     assert_eq!(net_namespaces_we_hold(), 0);
     let mut leftovers = String::new();
     for e in std::fs::read_dir(tmp.path().join("data/sandboxes")).expect("ls") {

@@ -853,7 +853,10 @@ mod tests {
         };
         write_spec_files(&mut ctx).expect("write");
         let server = dir.path().join("opt/app/server.py");
-        assert_eq!(std::fs::read_to_string(&server).expect("read"), "print(1)\n");
+        assert_eq!(
+            std::fs::read_to_string(&server).expect("read"),
+            "print(1)\n"
+        );
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode(&server), 0o644);
         assert_eq!(mode(&dir.path().join("usr/local/bin/tool")), 0o755);

@@ -459,7 +459,10 @@ mod tests {
         // existed, so builds made then stay valid.
         assert_eq!(TemplateSpec::base().build_id(), "af0257113ce30398");
         let json = serde_json::to_string(&TemplateSpec::base()).expect("json");
-        assert!(!json.contains("start_cmd") && !json.contains("files"), "{json}");
+        assert!(
+            !json.contains("start_cmd") && !json.contains("files"),
+            "{json}"
+        );
     }
 
     #[test]
