@@ -559,6 +559,12 @@ async fn compose_inner(agent: &AgentRef, body: Body) -> Result<WriteInfo, HttpEr
             "source_paths must not be empty",
         ));
     }
+    if req.destination.is_empty() {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "destination is required",
+        ));
+    }
     let user = agent
         .resolve_user(req.username.as_deref())
         .map_err(|e| HttpError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
@@ -570,36 +576,9 @@ async fn compose_inner(agent: &AgentRef, body: Body) -> Result<WriteInfo, HttpEr
         .collect::<Result<Vec<_>, _>>()?;
     let owner = agent.owner_ids(&user);
     let d2 = dest.clone();
-    let size = tokio::task::spawn_blocking(move || -> Result<u64, HttpError> {
-        let mut inputs = Vec::with_capacity(sources.len());
-        for s in &sources {
-            if s == &d2 {
-                return Err(HttpError::new(
-                    StatusCode::BAD_REQUEST,
-                    "destination cannot be one of the sources",
-                ));
-            }
-            let f = std::fs::File::open(s).map_err(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    HttpError::new(
-                        StatusCode::NOT_FOUND,
-                        format!("source '{}' does not exist", s.display()),
-                    )
-                } else {
-                    io_http(&e, "error opening source")
-                }
-            })?;
-            inputs.push(f);
-        }
-        let mut out = open_for_write(&d2, owner)?;
-        let mut total = 0u64;
-        for mut f in inputs {
-            total += std::io::copy(&mut f, &mut out).map_err(|e| io_http(&e, "error composing"))?;
-        }
-        Ok(total)
-    })
-    .await
-    .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let size = tokio::task::spawn_blocking(move || compose_files(&sources, &d2, owner))
+        .await
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     agent.events.emit(AgentEvent::FileWrite {
         path: dest.display().to_string(),
         size,
@@ -614,6 +593,76 @@ async fn compose_inner(agent: &AgentRef, body: Body) -> Result<WriteInfo, HttpEr
         kind: "file".to_string(),
         metadata: None,
     })
+}
+
+/// envd's compose: every source must be a regular file other than the destination; the
+/// concatenation goes to a temporary file next to the destination that is renamed over it
+/// (readers never see a half-written result), and the sources are removed afterwards.
+fn compose_files(
+    sources: &[PathBuf],
+    dest: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<u64, HttpError> {
+    let mut inputs = Vec::with_capacity(sources.len());
+    for s in sources {
+        if s == dest {
+            return Err(HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "destination cannot be one of the sources",
+            ));
+        }
+        let f = std::fs::File::open(s).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                HttpError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("source '{}' does not exist", s.display()),
+                )
+            } else {
+                io_http(&e, "error opening source")
+            }
+        })?;
+        let is_file = f
+            .metadata()
+            .map_err(|e| io_http(&e, "error reading source"))?
+            .is_file();
+        if !is_file {
+            return Err(HttpError::new(
+                StatusCode::BAD_REQUEST,
+                format!("source '{}' is not a regular file", s.display()),
+            ));
+        }
+        inputs.push(f);
+    }
+    if std::fs::metadata(dest).is_ok_and(|m| m.is_dir()) {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("path is a directory: {}", dest.display()),
+        ));
+    }
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dest.with_file_name(format!(".{name}.cella-compose.{n}.tmp"));
+    let result = (|| {
+        let mut out = open_for_write(&tmp, owner)?;
+        let mut total = 0u64;
+        for mut f in inputs {
+            total += std::io::copy(&mut f, &mut out).map_err(|e| io_http(&e, "error composing"))?;
+        }
+        std::fs::rename(&tmp, dest).map_err(|e| io_http(&e, "error moving the result"))?;
+        Ok(total)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    for s in sources {
+        let _ = std::fs::remove_file(s);
+    }
+    result
 }
 
 #[cfg(test)]

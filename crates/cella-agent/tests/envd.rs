@@ -737,9 +737,50 @@ async fn upload_download_and_signed_urls() {
         .await
         .expect("compose");
     assert_eq!(r.status().as_u16(), 200);
+    let entry: Value = r.json().await.expect("entry");
+    assert_eq!(entry["path"], composed.to_str().expect("utf8"));
+    assert_eq!(entry["name"], "composed.txt");
     assert_eq!(
         std::fs::read_to_string(&composed).expect("composed"),
         "onetwo"
+    );
+    // As envd: the sources are consumed, and no temporary file is left behind.
+    assert!(!f1.exists() && !f2.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("readdir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("cella-compose"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A directory is not a source; a destination is required; a missing source is a 404.
+    for (body, status) in [
+        (
+            json!({"source_paths": [dir.path().to_str()], "destination": composed.to_str()}),
+            400,
+        ),
+        (
+            json!({"source_paths": [composed.to_str()], "destination": ""}),
+            400,
+        ),
+        (
+            json!({"source_paths": [dir.path().join("gone").to_str()], "destination": composed.to_str()}),
+            404,
+        ),
+    ] {
+        let r = a
+            .http
+            .post(format!("{}/files/compose", a.base))
+            .header("X-Access-Token", TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("compose");
+        assert_eq!(r.status().as_u16(), status, "{body}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&composed).expect("composed"),
+        "onetwo",
+        "a failed compose must leave the destination alone"
     );
 }
 

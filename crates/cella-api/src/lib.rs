@@ -128,7 +128,24 @@ pub struct NewSandbox {
     /// cella extension: isolation driver to use (`jail`, `vm`); default is the server's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// Network settings (`SandboxNetworkConfig`); only `allowPublicTraffic` is honoured,
+    /// other fields are ignored (cella sandboxes have no outbound network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
 }
+
+/// The part of E2B's `SandboxNetworkConfig` cella acts on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// `false`: the proxy requires `e2b-traffic-access-token` (the create response's
+    /// `trafficAccessToken`) on every port but the agent's. Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_public_traffic: Option<bool>,
+}
+
+/// Header carrying a sandbox's traffic access token through the proxy.
+pub const HEADER_TRAFFIC_ACCESS_TOKEN: &str = "e2b-traffic-access-token";
 
 /// Create/connect response (`Sandbox` schema).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,7 +168,8 @@ pub struct Sandbox {
     /// Token the agent requires in `X-Access-Token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envd_access_token: Option<String>,
-    /// Token for public traffic when that is restricted (unused: always null).
+    /// Token the proxy requires (`e2b-traffic-access-token`) for the sandbox's ports when it
+    /// was created with `network.allowPublicTraffic = false`; null otherwise.
     #[serde(default)]
     pub traffic_access_token: Option<String>,
     /// Sandbox domain (null: the SDK uses its configured one).
@@ -203,6 +221,9 @@ pub struct SandboxDetail {
     pub metadata: BTreeMap<String, String>,
     /// running or paused.
     pub state: SandboxState,
+    /// Network settings as created (present when `allowPublicTraffic` was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
     /// cella extension: the isolation this sandbox got.
     pub isolation: Isolation,
 }

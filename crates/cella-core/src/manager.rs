@@ -101,6 +101,9 @@ pub struct LiveSandbox {
     pub alias: Option<String>,
     /// Agent access token.
     pub access_token: String,
+    /// Token the proxy requires for the sandbox's ports (other than the agent's) when the
+    /// sandbox was created with `network.allowPublicTraffic = false`.
+    pub traffic_access_token: Option<String>,
     /// Start time, ms since the epoch.
     pub started_at_ms: i64,
     end_at_ms: AtomicI64,
@@ -133,6 +136,12 @@ impl LiveSandbox {
             disk_size_mb: self.limits.disk_mb,
             metadata: self.metadata.clone(),
             state: SandboxState::Running,
+            network: self
+                .traffic_access_token
+                .as_ref()
+                .map(|_| cella_api::NetworkConfig {
+                    allow_public_traffic: Some(false),
+                }),
             isolation: self.handle.isolation(),
         }
     }
@@ -163,7 +172,7 @@ impl LiveSandbox {
             envd_version: ENVD_VERSION.to_string(),
             alias: self.alias.clone(),
             envd_access_token: Some(self.access_token.clone()),
-            traffic_access_token: None,
+            traffic_access_token: self.traffic_access_token.clone(),
             domain: None,
             isolation: Some(self.handle.isolation()),
         }
@@ -321,6 +330,11 @@ impl Manager {
         env.extend(env_vars);
         let id = new_sandbox_id();
         let access_token = random_hex(32);
+        let traffic_access_token = req
+            .network
+            .and_then(|n| n.allow_public_traffic)
+            .is_some_and(|public| !public)
+            .then(|| random_hex(32));
         let alias = (req.template_id != image.name).then(|| req.template_id.clone());
         let spec = SandboxSpec {
             id: id.clone(),
@@ -349,6 +363,7 @@ impl Manager {
             template_id: image.name.clone(),
             alias,
             access_token,
+            traffic_access_token,
             started_at_ms: now,
             end_at_ms: AtomicI64::new(now + (timeout as i64) * 1000),
             metadata: metadata.clone(),

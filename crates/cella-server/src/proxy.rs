@@ -5,8 +5,11 @@
 //! sandbox comes from the driver's [`cella_core::driver::SandboxHandle::dial`], so jail and
 //! microVM sandboxes share this one code path. Connections are pooled per sandbox and port.
 //!
-//! What never crosses into a sandbox: the caller's API key, and hop-by-hop headers. What is
-//! refused: envd's internal control routes (as E2B's proxy does). Failures answer with E2B's
+//! What never crosses into a sandbox: the caller's API key, the traffic access token, and
+//! hop-by-hop headers. What is refused: envd's internal control routes (as E2B's proxy does),
+//! and, for a sandbox created with `allowPublicTraffic: false`, requests to its ports without
+//! the right `e2b-traffic-access-token` (403, E2B's texts; the agent's port is exempt because
+//! it checks its own token). Failures answer with E2B's
 //! exact 502 texts, which the SDKs match on.
 
 use std::future::Future;
@@ -19,7 +22,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use cella_api::{ENVD_PORT, HEADER_SANDBOX_ID, HEADER_SANDBOX_PORT};
+use cella_api::{ENVD_PORT, HEADER_SANDBOX_ID, HEADER_SANDBOX_PORT, HEADER_TRAFFIC_ACCESS_TOKEN};
 use cella_core::manager::Manager;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -240,13 +243,25 @@ impl ProxyClient {
     /// Forward `req` to `target` and stream the answer back.
     pub async fn forward(&self, target: Target, req: Request) -> Response {
         let Target { sandbox_id, port } = target;
-        if !cella_api::is_valid_sandbox_id(&sandbox_id) || self.manager.route(&sandbox_id).is_none()
+        let live = match cella_api::is_valid_sandbox_id(&sandbox_id)
+            .then(|| self.manager.route(&sandbox_id))
+            .flatten()
         {
-            return not_found(&sandbox_id);
-        }
+            Some(live) => live,
+            None => return not_found(&sandbox_id),
+        };
         if port == ENVD_PORT && INTERNAL_ENVD_ROUTES.contains(&req.uri().path()) {
             return proxy_error(StatusCode::NOT_FOUND, &sandbox_id, Some(port), "not found");
         }
+        // The agent's port has its own auth (X-Access-Token); every other port of a sandbox
+        // created with `allowPublicTraffic: false` needs the traffic token.
+        if port != ENVD_PORT
+            && let Some(want) = live.traffic_access_token.as_deref()
+            && let Some(resp) = traffic_token_refusal(req.headers(), want, &sandbox_id)
+        {
+            return resp;
+        }
+        drop(live);
         if is_upgrade(req.headers()) {
             return self.forward_upgrade(&sandbox_id, port, req).await;
         }
@@ -271,6 +286,38 @@ impl ProxyClient {
             }
             Err(e) => self.dial_failure(&sandbox_id, port, &e),
         }
+    }
+
+    /// Bytes used on the sandbox's root filesystem, as its agent reports it (`GET /metrics`).
+    /// Drivers only see cgroup counters; the filesystem view is the agent's. `None` when the
+    /// agent does not answer within a second or answers nonsense (a hostile agent can only
+    /// lie about its own number, bounded to 64 KiB of JSON).
+    pub async fn agent_disk_used(&self, sandbox_id: &str) -> Option<u64> {
+        let live = self.manager.route(sandbox_id)?;
+        let req = Request::builder()
+            .uri(format!("http://{sandbox_id}:{ENVD_PORT}/metrics"))
+            .header(header::HOST, "localhost")
+            .header(cella_api::HEADER_ACCESS_TOKEN, live.access_token.as_str())
+            .body(Body::empty())
+            .ok()?;
+        drop(live);
+        let fetch = async {
+            let resp = self.client.request(req).await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let limited = http_body_util::Limited::new(resp.into_body(), 64 * 1024);
+            let bytes = http_body_util::BodyExt::collect(limited)
+                .await
+                .ok()?
+                .to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            v.get("disk_used")?.as_u64()
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(1), fetch)
+            .await
+            .ok()
+            .flatten()
     }
 
     fn dial_failure(
@@ -326,6 +373,7 @@ impl ProxyClient {
             .and_then(|p| p.as_str().parse().ok())
             .unwrap_or_else(|| Uri::from_static("/"));
         parts.headers.remove(cella_api::HEADER_API_KEY);
+        parts.headers.remove(HEADER_TRAFFIC_ACCESS_TOKEN);
         parts.headers.remove(HEADER_SANDBOX_ID);
         parts.headers.remove(HEADER_SANDBOX_PORT);
         let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
@@ -348,6 +396,34 @@ impl ProxyClient {
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, Body::empty())
     }
+}
+
+/// E2B's refusal (403, with its texts) for a missing or wrong `e2b-traffic-access-token`;
+/// `None` when the request carries the right token.
+fn traffic_token_refusal(headers: &HeaderMap, want: &str, sandbox_id: &str) -> Option<Response> {
+    let message = match headers.get(HEADER_TRAFFIC_ACCESS_TOKEN) {
+        None => format!(
+            "Sandbox is secured with traffic access token. Token header '{HEADER_TRAFFIC_ACCESS_TOKEN}' is missing"
+        ),
+        Some(got) if constant_time_eq(got.as_bytes(), want.as_bytes()) => return None,
+        Some(_) => {
+            "Sandbox is secured with traffic access token. Provided token is invalid.".into()
+        }
+    };
+    Some(proxy_error(
+        StatusCode::FORBIDDEN,
+        sandbox_id,
+        None,
+        &message,
+    ))
+}
+
+/// Compare secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -389,6 +465,7 @@ fn strip_request_headers(h: &mut HeaderMap) {
     strip_hop_by_hop(h);
     // The API key is the caller's credential for this server, never for code in a sandbox.
     h.remove(cella_api::HEADER_API_KEY);
+    h.remove(HEADER_TRAFFIC_ACCESS_TOKEN);
     h.remove(HEADER_SANDBOX_ID);
     h.remove(HEADER_SANDBOX_PORT);
     if !h.contains_key(header::HOST) {
@@ -442,14 +519,39 @@ mod tests {
     }
 
     #[test]
+    fn traffic_token_missing_wrong_and_right() {
+        let mut h = HeaderMap::new();
+        let missing = traffic_token_refusal(&h, "secret", "iabc").expect("missing");
+        assert_eq!(missing.status(), StatusCode::FORBIDDEN);
+        h.insert(
+            HEADER_TRAFFIC_ACCESS_TOKEN,
+            HeaderValue::from_static("secreT"),
+        );
+        let wrong = traffic_token_refusal(&h, "secret", "iabc").expect("wrong");
+        assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
+        h.insert(
+            HEADER_TRAFFIC_ACCESS_TOKEN,
+            HeaderValue::from_static("secret"),
+        );
+        assert!(traffic_token_refusal(&h, "secret", "iabc").is_none());
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
     fn api_key_never_forwarded() {
         let mut h = HeaderMap::new();
         h.insert("x-api-key", HeaderValue::from_static("e2b_secret"));
         h.insert("connection", HeaderValue::from_static("keep-alive, x-foo"));
         h.insert("x-foo", HeaderValue::from_static("1"));
         h.insert("x-access-token", HeaderValue::from_static("t"));
+        h.insert(
+            HEADER_TRAFFIC_ACCESS_TOKEN,
+            HeaderValue::from_static("traffic"),
+        );
         strip_request_headers(&mut h);
         assert!(h.get("x-api-key").is_none());
+        assert!(h.get(HEADER_TRAFFIC_ACCESS_TOKEN).is_none());
         assert!(h.get("x-foo").is_none());
         assert!(h.get("connection").is_none());
         assert_eq!(

@@ -67,6 +67,18 @@ pub fn router(state: AppState) -> Router {
             get(not_implemented),
         )
         .route("/templates/{id}/files/{hash}", get(not_implemented))
+        .route(
+            "/templates/tags",
+            post(not_implemented).delete(not_implemented),
+        )
+        .route("/templates/{id}/tags", get(not_implemented))
+        .route(
+            "/templates/{id}",
+            get(template_get)
+                .delete(not_implemented)
+                .patch(not_implemented),
+        )
+        .route("/v2/templates/{id}", axum::routing::patch(not_implemented))
         .route("/audit", get(audit))
         .route("/templates", get(templates))
         .route("/v2/templates", get(templates))
@@ -98,6 +110,10 @@ async fn not_implemented(req: Request) -> HttpError {
         p if p.ends_with("/network") => "changing a sandbox's network rules",
         p if p.starts_with("/volumes") => "volumes",
         p if p.starts_with("/secrets") => "secrets",
+        p if p.contains("/tags") => "template tags",
+        p if p.starts_with("/templates/") || p.starts_with("/v2/templates/") => {
+            "changing or deleting templates through the API (use `cella template build`)"
+        }
         _ => "building templates through the API (use `cella template build`)",
     };
     HttpError::new(
@@ -386,8 +402,27 @@ async fn metrics(
     Path(id): Path<String>,
 ) -> Result<Response, HttpError> {
     check_id(&id)?;
-    let m = state.manager.metrics(&owner, &id)?;
+    let m = with_disk_used(&state, &id, state.manager.metrics(&owner, &id)?).await;
     Ok(Json(vec![m]).into_response())
+}
+
+/// Fill in the disk usage, which only the sandbox's agent can see.
+async fn with_disk_used(
+    state: &AppState,
+    id: &str,
+    mut m: cella_api::SandboxMetric,
+) -> cella_api::SandboxMetric {
+    if m.disk_used == 0
+        && let Some(used) = state.proxy.agent_disk_used(id).await
+    {
+        // The agent is inside the sandbox: never let it report more than the disk has.
+        m.disk_used = if m.disk_total > 0 {
+            used.min(m.disk_total)
+        } else {
+            used
+        };
+    }
+    m
 }
 
 /// `GET /sandboxes/metrics?sandbox_ids=a,b`: the latest sample of each (unknown IDs are
@@ -415,6 +450,7 @@ async fn metrics_many(
     let mut out = serde_json::Map::new();
     for id in ids {
         if let Ok(m) = state.manager.metrics(&owner, &id) {
+            let m = with_disk_used(&state, &id, m).await;
             out.insert(id, serde_json::to_value(m).unwrap_or_default());
         }
     }
@@ -572,6 +608,19 @@ pub fn parse_since(s: &str) -> Option<i64> {
 
 async fn templates(State(state): State<AppState>) -> Json<Vec<cella_api::Template>> {
     Json(state.manager.template_list())
+}
+
+async fn template_get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<cella_api::Template>, HttpError> {
+    state
+        .manager
+        .template_list()
+        .into_iter()
+        .find(|t| t.template_id == id || t.aliases.iter().any(|a| a == &id))
+        .map(Json)
+        .ok_or_else(|| HttpError::not_found(format!("template '{id}' not found")))
 }
 
 async fn template_alias(

@@ -667,3 +667,87 @@ async fn metrics_and_logs() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn traffic_access_token_guards_non_agent_ports() {
+    let h = harness().await;
+    let public = h.create(json!({"templateID": "base"})).await;
+    assert!(public["trafficAccessToken"].is_null(), "{public}");
+    let v = h
+        .create(json!({"templateID": "base", "network": {"allowPublicTraffic": false}}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let token = v["trafficAccessToken"]
+        .as_str()
+        .expect("trafficAccessToken")
+        .to_string();
+    assert!(token.len() >= 32);
+    let (s, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(info["network"]["allowPublicTraffic"], false);
+
+    let port = [
+        ("e2b-sandbox-id", id.as_str()),
+        ("e2b-sandbox-port", "8080"),
+    ];
+    let (s, v) = h.call_with("GET", "/", None, None, &port).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(
+        v["message"],
+        "Sandbox is secured with traffic access token. Token header 'e2b-traffic-access-token' is missing"
+    );
+    let wrong = [port[0], port[1], ("e2b-traffic-access-token", "nope")];
+    let (s, v) = h.call_with("GET", "/", None, None, &wrong).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(
+        v["message"],
+        "Sandbox is secured with traffic access token. Provided token is invalid."
+    );
+    // With the token the request gets through the gate (nothing listens on 8080 here).
+    let right = [
+        port[0],
+        port[1],
+        ("e2b-traffic-access-token", token.as_str()),
+    ];
+    let (s, v) = h.call_with("GET", "/", None, None, &right).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
+    assert_eq!(v["message"], "The sandbox is running but port is not open");
+    // The agent's port checks its own token and needs no traffic token.
+    let (s, echo) = h
+        .call_with(
+            "GET",
+            "/health",
+            None,
+            None,
+            &[("host", &format!("49983-{id}.cella.test"))],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{echo}");
+}
+
+#[tokio::test]
+async fn template_routes_the_sdks_call() {
+    let h = harness().await;
+    let (s, t) = h.call("GET", "/templates/base", Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    assert_eq!(t["templateID"], "base");
+    let (s, _) = h.call("GET", "/templates/nope", Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    for (m, uri, needle) in [
+        ("POST", "/templates/tags", "tags"),
+        ("DELETE", "/templates/tags", "tags"),
+        ("GET", "/templates/base/tags", "tags"),
+        ("DELETE", "/templates/base", "deleting templates"),
+    ] {
+        let (s, v) = h.call(m, uri, Some(&h.key), Some(json!({}))).await;
+        assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{m} {uri}: {v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|msg| msg.contains(needle)),
+            "{v}"
+        );
+    }
+}
