@@ -149,12 +149,12 @@ fn setup_keys(store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn build_drivers(
-    args: &ServeArgs,
-    data_dir: &Path,
-) -> anyhow::Result<Vec<Arc<dyn Driver>>> {
+async fn build_drivers(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Vec<Arc<dyn Driver>>> {
     if !matches!(args.driver.as_str(), "auto" | "jail" | "vm") {
-        bail!("unknown driver {:?}: expected auto, jail or vm", args.driver);
+        bail!(
+            "unknown driver {:?}: expected auto, jail or vm",
+            args.driver
+        );
     }
     let agent_path = find_agent(args.agent.as_deref())?;
     let jail = cella_jail::JailDriver::new(cella_jail::JailConfig {
@@ -170,7 +170,9 @@ async fn build_drivers(
         Ok(vm) => Some(vm),
         Err(e) if args.driver == "vm" => return Err(e.context("starting the vm driver")),
         Err(e) => {
-            println!("cella: microVM driver unavailable ({e:#}); sandboxes asking for it get a 400");
+            println!(
+                "cella: microVM driver unavailable ({e:#}); sandboxes asking for it get a 400"
+            );
             None
         }
     };

@@ -26,4 +26,3 @@ pub const ACCESS_TOKEN_HEADER: &str = "X-Access-Token";
 
 /// Header asking a server stream to emit keepalive events every N seconds.
 pub const KEEPALIVE_HEADER: &str = "Keepalive-Ping-Interval";
-
