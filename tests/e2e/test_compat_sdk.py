@@ -108,7 +108,10 @@ def test_web_server_by_header_and_host_and_streaming(server, sandbox):
             times.append((time.monotonic(), chunk))
     assert "".join(c for _, c in times) == "tick0\ntick1\ntick2\n"
     assert times[-1][0] - times[0][0] > 1.5, "streamed response was buffered"
-    r = httpx.get(f"{server.url}/", headers={"Host": sandbox.get_host(9999), "Accept": "application/json"})
+    # A young sandbox's closed port is retried for a while (as E2B's proxy does) before the 502.
+    r = httpx.get(
+        f"{server.url}/", headers={"Host": sandbox.get_host(9999), "Accept": "application/json"}, timeout=60
+    )
     assert r.status_code == 502
     assert r.json() == {
         "sandboxId": sandbox.sandbox_id,

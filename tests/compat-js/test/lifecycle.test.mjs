@@ -27,7 +27,6 @@ test('create reports the SandboxDetail fields and metadata', async () => {
     assert.ok(raw.json.diskSizeMB > 0)
     assert.equal(raw.json.envdVersion, info.envdVersion)
     assert.ok(await sbx.isRunning())
-    assert.equal(Sandbox.getFullInfo === undefined, false)
   })
 })
 
@@ -163,7 +162,7 @@ test('a killed sandbox: commands fail with the SDK error for a gone sandbox', as
   })
 })
 
-test('wrong API key is an AuthenticationError; a bad key format is refused client-side', async () => {
+test('a wrong API key is an AuthenticationError', async () => {
   await assert.rejects(Sandbox.create('base', { apiKey: newKey() }), AuthenticationError)
   await assert.rejects(Sandbox.list({ apiKey: newKey() }).nextItems(), AuthenticationError)
 })

@@ -45,8 +45,12 @@ test('a web server in the sandbox: header routing and <port>-<id>.<domain> host 
     assert.match(post.body.toString(), /method=POST/)
 
     // The caller's API key never reaches the sandbox.
-    const leak = await rawRequest({ path: '/hello', headers: { Host: host, 'X-API-Key': process.env.E2B_API_KEY } })
+    const leak = await rawRequest({
+      path: '/hello',
+      headers: { Host: host, 'X-API-Key': process.env.E2B_API_KEY, 'e2b-traffic-access-token': 'x' },
+    })
     assert.equal(leak.status, 200)
+    assert.match(leak.body.toString(), / token= apikey= method=GET/)
   })
 })
 
