@@ -161,6 +161,7 @@ async fn build_drivers(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Vec<
         data_dir: data_dir.join("sandboxes"),
         agent_path: agent_path.clone(),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        disk_pool: 2,
     })
     .context("starting the jail driver")?;
     report_reaped("jail", jail.reap_orphans().await?);

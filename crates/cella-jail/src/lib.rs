@@ -83,6 +83,8 @@ pub struct JailConfig {
     pub agent_path: PathBuf,
     /// `/sys/fs/cgroup` in production; a temporary directory in tests.
     pub cgroup_root: PathBuf,
+    /// Writable disks kept formatted ahead of time per disk size (0: make each on create).
+    pub disk_pool: usize,
 }
 
 /// Errors of setting up the jail driver.
@@ -316,6 +318,7 @@ struct Inner {
     landlock: Option<LandlockPlan>,
     host_netns: Arc<OwnedFd>,
     agent_mount_flags: c_ulong,
+    disks: DiskPool,
 }
 
 /// The jail driver. Cheap to share; every sandbox it creates holds what it needs itself.
@@ -386,6 +389,7 @@ impl JailDriver {
                 landlock,
                 host_netns: Arc::new(OwnedFd::from(host_netns)),
                 agent_mount_flags,
+                disks: DiskPool::default(),
             }),
         })
     }
@@ -458,6 +462,81 @@ fn cleanup_failed(cgroups: &Cgroups, id: &str, dir: &Path, disk: Option<&LoopRef
 
 /// The blocking half of a start: sandbox directory, cgroups, disk, clone. Cleans up after
 /// itself on error.
+/// Format, attach and mount a fresh writable disk of `size_mb`.
+fn new_disk(inner: &Inner, size_mb: u64) -> Result<disk::WritableDisk, disk::DiskError> {
+    let image = disk::image_path(&inner.config.data_dir)?;
+    disk::prepare(
+        &inner.mkfs,
+        Path::new(DEV_ROOT),
+        &image,
+        size_mb,
+        cella_core::driver::SANDBOX_ID_BASE,
+    )
+}
+
+/// Fresh writable disks made ahead of time, per size, so that `mkfs` and the loop setup
+/// (~4–10 ms) stay off the create path. A pooled disk was never attached to any sandbox. The
+/// pool's disks are detached mounts over unlinked images: dropping them (or the server dying)
+/// releases everything, so they can never become leftovers.
+#[derive(Default)]
+struct DiskPool {
+    ready: Mutex<std::collections::HashMap<u64, Vec<disk::WritableDisk>>>,
+    filling: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Sizes kept warm at once (the most recently used ones win).
+const DISK_POOL_SIZES: usize = 4;
+
+impl DiskPool {
+    fn take(&self, size_mb: u64) -> Option<disk::WritableDisk> {
+        self.ready.lock().ok()?.get_mut(&size_mb)?.pop()
+    }
+
+    /// Top the pool up for `size_mb` (blocking; run it on a blocking thread).
+    fn fill(inner: &Inner, size_mb: u64) {
+        let depth = inner.config.disk_pool;
+        if depth == 0 {
+            return;
+        }
+        let Ok(mut filling) = inner.disks.filling.lock() else {
+            return;
+        };
+        if !filling.insert(size_mb) {
+            return;
+        }
+        drop(filling);
+        loop {
+            let have = inner
+                .disks
+                .ready
+                .lock()
+                .map(|m| m.get(&size_mb).map_or(0, Vec::len))
+                .unwrap_or(depth);
+            if have >= depth {
+                break;
+            }
+            match new_disk(inner, size_mb) {
+                Ok(d) => {
+                    if let Ok(mut m) = inner.disks.ready.lock() {
+                        if !m.contains_key(&size_mb) && m.len() >= DISK_POOL_SIZES {
+                            // Forget the other sizes: an unusual size must not pin loop devices.
+                            m.retain(|k, _| *k == size_mb);
+                        }
+                        m.entry(size_mb).or_default().push(d);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("preparing a spare sandbox disk failed: {e}");
+                    break;
+                }
+            }
+        }
+        if let Ok(mut filling) = inner.disks.filling.lock() {
+            filling.remove(&size_mb);
+        }
+    }
+}
+
 fn start_blocking(
     inner: &Inner,
     id: &str,
@@ -481,16 +560,10 @@ fn start_blocking(
         let _ = std::fs::remove_dir(dir);
         return Err(DriverError::Setup(error_chain(&e)));
     }
-    let disk = disk::image_path(&inner.config.data_dir)
-        .and_then(|image| {
-            disk::prepare(
-                &inner.mkfs,
-                Path::new(DEV_ROOT),
-                &image,
-                limits.disk_mb,
-                cella_core::driver::SANDBOX_ID_BASE,
-            )
-        })
+    let disk = inner
+        .disks
+        .take(limits.disk_mb)
+        .map_or_else(|| new_disk(inner, limits.disk_mb), Ok)
         .map_err(|e| {
             cleanup_failed(&inner.cgroups, id, dir, None);
             DriverError::Setup(error_chain(&e))
@@ -592,6 +665,11 @@ impl Driver for JailDriver {
                 .map_err(|e| DriverError::Setup(format!("start task failed: {e}")))??
         };
         let exec_elapsed = started.elapsed();
+        {
+            let inner = inner.clone();
+            let size = limits.disk_mb;
+            tokio::task::spawn_blocking(move || DiskPool::fill(&inner, size));
+        }
         let pidfd = Arc::new(spawned.pidfd);
         let (exit_tx, exit_rx) = watch::channel(None);
         let sandbox = Arc::new(JailSandbox {
@@ -802,6 +880,7 @@ mod tests {
             data_dir: tmp.join("data"),
             agent_path: agent,
             cgroup_root: tmp.join("cg"),
+            disk_pool: 0,
         }
     }
 

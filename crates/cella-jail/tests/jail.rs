@@ -107,6 +107,11 @@ fn build_rootfs(root: &Path) {
 
 /// A driver with its own data dir and rootfs, or `None` (with the reason printed).
 fn env_with_agent(agent: &str) -> Option<Env> {
+    env_with(agent, 0)
+}
+
+/// Like [`env_with_agent`], with `disk_pool` spare disks per size.
+fn env_with(agent: &str, disk_pool: usize) -> Option<Env> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return skip("needs root (user namespaces with a 100000+ id map, cgroups)");
@@ -130,6 +135,7 @@ fn env_with_agent(agent: &str) -> Option<Env> {
         data_dir: tmp.path().join("data"),
         agent_path,
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        disk_pool,
     })
     .expect("driver");
     Some(Env {
@@ -856,4 +862,60 @@ fn disk_leaves_nothing_behind() {
     assert!(err.to_string().contains("creating"), "{err}");
     assert!(image.exists(), "someone else's file was removed");
     std::fs::remove_file(&image).expect("rm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_pool_serves_fresh_disks_and_releases_them_with_the_driver() {
+    let Some(env) = env_with(AGENT, 2) else {
+        return;
+    };
+    let limits = Limits {
+        disk_mb: 64,
+        ..Limits::default()
+    };
+    let bound = || {
+        cella_jail::disk::loops_under(Path::new("/sys"), env.tmp.path())
+            .expect("loops")
+            .len()
+    };
+    // The first create formats its own disk and fills the pool in the background.
+    let id = unique_id("pool");
+    let (sb, _rx) = create(&env, &id, limits).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bound() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "pool not filled: {} bound",
+            bound()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A pooled disk is empty and private to the sandbox that gets it.
+    let (out, code) = run(&sb, "echo secret > /mnt/../secret.txt; echo ok").await;
+    assert_eq!((out.trim(), code), ("ok", 0));
+    let id2 = unique_id("pool");
+    let (sb2, _rx2) = create(&env, &id2, limits).await;
+    let (out, code) = run(&sb2, "ls /secret.txt 2>&1; echo done").await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("No such file"),
+        "a pooled disk carried data: {out}"
+    );
+    sb.destroy().await.expect("destroy");
+    sb2.destroy().await.expect("destroy");
+    // Dropping the driver releases the spare disks: nothing stays bound to the data dir.
+    let dir = env.tmp.path().to_path_buf();
+    drop(env);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = cella_jail::disk::loops_under(Path::new("/sys"), &dir).expect("loops");
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spare disks not released: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
