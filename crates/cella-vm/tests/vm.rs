@@ -227,6 +227,9 @@ fn rss_breakdown(pid: i32) -> String {
         .join(", ")
 }
 
+/// The tests count the network namespaces this process holds, so they must not overlap.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn net_namespaces_we_hold() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| {
@@ -247,6 +250,7 @@ fn qemu_pid(driver: &VmDriver, id: &str) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_sandbox_end_to_end() {
+    let _serial = SERIAL.lock().await;
     let Some(env) = environment() else { return };
     let tmp = tempfile::Builder::new()
         .prefix("cella-vm-test")
@@ -411,6 +415,7 @@ async fn microvm_sandbox_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_that_never_becomes_ready_fails_cleanly() {
+    let _serial = SERIAL.lock().await;
     let Some(env) = environment() else { return };
     let tmp = tempfile::Builder::new()
         .prefix("cella-vm-test")
