@@ -289,12 +289,17 @@ def _host_mounts() -> set:
 
 
 def _cella_cgroup_dirs() -> list:
+    """Sandbox-level cgroups (`cella/<instance>/<id>`, `cella-vm/<instance>/<id>` and below).
+    The `<parent>/<instance>` levels are a server's, made at its start and kept: another
+    server starting on this host meanwhile adds its own, which is not a leak."""
     out = []
     root = "/sys/fs/cgroup"
     for dirpath, dirnames, _ in os.walk(root):
         for d in dirnames:
             p = os.path.join(dirpath, d)
-            if "cella" in p:
+            parts = os.path.relpath(p, root).split(os.sep)
+            top = next((i for i, part in enumerate(parts) if "cella" in part), None)
+            if top is not None and len(parts) - top >= 3:
                 out.append(p)
     return out
 

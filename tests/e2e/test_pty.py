@@ -5,6 +5,8 @@ import time
 
 from e2b import PtySize
 
+from cella_e2e import wait_until
+
 
 class PtyReader:
     """Collects a PTY's output in a thread (the SDK's handle iterates blocking)."""
@@ -72,7 +74,14 @@ def test_pty_ctrl_c_interrupts_foreground_command(sandbox):
     handle = sandbox.pty.create(PtySize(rows=24, cols=80))
     reader = PtyReader(handle)
     sandbox.pty.send_stdin(handle.pid, b"sleep 1000; echo after-$((1+1))\n")
-    time.sleep(1)
+    # ^C must reach the running sleep, not a shell that is still starting (slow under
+    # emulation) and would take it as an edit of the typed-ahead line.
+    wait_until(
+        lambda: sandbox.commands.run("pgrep -x sleep || true").stdout.strip(),
+        timeout=60,
+        interval=0.5,
+        what="the sleep to run in the PTY",
+    )
     sandbox.pty.send_stdin(handle.pid, b"\x03")  # ^C: SIGINT to the foreground process group
     sandbox.pty.send_stdin(handle.pid, b"echo alive-$((2+3))\n")
     reader.wait_for("alive-5")

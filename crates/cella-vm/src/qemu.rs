@@ -6,6 +6,8 @@
 //!   for a clock at boot (measured: ~2x slower boots under TCG).
 //! * `tsc_early_khz=` (TCG only): the cloud kernel cannot calibrate the TSC without a PIT or
 //!   HPET and hangs; under TCG the guest TSC is the host's, so the host's rate is right.
+//!   `tsc=reliable` keeps the clocksource watchdog from demoting it to jiffies, whose wall
+//!   clock lags (measured ~45 ms per second; signed URL expiry in the agent noticed).
 //! * the kernel is the PVH ELF (`vmlinux`): no firmware decompression step under TCG; the
 //!   bzImage would need the linuxboot option ROM.
 //! * `-sandbox on,...`: QEMU's own seccomp filter; with the driver's `no_new_privs`, separate
@@ -92,6 +94,9 @@ impl QemuPlan {
             && let Some(khz) = self.tsc_khz
         {
             parts.push(format!("tsc_early_khz={khz}"));
+            // Without it the clocksource watchdog marks the emulated TSC unstable and the
+            // guest falls back to jiffies, whose wall clock falls behind (~45 ms/s measured).
+            parts.push("tsc=reliable".to_string());
         }
         parts.push(format!(
             "cella.mode={}",
@@ -234,6 +239,7 @@ mod tests {
         for want in [
             "console=ttyS0",
             "tsc_early_khz=2100000",
+            "tsc=reliable",
             "cella.mode=run",
             "cella.ip=169.254.0.21/30",
             "cella.gw=169.254.0.22",
@@ -262,6 +268,7 @@ mod tests {
         let append = value_after(&args, "-append")[0];
         assert!(append.contains("cella.mode=probe"));
         assert!(!append.contains("tsc_early_khz"), "KVM guests use kvmclock");
+        assert!(!append.contains("tsc=reliable"));
         assert!(!append.contains("cella.ip="));
     }
 }

@@ -69,6 +69,11 @@ impl VmSandbox {
         {
             parts.push(format!("guest: {key}"));
         }
+        // PID 1 is the init script, then the agent: when it dies, the panic above only says
+        // that init exited; its own last words (a shell error, anyhow's `Error: ...`) say why.
+        if let Some(init) = self.console.last_matching(&["Error: ", "/init: "]) {
+            parts.push(format!("init: {init}"));
+        }
         let console = self.console.last_lines(2);
         if !console.is_empty() {
             parts.push(format!("console: {console}"));
