@@ -262,6 +262,15 @@ impl ProxyClient {
             return resp;
         }
         drop(live);
+        if port == ENVD_PORT && signature_expired(req.uri(), cella_core::store::now_ms() / 1000) {
+            // The host's clock decides: a guest clock (a microVM under emulation) may lag.
+            return proxy_error(
+                StatusCode::UNAUTHORIZED,
+                &sandbox_id,
+                Some(port),
+                "signature is already expired",
+            );
+        }
         if is_upgrade(req.headers()) {
             return self.forward_upgrade(&sandbox_id, port, req).await;
         }
@@ -426,6 +435,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A signed `/files` URL whose `signature_expiration` (unix seconds) lies in the past.
+/// The agent checks signatures too, against the sandbox's clock; this check uses the host's.
+fn signature_expired(uri: &Uri, now_s: i64) -> bool {
+    if uri.path() != "/files" {
+        return false;
+    }
+    let Some(q) = uri.query() else {
+        return false;
+    };
+    form_urlencoded::parse(q.as_bytes())
+        .filter(|(k, _)| k == "signature_expiration")
+        .filter_map(|(_, v)| v.trim().parse::<i64>().ok())
+        .any(|exp| exp < now_s)
+}
+
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers
@@ -536,6 +560,27 @@ mod tests {
         assert!(traffic_token_refusal(&h, "secret", "iabc").is_none());
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn expired_file_signatures_are_refused_by_the_host_clock() {
+        let uri = |s: &str| s.parse::<Uri>().expect("uri");
+        assert!(signature_expired(
+            &uri("/files?path=%2Fa&signature=v1_x&signature_expiration=99"),
+            100
+        ));
+        assert!(!signature_expired(
+            &uri("/files?path=%2Fa&signature=v1_x&signature_expiration=100"),
+            100
+        ));
+        assert!(!signature_expired(
+            &uri("/files?path=%2Fa&signature=v1_x"),
+            100
+        ));
+        assert!(!signature_expired(
+            &uri("/other?signature_expiration=1"),
+            100
+        ));
     }
 
     #[test]
