@@ -40,7 +40,7 @@ const MAX_LOG_LINE: usize = 4096;
 
 /// One line from a hostile byte stream, bounded.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Line {
+pub enum Line {
     /// A complete line (without the newline) of at most the limit.
     Full,
     /// A line longer than the limit; its bytes were discarded.
@@ -49,9 +49,10 @@ pub(crate) enum Line {
     Eof,
 }
 
-/// Read one newline-terminated line into `buf` (cleared first), keeping at most `limit`
-/// bytes in memory no matter what the peer sends.
-pub(crate) async fn read_line_bounded<R: AsyncRead + Unpin>(
+/// Read one newline-terminated line into `buf` (cleared first, without the newline or a
+/// trailing `\r`), keeping at most `limit` bytes in memory no matter what the peer sends.
+/// Both drivers read their agents' control channels with it.
+pub async fn read_line_bounded<R: AsyncRead + Unpin>(
     r: &mut BufReader<R>,
     buf: &mut Vec<u8>,
     limit: usize,
@@ -77,6 +78,10 @@ pub(crate) async fn read_line_bounded<R: AsyncRead + Unpin>(
         }
         r.consume(used);
         if done {
+            // A tty-backed channel (a VM's virtio console) may end lines with "\r\n".
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
             return Ok(if too_long { Line::TooLong } else { Line::Full });
         }
     }

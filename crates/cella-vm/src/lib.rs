@@ -53,7 +53,7 @@ use cella_core::driver::{
 use cella_jail::cgroup::{CFS_PERIOD_US, CgroupError, CgroupLimits, Cgroups};
 use cella_proto::control::{AgentConfig, AgentEvent, MAX_EVENT_LINE};
 use cella_proto::envd::ENVD_PORT;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 pub use crate::accel::{Accel, AccelChoice, AccelDecision, HostFacts};
@@ -333,47 +333,7 @@ pub fn vmm_limits(l: &Limits, overhead_mb: u64, tb_size_mb: u32) -> CgroupLimits
     }
 }
 
-/// One line from a hostile byte stream, bounded.
-#[derive(Debug, PartialEq, Eq)]
-enum Line {
-    Full,
-    TooLong,
-    Eof,
-}
-
-async fn read_line_bounded<R: AsyncRead + Unpin>(
-    r: &mut BufReader<R>,
-    buf: &mut Vec<u8>,
-    limit: usize,
-) -> io::Result<Line> {
-    buf.clear();
-    let mut too_long = false;
-    loop {
-        let avail = r.fill_buf().await?;
-        if avail.is_empty() {
-            return Ok(Line::Eof);
-        }
-        let (chunk, used, done) = match avail.iter().position(|b| *b == b'\n') {
-            Some(i) => (avail.get(..i).unwrap_or_default(), i + 1, true),
-            None => (avail, avail.len(), false),
-        };
-        if !too_long {
-            if buf.len() + chunk.len() > limit {
-                too_long = true;
-                buf.clear();
-            } else {
-                buf.extend_from_slice(chunk);
-            }
-        }
-        r.consume(used);
-        if done {
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
-            }
-            return Ok(if too_long { Line::TooLong } else { Line::Full });
-        }
-    }
-}
+use cella_jail::sandbox::{Line, read_line_bounded};
 
 /// Wait for the guest init's go-ahead on the control channel.
 async fn wait_init<R: AsyncRead + Unpin>(
