@@ -30,6 +30,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod spawn;
 
+use cella_core::manager::error_chain;
 use std::ffi::c_ulong;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -147,18 +148,6 @@ impl From<JailError> for DriverError {
     fn from(e: JailError) -> Self {
         DriverError::Unavailable(error_chain(&e))
     }
-}
-
-/// "outer: inner: innermost" for errors that end up as strings in [`DriverError`].
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 fn require_absolute(field: &'static str, path: &Path) -> Result<(), JailError> {

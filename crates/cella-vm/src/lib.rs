@@ -36,6 +36,7 @@ pub mod qemu;
 pub mod sandbox;
 pub mod vmm;
 
+use cella_core::manager::error_chain;
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -263,18 +264,6 @@ impl From<VmError> for DriverError {
     fn from(e: VmError) -> Self {
         DriverError::Unavailable(error_chain(&e))
     }
-}
-
-/// "outer: inner: innermost".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 fn setup_err(e: impl std::error::Error) -> DriverError {
