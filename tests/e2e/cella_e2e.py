@@ -99,6 +99,8 @@ class Server:
             "--data-dir", str(self.data_dir),
             "--template-dir", str(TEMPLATE_DIR),
             "--driver", DRIVER,
+            # Sample metrics every second so the time-series test need not wait long.
+            "--metrics-interval", "1",
         ]
         log = open(self.log_path, "a", buffering=1)
         log.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n")

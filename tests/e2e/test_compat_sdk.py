@@ -94,6 +94,21 @@ def test_metrics_report_disk_usage(sandbox):
     assert last.disk_total >= last.disk_used >= 20_000_000
 
 
+def test_metrics_are_a_time_series_with_a_window(sandbox):
+    import datetime
+
+    # The server samples every second (the harness passes --metrics-interval 1).
+    series = wait_until(lambda: (lambda m: m if len(m) >= 3 else None)(sandbox.get_metrics()), 30, 0.5, "3 samples")
+    stamps = [m.timestamp for m in series]
+    assert stamps == sorted(stamps), stamps
+    assert len(set(stamps)) >= 2, f"samples are not from different times: {stamps}"
+    # A window that ends before the sandbox existed is empty; one around now is not.
+    long_ago = datetime.datetime(2001, 1, 1, tzinfo=datetime.timezone.utc)
+    assert sandbox.get_metrics(start=long_ago, end=long_ago + datetime.timedelta(seconds=10)) == []
+    recent = sandbox.get_metrics(start=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5))
+    assert 1 <= len(recent) <= len(series) + 10
+
+
 def test_web_server_by_header_and_host_and_streaming(server, sandbox):
     start_web(sandbox)
     r = httpx.get(f"{server.url}/hello", headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "8080"})

@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Guest kernel and initramfs of the microVM driver (made by scripts/vm-assets).
     #[arg(long, env = "CELLA_VM_ASSETS", default_value = "/var/lib/cella/vm")]
     pub vm_assets: PathBuf,
+    /// Seconds between two metrics samples of each sandbox (the series `get_metrics` returns).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub metrics_interval: u64,
     /// Templates to build at start if they are not built yet (comma-separated; empty: none).
     #[arg(long, default_value = "base", value_delimiter = ',')]
     pub build: Vec<String>,
@@ -77,6 +80,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ManagerConfig::default(),
     );
     let state = cella_server::AppState::new(manager.clone());
+    let sampler = cella_server::spawn_metrics_sampler(
+        state.clone(),
+        std::time::Duration::from_secs(args.metrics_interval),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -105,6 +112,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cella_server::serve(listener, state, shutdown)
         .await
         .context("serving HTTP")?;
+    sampler.abort();
     manager.shutdown().await;
     store.flush_audit();
     Ok(())

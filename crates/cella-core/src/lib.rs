@@ -12,5 +12,6 @@ pub mod driver;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod manager;
+pub mod metrics;
 pub mod store;
 pub mod template;

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::driver::{
     Driver, DriverError, EventSink, Limits, SandboxEvent, SandboxHandle, SandboxSpec,
 };
+use crate::metrics::{DEFAULT_HISTORY, MetricsRing, Reading, cpu_percent};
 use crate::store::{NewAudit, SandboxRecord, Store, format_rfc3339_ms, now_ms};
 use crate::template::{TemplateError, TemplateStore};
 
@@ -111,7 +112,8 @@ pub struct LiveSandbox {
     pub metadata: BTreeMap<String, String>,
     /// Limits.
     pub limits: Limits,
-    last_cpu: Mutex<Option<(i64, u64)>>,
+    /// Sampled metrics (see [`crate::metrics`]).
+    metrics: Mutex<MetricsRing>,
 }
 
 impl LiveSandbox {
@@ -368,7 +370,7 @@ impl Manager {
             end_at_ms: AtomicI64::new(now + (timeout as i64) * 1000),
             metadata: metadata.clone(),
             limits,
-            last_cpu: Mutex::new(None),
+            metrics: Mutex::new(MetricsRing::new(DEFAULT_HISTORY)),
         });
         self.store.insert_sandbox(&SandboxRecord {
             id: id.clone(),
@@ -618,34 +620,87 @@ impl Manager {
         n
     }
 
-    /// A metrics sample of a sandbox, read from its cgroup. CPU use is averaged since the
-    /// previous sample (or since start).
+    /// A fresh metrics sample of a sandbox, read from its cgroup. CPU use is averaged since
+    /// the last recorded sample (or since start); nothing is recorded.
     pub fn metrics(&self, owner: &str, id: &str) -> Result<SandboxMetric, ManagerError> {
         let live = self.get_live(Some(owner), id)?;
+        Ok(self.sample(&live)?.0)
+    }
+
+    /// The recorded samples of a sandbox within `[start, end]` (unix seconds), oldest first,
+    /// followed by a fresh sample when the window reaches the present.
+    pub fn metrics_history(
+        &self,
+        owner: &str,
+        id: &str,
+        start: Option<i64>,
+        end: Option<i64>,
+    ) -> Result<Vec<SandboxMetric>, ManagerError> {
+        let live = self.get_live(Some(owner), id)?;
+        let mut out = live
+            .metrics
+            .lock()
+            .map_err(|_| ManagerError::SandboxNotFound(id.to_string()))?
+            .window(start, end);
+        let (now, _) = self.sample(&live)?;
+        let in_window = start.is_none_or(|s| now.timestamp_unix >= s)
+            && end.is_none_or(|e| now.timestamp_unix <= e);
+        if in_window {
+            out.push(now);
+        }
+        Ok(out)
+    }
+
+    /// Take a sample of sandbox `id` and record it in its history. `disk_used` is what its
+    /// agent reported (only the agent sees its filesystem), already bounded by the caller.
+    pub fn record_metrics(&self, id: &str, disk_used: Option<u64>) -> Result<(), ManagerError> {
+        let live = self.get_live(None, id)?;
+        let (mut sample, reading) = self.sample(&live)?;
+        if let Some(used) = disk_used {
+            sample.disk_used = used;
+        }
+        live.metrics
+            .lock()
+            .map_err(|_| ManagerError::SandboxNotFound(id.to_string()))?
+            .push(sample, reading);
+        Ok(())
+    }
+
+    /// IDs of every live sandbox (for the metrics sampler).
+    pub fn live_ids(&self) -> Vec<String> {
+        self.live
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn sample(&self, live: &LiveSandbox) -> Result<(SandboxMetric, Reading), ManagerError> {
         let stats = live.handle.stats()?;
-        let now = now_ms();
-        let cpu_used_pct = {
-            let mut last = live
-                .last_cpu
-                .lock()
-                .map_err(|_| ManagerError::SandboxNotFound(id.to_string()))?;
-            let (t0, c0) = last.unwrap_or((live.started_at_ms, 0));
-            *last = Some((now, stats.cpu_usage_ns));
-            let wall_ns =
-                ((now - t0).max(1) as f64) * 1e6 * f64::from(live.limits.cpu_count.max(1));
-            (stats.cpu_usage_ns.saturating_sub(c0) as f64 / wall_ns * 100.0).clamp(0.0, 100.0)
+        let now = Reading {
+            at_ms: now_ms(),
+            cpu_ns: stats.cpu_usage_ns,
         };
-        Ok(SandboxMetric {
-            timestamp: format_rfc3339_ms(now),
-            timestamp_unix: now / 1000,
+        let from = live
+            .metrics
+            .lock()
+            .ok()
+            .and_then(|r| r.last_reading())
+            .unwrap_or(Reading {
+                at_ms: live.started_at_ms,
+                cpu_ns: 0,
+            });
+        let metric = SandboxMetric {
+            timestamp: format_rfc3339_ms(now.at_ms),
+            timestamp_unix: now.at_ms / 1000,
             cpu_count: live.limits.cpu_count,
-            cpu_used_pct,
+            cpu_used_pct: cpu_percent(from, now, live.limits.cpu_count),
             mem_used: stats.memory_bytes,
             mem_total: live.limits.memory_mb * 1024 * 1024,
             mem_cache: 0,
             disk_used: 0,
             disk_total: live.limits.disk_mb * 1024 * 1024,
-        })
+        };
+        Ok((metric, now))
     }
 
     /// Templates as `GET /templates` lists them.

@@ -46,6 +46,32 @@ pub fn app(state: AppState) -> Router {
     ))
 }
 
+/// Record a metrics sample of every live sandbox every `interval`, for the time series that
+/// `GET /sandboxes/{id}/metrics` answers. Runs until the returned task is aborted.
+pub fn spawn_metrics_sampler(
+    state: AppState,
+    interval: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let ids = state.manager.live_ids();
+            let samples = ids.into_iter().map(|id| {
+                let state = state.clone();
+                async move {
+                    let disk = state.proxy.agent_disk_used(&id).await;
+                    // A sandbox that went away meanwhile has nothing to record.
+                    let _ = state.manager.record_metrics(&id, disk);
+                }
+            });
+            futures::future::join_all(samples).await;
+        }
+    })
+}
+
 /// Serve `app(state)` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,

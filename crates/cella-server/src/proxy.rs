@@ -309,6 +309,7 @@ impl ProxyClient {
             .header(cella_api::HEADER_ACCESS_TOKEN, live.access_token.as_str())
             .body(Body::empty())
             .ok()?;
+        let disk_total = live.limits.disk_mb * 1024 * 1024;
         drop(live);
         let fetch = async {
             let resp = self.client.request(req).await.ok()?;
@@ -321,7 +322,13 @@ impl ProxyClient {
                 .ok()?
                 .to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-            v.get("disk_used")?.as_u64()
+            let used = v.get("disk_used")?.as_u64()?;
+            // The agent is inside the sandbox: never let it report more than the disk has.
+            Some(if disk_total > 0 {
+                used.min(disk_total)
+            } else {
+                used
+            })
         };
         tokio::time::timeout(std::time::Duration::from_secs(1), fetch)
             .await

@@ -396,14 +396,46 @@ async fn connect(
     Ok((StatusCode::OK, Json(sandbox)).into_response())
 }
 
+/// `GET /sandboxes/{id}/metrics?start&end`: the sampled time series within the window (unix
+/// seconds), ending with a fresh sample when the window reaches the present.
 async fn metrics(
     State(state): State<AppState>,
     Extension(Owner(owner)): Extension<Owner>,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, HttpError> {
     check_id(&id)?;
-    let m = with_disk_used(&state, &id, state.manager.metrics(&owner, &id)?).await;
-    Ok(Json(vec![m]).into_response())
+    let raw = raw.unwrap_or_default();
+    let mut start = None;
+    let mut end = None;
+    for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+        let slot = match k.as_ref() {
+            "start" => &mut start,
+            "end" => &mut end,
+            _ => continue,
+        };
+        let t: i64 = v.parse().map_err(|_| {
+            HttpError::bad_request(format!("invalid field '{k}': not a unix time in seconds"))
+        })?;
+        *slot = Some(t);
+    }
+    if let (Some(s), Some(e)) = (start, end)
+        && s > e
+    {
+        return Err(HttpError::bad_request("invalid field 'start': after 'end'"));
+    }
+    let mut series = state.manager.metrics_history(&owner, &id, start, end)?;
+    if let Some(last) = series.pop() {
+        // Only the fresh sample (the present) asks the agent; recorded ones carry their own.
+        let now = cella_core::store::now_ms() / 1000;
+        let last = if last.timestamp_unix >= now - 1 && last.disk_used == 0 {
+            with_disk_used(&state, &id, last).await
+        } else {
+            last
+        };
+        series.push(last);
+    }
+    Ok(Json(series).into_response())
 }
 
 /// Fill in the disk usage, which only the sandbox's agent can see.
@@ -415,12 +447,7 @@ async fn with_disk_used(
     if m.disk_used == 0
         && let Some(used) = state.proxy.agent_disk_used(id).await
     {
-        // The agent is inside the sandbox: never let it report more than the disk has.
-        m.disk_used = if m.disk_total > 0 {
-            used.min(m.disk_total)
-        } else {
-            used
-        };
+        m.disk_used = used;
     }
     m
 }

@@ -16,6 +16,7 @@ use tower::ServiceExt;
 
 struct Harness {
     app: axum::Router,
+    state: AppState,
     driver: FakeDriver,
     store: Store,
     key: String,
@@ -47,11 +48,10 @@ async fn harness() -> Harness {
         store.clone(),
         ManagerConfig::default(),
     );
+    let state = AppState::with_port_grace(manager, std::time::Duration::from_millis(200));
     Harness {
-        app: app(AppState::with_port_grace(
-            manager,
-            std::time::Duration::from_millis(200),
-        )),
+        app: app(state.clone()),
+        state,
         driver,
         store,
         key,
@@ -666,6 +666,69 @@ async fn metrics_and_logs() {
         .call("GET", "/v2/sandboxes/inope/logs", Some(&h.key), None)
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn metrics_are_a_sampled_time_series_within_the_window() {
+    let h = harness().await;
+    let v = h.create(json!({"templateID": "base"})).await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let sampler =
+        cella_server::spawn_metrics_sampler(h.state.clone(), std::time::Duration::from_millis(20));
+    let uri = format!("/sandboxes/{id}/metrics");
+    // Recorded samples plus the fresh one: the series grows while the sandbox lives.
+    let mut len = 0;
+    for _ in 0..200 {
+        let (s, m) = h.call("GET", &uri, Some(&h.key), None).await;
+        assert_eq!(s, StatusCode::OK, "{m}");
+        len = m.as_array().map_or(0, |a| a.len());
+        if len >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    sampler.abort();
+    assert!(len >= 4, "only {len} samples after the sampler ran");
+    let (_, m) = h.call("GET", &uri, Some(&h.key), None).await;
+    let ts: Vec<i64> = m
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x["timestampUnix"].as_i64().expect("timestampUnix"))
+        .collect();
+    assert!(
+        ts.windows(2).all(|w| w[0] <= w[1]),
+        "not in time order: {ts:?}"
+    );
+    assert!(
+        m[0]["memUsed"] == 1 << 20 && m[0]["cpuCount"].is_number(),
+        "{m}"
+    );
+    // A window in the past before the sandbox existed, or in the future, is empty.
+    let (s, m) = h
+        .call("GET", &format!("{uri}?start=0&end=1"), Some(&h.key), None)
+        .await;
+    assert_eq!((s, m), (StatusCode::OK, json!([])));
+    let later = ts[ts.len() - 1] + 3600;
+    let (s, m) = h
+        .call("GET", &format!("{uri}?start={later}"), Some(&h.key), None)
+        .await;
+    assert_eq!((s, m), (StatusCode::OK, json!([])));
+    // Bad windows are 400s that name the field.
+    for (q, field) in [
+        ("start=abc", "start"),
+        ("end=1.5", "end"),
+        ("start=10&end=5", "start"),
+    ] {
+        let (s, v) = h
+            .call("GET", &format!("{uri}?{q}"), Some(&h.key), None)
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| m.contains(field)),
+            "{q}: {v}"
+        );
+    }
 }
 
 #[tokio::test]
