@@ -74,3 +74,25 @@ def test_audit_is_per_key(server, sandbox):
     assert r.status_code in (200, 404), r.text
     if r.status_code == 200:
         assert r.json() == []
+
+
+def test_programs_the_sandbox_runs_itself_are_audited_by_the_host(server, sandbox):
+    from cella_e2e import DRIVER
+    import pytest
+
+    if DRIVER != "jail":
+        pytest.skip("host-side process audit is a jail feature (a VM's processes are behind its own kernel)")
+    # A grandchild of the command, started by sandbox code, not through the API.
+    sandbox.commands.run("sh -c 'sleep 1; true' exec-audit-marker-$((6*7)) &\nwait")
+
+    def found():
+        with server.api() as api:
+            r = api.get("/audit", params={"sandboxID": sandbox.sandbox_id})
+        assert r.status_code == 200, r.text
+        return [e for e in r.json() if e["kind"] == "process.exec" and "exec-audit-marker-42" in json.dumps(e["detail"])] or None
+
+    rows = wait_until(found, timeout=15, interval=0.3, what="a host-observed process.exec entry")
+    e = rows[0]
+    assert e["actor"] == "host"
+    assert e["detail"]["uid"] == 1000  # the default user `user`, as the sandbox sees it
+    assert e["detail"]["argv"][-1] == "exec-audit-marker-42"

@@ -71,13 +71,55 @@ pub struct SandboxSpec {
     pub access_token: String,
 }
 
-/// An event the agent of sandbox `sandbox_id` reported (untrusted claims by the sandbox).
+/// Something that happened in sandbox `sandbox_id`: reported by its agent (an untrusted claim
+/// of the sandbox) or observed by the host from outside (e.g. the jail's process audit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxEvent {
-    /// Which sandbox reported it.
+    /// Which sandbox it concerns.
     pub sandbox_id: String,
-    /// What it reported.
+    /// What happened.
     pub event: AgentEvent,
+    /// Who says so.
+    pub origin: EventOrigin,
+}
+
+impl SandboxEvent {
+    /// An event the sandbox's agent reported.
+    pub fn from_agent(sandbox_id: impl Into<String>, event: AgentEvent) -> SandboxEvent {
+        SandboxEvent {
+            sandbox_id: sandbox_id.into(),
+            event,
+            origin: EventOrigin::Agent,
+        }
+    }
+
+    /// An event the host observed from outside the sandbox.
+    pub fn from_host(sandbox_id: impl Into<String>, event: AgentEvent) -> SandboxEvent {
+        SandboxEvent {
+            sandbox_id: sandbox_id.into(),
+            event,
+            origin: EventOrigin::Host,
+        }
+    }
+}
+
+/// Who reported a [`SandboxEvent`]; the audit log's `actor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOrigin {
+    /// The in-sandbox agent: a claim the sandbox makes about itself.
+    Agent,
+    /// The host (driver), looking from outside: not forgeable by the sandbox.
+    Host,
+}
+
+impl EventOrigin {
+    /// The audit actor name.
+    pub fn actor(self) -> &'static str {
+        match self {
+            EventOrigin::Agent => "agent",
+            EventOrigin::Host => "host",
+        }
+    }
 }
 
 /// Where drivers send agent events.

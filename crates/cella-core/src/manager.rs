@@ -779,7 +779,7 @@ async fn record_agent_events(store: Store, mut rx: mpsc::UnboundedReceiver<Sandb
         let kind = ev.event.kind().to_string();
         let detail = serde_json::to_value(&ev.event).unwrap_or(serde_json::Value::Null);
         store.audit(NewAudit {
-            actor: "agent".into(),
+            actor: ev.origin.actor().into(),
             sandbox_id: Some(ev.sandbox_id),
             kind,
             detail,

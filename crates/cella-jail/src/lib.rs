@@ -26,6 +26,7 @@
 pub mod cgroup;
 pub mod disk;
 pub mod landlock;
+pub mod procwatch;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spawn;
@@ -308,6 +309,7 @@ struct Inner {
     host_netns: Arc<OwnedFd>,
     agent_mount_flags: c_ulong,
     disks: DiskPool,
+    procwatch: Option<Arc<procwatch::ProcWatch>>,
 }
 
 /// The jail driver. Cheap to share; every sandbox it creates holds what it needs itself.
@@ -364,7 +366,23 @@ impl JailDriver {
                 source,
             })?;
         let agent_mount_flags = locked_mount_flags(&config.agent_path)?;
+        let procwatch = match procwatch::ProcWatch::start(
+            PathBuf::from("/proc"),
+            cgroups.parent_name().to_string(),
+            cgroups.instance().to_string(),
+        ) {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "process audit unavailable (the kernel's process events need CAP_NET_ADMIN): \
+                     only processes started through the agent are audited"
+                );
+                None
+            }
+        };
         tracing::info!(
+            process_audit = procwatch.is_some(),
             cgroups = ?cgroups.mode(),
             landlock_abi = ?landlock::probe_abi(),
             "jail driver ready"
@@ -379,6 +397,7 @@ impl JailDriver {
                 host_netns: Arc::new(OwnedFd::from(host_netns)),
                 agent_mount_flags,
                 disks: DiskPool::default(),
+                procwatch,
             }),
         })
     }
@@ -594,17 +613,14 @@ async fn wait_ready(
         match read_line_bounded(reader, &mut buf, MAX_EVENT_LINE).await {
             Ok(Line::Full) => match AgentEvent::parse_line(&buf) {
                 Some(AgentEvent::Ready { version }) => {
-                    let _ = events.send(SandboxEvent {
-                        sandbox_id: id.to_string(),
-                        event: AgentEvent::Ready { version },
-                    });
+                    let _ = events.send(SandboxEvent::from_agent(
+                        id.to_string(),
+                        AgentEvent::Ready { version },
+                    ));
                     return Ok(());
                 }
                 Some(event) => {
-                    let _ = events.send(SandboxEvent {
-                        sandbox_id: id.to_string(),
-                        event,
-                    });
+                    let _ = events.send(SandboxEvent::from_agent(id.to_string(), event));
                 }
                 None => tracing::debug!(sandbox = id, "dropped a malformed control line"),
             },
@@ -659,6 +675,9 @@ impl Driver for JailDriver {
             let size = limits.disk_mb;
             tokio::task::spawn_blocking(move || DiskPool::fill(&inner, size));
         }
+        if let Some(w) = &inner.procwatch {
+            w.watch(&id, spawned.pid, events.clone());
+        }
         let pidfd = Arc::new(spawned.pidfd);
         let (exit_tx, exit_rx) = watch::channel(None);
         let sandbox = Arc::new(JailSandbox {
@@ -673,6 +692,7 @@ impl Driver for JailDriver {
             destroying: AtomicBool::new(false),
             destroyed: tokio::sync::Mutex::new(false),
             tasks: Mutex::new(Vec::new()),
+            procwatch: inner.procwatch.clone(),
         });
 
         let setup = async {

@@ -151,10 +151,7 @@ pub(crate) fn spawn_event_reader(
             match read_line_bounded(&mut reader, &mut buf, MAX_EVENT_LINE).await {
                 Ok(Line::Full) => match AgentEvent::parse_line(&buf) {
                     Some(event) => {
-                        let ev = SandboxEvent {
-                            sandbox_id: id.clone(),
-                            event,
-                        };
+                        let ev = SandboxEvent::from_agent(id.clone(), event);
                         if sink.send(ev).is_err() {
                             // nobody listens any more; keep draining so the agent never blocks
                         }
@@ -232,6 +229,8 @@ pub struct JailSandbox {
     pub(crate) destroying: AtomicBool,
     pub(crate) destroyed: tokio::sync::Mutex<bool>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The host's process audit, which follows this sandbox until teardown.
+    pub(crate) procwatch: Option<Arc<crate::procwatch::ProcWatch>>,
 }
 
 impl std::fmt::Debug for JailSandbox {
@@ -266,6 +265,9 @@ impl JailSandbox {
             for t in tasks.drain(..) {
                 t.abort();
             }
+        }
+        if let Some(w) = &self.procwatch {
+            w.unwatch(&self.id);
         }
         if let Ok(mut ns) = self.netns.lock() {
             ns.take();

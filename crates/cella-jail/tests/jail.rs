@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cella_core::driver::{
-    Driver, EventSink, Limits, SandboxEvent, SandboxHandle, SandboxSpec, TemplateImage,
+    Driver, EventOrigin, EventSink, Limits, SandboxEvent, SandboxHandle, SandboxSpec, TemplateImage,
 };
 use cella_jail::{JailConfig, JailDriver};
 use cella_proto::control::AgentEvent;
@@ -333,8 +333,17 @@ async fn lifecycle_isolation_and_teardown() {
     let id = unique_id("life");
     let (sb, mut events) = create(&env, &id, small_limits()).await;
 
-    // Events: the malformed and oversized lines were dropped, the rest arrived in order.
-    let first = events.recv().await.expect("event");
+    // Events: the malformed and oversized lines were dropped, the rest arrived in order. (The
+    // host's process audit reports the fake agent's own execs in between: skip those here.)
+    let mut from_agent = Vec::new();
+    while from_agent.len() < 2 {
+        let ev = events.recv().await.expect("event");
+        if ev.origin == EventOrigin::Agent {
+            from_agent.push(ev);
+        }
+    }
+    let mut from_agent = from_agent.into_iter();
+    let first = from_agent.next().expect("event");
     assert_eq!(first.sandbox_id, id);
     assert_eq!(
         first.event,
@@ -342,7 +351,7 @@ async fn lifecycle_isolation_and_teardown() {
             path: "/from-agent".into()
         }
     );
-    let second = events.recv().await.expect("event");
+    let second = from_agent.next().expect("event");
     assert_eq!(
         second.event,
         AgentEvent::Ready {
@@ -493,6 +502,55 @@ async fn lifecycle_isolation_and_teardown() {
             .await
             .is_ok()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_exec_inside_is_audited_by_the_host() {
+    let Some(env) = env() else { return };
+    if procwatch_unavailable() {
+        eprintln!("SKIP: the kernel's process events connector is not available here");
+        return;
+    }
+    let id = unique_id("exec");
+    let (sb, mut events) = create(&env, &id, small_limits()).await;
+    // A program the sandbox runs by itself (a grandchild of the agent's shell), not through
+    // the API, with a marker argument; it lives a moment so its command line can be read.
+    let (_, code) = run(&sb, "sh -c 'sleep 1; true' exec-audit-marker-1; echo done").await;
+    assert_eq!(code, 0);
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = events.recv().await {
+            seen.push(format!("{:?} {:?}", ev.origin, ev.event));
+            if let AgentEvent::ProcessExec { argv, pid, .. } = &ev.event
+                && argv.iter().any(|a| a.contains("exec-audit-marker-1"))
+            {
+                return Some((ev.origin, ev.sandbox_id.clone(), *pid));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let (origin, sid, pid) = found.unwrap_or_else(|| {
+        panic!("the exec of the marker command was not audited; events: {seen:#?}")
+    });
+    assert_eq!(origin, EventOrigin::Host);
+    assert_eq!(sid, id);
+    // The PID is the sandbox's view (its own pid namespace), not the host's.
+    assert!(pid > 1 && pid < 10_000, "pid {pid}");
+    sb.destroy().await.expect("destroy");
+}
+
+fn procwatch_unavailable() -> bool {
+    // SAFETY: a plain socket(2) probe, closed at once.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM, 11) };
+    if fd < 0 {
+        return true;
+    }
+    // SAFETY: fd was just opened.
+    unsafe { libc::close(fd) };
+    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

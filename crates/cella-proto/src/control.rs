@@ -113,6 +113,25 @@ pub enum AgentEvent {
         /// Absolute path inside the sandbox.
         path: String,
     },
+    /// A program was executed inside the sandbox, by anyone (seen by the host's process audit,
+    /// not only what the agent started).
+    ProcessExec {
+        /// PID inside the sandbox (0 when it ended before it could be read).
+        pid: u32,
+        /// Real uid inside the sandbox (`None` when it could not be read).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        /// Its command line, bounded (empty when it ended before it could be read).
+        argv: Vec<String>,
+        /// Whether `argv` was cut at the bound.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
+    /// Executions not recorded one by one because the sandbox exceeded the audit rate.
+    ProcessExecSuppressed {
+        /// How many were left out.
+        count: u64,
+    },
 }
 
 impl AgentEvent {
@@ -134,6 +153,8 @@ impl AgentEvent {
             AgentEvent::FileRemove { .. } => "file.remove",
             AgentEvent::FileMove { .. } => "file.move",
             AgentEvent::MakeDir { .. } => "file.mkdir",
+            AgentEvent::ProcessExec { .. } => "process.exec",
+            AgentEvent::ProcessExecSuppressed { .. } => "process.exec.suppressed",
         }
     }
 

@@ -359,10 +359,7 @@ async fn wait_ready<R: AsyncRead + Unpin>(
             Ok(Line::Full) => match AgentEvent::parse_line(&buf) {
                 Some(event) => {
                     let ready = matches!(event, AgentEvent::Ready { .. });
-                    let _ = events.send(SandboxEvent {
-                        sandbox_id: id.to_string(),
-                        event,
-                    });
+                    let _ = events.send(SandboxEvent::from_agent(id.to_string(), event));
                     if ready {
                         return Ok(());
                     }
@@ -388,10 +385,7 @@ fn spawn_event_reader<R: AsyncRead + Unpin + Send + 'static>(
             match read_line_bounded(&mut reader, &mut buf, MAX_EVENT_LINE).await {
                 Ok(Line::Full) => {
                     if let Some(event) = AgentEvent::parse_line(&buf) {
-                        let _ = sink.send(SandboxEvent {
-                            sandbox_id: id.clone(),
-                            event,
-                        });
+                        let _ = sink.send(SandboxEvent::from_agent(id.clone(), event));
                     }
                 }
                 Ok(Line::TooLong) => {}
