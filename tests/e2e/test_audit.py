@@ -76,12 +76,9 @@ def test_audit_is_per_key(server, sandbox):
         assert r.json() == []
 
 
-def test_programs_the_sandbox_runs_itself_are_audited_by_the_host(server, sandbox):
+def test_programs_the_sandbox_runs_itself_are_audited(server, sandbox):
     from cella_e2e import DRIVER
-    import pytest
 
-    if DRIVER != "jail":
-        pytest.skip("host-side process audit is a jail feature (a VM's processes are behind its own kernel)")
     # A grandchild of the command, started by sandbox code, not through the API.
     sandbox.commands.run("sh -c 'sleep 1; true' exec-audit-marker-$((6*7)) &\nwait")
 
@@ -91,8 +88,10 @@ def test_programs_the_sandbox_runs_itself_are_audited_by_the_host(server, sandbo
         assert r.status_code == 200, r.text
         return [e for e in r.json() if e["kind"] == "process.exec" and "exec-audit-marker-42" in json.dumps(e["detail"])] or None
 
-    rows = wait_until(found, timeout=15, interval=0.3, what="a host-observed process.exec entry")
+    rows = wait_until(found, timeout=30, interval=0.3, what="a process.exec entry for the marker")
     e = rows[0]
-    assert e["actor"] == "host"
+    # A jail's host sees the exec itself; a microVM's guest kernel is the sandbox's own, so its
+    # agent reports it (a claim of the sandbox).
+    assert e["actor"] == ("host" if DRIVER == "jail" else "agent")
     assert e["detail"]["uid"] == 1000  # the default user `user`, as the sandbox sees it
     assert e["detail"]["argv"][-1] == "exec-audit-marker-42"

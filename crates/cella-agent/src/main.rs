@@ -12,6 +12,7 @@
 //! A template's start command (the config's `start`, or `--start`) is spawned once the agent
 //! listens, as a tracked process tagged `start_cmd`.
 
+mod execaudit;
 mod files;
 mod fs;
 mod http;
@@ -251,6 +252,10 @@ async fn run(args: Args) -> Result<()> {
             sink.emit(AgentEvent::Ready {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             });
+            // In a microVM guest: every exec in the guest (a jail's host does this itself).
+            if execaudit::spawn(sink.clone(), settings.proc_root.join("proc")) {
+                tracing::info!("auditing every program executed in this guest");
+            }
             sink
         }
         None => {
