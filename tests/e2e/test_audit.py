@@ -95,3 +95,25 @@ def test_programs_the_sandbox_runs_itself_are_audited(server, sandbox):
     assert e["actor"] == ("host" if DRIVER == "jail" else "agent")
     assert e["detail"]["uid"] == 1000  # the default user `user`, as the sandbox sees it
     assert e["detail"]["argv"][-1] == "exec-audit-marker-42"
+
+
+def test_files_the_sandbox_writes_itself_are_audited_by_the_host(server, sandbox):
+    from cella_e2e import DRIVER
+    import pytest
+
+    if DRIVER != "jail":
+        pytest.skip("host-side file audit watches the jail's disk; a VM's disk is behind its own kernel")
+    sandbox.commands.run("echo hi > /home/user/fs-audit.txt && mv /home/user/fs-audit.txt /home/user/fs-audit2.txt && rm /home/user/fs-audit2.txt")
+
+    def found():
+        with server.api() as api:
+            r = api.get("/audit", params={"sandboxID": sandbox.sandbox_id})
+        assert r.status_code == 200, r.text
+        got = {(e["kind"], json.dumps(e["detail"], sort_keys=True)) for e in r.json() if e["actor"] == "host" and e["kind"].startswith("fs.")}
+        kinds = {k for k, d in got if "fs-audit" in d}
+        return got if {"fs.write", "fs.rename", "fs.remove"} <= kinds else None
+
+    got = wait_until(found, timeout=15, interval=0.3, what="fs.write, fs.rename and fs.remove entries")
+    details = [json.loads(d) for k, d in got]
+    assert any(d.get("path") == "/home/user/fs-audit.txt" for d in details), details
+    assert any(d.get("from") == "/home/user/fs-audit.txt" and d.get("to") == "/home/user/fs-audit2.txt" for d in details), details

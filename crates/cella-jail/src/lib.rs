@@ -25,6 +25,7 @@
 
 pub mod cgroup;
 pub mod disk;
+pub mod fswatch;
 pub mod landlock;
 pub mod procwatch;
 pub mod sandbox;
@@ -310,6 +311,7 @@ struct Inner {
     agent_mount_flags: c_ulong,
     disks: DiskPool,
     procwatch: Option<Arc<procwatch::ProcWatch>>,
+    fswatch: Option<Arc<fswatch::FsWatch>>,
 }
 
 /// The jail driver. Cheap to share; every sandbox it creates holds what it needs itself.
@@ -381,8 +383,20 @@ impl JailDriver {
                 None
             }
         };
+        let fswatch = match fswatch::FsWatch::start(PathBuf::from("/proc")) {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "file audit unavailable (fanotify needs CAP_SYS_ADMIN): \
+                     only files written through the agent are audited"
+                );
+                None
+            }
+        };
         tracing::info!(
             process_audit = procwatch.is_some(),
+            file_audit = fswatch.is_some(),
             cgroups = ?cgroups.mode(),
             landlock_abi = ?landlock::probe_abi(),
             "jail driver ready"
@@ -398,6 +412,7 @@ impl JailDriver {
                 agent_mount_flags,
                 disks: DiskPool::default(),
                 procwatch,
+                fswatch,
             }),
         })
     }
@@ -551,7 +566,7 @@ fn start_blocking(
     dir: &Path,
     rootfs: &Path,
     limits: Limits,
-) -> Result<(spawn::Spawned, LoopRef), DriverError> {
+) -> Result<(spawn::Spawned, LoopRef, Option<OwnedFd>), DriverError> {
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -589,12 +604,18 @@ fn start_blocking(
         landlock: inner.landlock,
     };
     let spawned = spawn::spawn(&req);
+    // The file audit's handle on the disk (released with the sandbox, see fswatch).
+    let fs_root = inner.fswatch.as_ref().and_then(|_| {
+        fswatch::FsWatch::open_root(std::os::fd::AsFd::as_fd(&disk.mount))
+            .map_err(|e| tracing::warn!(sandbox = id, error = %e, "no file audit for this sandbox"))
+            .ok()
+    });
     // The sandbox has its own attachment of the disk now (or failed): the detached original
     // must go, or it would keep the disk alive.
     let disk::WritableDisk { loop_ref, mount } = disk;
     drop(mount);
     match spawned {
-        Ok(s) => Ok((s, loop_ref)),
+        Ok(s) => Ok((s, loop_ref, fs_root)),
         Err(e) => {
             cleanup_failed(&inner.cgroups, id, dir, Some(&loop_ref));
             Err(DriverError::Setup(error_chain(&e)))
@@ -661,7 +682,7 @@ impl Driver for JailDriver {
         let dir = inner.config.data_dir.join(&id);
         let limits = spec.limits;
         let started = std::time::Instant::now();
-        let (spawned, disk) = {
+        let (spawned, disk, fs_root) = {
             let inner = inner.clone();
             let id = id.clone();
             let dir = dir.clone();
@@ -678,6 +699,11 @@ impl Driver for JailDriver {
         if let Some(w) = &inner.procwatch {
             w.watch(&id, spawned.pid, events.clone());
         }
+        if let (Some(w), Some(root)) = (&inner.fswatch, fs_root)
+            && let Err(e) = w.watch(&id, root, events.clone())
+        {
+            tracing::warn!(sandbox = %id, error = %e, "no file audit for this sandbox");
+        }
         let pidfd = Arc::new(spawned.pidfd);
         let (exit_tx, exit_rx) = watch::channel(None);
         let sandbox = Arc::new(JailSandbox {
@@ -693,8 +719,24 @@ impl Driver for JailDriver {
             destroyed: tokio::sync::Mutex::new(false),
             tasks: Mutex::new(Vec::new()),
             procwatch: inner.procwatch.clone(),
+            fswatch: inner.fswatch.clone(),
         });
 
+        // The audits forget the sandbox as soon as its init is gone (killed, crashed, or
+        // reaped by a later server run), so they never keep its disk alive.
+        if inner.procwatch.is_some() || inner.fswatch.is_some() {
+            let mut exited = sandbox.exit_rx.clone();
+            let (pw, fw, id) = (inner.procwatch.clone(), inner.fswatch.clone(), id.clone());
+            tokio::spawn(async move {
+                let _ = exited.wait_for(|v| v.is_some()).await;
+                if let Some(w) = fw {
+                    w.unwatch(&id);
+                }
+                if let Some(w) = pw {
+                    w.unwatch(&id);
+                }
+            });
+        }
         let setup = async {
             let waiter = sandbox::spawn_waiter(pidfd.clone(), exit_tx)
                 .map_err(|e| format!("watching the agent: {e}"))?;

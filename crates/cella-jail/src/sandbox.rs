@@ -231,6 +231,8 @@ pub struct JailSandbox {
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The host's process audit, which follows this sandbox until teardown.
     pub(crate) procwatch: Option<Arc<crate::procwatch::ProcWatch>>,
+    /// The host's file audit, which holds this sandbox's disk root until teardown.
+    pub(crate) fswatch: Option<Arc<crate::fswatch::FsWatch>>,
 }
 
 impl std::fmt::Debug for JailSandbox {
@@ -267,6 +269,10 @@ impl JailSandbox {
             }
         }
         if let Some(w) = &self.procwatch {
+            w.unwatch(&self.id);
+        }
+        // Before waiting for the disk's release: the audit's root fd keeps it alive.
+        if let Some(w) = &self.fswatch {
             w.unwatch(&self.id);
         }
         if let Ok(mut ns) = self.netns.lock() {

@@ -542,6 +542,86 @@ async fn every_exec_inside_is_audited_by_the_host() {
     sb.destroy().await.expect("destroy");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn files_written_inside_are_audited_by_the_host() {
+    let Some(env) = env() else { return };
+    let id = unique_id("fsaud");
+    let (sb, mut events) = create(&env, &id, small_limits()).await;
+    // Written, renamed and removed by sandbox code itself; one template file modified
+    // (copy-up) and one template file removed (a whiteout).
+    let (_, code) = run(
+        &sb,
+        "echo a > /mnt/fs-audit-1; mv /mnt/fs-audit-1 /mnt/fs-audit-2; rm /mnt/fs-audit-2; \
+         echo more >> /etc/motd; rm /www/cgi-bin/../../etc/motd; echo done",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let mut seen = Vec::new();
+    let want = |seen: &[AgentEvent]| {
+        let has = |e: &AgentEvent| seen.contains(e);
+        has(&AgentEvent::FsWrite {
+            path: "/mnt/fs-audit-1".into(),
+            pid: None,
+        }) && has(&AgentEvent::FsRename {
+            from: "/mnt/fs-audit-1".into(),
+            to: "/mnt/fs-audit-2".into(),
+            pid: None,
+        }) && has(&AgentEvent::FsRemove {
+            path: "/mnt/fs-audit-2".into(),
+            pid: None,
+        }) && has(&AgentEvent::FsWrite {
+            path: "/etc/motd".into(),
+            pid: None,
+        }) && has(&AgentEvent::FsRemove {
+            path: "/etc/motd".into(),
+            pid: None,
+        })
+    };
+    let ok = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = events.recv().await {
+            if ev.origin != EventOrigin::Host {
+                continue;
+            }
+            // Compare without the writer's PID (asserted below to be the sandbox's view).
+            let (plain, pid) = match ev.event {
+                AgentEvent::FsWrite { path, pid } => (AgentEvent::FsWrite { path, pid: None }, pid),
+                AgentEvent::FsRemove { path, pid } => {
+                    (AgentEvent::FsRemove { path, pid: None }, pid)
+                }
+                AgentEvent::FsRename { from, to, pid } => (
+                    AgentEvent::FsRename {
+                        from,
+                        to,
+                        pid: None,
+                    },
+                    pid,
+                ),
+                _ => continue,
+            };
+            if let Some(pid) = pid {
+                assert!(
+                    (1..10_000).contains(&pid),
+                    "pid {pid} is not the sandbox's view"
+                );
+            }
+            seen.push(plain);
+            if want(&seen) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(ok, "missing file audit records; got {seen:#?}");
+    // Nothing of the overlay's internals (work dir, whiteout devices) leaks into the records.
+    assert!(
+        seen.iter().all(|e| !format!("{e:?}").contains("work")),
+        "{seen:#?}"
+    );
+    sb.destroy().await.expect("destroy");
+}
+
 fn procwatch_unavailable() -> bool {
     // SAFETY: a plain socket(2) probe, closed at once.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM, 11) };

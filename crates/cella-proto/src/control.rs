@@ -132,6 +132,38 @@ pub enum AgentEvent {
         /// How many were left out.
         count: u64,
     },
+    /// A file was closed after being written inside the sandbox, by anyone (seen by the host's
+    /// file audit, not only what went through the file API).
+    FsWrite {
+        /// Path inside the sandbox.
+        path: String,
+        /// PID inside the sandbox of the writer, when it could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
+    /// A file or directory was removed inside the sandbox.
+    FsRemove {
+        /// Path inside the sandbox.
+        path: String,
+        /// PID inside the sandbox, when it could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
+    /// A file or directory was renamed inside the sandbox.
+    FsRename {
+        /// Old path.
+        from: String,
+        /// New path.
+        to: String,
+        /// PID inside the sandbox, when it could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
+    /// File changes not recorded one by one because the sandbox exceeded the audit rate.
+    FsSuppressed {
+        /// How many were left out.
+        count: u64,
+    },
 }
 
 impl AgentEvent {
@@ -155,6 +187,10 @@ impl AgentEvent {
             AgentEvent::MakeDir { .. } => "file.mkdir",
             AgentEvent::ProcessExec { .. } => "process.exec",
             AgentEvent::ProcessExecSuppressed { .. } => "process.exec.suppressed",
+            AgentEvent::FsWrite { .. } => "fs.write",
+            AgentEvent::FsRemove { .. } => "fs.remove",
+            AgentEvent::FsRename { .. } => "fs.rename",
+            AgentEvent::FsSuppressed { .. } => "fs.suppressed",
         }
     }
 
