@@ -252,6 +252,9 @@ fn write_resolv_conf(pid: i32, pidfd: &OwnedFd, content: &[u8]) -> io::Result<()
     if alive != 0 {
         return Err(io::Error::last_os_error());
     }
+    // The sandbox's filesystems belong to its user namespace, where host uid 0 is unmapped
+    // (creating a file as it fails with EOVERFLOW): act as the sandbox's root on this thread.
+    let _ids = FsIds::become_id(cella_core::driver::SANDBOX_ID_BASE)?;
     /// `struct open_how` of openat2(2) (libc's is non-exhaustive).
     #[repr(C)]
     struct OpenHow {
@@ -300,12 +303,38 @@ fn write_resolv_conf(pid: i32, pidfd: &OwnedFd, content: &[u8]) -> io::Result<()
     }
     // SAFETY: `fd` is a new descriptor owned by nobody else.
     let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let base = cella_core::driver::SANDBOX_ID_BASE;
-    // SAFETY: fchown on an fd we own.
-    if unsafe { libc::fchown(file.as_raw_fd(), base, base) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     (&file).write_all(content)
+}
+
+/// The calling thread's filesystem uid/gid set to `id` until dropped (then back to 0).
+/// setfsuid/setfsgid are per-thread syscalls, so other threads are unaffected.
+struct FsIds;
+
+impl FsIds {
+    fn become_id(id: u32) -> io::Result<FsIds> {
+        // SAFETY: setfsgid/setfsuid take plain integers and only change this thread's ids.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, id);
+            libc::syscall(libc::SYS_setfsuid, id);
+        }
+        // SAFETY: as above; -1 is the documented "query only" value.
+        let now = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) };
+        if now != i64::from(id) {
+            drop(FsIds);
+            return Err(io::Error::other("could not switch the filesystem uid"));
+        }
+        Ok(FsIds)
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        // SAFETY: restores this thread's filesystem ids to root.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0u32);
+            libc::syscall(libc::SYS_setfsgid, 0u32);
+        }
+    }
 }
 
 /// State shared by the handle and its teardown.
