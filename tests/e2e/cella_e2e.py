@@ -333,6 +333,17 @@ def _data_files(data_dir: Path) -> set:
     return out
 
 
+_EGRESS_LINK_RE = re.compile(r"^cn[0-9a-f]{6}[0-9]+$")
+
+
+def _egress_links() -> set:
+    """Host ends of sandbox veths (`cella serve --egress allowed`): `cn<instance><slot>`."""
+    try:
+        return {n for n in os.listdir("/sys/class/net") if _EGRESS_LINK_RE.match(n)}
+    except OSError:
+        return set()
+
+
 @dataclass(frozen=True)
 class HostSnapshot:
     mounts: frozenset
@@ -340,6 +351,7 @@ class HostSnapshot:
     netns: frozenset
     processes: frozenset
     data_files: frozenset
+    links: frozenset = frozenset()
 
     @staticmethod
     def take(data_dir: Path, server_pid: Optional[int] = None) -> "HostSnapshot":
@@ -375,12 +387,13 @@ class HostSnapshot:
             netns=frozenset(netns),
             processes=frozenset(processes),
             data_files=frozenset(_data_files(data_dir)),
+            links=frozenset(_egress_links()),
         )
 
     def diff(self, other: "HostSnapshot") -> dict:
         """What `other` has that `self` has not (+) and the reverse (-), per category."""
         out = {}
-        for name in ("mounts", "cgroups", "netns", "processes", "data_files"):
+        for name in ("mounts", "cgroups", "netns", "processes", "data_files", "links"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out[name] = {"+": sorted(map(str, b - a)), "-": sorted(map(str, a - b))}

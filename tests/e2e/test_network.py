@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from e2b import Sandbox
 
-from cella_e2e import FakeInternet, Server, host_links, nft_table, wait_until
+from cella_e2e import FakeInternet, HostSnapshot, Server, host_links, nft_table, wait_until
 
 pytestmark = pytest.mark.driver("jail", "the vm driver has no egress yet (a 400, tested in the API tests)")
 
@@ -222,8 +222,10 @@ def test_sandboxes_cannot_reach_each_other_the_host_or_metadata(egress, fake):
 
 
 def test_kill_removes_interface_and_rules(egress):
+    snap_before = HostSnapshot.take(egress.data_dir, egress.proc.pid)
     before = own_links(egress)
     sbx = Sandbox.create(template="base", timeout=120)
+    assert HostSnapshot.take(egress.data_dir, egress.proc.pid).diff(snap_before).get("links"), "egress adds a link"
     during = own_links(egress)
     assert len(during - before) == 1, (before, during)
     table = nft_table(egress.table) or ""
@@ -234,3 +236,63 @@ def test_kill_removes_interface_and_rules(egress):
     table = nft_table(egress.table) or ""
     assert table.count("chain sb") == chains_during - 1, table
     assert table.count("set sb") == 4 * (chains_during - 1), table
+    # The whole host (processes, cgroups, netns, mounts, files, links) is as before.
+    last = {}
+
+    def same():
+        nonlocal last
+        last = snap_before.diff(HostSnapshot.take(egress.data_dir, egress.proc.pid))
+        return not last
+
+    try:
+        wait_until(same, timeout=15, interval=0.2, what="host state")
+    except AssertionError:
+        raise AssertionError(f"left behind: {last}") from None
+
+
+def test_timeout_removes_interface_and_rules(egress):
+    before = own_links(egress)
+    sbx = Sandbox.create(template="base", timeout=2)
+    assert len(own_links(egress) - before) == 1
+    wait_until(lambda: own_links(egress) == before, timeout=20, what="interface removal after timeout")
+    assert "jump sb" not in (nft_table(egress.table) or "").split("map sandboxes")[1].split("}")[0], (
+        "the expired sandbox is still hooked"
+    )
+    assert not sbx.is_running()
+
+
+def test_crashed_server_leaves_nothing_after_restart(fake):
+    """SIGKILL a server with an egress sandbox, start it again on the same data dir: the
+    interface and the sandbox's rules are gone, and shutdown removes the table."""
+    tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-netcrash-"))
+    tmp.chmod(0o711)
+    args = [
+        "--egress", "allowed",
+        "--dns-upstream", fake.dns,
+        "--egress-interface", fake.host_if,
+        "--egress-pool", "10.246.0.0/24",
+        "--build", "",
+    ]
+    srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log", extra_args=args)
+    links_before = host_links()
+    srv.start()
+    try:
+        table = next(l.split("table inet ")[1].split(",")[0] for l in srv.lines if "table inet " in l)
+        with srv.api() as c:
+            r = c.post("/v2/sandboxes", json={"templateID": "base", "timeout": 300})
+            assert r.status_code == 201, r.text
+        new = host_links() - links_before
+        assert len(new) == 1, new
+        srv.kill9()
+        assert nft_table(table) is not None, "a crash cannot remove the table"
+        srv.start()
+        wait_until(lambda: not (host_links() - links_before), timeout=20, what="leftover interface removal")
+        listed = nft_table(table) or ""
+        assert "chain sb" not in listed, listed
+        assert any("removed leftovers of a previous run (network)" in l for l in srv.lines), srv.lines[-20:]
+    finally:
+        code = srv.stop()
+    assert code == 0
+    assert nft_table(table) is None
+    assert not (host_links() - links_before)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -153,7 +153,10 @@ async fn start_egress(
             .iter()
             .map(|u| {
                 u.parse::<SocketAddr>()
-                    .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .or_else(|_| {
+                        u.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
                     .map_err(|_| anyhow::anyhow!("--dns-upstream {u:?}: expected IP or IP:port"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?

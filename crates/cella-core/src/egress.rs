@@ -86,10 +86,7 @@ impl Ipv4Cidr {
             .map_err(|_| format!("{s:?} is not an IPv4 address or CIDR"))?;
         let net = Ipv4Cidr::new(ip, prefix).ok_or_else(|| format!("{s:?}: bad prefix"))?;
         if net.addr != ip {
-            return Err(format!(
-                "{s:?} has host bits set (did you mean {}?)",
-                net
-            ));
+            return Err(format!("{s:?} has host bits set (did you mean {}?)", net));
         }
         Ok(net)
     }
@@ -302,7 +299,8 @@ fn looks_like_ipv6(s: &str) -> bool {
 }
 
 fn is_ipish(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
 }
 
 /// A policy field that does not validate.
@@ -404,8 +402,20 @@ mod tests {
         assert!(!wild.matches("example.com"), "apex is not matched");
         assert!(!wild.matches("badexample.com"));
         assert!(!wild.matches("example.com.evil.net"));
-        for bad in ["*", "*.", "a..b", "-a.com", "a b.com", "", "x.*.com", "1.2.3.4.5"] {
-            assert!(DomainPattern::parse(bad).is_err(), "{bad:?} must be refused");
+        for bad in [
+            "*",
+            "*.",
+            "a..b",
+            "-a.com",
+            "a b.com",
+            "",
+            "x.*.com",
+            "1.2.3.4.5",
+        ] {
+            assert!(
+                DomainPattern::parse(bad).is_err(),
+                "{bad:?} must be refused"
+            );
         }
     }
 
@@ -428,7 +438,10 @@ mod tests {
         assert!(doms.reaches_anything() && doms.restricts_domains());
         assert!(doms.allows_name("allowed.test") && doms.allows_name("a.ok.test"));
         assert!(!doms.allows_name("other.test"));
-        assert_eq!(doms.allow_out(), s(&["198.51.100.0/24", "allowed.test", "*.ok.test"]));
+        assert_eq!(
+            doms.allow_out(),
+            s(&["198.51.100.0/24", "allowed.test", "*.ok.test"])
+        );
         assert_eq!(doms.deny_out(), s(&["0.0.0.0/0"]));
 
         // allow_internet_access=false plus an allow list: allow wins.
@@ -445,13 +458,15 @@ mod tests {
         let e = EgressPolicy::from_request(None, Some(&s(&["10.0.0.1/8"])), None, "")
             .expect_err("host bits");
         assert_eq!(e.field, "allowOut");
-        let e = EgressPolicy::from_request(None, Some(&s(&["::1/128"])), None, "")
-            .expect_err("ipv6");
+        let e =
+            EgressPolicy::from_request(None, Some(&s(&["::1/128"])), None, "").expect_err("ipv6");
         assert!(e.message.contains("IPv6"));
         let e = EgressPolicy::from_request(None, Some(&s(&["bad name!"])), None, "")
             .expect_err("bad domain");
         assert_eq!(e.field, "allowOut");
-        let many: Vec<String> = (0..=MAX_RULES).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
+        let many: Vec<String> = (0..=MAX_RULES)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
         assert!(EgressPolicy::from_request(None, None, Some(&many), "").is_err());
         // IPv6 deny rules are accepted (IPv6 is always denied).
         assert!(EgressPolicy::from_request(None, None, Some(&s(&["::/0"])), "").is_ok());

@@ -345,10 +345,7 @@ impl Manager {
         })?;
         // Only a server with egress gives a sandbox a network, and only if it may reach
         // something: everything else keeps the lo-only netns (no cost at create).
-        let egress = self
-            .egress
-            .clone()
-            .filter(|_| policy.reaches_anything());
+        let egress = self.egress.clone().filter(|_| policy.reaches_anything());
         if egress.is_some() && !driver.supports_egress() {
             return Err(ManagerError::InvalidField {
                 field: "allow_internet_access",

@@ -224,7 +224,8 @@ fn socket_in_netns(netns: &OwnedFd, host: &OwnedFd) -> io::Result<std::net::TcpS
 /// file afresh (`O_EXCL`), owned by the sandbox's root.
 fn write_resolv_conf(pid: i32, pidfd: &OwnedFd, content: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let root_path = std::ffi::CString::new(format!("/proc/{pid}/root")).map_err(io::Error::other)?;
+    let root_path =
+        std::ffi::CString::new(format!("/proc/{pid}/root")).map_err(io::Error::other)?;
     // SAFETY: a valid NUL-terminated path; the returned fd is owned below.
     let root = unsafe {
         libc::open(
@@ -459,7 +460,9 @@ impl SandboxHandle for JailSandbox {
     async fn set_nameserver(&self, nameserver: Ipv4Addr) -> Result<(), DriverError> {
         let pid = self.pid;
         let pidfd = self.pidfd.clone();
-        let content = format!("# Written by cella: the host-side resolver of this sandbox.\nnameserver {nameserver}\n");
+        let content = format!(
+            "# Written by cella: the host-side resolver of this sandbox.\nnameserver {nameserver}\n"
+        );
         tokio::task::spawn_blocking(move || write_resolv_conf(pid, &pidfd, content.as_bytes()))
             .await
             .map_err(|e| DriverError::Setup(format!("resolver task failed: {e}")))?

@@ -32,9 +32,8 @@ const MAX_IN_FLIGHT: usize = 64;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Adds learned addresses to the sandbox's firewall set.
-pub type Learn = Arc<
-    dyn Fn(Vec<(Ipv4Addr, u32)>) -> futures_like::BoxFuture<Result<(), String>> + Send + Sync,
->;
+pub type Learn =
+    Arc<dyn Fn(Vec<(Ipv4Addr, u32)>) -> futures_like::BoxFuture<Result<(), String>> + Send + Sync>;
 
 /// A tiny boxed-future alias (no `futures` dependency needed).
 pub mod futures_like {
@@ -76,7 +75,11 @@ pub fn judge(msg: &Message, policy: &EgressPolicy) -> (String, String, Verdict) 
         || msg.op_code() != OpCode::Query
         || msg.queries().len() != 1
     {
-        return (String::new(), String::new(), Verdict::Refuse(ResponseCode::FormErr));
+        return (
+            String::new(),
+            String::new(),
+            Verdict::Refuse(ResponseCode::FormErr),
+        );
     }
     let q = &msg.queries()[0];
     let name = q.name().to_lowercase().to_ascii();
@@ -172,7 +175,10 @@ impl Forwarder {
             Verdict::Forward { learn } => match self.forward(query, msg.id()).await {
                 Some((raw, resp)) => {
                     let addrs = a_records(&resp);
-                    if learn && !addrs.is_empty() && let Err(e) = (self.learn)(addrs.clone()).await {
+                    if learn
+                        && !addrs.is_empty()
+                        && let Err(e) = (self.learn)(addrs.clone()).await
+                    {
                         tracing::warn!(sandbox = %self.sandbox_id, error = %e, "learning addresses failed");
                         self.audit(&name, &qtype, "error", serde_json::json!(e));
                         return refusal(&msg, ResponseCode::ServFail);
@@ -268,11 +274,17 @@ mod tests {
         let (_, _, v) = judge(&query("other.test.", RecordType::A), &open);
         assert_eq!(v, Verdict::Forward { learn: false });
         let mut two = query("a.test.", RecordType::A);
-        two.add_query(Query::query(Name::from_ascii("b.test.").expect("n"), RecordType::A));
+        two.add_query(Query::query(
+            Name::from_ascii("b.test.").expect("n"),
+            RecordType::A,
+        ));
         assert_eq!(judge(&two, &open).2, Verdict::Refuse(ResponseCode::FormErr));
         let mut resp = query("a.test.", RecordType::A);
         resp.set_message_type(MessageType::Response);
-        assert_eq!(judge(&resp, &open).2, Verdict::Refuse(ResponseCode::FormErr));
+        assert_eq!(
+            judge(&resp, &open).2,
+            Verdict::Refuse(ResponseCode::FormErr)
+        );
     }
 
     #[test]
@@ -298,7 +310,10 @@ mod tests {
             60,
             RData::AAAA(std::net::Ipv6Addr::LOCALHOST.into()),
         ));
-        assert_eq!(a_records(&resp), vec![(Ipv4Addr::new(198, 51, 100, 10), 60)]);
+        assert_eq!(
+            a_records(&resp),
+            vec![(Ipv4Addr::new(198, 51, 100, 10), 60)]
+        );
     }
 
     #[test]

@@ -171,7 +171,10 @@ impl HostNet {
             .await
             .map_err(NetError::Os)?;
         let fwd = cfg.proc_root.join("sys/net/ipv4/ip_forward");
-        if std::fs::read_to_string(&fwd).map(|s| s.trim() != "1").unwrap_or(true) {
+        if std::fs::read_to_string(&fwd)
+            .map(|s| s.trim() != "1")
+            .unwrap_or(true)
+        {
             std::fs::write(&fwd, "1")
                 .map_err(|e| NetError::Os(format!("enabling {}: {e}", fwd.display())))?;
             tracing::info!("enabled net.ipv4.ip_forward for sandbox egress");
@@ -288,7 +291,10 @@ impl Egress for HostNet {
         };
         if let Err(e) = self.plumb(&att, netns).await {
             self.undo(&att, false).await;
-            return Err(EgressError::Setup(format!("setting up {}: {e}", att.ifname)));
+            return Err(EgressError::Setup(format!(
+                "setting up {}: {e}",
+                att.ifname
+            )));
         }
         if let Err(e) = run_nft("attaching", &self.rules.attach(&att, policy)).await {
             self.undo(&att, false).await;
@@ -393,8 +399,9 @@ fn own_links(sys_root: &Path, prefix: &str) -> Vec<String> {
             rd.filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| {
-                    n.strip_prefix(prefix)
-                        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+                    n.strip_prefix(prefix).is_some_and(|rest| {
+                        !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit())
+                    })
                 })
                 .collect()
         })
@@ -468,7 +475,14 @@ mod tests {
     #[test]
     fn own_links_match_only_this_prefix_and_digits() {
         let dir = tempfile::tempdir().expect("tmp");
-        for n in ["cnabcdef0", "cnabcdef12", "cnabcdefx", "cnabcdef", "eth0", "cn999999"] {
+        for n in [
+            "cnabcdef0",
+            "cnabcdef12",
+            "cnabcdefx",
+            "cnabcdef",
+            "eth0",
+            "cn999999",
+        ] {
             std::fs::create_dir_all(dir.path().join("class/net").join(n)).expect("mkdir");
         }
         let mut got = own_links(dir.path(), "cnabcdef");

@@ -220,7 +220,10 @@ impl Ruleset {
     }
 
     fn elements(&self, n: u32, policy: &EgressPolicy) -> String {
-        let blocked: Vec<Ipv4Cidr> = BLOCKED.iter().filter_map(|b| Ipv4Cidr::parse(b).ok()).collect();
+        let blocked: Vec<Ipv4Cidr> = BLOCKED
+            .iter()
+            .filter_map(|b| Ipv4Cidr::parse(b).ok())
+            .collect();
         let (private, public): (Vec<Ipv4Cidr>, Vec<Ipv4Cidr>) = policy
             .allow_cidrs
             .iter()
@@ -286,10 +289,15 @@ mod tests {
     fn table_is_replaced_atomically_and_guards_the_host() {
         let s = rs().create();
         assert!(s.starts_with("table inet cella_i0123\ndelete table inet cella_i0123\n"));
-        assert!(s.contains("169.254.0.0/16") && s.contains("10.0.0.0/8") && s.contains("224.0.0.0/4"));
+        assert!(
+            s.contains("169.254.0.0/16") && s.contains("10.0.0.0/8") && s.contains("224.0.0.0/4")
+        );
         assert!(s.contains("iifname \"cn0123ab*\" jump from_sandbox"));
         assert!(s.contains("udp dport 53 iifname . ip daddr @resolvers accept\n\t\tcounter drop"));
-        assert!(s.contains("oifname \"cn0123ab*\" counter drop"), "no new connections into sandboxes");
+        assert!(
+            s.contains("oifname \"cn0123ab*\" counter drop"),
+            "no new connections into sandboxes"
+        );
         assert!(s.contains("ip saddr 10.245.0.0/16 oifname != \"cn0123ab*\" masquerade"));
     }
 
@@ -297,9 +305,15 @@ mod tests {
     fn verdict_order_puts_allow_before_deny_and_blocked_ranges_first() {
         let s = rs().attach(
             &att(),
-            &policy(&["10.1.2.0/24", "0.0.0.0/0", "allowed.test"], &["0.0.0.0/0", "203.0.113.0/24"]),
+            &policy(
+                &["10.1.2.0/24", "0.0.0.0/0", "allowed.test"],
+                &["0.0.0.0/0", "203.0.113.0/24"],
+            ),
         );
-        let pos = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle} missing in\n{s}"));
+        let pos = |needle: &str| {
+            s.find(needle)
+                .unwrap_or_else(|| panic!("{needle} missing in\n{s}"))
+        };
         assert!(pos("meta nfproto != ipv4 counter drop") < pos("ct state established"));
         assert!(pos("ip saddr != 10.245.0.14 counter drop") < pos("ct state established"));
         assert!(pos("oifname != \"fake0\"") < pos("ip daddr 10.245.0.0/16 counter drop"));
@@ -314,7 +328,10 @@ mod tests {
         assert!(s.contains("sb3_deny { 0.0.0.0/0, 203.0.113.0/24 }"));
         assert!(s.contains("sandboxes { \"cn0123ab3\" : jump sb3 }"));
         assert!(s.contains("resolvers { \"cn0123ab3\" . 10.245.0.13 }"));
-        assert!(s.trim_end().lines().all(|l| !l.contains("{  }")), "no empty element lists");
+        assert!(
+            s.trim_end().lines().all(|l| !l.contains("{  }")),
+            "no empty element lists"
+        );
     }
 
     #[test]
@@ -322,8 +339,15 @@ mod tests {
         let s = rs().update(3, &policy(&[], &["203.0.113.0/24"]));
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines.len(), 5, "{s}");
-        assert!(lines[..4].iter().all(|l| l.starts_with("flush set inet cella_i0123 sb3_")));
-        assert_eq!(lines[4], "add element inet cella_i0123 sb3_deny { 203.0.113.0/24 }");
+        assert!(
+            lines[..4]
+                .iter()
+                .all(|l| l.starts_with("flush set inet cella_i0123 sb3_"))
+        );
+        assert_eq!(
+            lines[4],
+            "add element inet cella_i0123 sb3_deny { 203.0.113.0/24 }"
+        );
     }
 
     #[test]
@@ -338,7 +362,13 @@ mod tests {
     #[test]
     fn learned_addresses_get_clamped_timeouts() {
         let s = rs()
-            .learn(3, &[(Ipv4Addr::new(198, 51, 100, 10), 5), (Ipv4Addr::new(1, 1, 1, 1), 999_999)])
+            .learn(
+                3,
+                &[
+                    (Ipv4Addr::new(198, 51, 100, 10), 5),
+                    (Ipv4Addr::new(1, 1, 1, 1), 999_999),
+                ],
+            )
             .expect("script");
         assert_eq!(
             s,

@@ -22,7 +22,10 @@ fn nft(script: &str) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{}\n--- script:\n{script}", String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "{}\n--- script:\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -38,7 +41,10 @@ fn list(table: &str) -> Option<String> {
 
 fn skip() -> Option<&'static str> {
     if !std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
     {
         return Some("not root");
@@ -83,9 +89,15 @@ fn scripts_apply_and_clean_up() {
     assert!(listed.contains("10.1.0.0/16"), "{listed}");
     nft(&rs.update(7, &EgressPolicy::default())).expect("update to empty");
     nft(&rs.update(7, &policy)).expect("update");
-    nft(&rs.learn(7, &[(Ipv4Addr::new(198, 51, 100, 10), 60)]).expect("script")).expect("learn");
+    nft(&rs
+        .learn(7, &[(Ipv4Addr::new(198, 51, 100, 10), 60)])
+        .expect("script"))
+    .expect("learn");
     // Learning an address twice is fine.
-    nft(&rs.learn(7, &[(Ipv4Addr::new(198, 51, 100, 10), 60)]).expect("script")).expect("relearn");
+    nft(&rs
+        .learn(7, &[(Ipv4Addr::new(198, 51, 100, 10), 60)])
+        .expect("script"))
+    .expect("relearn");
     nft(&rs.detach(&att)).expect("detach");
     let listed = list(&rs.table).expect("listed");
     assert!(!listed.contains("sb7"), "{listed}");

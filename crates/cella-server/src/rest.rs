@@ -46,7 +46,10 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/fork", post(not_implemented))
         .route("/sandboxes/{id}/snapshots", post(not_implemented))
         .route("/snapshots", get(not_implemented))
-        .route("/sandboxes/{id}/network", axum::routing::put(update_network))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(update_network),
+        )
         .route("/volumes", get(not_implemented).post(not_implemented))
         .route(
             "/volumes/{id}",

@@ -799,7 +799,12 @@ async fn egress_none_server_gives_no_network_and_says_so() {
         )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    assert!(v["message"].as_str().is_some_and(|m| m.contains("--egress none")), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--egress none")),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -817,7 +822,10 @@ async fn egress_policy_is_attached_reported_and_replaced() {
         .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
         .await;
     assert_eq!(info["allowInternetAccess"], false, "{info}");
-    assert_eq!(info["network"]["allowOut"], json!(["198.51.100.0/24", "allowed.test"]));
+    assert_eq!(
+        info["network"]["allowOut"],
+        json!(["198.51.100.0/24", "allowed.test"])
+    );
     assert_eq!(info["network"]["denyOut"], json!(["0.0.0.0/0"]));
 
     // Replace: omitted fields are cleared.
@@ -844,21 +852,39 @@ async fn egress_policy_is_attached_reported_and_replaced() {
         (json!({"allowOut": "x"}), "allowOut"),
     ] {
         let (s, v) = h
-            .call("PUT", &format!("/sandboxes/{id}/network"), Some(&h.key), Some(body))
+            .call(
+                "PUT",
+                &format!("/sandboxes/{id}/network"),
+                Some(&h.key),
+                Some(body),
+            )
             .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-        assert!(v["message"].as_str().is_some_and(|m| m.contains(field)), "{v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| m.contains(field)),
+            "{v}"
+        );
     }
     assert_eq!(egress.attached(&id), Some(p));
 
     // Unknown sandbox and other keys: 404.
     let (s, _) = h
-        .call("PUT", "/sandboxes/nosuch/network", Some(&h.key), Some(json!({})))
+        .call(
+            "PUT",
+            "/sandboxes/nosuch/network",
+            Some(&h.key),
+            Some(json!({})),
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let other = h.store.create_key("other").expect("key").key;
     let (s, _) = h
-        .call("PUT", &format!("/sandboxes/{id}/network"), Some(&other), Some(json!({})))
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&other),
+            Some(json!({})),
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
@@ -896,15 +922,71 @@ async fn no_egress_requested_means_no_interface_and_failed_attach_leaves_nothing
     assert_eq!(egress.attached(id), None);
     assert_eq!(egress.reserved(), 0);
     let (s, v) = h
-        .call("PUT", &format!("/sandboxes/{id}/network"), Some(&h.key), Some(json!({})))
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&h.key),
+            Some(json!({})),
+        )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
 
     egress.fail_next_attach();
     let (s, v) = h
-        .call("POST", "/v2/sandboxes", Some(&h.key), Some(json!({"templateID": "base"})))
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(json!({"templateID": "base"})),
+        )
         .await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
     assert_eq!(egress.reserved(), 0);
     assert_eq!(h.driver.alive().len(), 1, "only the first sandbox is alive");
+}
+
+#[tokio::test]
+async fn driver_without_egress_refuses_a_create_that_wants_egress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fake_template_dir(dir.path());
+    let store = Store::open_in_memory().expect("store");
+    let key = store.create_key("test").expect("key").key;
+    // A driver that cannot do egress (as the vm driver today) on a server with egress.
+    let driver = FakeDriver::new();
+    let egress = cella_core::fake::FakeEgress::new();
+    let manager = Manager::start_with_egress(
+        vec![Arc::new(driver.clone())],
+        0,
+        Arc::new(TemplateStore::new(dir.path().to_path_buf())),
+        store.clone(),
+        ManagerConfig::default(),
+        Some(Arc::new(egress.clone())),
+    );
+    let h = Harness {
+        app: app(AppState::new(manager)),
+        driver,
+        store,
+        key,
+        _dir: dir,
+    };
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(json!({"templateID": "base"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no outbound network yet")),
+        "{v}"
+    );
+    assert_eq!(h.driver.created(), 0);
+    // Without egress it works.
+    h.create(json!({"templateID": "base", "allow_internet_access": false}))
+        .await;
+    assert_eq!(egress.reserved(), 0);
 }
