@@ -160,6 +160,13 @@ def test_allow_out_domain_with_deny_all(egress):
         verdicts = {(e["detail"]["name"], e["detail"]["verdict"]) for e in dns}
         assert ("allowed.test", "allowed") in verdicts, dns
         assert ("other.test", "refused") in verdicts, dns
+        # Connection-level audit: the allowed and the denied flow, with their verdicts.
+        def conns():
+            got = {(e["detail"]["verdict"], e["detail"]["dst"], e["detail"]["dport"])
+                   for e in audit(egress, sbx.sandbox_id, "net.connection")}
+            return got if {("allow", "198.51.100.10", 80), ("deny", "203.0.113.10", 80)} <= got else None
+
+        wait_until(conns, timeout=10, what="net.connection audit records")
         policy = audit(egress, sbx.sandbox_id, "net.policy")
         assert policy and policy[0]["detail"]["allowOut"] == ["allowed.test"], policy
 
@@ -211,6 +218,11 @@ def test_sandboxes_cannot_reach_each_other_the_host_or_metadata(egress, fake):
             ):
                 ok, out = curl(a, url)
                 assert not ok, f"{url}: {out}"
+            blocked = lambda: {
+                e["detail"]["dst"] for e in audit(egress, a.sandbox_id, "net.connection")
+                if e["detail"]["verdict"] == "blocked"
+            }
+            wait_until(lambda: {"169.254.169.254", b_ip} <= blocked(), timeout=10, what="blocked flows audited")
             # The host end answers DNS only.
             assert curl(a, f"http://{gw_ip}:53/")[0] is False
             # ...and the host itself does reach the server (so the refusals above are real).

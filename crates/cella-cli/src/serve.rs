@@ -95,6 +95,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|n| n as Arc<dyn cella_core::egress::Egress>),
     );
     let state = cella_server::AppState::new(manager.clone());
+    // Signal handlers before the listening line: a supervisor may send SIGTERM right after it.
+    let signals = Signals::install();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -114,7 +116,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let shutdown_manager = manager.clone();
     let shutdown = async move {
-        wait_for_signal().await;
+        signals.wait().await;
         eprintln!(
             "cella: shutting down, destroying {} sandbox(es)",
             shutdown_manager.live_count()
@@ -184,6 +186,10 @@ async fn start_egress(
         net.table(),
         net.prefix()
     );
+    match net.connection_audit() {
+        Ok(()) => println!("cella: egress connection audit on (net.connection records)"),
+        Err(e) => println!("cella: egress connection audit off: {e}"),
+    }
     Ok(Some(net))
 }
 
@@ -354,17 +360,37 @@ async fn build_template(templates: &Arc<TemplateStore>, name: &str) -> anyhow::R
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
+/// SIGTERM and SIGINT, registered at creation (so none is lost before `wait` is polled).
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn wait(mut self) {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        if self.term.is_none() && self.int.is_none() {
             let _ = tokio::signal::ctrl_c().await;
             return;
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.int) => {}
+        }
     }
 }

@@ -20,6 +20,7 @@
 //! on release, on a failed attach, and at the next start after a crash.
 
 pub mod dns;
+pub mod nflog;
 pub mod nft;
 pub mod pool;
 
@@ -95,6 +96,8 @@ pub struct HostNet {
     rules: Ruleset,
     cfg: NetConfig,
     state: Mutex<State>,
+    slots: nflog::Slots,
+    conn_audit: Result<nflog::Reader, String>,
 }
 
 struct State {
@@ -139,11 +142,19 @@ impl HostNet {
             return Err(NetError::Config(format!("bad --egress-interface {up:?}")));
         }
         let prefix = link_prefix(&cfg.instance);
+        let slots: nflog::Slots = Arc::default();
+        let group = nflog::group_of(&cfg.instance);
+        let conn_audit = nflog::start(group, slots.clone(), cfg.store.clone())
+            .map_err(|e| format!("NFLOG group {group}: {e}"));
+        if let Err(e) = &conn_audit {
+            tracing::warn!(error = %e, "connection-level egress audit is off");
+        }
         let rules = Ruleset {
             table: format!("cella_{}", cfg.instance),
             prefix: prefix.clone(),
             pool: cfg.pool,
             uplink: cfg.uplink.clone(),
+            log_group: conn_audit.is_ok().then_some(group),
         };
         let pool = Pool::new(cfg.pool).map_err(NetError::Config)?;
         let mut reaped = Reaped {
@@ -186,6 +197,8 @@ impl HostNet {
                 pool,
                 sandboxes: HashMap::new(),
             }),
+            slots,
+            conn_audit,
         });
         Ok((net, reaped))
     }
@@ -195,6 +208,11 @@ impl HostNet {
         if let Err(e) = run_nft("deleting the egress table", &self.rules.delete()).await {
             tracing::warn!(error = %e, "removing the egress table failed");
         }
+    }
+
+    /// Whether new connections are audited, or why not.
+    pub fn connection_audit(&self) -> Result<(), String> {
+        self.conn_audit.as_ref().map(|_| ()).map_err(Clone::clone)
     }
 
     /// The nftables table name.
@@ -289,6 +307,9 @@ impl Egress for HostNet {
             host: slot.host,
             sandbox: slot.sandbox,
         };
+        if let Ok(mut m) = self.slots.lock() {
+            m.insert(att.index, sandbox_id.to_string());
+        }
         if let Err(e) = self.plumb(&att, netns).await {
             self.undo(&att, false).await;
             return Err(EgressError::Setup(format!(
@@ -379,6 +400,9 @@ impl Egress for HostNet {
             let entry = st.sandboxes.remove(sandbox_id);
             if let Some(e) = &entry {
                 st.pool.free(e.slot.index);
+                if let Ok(mut m) = self.slots.lock() {
+                    m.remove(&e.slot.index);
+                }
             }
             entry
         };

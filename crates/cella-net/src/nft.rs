@@ -56,6 +56,8 @@ pub struct Ruleset {
     pub pool: Ipv4Cidr,
     /// Only interface egress may leave by (`None`: any).
     pub uplink: Option<String>,
+    /// NFLOG group the verdict rules log new flows to (`None`: no connection audit).
+    pub log_group: Option<u16>,
 }
 
 /// One attached sandbox as the rules see it.
@@ -132,6 +134,12 @@ impl Ruleset {
             "add set inet {t} sb{n}_dns {{ type ipv4_addr; flags timeout; }}"
         );
         let _ = writeln!(s, "add chain inet {t} sb{n}");
+        // Only the first packet of a flow gets past `established`: log it with the verdict.
+        let log = |verdict: &str| match self.log_group {
+            Some(g) => format!("log prefix \"sb{n} {verdict}\" group {g} "),
+            None => String::new(),
+        };
+        let (allow, deny, blocked) = (log("allow"), log("deny"), log("blocked"));
         let mut rule = |r: &str| {
             let _ = writeln!(s, "add rule inet {t} sb{n} {r}");
         };
@@ -139,15 +147,15 @@ impl Ruleset {
         rule(&format!("ip saddr != {} counter drop", a.sandbox));
         rule("ct state established,related accept");
         if let Some(up) = &self.uplink {
-            rule(&format!("oifname != \"{up}\" counter drop"));
+            rule(&format!("oifname != \"{up}\" {blocked}counter drop"));
         }
-        rule(&format!("ip daddr {} counter drop", self.pool));
-        rule(&format!("ip daddr @sb{n}_allow_priv accept"));
-        rule("ip daddr @blocked counter drop");
-        rule(&format!("ip daddr @sb{n}_allow accept"));
-        rule(&format!("ip daddr @sb{n}_dns accept"));
-        rule(&format!("ip daddr @sb{n}_deny counter drop"));
-        rule("accept");
+        rule(&format!("ip daddr {} {blocked}counter drop", self.pool));
+        rule(&format!("ip daddr @sb{n}_allow_priv {allow}accept"));
+        rule(&format!("ip daddr @blocked {blocked}counter drop"));
+        rule(&format!("ip daddr @sb{n}_allow {allow}accept"));
+        rule(&format!("ip daddr @sb{n}_dns {allow}accept"));
+        rule(&format!("ip daddr @sb{n}_deny {deny}counter drop"));
+        rule(&format!("{allow}accept"));
         s.push_str(&self.elements(n, policy));
         let _ = writeln!(
             s,
@@ -267,6 +275,7 @@ mod tests {
             prefix: "cn0123ab".into(),
             pool: Ipv4Cidr::parse("10.245.0.0/16").expect("cidr"),
             uplink: Some("fake0".into()),
+            log_group: None,
         }
     }
 
@@ -331,6 +340,26 @@ mod tests {
         assert!(
             s.trim_end().lines().all(|l| !l.contains("{  }")),
             "no empty element lists"
+        );
+    }
+
+    #[test]
+    fn new_flows_are_logged_with_their_verdict() {
+        let mut r = rs();
+        r.log_group = Some(77);
+        let s = r.attach(&att(), &policy(&[], &["0.0.0.0/0"]));
+        assert!(
+            s.contains("ip daddr @sb3_allow log prefix \"sb3 allow\" group 77 accept"),
+            "{s}"
+        );
+        assert!(s.contains("ip daddr @blocked log prefix \"sb3 blocked\" group 77 counter drop"));
+        assert!(s.contains("ip daddr @sb3_deny log prefix \"sb3 deny\" group 77 counter drop"));
+        assert!(
+            s.contains("add rule inet cella_i0123 sb3 log prefix \"sb3 allow\" group 77 accept")
+        );
+        assert!(
+            !s.contains("established,related log"),
+            "established flows are not logged"
         );
     }
 

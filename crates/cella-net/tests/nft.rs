@@ -66,6 +66,7 @@ fn scripts_apply_and_clean_up() {
         prefix: "cntest00".into(),
         pool: Ipv4Cidr::parse("10.246.0.0/16").expect("cidr"),
         uplink: Some("lo".into()),
+        log_group: Some(4242),
     };
     let att = Attachment {
         index: 7,
