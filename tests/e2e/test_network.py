@@ -43,8 +43,9 @@ def fake():
 
 
 @pytest.fixture(scope="module")
-def egress(fake):
-    """A second server with egress allowed; the SDK points at it for this module's tests."""
+def egress(server, fake):
+    """A second server with egress allowed; the SDK points at it for this module's tests.
+    It depends on the session server, which builds the `base` template on a fresh host."""
     tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-net-"))
     tmp.chmod(0o711)
     srv = Server(
@@ -273,7 +274,7 @@ def test_timeout_removes_interface_and_rules(egress):
     assert not sbx.is_running()
 
 
-def test_crashed_server_leaves_nothing_after_restart(fake):
+def test_crashed_server_leaves_nothing_after_restart(server, fake):
     """SIGKILL a server with an egress sandbox, start it again on the same data dir: the
     interface and the sandbox's rules are gone, and shutdown removes the table."""
     tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-netcrash-"))
