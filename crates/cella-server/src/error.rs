@@ -66,6 +66,9 @@ impl From<ManagerError> for HttpError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ManagerError::Conflict(_) => StatusCode::CONFLICT,
+            ManagerError::Egress(cella_core::egress::EgressError::PoolExhausted(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ManagerError::Driver(_)
             | ManagerError::Store(_)
             | ManagerError::Template(_)
