@@ -76,13 +76,27 @@ def egress(server, fake):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        code = srv.stop()
-        assert code == 0, f"egress server exited with {code}; see {srv.log_path}"
-        # Shutdown removes the table and every interface it made.
-        assert nft_table(table) is None, "nftables table left behind"
-        leftover = {l for l in host_links() - links_before if l.startswith(srv.prefix)}
-        assert not leftover, f"interfaces left behind: {leftover}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            code = srv.stop()
+            assert code == 0, f"egress server exited with {code}; see {srv.log_path}"
+            # Shutdown removes the table and every interface it made.
+            assert nft_table(table) is None, "nftables table left behind"
+            leftover = {l for l in host_links() - links_before if l.startswith(srv.prefix)}
+            assert not leftover, f"interfaces left behind: {leftover}"
+        finally:
+            force_cleanup(table, srv.prefix)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def force_cleanup(table: str, prefix: str) -> None:
+    """After the assertions: remove what a failed run left, so one failure does not leak into
+    the host (the assertions above still report it)."""
+    import subprocess
+
+    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+    for link in host_links():
+        if link.startswith(prefix):
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
 
 
 def curl(sbx: Sandbox, url: str, timeout: int = 3) -> tuple[bool, str]:
@@ -289,8 +303,9 @@ def test_crashed_server_leaves_nothing_after_restart(server, fake):
     srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log", extra_args=args)
     links_before = host_links()
     srv.start()
+    table = next(l.split("table inet ")[1].split(",")[0] for l in srv.lines if "table inet " in l)
+    prefix = next(l.split("interfaces ")[1].rstrip("*)") for l in srv.lines if "interfaces " in l)
     try:
-        table = next(l.split("table inet ")[1].split(",")[0] for l in srv.lines if "table inet " in l)
         with srv.api() as c:
             r = c.post("/v2/sandboxes", json={"templateID": "base", "timeout": 300})
             assert r.status_code == 201, r.text
@@ -303,9 +318,11 @@ def test_crashed_server_leaves_nothing_after_restart(server, fake):
         listed = nft_table(table) or ""
         assert "chain sb" not in listed, listed
         assert any("removed leftovers of a previous run (network)" in l for l in srv.lines), srv.lines[-20:]
-    finally:
         code = srv.stop()
-    assert code == 0
-    assert nft_table(table) is None
-    assert not (host_links() - links_before)
-    shutil.rmtree(tmp, ignore_errors=True)
+        assert code == 0
+        assert nft_table(table) is None
+        assert not (host_links() - links_before)
+    finally:
+        srv.kill9()
+        force_cleanup(table, prefix)
+        shutil.rmtree(tmp, ignore_errors=True)
