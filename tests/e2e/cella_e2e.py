@@ -75,6 +75,8 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: Optional[subprocess.Popen] = None
     lines: list = field(default_factory=list)
+    # Extra `cella serve` flags (e.g. `--egress allowed`); the session server uses none.
+    extra_args: list = field(default_factory=list)
     _reader: Optional[threading.Thread] = None
 
     @property
@@ -101,6 +103,7 @@ class Server:
             "--driver", DRIVER,
             # Sample metrics every second so the time-series test need not wait long.
             "--metrics-interval", "1",
+            *self.extra_args,
         ]
         log = open(self.log_path, "a", buffering=1)
         log.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n")
@@ -332,6 +335,17 @@ def _data_files(data_dir: Path) -> set:
     return out
 
 
+_EGRESS_LINK_RE = re.compile(r"^cn[0-9a-f]{6}[0-9]+$")
+
+
+def _egress_links() -> set:
+    """Host ends of sandbox veths (`cella serve --egress allowed`): `cn<instance><slot>`."""
+    try:
+        return {n for n in os.listdir("/sys/class/net") if _EGRESS_LINK_RE.match(n)}
+    except OSError:
+        return set()
+
+
 @dataclass(frozen=True)
 class HostSnapshot:
     mounts: frozenset
@@ -339,6 +353,7 @@ class HostSnapshot:
     netns: frozenset
     processes: frozenset
     data_files: frozenset
+    links: frozenset = frozenset()
 
     @staticmethod
     def take(data_dir: Path, server_pid: Optional[int] = None) -> "HostSnapshot":
@@ -374,13 +389,127 @@ class HostSnapshot:
             netns=frozenset(netns),
             processes=frozenset(processes),
             data_files=frozenset(_data_files(data_dir)),
+            links=frozenset(_egress_links()),
         )
 
     def diff(self, other: "HostSnapshot") -> dict:
         """What `other` has that `self` has not (+) and the reverse (-), per category."""
         out = {}
-        for name in ("mounts", "cgroups", "netns", "processes", "data_files"):
+        for name in ("mounts", "cgroups", "netns", "processes", "data_files", "links"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out[name] = {"+": sorted(map(str, b - a)), "-": sorted(map(str, a - b))}
         return out
+
+
+# --- a fake internet (network tests) ---
+#
+# This host has no internet, and tests must not send traffic anywhere but to addresses they
+# made themselves. `FakeInternet` is a network namespace reachable from the host by a veth
+# with addresses in TEST-NET-2 and TEST-NET-3, holding a tiny HTTP server (it answers with the
+# address it was reached on) and a tiny DNS responder with static names.
+
+FAKE_NAMES = {
+    "allowed.test": "198.51.100.10",
+    "www.allowed.test": "198.51.100.10",
+    "other.test": "203.0.113.10",
+}
+
+_FAKE_HTTP = r"""
+import http.server, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from " + self.connection.getsockname()[0]).encode()
+        self.send_response(200); self.send_header("content-length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("0.0.0.0", 80), H).serve_forever()
+"""
+
+_FAKE_DNS = r"""
+import socket, struct, sys, json
+names = json.loads(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    data, peer = s.recvfrom(4096)
+    if len(data) < 12: continue
+    qid, flags, qd = struct.unpack(">HHH", data[:6])
+    i, labels = 12, []
+    while i < len(data) and data[i]:
+        n = data[i]; labels.append(data[i+1:i+1+n].decode("ascii", "replace")); i += 1 + n
+    i += 1
+    question = data[12:i+4]
+    qtype = struct.unpack(">H", data[i:i+2])[0] if i + 2 <= len(data) else 0
+    ip = names.get(".".join(labels).lower())
+    answers = b""
+    rcode = 0 if ip else 3
+    if ip and qtype == 1:
+        answers = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
+    head = struct.pack(">HHHHHH", qid, 0x8180 | rcode, 1, 1 if answers else 0, 0, 0)
+    s.sendto(head + question + answers, peer)
+"""
+
+
+class FakeInternet:
+    """Namespace `ns` with eth0 = 198.51.100.10, .53 and 203.0.113.10; the host end `host_if`
+    has 198.51.100.1 and 203.0.113.1."""
+
+    def __init__(self):
+        tag = secrets.token_hex(3)
+        self.ns = f"cellafake{tag}"
+        self.host_if = f"cfk{tag}"
+        self.dns = "198.51.100.53"
+        self.procs: list = []
+
+    def _ip(self, *args: str, ns: bool = False):
+        cmd = ["ip", "-n", self.ns, *args] if ns else ["ip", *args]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def start(self) -> "FakeInternet":
+        subprocess.run(["ip", "netns", "add", self.ns], check=True, capture_output=True)
+        try:
+            self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+            for a in ("198.51.100.1/24", "203.0.113.1/24"):
+                self._ip("addr", "add", a, "dev", self.host_if)
+            self._ip("link", "set", self.host_if, "up")
+            self._ip("link", "set", "lo", "up", ns=True)
+            for a in ("198.51.100.10/24", "198.51.100.53/24", "203.0.113.10/24"):
+                self._ip("addr", "add", a, "dev", "eth0", ns=True)
+            self._ip("link", "set", "eth0", "up", ns=True)
+            self._ip("route", "add", "default", "via", "198.51.100.1", ns=True)
+            run = ["ip", "netns", "exec", self.ns, "python3", "-c"]
+            import json as _json
+            self.procs.append(subprocess.Popen(run + [_FAKE_HTTP], stdin=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(run + [_FAKE_DNS, self.dns, _json.dumps(FAKE_NAMES)], stdin=subprocess.DEVNULL)
+            )
+            wait_until(self._http_up, timeout=10, what="fake internet HTTP server")
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def _http_up(self) -> bool:
+        try:
+            return httpx.get("http://198.51.100.10/", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+def host_links() -> set:
+    return set(os.listdir("/sys/class/net"))
+
+
+def nft_table(table: str) -> Optional[str]:
+    r = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None

@@ -105,7 +105,9 @@ pub struct NewSandbox {
     /// Legacy flag; cella always secures sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure: Option<bool>,
-    /// Internet access (E2B's snake_case name). cella sandboxes have no network yet.
+    /// Internet access (E2B's snake_case name; SDK default `true`). `false` is
+    /// `network.denyOut = ["0.0.0.0/0"]`. Honoured only on a server started with
+    /// `--egress allowed`; otherwise sandboxes have no network whatever this says.
     #[serde(
         default,
         rename = "allow_internet_access",
@@ -128,20 +130,47 @@ pub struct NewSandbox {
     /// cella extension: isolation driver to use (`jail`, `vm`); default is the server's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
-    /// Network settings (`SandboxNetworkConfig`); only `allowPublicTraffic` is honoured,
-    /// other fields are ignored (cella sandboxes have no outbound network).
+    /// Network settings (`SandboxNetworkConfig`): `allowPublicTraffic`, `allowOut`, `denyOut`;
+    /// other fields are ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
 }
 
 /// The part of E2B's `SandboxNetworkConfig` cella acts on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfig {
     /// `false`: the proxy requires `e2b-traffic-access-token` (the create response's
     /// `trafficAccessToken`) on every port but the agent's. Default `true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_public_traffic: Option<bool>,
+    /// Allowed egress destinations: CIDRs, IPv4 addresses or domains (`*.x` too). Allow
+    /// always wins over deny.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    /// Denied egress destinations: CIDRs or IPv4 addresses only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+}
+
+/// `PUT /sandboxes/{id}/network` body (`SandboxNetworkUpdateConfig`): replaces the egress
+/// rules; an omitted field is cleared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    /// See [`NetworkConfig::allow_out`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    /// See [`NetworkConfig::deny_out`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    /// `false` adds `0.0.0.0/0` to `denyOut` (E2B's snake_case name here too).
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
 }
 
 /// Header carrying a sandbox's traffic access token through the proxy.
@@ -221,9 +250,14 @@ pub struct SandboxDetail {
     pub metadata: BTreeMap<String, String>,
     /// running or paused.
     pub state: SandboxState,
-    /// Network settings as created (present when `allowPublicTraffic` was given).
+    /// Network settings: `allowPublicTraffic` when it was given, the current egress rules
+    /// when the sandbox has egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// Whether the sandbox can reach the public internet (not denied by `0.0.0.0/0`). Always
+    /// `false` on a server without egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_internet_access: Option<bool>,
     /// cella extension: the isolation this sandbox got.
     pub isolation: Isolation,
 }
@@ -389,6 +423,23 @@ mod tests {
         assert_eq!(parsed.template_id, "base");
         assert_eq!(parsed.timeout, Some(300));
         assert_eq!(parsed.env_vars.expect("env")["X"], "1");
+    }
+
+    #[test]
+    fn network_fields_use_e2b_names() {
+        let body = r#"{"templateID":"base","allow_internet_access":false,
+            "network":{"allowOut":["a.test"],"denyOut":["0.0.0.0/0"],"dnsServers":[]}}"#;
+        let parsed: NewSandbox = serde_json::from_str(body).expect("parse");
+        assert_eq!(parsed.allow_internet_access, Some(false));
+        let net = parsed.network.expect("network");
+        assert_eq!(net.allow_out, Some(vec!["a.test".to_string()]));
+        assert_eq!(net.deny_out, Some(vec!["0.0.0.0/0".to_string()]));
+        let upd: NetworkUpdate =
+            serde_json::from_str(r#"{"allowOut":["1.1.1.1"],"allow_internet_access":true}"#)
+                .expect("parse");
+        assert_eq!(upd.allow_out, Some(vec!["1.1.1.1".to_string()]));
+        assert_eq!(upd.allow_internet_access, Some(true));
+        assert_eq!(upd.deny_out, None);
     }
 
     #[test]

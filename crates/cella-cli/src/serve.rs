@@ -41,6 +41,21 @@ pub struct ServeArgs {
     /// Templates to build at start if they are not built yet (comma-separated; empty: none).
     #[arg(long, default_value = "base", value_delimiter = ',')]
     pub build: Vec<String>,
+    /// Outbound network of sandboxes: `none` (no sandbox gets a network interface, whatever
+    /// the request says) or `allowed` (requests are honoured: `allow_internet_access`,
+    /// `network.allowOut/denyOut`, behind the egress firewall).
+    #[arg(long, env = "CELLA_EGRESS", default_value = "none")]
+    pub egress: String,
+    /// Address pool for sandboxes with egress (one /30 each).
+    #[arg(long, default_value = cella_net::DEFAULT_POOL)]
+    pub egress_pool: String,
+    /// Only interface sandbox traffic may leave by (default: any the host routes to).
+    #[arg(long)]
+    pub egress_interface: Option<String>,
+    /// Upstream DNS resolver for sandboxes (`IP` or `IP:port`, repeatable; default: the
+    /// nameservers of the host's /etc/resolv.conf).
+    #[arg(long)]
+    pub dns_upstream: Vec<String>,
 }
 
 /// Run the server until SIGINT/SIGTERM.
@@ -61,6 +76,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let drivers = build_drivers(&args, &data_dir).await?;
+    let net = start_egress(&args, &data_dir, &store).await?;
     let default_isolation = drivers[0].isolation();
 
     let template_dir = args
@@ -72,14 +88,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         build_template(&templates, name).await?;
     }
 
-    let manager = Manager::start(
+    let manager = Manager::start_with_egress(
         drivers,
         0,
         templates,
         store.clone(),
         ManagerConfig::default(),
+        net.clone()
+            .map(|n| n as Arc<dyn cella_core::egress::Egress>),
     );
     let state = cella_server::AppState::new(manager.clone());
+    // Signal handlers before the listening line: a supervisor may send SIGTERM right after it.
+    let signals = Signals::install();
     let sampler = cella_server::spawn_metrics_sampler(
         state.clone(),
         std::time::Duration::from_secs(args.metrics_interval),
@@ -97,12 +117,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         sandbox_id: None,
         kind: "server.start".into(),
         detail: serde_json::json!({ "listen": args.listen.to_string(),
-            "isolation": default_isolation.as_str(), "staleSandboxes": stale.len() }),
+            "isolation": default_isolation.as_str(), "staleSandboxes": stale.len(),
+            "egress": args.egress }),
     });
 
     let shutdown_manager = manager.clone();
     let shutdown = async move {
-        wait_for_signal().await;
+        signals.wait().await;
         eprintln!(
             "cella: shutting down, destroying {} sandbox(es)",
             shutdown_manager.live_count()
@@ -114,8 +135,70 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("serving HTTP")?;
     sampler.abort();
     manager.shutdown().await;
+    if let Some(net) = &net {
+        net.shutdown().await;
+    }
     store.flush_audit();
     Ok(())
+}
+
+/// The host-side network for `--egress allowed` (`None` for `--egress none`).
+async fn start_egress(
+    args: &ServeArgs,
+    data_dir: &Path,
+    store: &Store,
+) -> anyhow::Result<Option<Arc<cella_net::HostNet>>> {
+    match args.egress.as_str() {
+        "none" => return Ok(None),
+        "allowed" => {}
+        other => bail!("unknown --egress {other:?}: expected none or allowed"),
+    }
+    let pool = cella_core::egress::Ipv4Cidr::parse(&args.egress_pool)
+        .map_err(|e| anyhow::anyhow!("--egress-pool: {e}"))?;
+    let upstreams = if args.dns_upstream.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        cella_net::parse_resolv_conf(&text)
+    } else {
+        args.dns_upstream
+            .iter()
+            .map(|u| {
+                u.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        u.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| anyhow::anyhow!("--dns-upstream {u:?}: expected IP or IP:port"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let (net, reaped) = cella_net::HostNet::start(cella_net::NetConfig {
+        instance: cella_jail::instance_name(&data_dir.join("sandboxes")),
+        pool,
+        upstreams,
+        uplink: args.egress_interface.clone(),
+        proc_root: PathBuf::from("/proc"),
+        sys_root: PathBuf::from("/sys"),
+        store: store.clone(),
+    })
+    .await
+    .context("starting sandbox egress (--egress allowed)")?;
+    if reaped.links > 0 || reaped.table {
+        println!(
+            "cella: removed leftovers of a previous run (network): {} interface(s), table {}",
+            reaped.links,
+            if reaped.table { "replaced" } else { "absent" }
+        );
+    }
+    println!(
+        "cella: sandbox egress allowed (pool {pool}, nftables table inet {}, interfaces {}*)",
+        net.table(),
+        net.prefix()
+    );
+    match net.connection_audit() {
+        Ok(()) => println!("cella: egress connection audit on (net.connection records)"),
+        Err(e) => println!("cella: egress connection audit off: {e}"),
+    }
+    Ok(Some(net))
 }
 
 fn running_as_root() -> bool {
@@ -285,17 +368,37 @@ async fn build_template(templates: &Arc<TemplateStore>, name: &str) -> anyhow::R
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
+/// SIGTERM and SIGINT, registered at creation (so none is lost before `wait` is polled).
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn wait(mut self) {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        if self.term.is_none() && self.int.is_none() {
             let _ = tokio::signal::ctrl_c().await;
             return;
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.int) => {}
+        }
     }
 }

@@ -199,6 +199,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Remove every process, mount, cgroup, netns and file a previous server run left behind.
     /// Called once at server start, before serving.
     async fn reap_orphans(&self) -> Result<ReapReport, DriverError>;
+
+    /// Whether sandboxes of this driver can be given outbound network (their handles answer
+    /// [`SandboxHandle::netns_path`] and [`SandboxHandle::set_nameserver`]).
+    fn supports_egress(&self) -> bool {
+        false
+    }
 }
 
 /// A live sandbox.
@@ -222,6 +228,20 @@ pub trait SandboxHandle: Send + Sync + 'static {
 
     /// Kill every process and remove every trace. Idempotent.
     async fn destroy(&self) -> Result<(), DriverError>;
+
+    /// A path that opens the sandbox's network namespace for as long as the sandbox lives
+    /// (the host side of egress puts the sandbox's interface there). `None`: not available.
+    fn netns_path(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// Point the sandbox's `/etc/resolv.conf` at `nameserver`.
+    async fn set_nameserver(&self, nameserver: std::net::Ipv4Addr) -> Result<(), DriverError> {
+        let _ = nameserver;
+        Err(DriverError::Unavailable(
+            "this driver cannot configure a sandbox's resolver".into(),
+        ))
+    }
 }
 
 /// First host UID/GID that sandbox IDs map to: inside 0..[`SANDBOX_ID_COUNT`] is host

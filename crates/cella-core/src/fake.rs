@@ -27,6 +27,7 @@ pub struct FakeDriver {
 
 #[derive(Default)]
 struct FakeInner {
+    egress: AtomicBool,
     fail_next: AtomicBool,
     created: AtomicUsize,
     sandboxes: Mutex<HashMap<String, Arc<FakeSandbox>>>,
@@ -36,6 +37,20 @@ impl FakeDriver {
     /// A fresh fake driver.
     pub fn new() -> FakeDriver {
         FakeDriver::default()
+    }
+
+    /// A fake driver whose sandboxes support egress (see [`FakeEgress`]).
+    pub fn with_egress() -> FakeDriver {
+        let d = FakeDriver::default();
+        d.inner.egress.store(true, Ordering::SeqCst);
+        d
+    }
+
+    /// The nameserver the manager configured in a sandbox.
+    pub fn nameserver(&self, id: &str) -> Option<std::net::Ipv4Addr> {
+        let map = self.inner.sandboxes.lock().ok()?;
+        map.get(id)
+            .and_then(|s| s.nameserver.lock().ok().and_then(|n| *n))
     }
 
     /// Make the next `create` fail with a setup error.
@@ -108,6 +123,8 @@ impl Driver for FakeDriver {
             exit: Notify::new(),
             reason: Mutex::new(None),
             inner: Arc::downgrade(&self.inner),
+            egress: self.inner.egress.load(Ordering::SeqCst),
+            nameserver: Mutex::new(None),
         });
         let server = tokio::spawn(echo_server(listener));
         let sb2 = sb.clone();
@@ -125,6 +142,10 @@ impl Driver for FakeDriver {
     async fn reap_orphans(&self) -> Result<ReapReport, DriverError> {
         Ok(ReapReport::default())
     }
+
+    fn supports_egress(&self) -> bool {
+        self.inner.egress.load(Ordering::SeqCst)
+    }
 }
 
 struct FakeSandbox {
@@ -134,6 +155,8 @@ struct FakeSandbox {
     exit: Notify,
     reason: Mutex<Option<String>>,
     inner: std::sync::Weak<FakeInner>,
+    egress: bool,
+    nameserver: Mutex<Option<std::net::Ipv4Addr>>,
 }
 
 impl FakeSandbox {
@@ -197,6 +220,116 @@ impl SandboxHandle for FakeSandbox {
 
     async fn destroy(&self) -> Result<(), DriverError> {
         self.stop("destroyed");
+        Ok(())
+    }
+
+    fn netns_path(&self) -> Option<std::path::PathBuf> {
+        self.egress
+            .then(|| std::path::PathBuf::from(format!("/fake/netns/{}", self.spec.id)))
+    }
+
+    async fn set_nameserver(&self, nameserver: std::net::Ipv4Addr) -> Result<(), DriverError> {
+        if !self.egress {
+            return Err(DriverError::Unavailable("no egress".into()));
+        }
+        if let Ok(mut n) = self.nameserver.lock() {
+            *n = Some(nameserver);
+        }
+        Ok(())
+    }
+}
+
+/// A fake host-side network: records reservations, attachments and rule updates.
+#[derive(Clone, Default)]
+pub struct FakeEgress {
+    state: Arc<Mutex<FakeEgressState>>,
+}
+
+#[derive(Default)]
+struct FakeEgressState {
+    next: u8,
+    reserved: HashMap<String, std::net::Ipv4Addr>,
+    attached: HashMap<String, crate::egress::EgressPolicy>,
+    fail_attach: bool,
+}
+
+impl FakeEgress {
+    /// A fresh fake.
+    pub fn new() -> FakeEgress {
+        FakeEgress::default()
+    }
+
+    /// The rules attached to a sandbox, if it is attached.
+    pub fn attached(&self, id: &str) -> Option<crate::egress::EgressPolicy> {
+        self.state.lock().ok()?.attached.get(id).cloned()
+    }
+
+    /// Number of reserved slots (attached or not).
+    pub fn reserved(&self) -> usize {
+        self.state.lock().map(|s| s.reserved.len()).unwrap_or(0)
+    }
+
+    /// Make the next `attach` fail.
+    pub fn fail_next_attach(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.fail_attach = true;
+        }
+    }
+}
+
+#[async_trait]
+impl crate::egress::Egress for FakeEgress {
+    fn reserve(&self, sandbox_id: &str) -> Result<std::net::Ipv4Addr, crate::egress::EgressError> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| crate::egress::EgressError::Setup("poisoned".into()))?;
+        s.next = s.next.wrapping_add(4);
+        let ip = std::net::Ipv4Addr::new(10, 99, 0, s.next.wrapping_add(1));
+        s.reserved.insert(sandbox_id.to_string(), ip);
+        Ok(ip)
+    }
+
+    async fn attach(
+        &self,
+        sandbox_id: &str,
+        _netns: &std::path::Path,
+        policy: &crate::egress::EgressPolicy,
+    ) -> Result<(), crate::egress::EgressError> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| crate::egress::EgressError::Setup("poisoned".into()))?;
+        if std::mem::take(&mut s.fail_attach) {
+            return Err(crate::egress::EgressError::Setup("injected failure".into()));
+        }
+        s.attached.insert(sandbox_id.to_string(), policy.clone());
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        sandbox_id: &str,
+        policy: &crate::egress::EgressPolicy,
+    ) -> Result<(), crate::egress::EgressError> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| crate::egress::EgressError::Setup("poisoned".into()))?;
+        match s.attached.get_mut(sandbox_id) {
+            Some(p) => {
+                *p = policy.clone();
+                Ok(())
+            }
+            None => Err(crate::egress::EgressError::NotAttached(sandbox_id.into())),
+        }
+    }
+
+    async fn release(&self, sandbox_id: &str) -> Result<(), crate::egress::EgressError> {
+        if let Ok(mut s) = self.state.lock() {
+            s.attached.remove(sandbox_id);
+            s.reserved.remove(sandbox_id);
+        }
         Ok(())
     }
 }

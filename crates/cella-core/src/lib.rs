@@ -5,10 +5,12 @@
 //!   removes every trace of it on request or after a crash of the server.
 //! * `manager`: the registry of live sandboxes, owner checks, timeouts, and the typed commands
 //!   the HTTP layer hands in.
+//! * [`egress`]: a sandbox's outbound network policy and the seam to the host-side network.
 //! * `store`: SQLite (keys, sandbox records, append-only audit log).
 //! * `template`: template specs, builds and the cache.
 
 pub mod driver;
+pub mod egress;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod manager;

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::driver::{
     Driver, DriverError, EventSink, Limits, SandboxEvent, SandboxHandle, SandboxSpec,
 };
+use crate::egress::{Egress, EgressError, EgressPolicy};
 use crate::metrics::{DEFAULT_HISTORY, MetricsRing, Reading, cpu_percent};
 use crate::store::{NewAudit, SandboxRecord, Store, format_rfc3339_ms, now_ms};
 use crate::template::{TemplateError, TemplateStore};
@@ -49,6 +50,12 @@ pub enum ManagerError {
     /// The requested isolation cannot be provided on this host (400).
     #[error("driver '{0}' is not available on this host")]
     DriverUnavailable(String),
+    /// The request conflicts with the sandbox's or the server's state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The host-side network failed (500).
+    #[error("sandbox network failed")]
+    Egress(#[from] EgressError),
     /// The server is shutting down (503).
     #[error("server is shutting down")]
     ShuttingDown,
@@ -114,6 +121,8 @@ pub struct LiveSandbox {
     pub limits: Limits,
     /// Sampled metrics (see [`crate::metrics`]).
     metrics: Mutex<MetricsRing>,
+    /// Egress rules in force; `None`: the sandbox has no network interface.
+    egress: Mutex<Option<EgressPolicy>>,
 }
 
 impl LiveSandbox {
@@ -138,14 +147,27 @@ impl LiveSandbox {
             disk_size_mb: self.limits.disk_mb,
             metadata: self.metadata.clone(),
             state: SandboxState::Running,
-            network: self
-                .traffic_access_token
-                .as_ref()
-                .map(|_| cella_api::NetworkConfig {
-                    allow_public_traffic: Some(false),
-                }),
+            network: self.network_info(),
+            allow_internet_access: Some(self.egress().is_some_and(|p| !p.denies_all())),
             isolation: self.handle.isolation(),
         }
+    }
+
+    /// The egress rules in force (`None`: no network interface).
+    pub fn egress(&self) -> Option<EgressPolicy> {
+        self.egress.lock().ok().and_then(|p| p.clone())
+    }
+
+    fn network_info(&self) -> Option<cella_api::NetworkConfig> {
+        let policy = self.egress();
+        if self.traffic_access_token.is_none() && policy.is_none() {
+            return None;
+        }
+        Some(cella_api::NetworkConfig {
+            allow_public_traffic: self.traffic_access_token.as_ref().map(|_| false),
+            allow_out: policy.as_ref().map(EgressPolicy::allow_out),
+            deny_out: policy.as_ref().map(EgressPolicy::deny_out),
+        })
     }
 
     fn listed(&self) -> ListedSandbox {
@@ -195,6 +217,8 @@ pub struct Manager {
     dying: Mutex<std::collections::HashSet<String>>,
     /// Creates by `Idempotency-Key`: (owner, key) → the create's outcome and when it started.
     idempotent: Mutex<HashMap<(String, String), (i64, IdempotentCell)>>,
+    /// Host-side sandbox networking; `None`: no sandbox gets a network (`--egress none`).
+    egress: Option<Arc<dyn Egress>>,
 }
 
 type IdempotentCell = Arc<tokio::sync::OnceCell<Sandbox>>;
@@ -225,6 +249,19 @@ impl Manager {
         store: Store,
         config: ManagerConfig,
     ) -> Arc<Manager> {
+        Manager::start_with_egress(drivers, default_driver, templates, store, config, None)
+    }
+
+    /// [`Manager::start`] with outbound networking: sandboxes whose request allows some
+    /// egress get an interface and firewall rules from `egress`.
+    pub fn start_with_egress(
+        drivers: Vec<Arc<dyn Driver>>,
+        default_driver: usize,
+        templates: Arc<TemplateStore>,
+        store: Store,
+        config: ManagerConfig,
+        egress: Option<Arc<dyn Egress>>,
+    ) -> Arc<Manager> {
         let (tx, rx) = mpsc::unbounded_channel();
         let default_driver = default_driver.min(drivers.len().saturating_sub(1));
         let manager = Arc::new(Manager {
@@ -238,6 +275,7 @@ impl Manager {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             dying: Mutex::new(Default::default()),
             idempotent: Mutex::new(HashMap::new()),
+            egress,
         });
         tokio::spawn(record_agent_events(manager.store.clone(), rx));
         tokio::spawn(reaper(Arc::downgrade(&manager)));
@@ -296,6 +334,30 @@ impl Manager {
             }
         }
         let driver = self.pick_driver(req.driver.as_deref())?;
+        let network = req.network.clone().unwrap_or_default();
+        let policy = EgressPolicy::from_request(
+            req.allow_internet_access,
+            network.allow_out.as_deref(),
+            network.deny_out.as_deref(),
+            "network.",
+        )
+        .map_err(|e| ManagerError::InvalidField {
+            field: e.field,
+            message: e.message,
+        })?;
+        // Only a server with egress gives a sandbox a network, and only if it may reach
+        // something: everything else keeps the lo-only netns (no cost at create).
+        let egress = self.egress.clone().filter(|_| policy.reaches_anything());
+        if egress.is_some() && !driver.supports_egress() {
+            return Err(ManagerError::InvalidField {
+                field: "allow_internet_access",
+                message: format!(
+                    "the {} driver has no outbound network yet; create with \
+                     allow_internet_access=false or use the jail driver",
+                    driver.isolation().as_str()
+                ),
+            });
+        }
 
         let template_name = req.template_id.clone();
         let templates = self.templates.clone();
@@ -346,18 +408,43 @@ impl Manager {
             access_token: access_token.clone(),
         };
         let started = std::time::Instant::now();
-        let handle = match driver.create(spec, self.events.clone()).await {
+        let nameserver = match &egress {
+            Some(e) => Some(e.reserve(&id)?),
+            None => None,
+        };
+        let created = match driver.create(spec, self.events.clone()).await {
+            Ok(h) => match (&egress, nameserver) {
+                (Some(e), Some(ns)) => attach_egress(e.as_ref(), &id, &h, ns, &policy)
+                    .await
+                    .map(|()| h.clone())
+                    .map_err(|err| (err, Some(h))),
+                _ => Ok(h),
+            },
+            Err(e) => Err((ManagerError::from(e), None)),
+        };
+        let handle = match created {
             Ok(h) => h,
-            Err(e) => {
+            Err((e, handle)) => {
+                if let Some(h) = handle
+                    && let Err(d) = h.destroy().await
+                {
+                    tracing::warn!(sandbox = %id, error = %d, "cleanup after failed egress setup");
+                }
+                if let Some(eg) = &egress
+                    && let Err(r) = eg.release(&id).await
+                {
+                    tracing::warn!(sandbox = %id, error = %r, "releasing the network failed");
+                }
                 self.store.audit(NewAudit {
                     actor: owner.to_string(),
                     sandbox_id: Some(id.clone()),
                     kind: "sandbox.create_failed".into(),
                     detail: serde_json::json!({ "error": error_chain(&e) }),
                 });
-                return Err(e.into());
+                return Err(e);
             }
         };
+        let attached_policy = egress.as_ref().map(|_| policy.clone());
         let now = now_ms();
         let live = Arc::new(LiveSandbox {
             handle: handle.clone(),
@@ -371,6 +458,7 @@ impl Manager {
             metadata: metadata.clone(),
             limits,
             metrics: Mutex::new(MetricsRing::new(DEFAULT_HISTORY)),
+            egress: Mutex::new(attached_policy.clone()),
         });
         self.store.insert_sandbox(&SandboxRecord {
             id: id.clone(),
@@ -398,6 +486,18 @@ impl Manager {
                 "diskSizeMB": limits.disk_mb,
                 "readyMs": started.elapsed().as_secs_f64() * 1000.0,
             }),
+        });
+        self.store.audit(NewAudit {
+            actor: owner.to_string(),
+            sandbox_id: Some(id.clone()),
+            kind: "net.policy".into(),
+            detail: match &attached_policy {
+                Some(p) => serde_json::json!({ "change": "create", "egress": true,
+                    "allowOut": p.allow_out(), "denyOut": p.deny_out() }),
+                None => serde_json::json!({ "change": "create", "egress": false,
+                    "reason": if self.egress.is_some() { "request allows no egress" }
+                              else { "server runs with --egress none" } }),
+            },
         });
         let out = live.sandbox();
         if let Ok(mut map) = self.live.write() {
@@ -539,6 +639,48 @@ impl Manager {
         Ok(live.sandbox())
     }
 
+    /// Replace a running sandbox's egress rules (`PUT /sandboxes/{id}/network`).
+    pub async fn update_network(
+        &self,
+        owner: &str,
+        id: &str,
+        req: cella_api::NetworkUpdate,
+    ) -> Result<(), ManagerError> {
+        let live = self.get_live(Some(owner), id)?;
+        let policy = EgressPolicy::from_request(
+            req.allow_internet_access,
+            req.allow_out.as_deref(),
+            req.deny_out.as_deref(),
+            "",
+        )
+        .map_err(|e| ManagerError::InvalidField {
+            field: e.field,
+            message: e.message,
+        })?;
+        let Some(egress) = &self.egress else {
+            return Err(ManagerError::Conflict(
+                "this server gives sandboxes no network (cella serve --egress none)".into(),
+            ));
+        };
+        if live.egress().is_none() {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox '{id}' was created without network access; its rules cannot be changed"
+            )));
+        }
+        egress.update(id, &policy).await?;
+        if let Ok(mut p) = live.egress.lock() {
+            *p = Some(policy.clone());
+        }
+        self.store.audit(NewAudit {
+            actor: owner.to_string(),
+            sandbox_id: Some(id.to_string()),
+            kind: "net.policy".into(),
+            detail: serde_json::json!({ "change": "update", "egress": true,
+                "allowOut": policy.allow_out(), "denyOut": policy.deny_out() }),
+        });
+        Ok(())
+    }
+
     /// Kill a sandbox now.
     pub async fn kill(&self, owner: &str, id: &str) -> Result<(), ManagerError> {
         self.get_live(Some(owner), id)?;
@@ -556,10 +698,17 @@ impl Manager {
             }
         }
         let live = self.live.write().ok().and_then(|mut m| m.remove(id));
-        let result = match &live {
-            Some(l) => l.handle.destroy().await,
+        let mut result = match &live {
+            Some(l) => l.handle.destroy().await.map_err(ManagerError::from),
             None => Ok(()),
         };
+        if let (Some(l), Some(egress)) = (&live, &self.egress)
+            && l.egress().is_some()
+            && let Err(e) = egress.release(id).await
+            && result.is_ok()
+        {
+            result = Err(e.into());
+        }
         if let Ok(mut dying) = self.dying.lock() {
             dying.remove(id);
         }
@@ -579,7 +728,7 @@ impl Manager {
         if let Err(e) = self.store.finish_sandbox(id, reason) {
             tracing::warn!(sandbox = id, error = %e, "recording sandbox end failed");
         }
-        result.map_err(ManagerError::from)
+        result
     }
 
     /// Destroy every sandbox (server shutdown). New creates are refused from now on.
@@ -751,6 +900,24 @@ impl Manager {
             }
         }
     }
+}
+
+/// Point the new sandbox's resolver at the host end and attach its interface and rules.
+async fn attach_egress(
+    egress: &dyn Egress,
+    id: &str,
+    handle: &Arc<dyn SandboxHandle>,
+    nameserver: std::net::Ipv4Addr,
+    policy: &EgressPolicy,
+) -> Result<(), ManagerError> {
+    let netns = handle.netns_path().ok_or_else(|| {
+        ManagerError::Driver(DriverError::Unavailable(
+            "the sandbox's network namespace is not reachable".into(),
+        ))
+    })?;
+    handle.set_nameserver(nameserver).await?;
+    egress.attach(id, &netns, policy).await?;
+    Ok(())
 }
 
 async fn watch_exit(manager: std::sync::Weak<Manager>, id: String, handle: Arc<dyn SandboxHandle>) {

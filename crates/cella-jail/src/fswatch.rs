@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use cella_core::driver::{EventSink, SandboxEvent};
-use cella_procevents::{RateLimit, parse_status};
+use cella_procevents::{RateLimit, nested_pid};
 use cella_proto::control::AgentEvent;
 
 const FAN_CLOSE_WRITE: u64 = 0x0000_0008;
@@ -412,9 +412,11 @@ fn handle(state: &Mutex<State>, ev: &FsEvent, proc_root: &Path) {
     w.last = Some((key, now));
     let (sink, id) = (w.sink.clone(), w.id.clone());
     drop(s);
+    // The writer's PID as the sandbox sees it; none for the host itself (e.g. the server
+    // writing the sandbox's resolv.conf).
     let pid = std::fs::read_to_string(proc_root.join(ev.pid.to_string()).join("status"))
         .ok()
-        .and_then(|st| parse_status(&st).0);
+        .and_then(|st| nested_pid(&st));
     let event = match record {
         Record::Write(path) => AgentEvent::FsWrite { path, pid },
         Record::Remove(path) => AgentEvent::FsRemove { path, pid },

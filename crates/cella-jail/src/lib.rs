@@ -708,6 +708,7 @@ impl Driver for JailDriver {
         let (exit_tx, exit_rx) = watch::channel(None);
         let sandbox = Arc::new(JailSandbox {
             id: id.clone(),
+            pid: spawned.pid,
             pidfd: pidfd.clone(),
             netns: Mutex::new(Some(Arc::new(spawned.netns))),
             host_netns: inner.host_netns.clone(),
@@ -810,6 +811,10 @@ impl Driver for JailDriver {
                 Err(DriverError::AgentNotReady(reason))
             }
         }
+    }
+
+    fn supports_egress(&self) -> bool {
+        true
     }
 
     async fn reap_orphans(&self) -> Result<ReapReport, DriverError> {

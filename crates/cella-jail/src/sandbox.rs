@@ -216,9 +216,130 @@ fn socket_in_netns(netns: &OwnedFd, host: &OwnedFd) -> io::Result<std::net::TcpS
     made.map(std::net::TcpStream::from)
 }
 
+/// Replace `/etc/resolv.conf` inside the sandbox whose init is `pid` (pinned by `pidfd`),
+/// resolving `etc` inside the sandbox's root without following any symlink, and creating the
+/// file afresh (`O_EXCL`), owned by the sandbox's root.
+fn write_resolv_conf(pid: i32, pidfd: &OwnedFd, content: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let root_path =
+        std::ffi::CString::new(format!("/proc/{pid}/root")).map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path; the returned fd is owned below.
+    let root = unsafe {
+        libc::open(
+            root_path.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if root < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `root` was just opened and is owned by nobody else.
+    let root = unsafe { OwnedFd::from_raw_fd(root) };
+    // The pid could have been reused before the open; the pidfd still names our init only
+    // while it lives, so a successful signal 0 after the open proves `root` is its root.
+    // SAFETY: pidfd_send_signal with signal 0 and a NULL siginfo only checks the target.
+    let alive = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if alive != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The sandbox's filesystems belong to its user namespace, where host uid 0 is unmapped
+    // (creating a file as it fails with EOVERFLOW): act as the sandbox's root on this thread.
+    let _ids = FsIds::become_id(cella_core::driver::SANDBOX_ID_BASE)?;
+    /// `struct open_how` of openat2(2) (libc's is non-exhaustive).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 reads `how` (valid, with its exact size) and the NUL-terminated path.
+    let etc = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c"etc".as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if etc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `etc` is a new descriptor owned by nobody else.
+    let etc = unsafe { OwnedFd::from_raw_fd(etc as i32) };
+    // SAFETY: unlinkat on a directory fd and a NUL-terminated name.
+    if unsafe { libc::unlinkat(etc.as_raw_fd(), c"resolv.conf".as_ptr(), 0) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    // SAFETY: openat with O_CREAT|O_EXCL (never follows a symlink) and a NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            etc.as_raw_fd(),
+            c"resolv.conf".as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    (&file).write_all(content)
+}
+
+/// The calling thread's filesystem uid/gid set to `id` until dropped (then back to 0).
+/// setfsuid/setfsgid are per-thread syscalls, so other threads are unaffected.
+struct FsIds;
+
+impl FsIds {
+    fn become_id(id: u32) -> io::Result<FsIds> {
+        // SAFETY: setfsgid/setfsuid take plain integers and only change this thread's ids.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, id);
+            libc::syscall(libc::SYS_setfsuid, id);
+        }
+        // SAFETY: as above; -1 is the documented "query only" value.
+        let now = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) };
+        if now != i64::from(id) {
+            drop(FsIds);
+            return Err(io::Error::other("could not switch the filesystem uid"));
+        }
+        Ok(FsIds)
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        // SAFETY: restores this thread's filesystem ids to root.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0u32);
+            libc::syscall(libc::SYS_setfsgid, 0u32);
+        }
+    }
+}
+
 /// State shared by the handle and its teardown.
 pub struct JailSandbox {
     pub(crate) id: String,
+    /// Host pid of the init (only used together with `pidfd`, which pins it).
+    pub(crate) pid: i32,
     pub(crate) pidfd: Arc<OwnedFd>,
     pub(crate) netns: Mutex<Option<Arc<OwnedFd>>>,
     pub(crate) host_netns: Arc<OwnedFd>,
@@ -331,6 +452,32 @@ impl SandboxHandle for JailSandbox {
         socket
             .connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
             .await
+    }
+
+    fn netns_path(&self) -> Option<PathBuf> {
+        let ns = self.netns.lock().ok()?.clone()?;
+        // The server's own descriptor table: valid as long as the sandbox (which holds the
+        // fd) lives, and immune to pid reuse of the sandbox's init.
+        Some(PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            ns.as_raw_fd()
+        )))
+    }
+
+    async fn set_nameserver(&self, nameserver: Ipv4Addr) -> Result<(), DriverError> {
+        let pid = self.pid;
+        let pidfd = self.pidfd.clone();
+        let content = format!(
+            "# Written by cella: the host-side resolver of this sandbox.\nnameserver {nameserver}\n"
+        );
+        tokio::task::spawn_blocking(move || write_resolv_conf(pid, &pidfd, content.as_bytes()))
+            .await
+            .map_err(|e| DriverError::Setup(format!("resolver task failed: {e}")))?
+            .map_err(|source| DriverError::Io {
+                context: "writing the sandbox's /etc/resolv.conf".into(),
+                source,
+            })
     }
 
     fn stats(&self) -> Result<SandboxStats, DriverError> {

@@ -1057,3 +1057,63 @@ async fn disk_pool_serves_fresh_disks_and_releases_them_with_the_driver() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Egress hooks: the netns path names the sandbox's netns, and the resolver file is written
+/// inside the sandbox as its root, replacing a symlink instead of following it, and refusing
+/// to write through a symlinked `/etc`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nameserver_and_netns_for_egress() {
+    let Some(env) = env() else { return };
+    assert!(env.driver.supports_egress());
+    let id = unique_id("dns");
+    let (sb, _ev) = create(&env, &id, small_limits()).await;
+    let t = traces(&env, &id);
+    let path = sb.netns_path().expect("netns path");
+    let ns = std::fs::read_link(&path).expect("readlink netns path");
+    assert!(
+        t.netns.contains(&ns.to_string_lossy().to_string()),
+        "{ns:?} vs {:?}",
+        t.netns
+    );
+
+    // A host file the sandbox points a symlink at: it must stay untouched.
+    let host_dir = tempfile::tempdir().expect("tmp");
+    let host_file = host_dir.path().join("victim");
+    std::fs::write(&host_file, "host data\n").expect("write");
+    let (_, code) = run(
+        &sb,
+        &format!("ln -sf {} /etc/resolv.conf; echo ok", host_file.display()),
+    )
+    .await;
+    assert_eq!(code, 0);
+    sb.set_nameserver(std::net::Ipv4Addr::new(10, 245, 0, 1))
+        .await
+        .expect("set nameserver");
+    assert_eq!(
+        std::fs::read_to_string(&host_file).expect("read"),
+        "host data\n"
+    );
+    let (out, _) = run(&sb, "cat /etc/resolv.conf; stat -c 'uid=%u mode=%a' /etc/resolv.conf; [ -L /etc/resolv.conf ] && echo LINK").await;
+    assert!(out.contains("nameserver 10.245.0.1"), "{out}");
+    assert!(out.contains("uid=0 mode=644"), "{out}");
+    assert!(!out.contains("LINK"), "{out}");
+
+    // /etc itself replaced by a symlink to the host path's directory: refused.
+    let (_, code) = run(
+        &sb,
+        &format!(
+            "rm -rf /etc && ln -s {} /etc; echo ok",
+            host_dir.path().display()
+        ),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        sb.set_nameserver(std::net::Ipv4Addr::new(10, 245, 0, 1))
+            .await
+            .is_err()
+    );
+    assert!(!host_dir.path().join("resolv.conf").exists());
+    sb.destroy().await.expect("destroy");
+    assert_gone(&env, &id, &t).await;
+}

@@ -126,6 +126,17 @@ pub fn parse_status(status: &str) -> (Option<u32>, Option<u32>) {
     (ns_pid, uid)
 }
 
+/// The PID of a process in a *nested* PID namespace (the last `NSpid` entry when there are
+/// several): `None` for a process of the reader's own namespace, e.g. the host itself.
+pub fn nested_pid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    let ids: Vec<&str> = line.split_whitespace().collect();
+    if ids.len() < 2 {
+        return None;
+    }
+    ids.last()?.parse().ok()
+}
+
 /// What `/proc` says about a process that just exec'd.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecInfo {
@@ -416,6 +427,13 @@ mod tests {
         let st = "Name:\tsh\nUid:\t101000\t101000\t101000\t101000\nNSpid:\t4242\t7\n";
         assert_eq!(parse_status(st), (Some(7), Some(101000)));
         assert_eq!(parse_status("garbage"), (None, None));
+    }
+
+    #[test]
+    fn only_nested_pids_count_as_a_sandbox_pid() {
+        assert_eq!(nested_pid("NSpid:\t4242\t7\n"), Some(7));
+        assert_eq!(nested_pid("NSpid:\t4242\n"), None);
+        assert_eq!(nested_pid("Name:\tx\n"), None);
     }
 
     #[test]

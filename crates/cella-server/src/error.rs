@@ -65,9 +65,14 @@ impl From<ManagerError> for HttpError {
             ManagerError::TemplateNotReady(_) | ManagerError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ManagerError::Driver(_) | ManagerError::Store(_) | ManagerError::Template(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
+            ManagerError::Conflict(_) => StatusCode::CONFLICT,
+            ManagerError::Egress(cella_core::egress::EgressError::PoolExhausted(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
             }
+            ManagerError::Driver(_)
+            | ManagerError::Store(_)
+            | ManagerError::Template(_)
+            | ManagerError::Egress(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
             tracing::error!(error = %error_chain(&e), "request failed");

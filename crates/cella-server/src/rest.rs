@@ -48,7 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/snapshots", get(not_implemented))
         .route(
             "/sandboxes/{id}/network",
-            axum::routing::put(not_implemented),
+            axum::routing::put(update_network),
         )
         .route("/volumes", get(not_implemented).post(not_implemented))
         .route(
@@ -107,7 +107,6 @@ async fn not_implemented(req: Request) -> HttpError {
         p if p.ends_with("/pause") || p.ends_with("/resume") => "pausing and resuming sandboxes",
         p if p.ends_with("/fork") => "forking sandboxes",
         p if p.contains("snapshots") => "snapshots",
-        p if p.ends_with("/network") => "changing a sandbox's network rules",
         p if p.starts_with("/volumes") => "volumes",
         p if p.starts_with("/secrets") => "secrets",
         p if p.contains("/tags") => "template tags",
@@ -381,6 +380,18 @@ async fn refresh(
         ));
     }
     state.manager.connect(&owner, &id, Some(duration.max(1)))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn update_network(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, HttpError> {
+    check_id(&id)?;
+    let req: cella_api::NetworkUpdate = parse_json_or_default(&body)?;
+    state.manager.update_network(&owner, &id, req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

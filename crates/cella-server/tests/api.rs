@@ -814,3 +814,246 @@ async fn template_routes_the_sdks_call() {
         );
     }
 }
+
+/// A harness whose manager has a (fake) host-side network, as `--egress allowed`.
+async fn egress_harness() -> (Harness, cella_core::fake::FakeEgress) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fake_template_dir(dir.path());
+    let store = Store::open_in_memory().expect("store");
+    let key = store.create_key("test").expect("key").key;
+    let driver = FakeDriver::with_egress();
+    let egress = cella_core::fake::FakeEgress::new();
+    let manager = Manager::start_with_egress(
+        vec![Arc::new(driver.clone())],
+        0,
+        Arc::new(TemplateStore::new(dir.path().to_path_buf())),
+        store.clone(),
+        ManagerConfig::default(),
+        Some(Arc::new(egress.clone())),
+    );
+    let state = AppState::new(manager);
+    let h = Harness {
+        app: app(state.clone()),
+        state,
+        driver,
+        store,
+        key,
+        _dir: dir,
+    };
+    (h, egress)
+}
+
+#[tokio::test]
+async fn egress_none_server_gives_no_network_and_says_so() {
+    let h = harness().await;
+    let v = h
+        .create(json!({"templateID": "base", "allow_internet_access": true}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id");
+    let (s, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(info["allowInternetAccess"], false, "{info}");
+    let (s, v) = h
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&h.key),
+            Some(json!({"allowOut": ["1.1.1.1"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--egress none")),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn egress_policy_is_attached_reported_and_replaced() {
+    let (h, egress) = egress_harness().await;
+    let v = h
+        .create(json!({"templateID": "base",
+            "network": {"allowOut": ["allowed.test", "198.51.100.0/24"], "denyOut": ["0.0.0.0/0"]}}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let p = egress.attached(&id).expect("attached");
+    assert!(p.restricts_domains() && p.allows_name("allowed.test") && !p.allows_name("x.test"));
+    assert!(h.driver.nameserver(&id).is_some(), "resolver configured");
+    let (_, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(info["allowInternetAccess"], false, "{info}");
+    assert_eq!(
+        info["network"]["allowOut"],
+        json!(["198.51.100.0/24", "allowed.test"])
+    );
+    assert_eq!(info["network"]["denyOut"], json!(["0.0.0.0/0"]));
+
+    // Replace: omitted fields are cleared.
+    let (s, v) = h
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&h.key),
+            Some(json!({"denyOut": ["203.0.113.0/24"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let p = egress.attached(&id).expect("attached");
+    assert!(p.allow_domains.is_empty() && !p.denies_all());
+    let (_, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(info["allowInternetAccess"], true, "{info}");
+
+    // Bad input: 400 naming the field; the rules stay.
+    for (body, field) in [
+        (json!({"denyOut": ["example.com"]}), "denyOut"),
+        (json!({"allowOut": ["10.0.0.1/8"]}), "allowOut"),
+        (json!({"allowOut": "x"}), "allowOut"),
+    ] {
+        let (s, v) = h
+            .call(
+                "PUT",
+                &format!("/sandboxes/{id}/network"),
+                Some(&h.key),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| m.contains(field)),
+            "{v}"
+        );
+    }
+    assert_eq!(egress.attached(&id), Some(p));
+
+    // Unknown sandbox and other keys: 404.
+    let (s, _) = h
+        .call(
+            "PUT",
+            "/sandboxes/nosuch/network",
+            Some(&h.key),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let other = h.store.create_key("other").expect("key").key;
+    let (s, _) = h
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&other),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Audit: the create and the update.
+    h.store.flush_audit();
+    let kinds: Vec<String> = h
+        .store
+        .query_audit(&cella_core::store::AuditQuery {
+            sandbox_id: Some(id.clone()),
+            ..Default::default()
+        })
+        .expect("audit")
+        .into_iter()
+        .filter(|e| e.kind == "net.policy")
+        .map(|e| e.detail["change"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(kinds, vec!["create", "update"]);
+
+    // Kill releases the attachment.
+    let (s, _) = h
+        .call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(egress.attached(&id), None);
+    assert_eq!(egress.reserved(), 0);
+}
+
+#[tokio::test]
+async fn no_egress_requested_means_no_interface_and_failed_attach_leaves_nothing() {
+    let (h, egress) = egress_harness().await;
+    let v = h
+        .create(json!({"templateID": "base", "allow_internet_access": false}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id");
+    assert_eq!(egress.attached(id), None);
+    assert_eq!(egress.reserved(), 0);
+    let (s, v) = h
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&h.key),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+
+    egress.fail_next_attach();
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(json!({"templateID": "base"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(egress.reserved(), 0);
+    assert_eq!(h.driver.alive().len(), 1, "only the first sandbox is alive");
+}
+
+#[tokio::test]
+async fn driver_without_egress_refuses_a_create_that_wants_egress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fake_template_dir(dir.path());
+    let store = Store::open_in_memory().expect("store");
+    let key = store.create_key("test").expect("key").key;
+    // A driver that cannot do egress (as the vm driver today) on a server with egress.
+    let driver = FakeDriver::new();
+    let egress = cella_core::fake::FakeEgress::new();
+    let manager = Manager::start_with_egress(
+        vec![Arc::new(driver.clone())],
+        0,
+        Arc::new(TemplateStore::new(dir.path().to_path_buf())),
+        store.clone(),
+        ManagerConfig::default(),
+        Some(Arc::new(egress.clone())),
+    );
+    let state = AppState::new(manager);
+    let h = Harness {
+        app: app(state.clone()),
+        state,
+        driver,
+        store,
+        key,
+        _dir: dir,
+    };
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(json!({"templateID": "base"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no outbound network yet")),
+        "{v}"
+    );
+    assert_eq!(h.driver.created(), 0);
+    // Without egress it works.
+    h.create(json!({"templateID": "base", "allow_internet_access": false}))
+        .await;
+    assert_eq!(egress.reserved(), 0);
+}

@@ -1,0 +1,474 @@
+//! Outbound network policy of a sandbox, and the seam to the host-side network that enforces it.
+//!
+//! E2B's model: `allowOut` (CIDRs, IPs or domains, `*.x` included) always wins over `denyOut`
+//! (CIDRs or IPs only); `allow_internet_access = false` is `denyOut = ["0.0.0.0/0"]`; a domain
+//! in `allowOut` only restricts anything when `denyOut` denies the rest. The policy is parsed
+//! and validated here, once, so the REST layer, the firewall and the DNS forwarder all see the
+//! same typed rules. Enforcement lives behind [`Egress`] (the `cella-net` crate), injected
+//! into the manager so the core stays free of netlink, nftables and sockets.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use async_trait::async_trait;
+
+/// Most entries accepted in `allowOut` or `denyOut`.
+pub const MAX_RULES: usize = 256;
+
+/// `0.0.0.0/0`, E2B's `ALL_TRAFFIC`.
+pub const ALL_TRAFFIC: Ipv4Cidr = Ipv4Cidr {
+    addr: Ipv4Addr::UNSPECIFIED,
+    prefix: 0,
+};
+
+/// An IPv4 network (`addr` has no host bits set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// A network from an address and prefix length; host bits are cleared.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Ipv4Cidr> {
+        (prefix <= 32).then(|| Ipv4Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & mask(prefix)),
+            prefix,
+        })
+    }
+
+    /// Network address.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// Prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & mask(self.prefix) == u32::from(self.addr)
+    }
+
+    /// Whether `other` lies entirely inside `self`.
+    pub fn contains_net(&self, other: &Ipv4Cidr) -> bool {
+        other.prefix >= self.prefix && self.contains(other.addr)
+    }
+
+    /// Whether the two share any address.
+    pub fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        self.contains_net(other) || other.contains_net(self)
+    }
+
+    /// Number of addresses.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix))
+    }
+
+    /// Parse `a.b.c.d/n` strictly (no host bits, as E2B's validator) or a bare IP (a /32).
+    pub fn parse(s: &str) -> Result<Ipv4Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => {
+                let p: u8 = p
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= 32)
+                    .ok_or_else(|| format!("{s:?}: prefix length must be 0-32"))?;
+                (ip, p)
+            }
+            None => (s, 32),
+        };
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 address or CIDR"))?;
+        let net = Ipv4Cidr::new(ip, prefix).ok_or_else(|| format!("{s:?}: bad prefix"))?;
+        if net.addr != ip {
+            return Err(format!("{s:?} has host bits set (did you mean {}?)", net));
+        }
+        Ok(net)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+}
+
+/// A domain rule of `allowOut`: an exact name or `*.suffix` (any depth below, not the apex).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DomainPattern {
+    /// Lowercase name without a trailing dot, without the `*.`.
+    name: String,
+    wildcard: bool,
+}
+
+impl DomainPattern {
+    /// Parse and normalise (lowercase, trailing dot removed). Bare `*` is refused.
+    pub fn parse(s: &str) -> Result<DomainPattern, String> {
+        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let (wildcard, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_string()),
+            None => (false, lower),
+        };
+        if !is_hostname(&name) {
+            return Err(format!(
+                "{s:?} is not a CIDR, an IPv4 address or a domain name (e.g. example.com, *.example.com)"
+            ));
+        }
+        Ok(DomainPattern { name, wildcard })
+    }
+
+    /// Whether a queried name (any case, trailing dot allowed) matches.
+    pub fn matches(&self, qname: &str) -> bool {
+        let q = qname.trim_end_matches('.');
+        if self.wildcard {
+            q.len() > self.name.len() + 1
+                && q[q.len() - self.name.len()..].eq_ignore_ascii_case(&self.name)
+                && q.as_bytes()[q.len() - self.name.len() - 1] == b'.'
+        } else {
+            q.eq_ignore_ascii_case(&self.name)
+        }
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard {
+            write!(f, "*.{}", self.name)
+        } else {
+            f.write_str(&self.name)
+        }
+    }
+}
+
+fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        })
+        // Not an all-numeric name that looks like a malformed IP.
+        && !s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// The outbound rules of one sandbox with egress.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// Networks always allowed.
+    pub allow_cidrs: Vec<Ipv4Cidr>,
+    /// Domains whose resolved addresses are allowed.
+    pub allow_domains: Vec<DomainPattern>,
+    /// Networks denied unless allowed.
+    pub deny_cidrs: Vec<Ipv4Cidr>,
+}
+
+impl EgressPolicy {
+    /// Build from E2B's fields. `field_prefix` names the JSON object in errors
+    /// (`network.` for create, empty for the update body).
+    pub fn from_request(
+        allow_internet_access: Option<bool>,
+        allow_out: Option<&[String]>,
+        deny_out: Option<&[String]>,
+        field_prefix: &'static str,
+    ) -> Result<EgressPolicy, PolicyError> {
+        let (allow_field, deny_field) = if field_prefix.is_empty() {
+            ("allowOut", "denyOut")
+        } else {
+            ("network.allowOut", "network.denyOut")
+        };
+        let mut p = EgressPolicy::default();
+        let allow = allow_out.unwrap_or_default();
+        let deny = deny_out.unwrap_or_default();
+        if allow.len() > MAX_RULES {
+            return Err(PolicyError::new(
+                allow_field,
+                format!("at most {MAX_RULES} entries"),
+            ));
+        }
+        if deny.len() > MAX_RULES {
+            return Err(PolicyError::new(
+                deny_field,
+                format!("at most {MAX_RULES} entries"),
+            ));
+        }
+        for entry in allow {
+            let e = entry.trim();
+            if looks_like_ipv6(e) {
+                return Err(PolicyError::new(
+                    allow_field,
+                    format!("{e:?}: IPv6 egress is not supported (cella blocks all IPv6)"),
+                ));
+            }
+            if e.bytes().next().is_some_and(|b| b.is_ascii_digit()) && is_ipish(e) {
+                let net = Ipv4Cidr::parse(e).map_err(|m| PolicyError::new(allow_field, m))?;
+                push_unique(&mut p.allow_cidrs, net);
+            } else {
+                let d = DomainPattern::parse(e).map_err(|m| PolicyError::new(allow_field, m))?;
+                if !p.allow_domains.contains(&d) {
+                    p.allow_domains.push(d);
+                }
+            }
+        }
+        for entry in deny {
+            let e = entry.trim();
+            if looks_like_ipv6(e) {
+                // IPv6 is always denied; accepting the rule keeps E2B's clients working.
+                continue;
+            }
+            let net = Ipv4Cidr::parse(e).map_err(|m| {
+                PolicyError::new(
+                    deny_field,
+                    format!("{m} (denyOut takes only CIDRs or IP addresses)"),
+                )
+            })?;
+            push_unique(&mut p.deny_cidrs, net);
+        }
+        if allow_internet_access == Some(false) {
+            push_unique(&mut p.deny_cidrs, ALL_TRAFFIC);
+        }
+        Ok(p)
+    }
+
+    /// Whether everything not explicitly allowed is denied (`0.0.0.0/0` in `denyOut`).
+    pub fn denies_all(&self) -> bool {
+        self.deny_cidrs.contains(&ALL_TRAFFIC)
+    }
+
+    /// Whether this policy can reach anything at all, i.e. whether the sandbox needs a network
+    /// interface. A sandbox that may reach nothing keeps the lo-only netns.
+    pub fn reaches_anything(&self) -> bool {
+        !(self.denies_all() && self.allow_cidrs.is_empty() && self.allow_domains.is_empty())
+    }
+
+    /// Whether DNS answers must be filtered by [`EgressPolicy::allow_domains`]: only when
+    /// the rest is denied (otherwise every address is reachable anyway).
+    pub fn restricts_domains(&self) -> bool {
+        self.denies_all()
+    }
+
+    /// Whether a DNS name may be resolved.
+    pub fn allows_name(&self, qname: &str) -> bool {
+        !self.restricts_domains() || self.allow_domains.iter().any(|d| d.matches(qname))
+    }
+
+    /// `allowOut` as E2B reports it (CIDRs then domains).
+    pub fn allow_out(&self) -> Vec<String> {
+        self.allow_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .chain(self.allow_domains.iter().map(ToString::to_string))
+            .collect()
+    }
+
+    /// `denyOut` as E2B reports it.
+    pub fn deny_out(&self) -> Vec<String> {
+        self.deny_cidrs.iter().map(ToString::to_string).collect()
+    }
+
+    /// JSON for the audit log.
+    pub fn audit_json(&self) -> serde_json::Value {
+        serde_json::json!({ "allowOut": self.allow_out(), "denyOut": self.deny_out() })
+    }
+}
+
+fn push_unique(v: &mut Vec<Ipv4Cidr>, net: Ipv4Cidr) {
+    if !v.contains(&net) {
+        v.push(net);
+    }
+}
+
+fn looks_like_ipv6(s: &str) -> bool {
+    s.contains(':')
+}
+
+fn is_ipish(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
+}
+
+/// A policy field that does not validate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid field '{field}': {message}")]
+pub struct PolicyError {
+    /// JSON field name.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl PolicyError {
+    fn new(field: &'static str, message: impl Into<String>) -> PolicyError {
+        PolicyError {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// Errors of the host-side network.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    /// No free address slot.
+    #[error("no free sandbox network address (pool {0} exhausted)")]
+    PoolExhausted(String),
+    /// Unknown sandbox.
+    #[error("sandbox {0} has no network attachment")]
+    NotAttached(String),
+    /// A command or OS call failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The host side of sandbox networking: addresses, interfaces, firewall, DNS.
+#[async_trait]
+pub trait Egress: Send + Sync + 'static {
+    /// Reserve an address slot for `sandbox_id`; returns the resolver address the sandbox's
+    /// `/etc/resolv.conf` must name. Must be followed by `attach` or `release`.
+    fn reserve(&self, sandbox_id: &str) -> Result<Ipv4Addr, EgressError>;
+
+    /// Give the sandbox whose network namespace is at `netns` its interface, route, firewall
+    /// rules and resolver. On error nothing of the attachment remains but the reservation.
+    async fn attach(
+        &self,
+        sandbox_id: &str,
+        netns: &Path,
+        policy: &EgressPolicy,
+    ) -> Result<(), EgressError>;
+
+    /// Replace the sandbox's rules atomically.
+    async fn update(&self, sandbox_id: &str, policy: &EgressPolicy) -> Result<(), EgressError>;
+
+    /// Remove everything of the sandbox's attachment and free its slot. Idempotent.
+    async fn release(&self, sandbox_id: &str) -> Result<(), EgressError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn cidrs_parse_strictly() {
+        assert_eq!(
+            Ipv4Cidr::parse("10.0.0.0/8").map(|c| c.to_string()),
+            Ok("10.0.0.0/8".into())
+        );
+        assert_eq!(
+            Ipv4Cidr::parse("1.2.3.4").map(|c| c.to_string()),
+            Ok("1.2.3.4/32".into())
+        );
+        assert!(Ipv4Cidr::parse("10.0.0.1/8").is_err(), "host bits");
+        assert!(Ipv4Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Ipv4Cidr::parse("300.0.0.0/8").is_err());
+        assert!(Ipv4Cidr::parse("1.2.3").is_err());
+        let net = Ipv4Cidr::parse("203.0.113.0/24").unwrap_or(ALL_TRAFFIC);
+        assert!(net.contains("203.0.113.9".parse().unwrap_or(Ipv4Addr::LOCALHOST)));
+        assert!(!net.contains("203.0.114.9".parse().unwrap_or(Ipv4Addr::LOCALHOST)));
+        assert!(ALL_TRAFFIC.contains_net(&net));
+        assert!(!net.contains_net(&ALL_TRAFFIC));
+        assert!(net.overlaps(&ALL_TRAFFIC));
+    }
+
+    #[test]
+    fn domains_match_exactly_or_below_a_wildcard() {
+        let exact = DomainPattern::parse("Allowed.Test.").expect("valid");
+        assert!(exact.matches("allowed.test"));
+        assert!(exact.matches("ALLOWED.test."));
+        assert!(!exact.matches("x.allowed.test"));
+        assert!(!exact.matches("notallowed.test"));
+        let wild = DomainPattern::parse("*.example.com").expect("valid");
+        assert!(wild.matches("a.example.com"));
+        assert!(wild.matches("a.b.example.com"));
+        assert!(!wild.matches("example.com"), "apex is not matched");
+        assert!(!wild.matches("badexample.com"));
+        assert!(!wild.matches("example.com.evil.net"));
+        for bad in [
+            "*",
+            "*.",
+            "a..b",
+            "-a.com",
+            "a b.com",
+            "",
+            "x.*.com",
+            "1.2.3.4.5",
+        ] {
+            assert!(
+                DomainPattern::parse(bad).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn policy_follows_e2b_semantics() {
+        let p = EgressPolicy::from_request(None, None, None, "network.").expect("valid");
+        assert!(p.reaches_anything() && !p.restricts_domains());
+        assert!(p.allows_name("anything.example"));
+
+        let off = EgressPolicy::from_request(Some(false), None, None, "network.").expect("valid");
+        assert!(off.denies_all() && !off.reaches_anything());
+
+        let doms = EgressPolicy::from_request(
+            None,
+            Some(&s(&["allowed.test", "198.51.100.0/24", "*.ok.test"])),
+            Some(&s(&["0.0.0.0/0"])),
+            "network.",
+        )
+        .expect("valid");
+        assert!(doms.reaches_anything() && doms.restricts_domains());
+        assert!(doms.allows_name("allowed.test") && doms.allows_name("a.ok.test"));
+        assert!(!doms.allows_name("other.test"));
+        assert_eq!(
+            doms.allow_out(),
+            s(&["198.51.100.0/24", "allowed.test", "*.ok.test"])
+        );
+        assert_eq!(doms.deny_out(), s(&["0.0.0.0/0"]));
+
+        // allow_internet_access=false plus an allow list: allow wins.
+        let both = EgressPolicy::from_request(Some(false), Some(&s(&["1.1.1.1"])), None, "")
+            .expect("valid");
+        assert!(both.reaches_anything());
+    }
+
+    #[test]
+    fn bad_entries_name_their_field() {
+        let e = EgressPolicy::from_request(None, None, Some(&s(&["example.com"])), "network.")
+            .expect_err("domain in deny");
+        assert_eq!(e.field, "network.denyOut");
+        let e = EgressPolicy::from_request(None, Some(&s(&["10.0.0.1/8"])), None, "")
+            .expect_err("host bits");
+        assert_eq!(e.field, "allowOut");
+        let e =
+            EgressPolicy::from_request(None, Some(&s(&["::1/128"])), None, "").expect_err("ipv6");
+        assert!(e.message.contains("IPv6"));
+        let e = EgressPolicy::from_request(None, Some(&s(&["bad name!"])), None, "")
+            .expect_err("bad domain");
+        assert_eq!(e.field, "allowOut");
+        let many: Vec<String> = (0..=MAX_RULES)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
+        assert!(EgressPolicy::from_request(None, None, Some(&many), "").is_err());
+        // IPv6 deny rules are accepted (IPv6 is always denied).
+        assert!(EgressPolicy::from_request(None, None, Some(&s(&["::/0"])), "").is_ok());
+    }
+}

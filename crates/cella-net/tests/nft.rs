@@ -1,0 +1,107 @@
+//! The generated nftables scripts against the real kernel (root and `nft` needed; skips
+//! otherwise): every transaction applies, and the table is gone afterwards.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use cella_core::egress::{EgressPolicy, Ipv4Cidr};
+use cella_net::nft::{Attachment, Ruleset};
+
+fn nft(script: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(script.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}\n--- script:\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn list(table: &str) -> Option<String> {
+    let out = Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn skip() -> Option<&'static str> {
+    if !std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+    {
+        return Some("not root");
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        return Some("nft not installed");
+    }
+    None
+}
+
+#[test]
+fn scripts_apply_and_clean_up() {
+    if let Some(why) = skip() {
+        eprintln!("SKIP scripts_apply_and_clean_up: {why}");
+        return;
+    }
+    let rs = Ruleset {
+        table: format!("cella_test{}", std::process::id()),
+        prefix: "cntest00".into(),
+        pool: Ipv4Cidr::parse("10.246.0.0/16").expect("cidr"),
+        uplink: Some("lo".into()),
+        log_group: Some(4242),
+    };
+    let att = Attachment {
+        index: 7,
+        ifname: "cntest007".into(),
+        host: Ipv4Addr::new(10, 246, 0, 29),
+        sandbox: Ipv4Addr::new(10, 246, 0, 30),
+    };
+    let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let policy = EgressPolicy::from_request(
+        None,
+        Some(&a(&["10.1.0.0/16", "198.51.100.0/24", "allowed.test"])),
+        Some(&a(&["0.0.0.0/0"])),
+        "",
+    )
+    .expect("policy");
+    nft(&rs.create()).expect("create");
+    nft(&rs.create()).expect("create again replaces");
+    nft(&rs.attach(&att, &policy)).expect("attach");
+    let listed = list(&rs.table).expect("listed");
+    assert!(listed.contains("\"cntest007\" : jump sb7"), "{listed}");
+    assert!(listed.contains("10.1.0.0/16"), "{listed}");
+    nft(&rs.update(7, &EgressPolicy::default())).expect("update to empty");
+    nft(&rs.update(7, &policy)).expect("update");
+    nft(&rs
+        .learn(7, &[(Ipv4Addr::new(198, 51, 100, 10), 60)])
+        .expect("script"))
+    .expect("learn");
+    // Learning an address twice is fine.
+    nft(&rs
+        .learn(7, &[(Ipv4Addr::new(198, 51, 100, 10), 60)])
+        .expect("script"))
+    .expect("relearn");
+    nft(&rs.detach(&att)).expect("detach");
+    let listed = list(&rs.table).expect("listed");
+    assert!(!listed.contains("sb7"), "{listed}");
+    nft(&rs.delete()).expect("delete");
+    assert!(list(&rs.table).is_none(), "table removed");
+}
