@@ -36,17 +36,23 @@ fn fake_template_dir(root: &std::path::Path) {
 }
 
 async fn harness() -> Harness {
+    harness_with(FakeDriver::new(), None)
+}
+
+/// A harness over `driver`, with a (fake) host-side network when `egress` is given (as
+/// `--egress allowed`).
+fn harness_with(driver: FakeDriver, egress: Option<cella_core::fake::FakeEgress>) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     fake_template_dir(dir.path());
     let store = Store::open_in_memory().expect("store");
     let key = store.create_key("test").expect("key").key;
-    let driver = FakeDriver::new();
-    let manager = Manager::start(
+    let manager = Manager::start_with_egress(
         vec![Arc::new(driver.clone())],
         0,
         Arc::new(TemplateStore::new(dir.path().to_path_buf())),
         store.clone(),
         ManagerConfig::default(),
+        egress.map(|e| Arc::new(e) as Arc<dyn cella_core::egress::Egress>),
     );
     let state = AppState::with_port_grace(manager, std::time::Duration::from_millis(200));
     Harness {
@@ -817,30 +823,11 @@ async fn template_routes_the_sdks_call() {
 
 /// A harness whose manager has a (fake) host-side network, as `--egress allowed`.
 async fn egress_harness() -> (Harness, cella_core::fake::FakeEgress) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    fake_template_dir(dir.path());
-    let store = Store::open_in_memory().expect("store");
-    let key = store.create_key("test").expect("key").key;
-    let driver = FakeDriver::with_egress();
     let egress = cella_core::fake::FakeEgress::new();
-    let manager = Manager::start_with_egress(
-        vec![Arc::new(driver.clone())],
-        0,
-        Arc::new(TemplateStore::new(dir.path().to_path_buf())),
-        store.clone(),
-        ManagerConfig::default(),
-        Some(Arc::new(egress.clone())),
-    );
-    let state = AppState::new(manager);
-    let h = Harness {
-        app: app(state.clone()),
-        state,
-        driver,
-        store,
-        key,
-        _dir: dir,
-    };
-    (h, egress)
+    (
+        harness_with(FakeDriver::with_egress(), Some(egress.clone())),
+        egress,
+    )
 }
 
 #[tokio::test]
@@ -1012,30 +999,9 @@ async fn no_egress_requested_means_no_interface_and_failed_attach_leaves_nothing
 
 #[tokio::test]
 async fn driver_without_egress_refuses_a_create_that_wants_egress() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    fake_template_dir(dir.path());
-    let store = Store::open_in_memory().expect("store");
-    let key = store.create_key("test").expect("key").key;
     // A driver that cannot do egress (as the vm driver today) on a server with egress.
-    let driver = FakeDriver::new();
     let egress = cella_core::fake::FakeEgress::new();
-    let manager = Manager::start_with_egress(
-        vec![Arc::new(driver.clone())],
-        0,
-        Arc::new(TemplateStore::new(dir.path().to_path_buf())),
-        store.clone(),
-        ManagerConfig::default(),
-        Some(Arc::new(egress.clone())),
-    );
-    let state = AppState::new(manager);
-    let h = Harness {
-        app: app(state.clone()),
-        state,
-        driver,
-        store,
-        key,
-        _dir: dir,
-    };
+    let h = harness_with(FakeDriver::new(), Some(egress.clone()));
     let (s, v) = h
         .call(
             "POST",
