@@ -497,7 +497,10 @@ mod tests {
             on_timeout: OnTimeout::Pause,
         })
         .expect("json");
-        assert_eq!(v, serde_json::json!({"autoResume": true, "onTimeout": "pause"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"autoResume": true, "onTimeout": "pause"})
+        );
         assert_eq!(
             serde_json::to_value(SandboxState::Paused).expect("json"),
             "paused"

@@ -702,8 +702,7 @@ impl Manager {
         }
         let secs = live
             .timeout_secs
-            .max(MIN_AUTO_RESUME_TIMEOUT_SECS)
-            .min(MAX_TIMEOUT_SECS);
+            .clamp(MIN_AUTO_RESUME_TIMEOUT_SECS, MAX_TIMEOUT_SECS);
         match self.resume_live(&live, "server", "traffic", secs).await {
             Ok(_) => Some(live),
             Err(e) => {
@@ -813,7 +812,12 @@ impl Manager {
 
     fn is_live(&self, id: &str) -> bool {
         let dying = self.dying.lock().map(|d| d.contains(id)).unwrap_or(true);
-        !dying && self.live.read().map(|m| m.contains_key(id)).unwrap_or(false)
+        !dying
+            && self
+                .live
+                .read()
+                .map(|m| m.contains_key(id))
+                .unwrap_or(false)
     }
 
     /// Kill a sandbox now (running or paused).
@@ -1192,11 +1196,7 @@ mod tests {
     }
 
     async fn create(e: &Env, req: NewSandbox) -> String {
-        e.manager
-            .create("k", req)
-            .await
-            .expect("create")
-            .sandbox_id
+        e.manager.create("k", req).await.expect("create").sandbox_id
     }
 
     fn base(timeout: u64) -> NewSandbox {
@@ -1263,7 +1263,11 @@ mod tests {
         ));
         // connect resumes (E2B's 201) and sets the end time from now
         let before = now_ms();
-        let (sbx, resumed) = e.manager.connect("k", &id, Some(60)).await.expect("connect");
+        let (sbx, resumed) = e
+            .manager
+            .connect("k", &id, Some(60))
+            .await
+            .expect("connect");
         assert!(resumed);
         assert_eq!(sbx.sandbox_id, id);
         assert_eq!(e.driver.is_paused(&id), Some(false));
@@ -1312,7 +1316,11 @@ mod tests {
         e.manager.pause("k", &id, true).await.expect("pause");
         let info = e.manager.info("k", &id).expect("info");
         // endAt of a paused sandbox is when it will be killed
-        assert!(info.end_at > format_rfc3339_ms(now_ms() + 2000), "{}", info.end_at);
+        assert!(
+            info.end_at > format_rfc3339_ms(now_ms() + 2000),
+            "{}",
+            info.end_at
+        );
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(
             e.manager.info("k", &id).expect("still there").state,
@@ -1365,7 +1373,11 @@ mod tests {
             "{audit:?}"
         );
         assert!(!audit.iter().any(|(k, _)| k == "sandbox.kill"));
-        let (_, resumed) = e.manager.connect("k", &id, Some(60)).await.expect("connect");
+        let (_, resumed) = e
+            .manager
+            .connect("k", &id, Some(60))
+            .await
+            .expect("connect");
         assert!(resumed);
         // lifecycle.onTimeout is the same switch
         let id2 = create(
@@ -1451,9 +1463,11 @@ mod tests {
         )
         .await;
         e.driver.fail_next_pause();
-        wait_until("kill after failed auto-pause", Duration::from_secs(5), || {
-            e.manager.route(&id2).is_none()
-        })
+        wait_until(
+            "kill after failed auto-pause",
+            Duration::from_secs(5),
+            || e.manager.route(&id2).is_none(),
+        )
         .await;
     }
 
@@ -1488,10 +1502,7 @@ mod tests {
         assert_eq!(ids(&[SandboxState::Paused]), paused);
         assert_eq!(ids(&[SandboxState::Running]), vec![running.clone()]);
         assert_eq!(ids(&[]).len(), 3);
-        assert_eq!(
-            ids(&[SandboxState::Running, SandboxState::Paused]).len(),
-            3
-        );
+        assert_eq!(ids(&[SandboxState::Running, SandboxState::Paused]).len(), 3);
 
         assert!(e.manager.route_running(&plain).await.is_none());
         assert_eq!(e.driver.is_paused(&plain), Some(true));
@@ -1507,6 +1518,8 @@ mod tests {
                 .any(|(k, d)| k == "sandbox.resume" && d["reason"] == "traffic")
         );
         // metrics of a paused sandbox still answer (cgroup counters)
-        e.manager.metrics("k", &plain).expect("metrics while paused");
+        e.manager
+            .metrics("k", &plain)
+            .expect("metrics while paused");
     }
 }

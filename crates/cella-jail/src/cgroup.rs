@@ -571,7 +571,9 @@ impl Cgroups {
     fn freezer_dir(&self, id: &str) -> Result<PathBuf, CgroupError> {
         match &self.mode {
             CgroupMode::V2 { root, .. } => Ok(self.parent(root).join(id)),
-            CgroupMode::V1 { freezer, memory, .. } => match freezer {
+            CgroupMode::V1 {
+                freezer, memory, ..
+            } => match freezer {
                 Some(f) => Ok(self.parent(f).join(id)),
                 None => Err(CgroupError::NoFreezer {
                     path: self.parent(memory).join(id),
@@ -1197,7 +1199,10 @@ mod tests {
         cg.freeze("z", Duration::from_secs(5)).expect("freeze");
         let waited = start.elapsed();
         flip.join().expect("join");
-        assert!(waited >= Duration::from_millis(50), "returned early: {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(50),
+            "returned early: {waited:?}"
+        );
         assert_eq!(
             std::fs::read_to_string(d.join("cgroup.freeze")).expect("read"),
             "1"

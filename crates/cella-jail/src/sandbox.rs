@@ -345,7 +345,10 @@ impl SandboxHandle for JailSandbox {
 
     async fn pause(&self) -> Result<(), DriverError> {
         if self.destroying.load(Ordering::SeqCst) {
-            return Err(DriverError::Pause(format!("sandbox {} is being destroyed", self.id)));
+            return Err(DriverError::Pause(format!(
+                "sandbox {} is being destroyed",
+                self.id
+            )));
         }
         let cgroups = self.cgroups.clone();
         let id = self.id.clone();

@@ -989,7 +989,10 @@ async fn pause_stops_progress_keeps_memory_and_kill_while_paused_leaves_nothing(
     assert!(!env.driver.cgroups().is_frozen(&id).expect("state"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while counter(&env, &id) <= c1 {
-        assert!(Instant::now() < deadline, "counter did not continue after resume");
+        assert!(
+            Instant::now() < deadline,
+            "counter did not continue after resume"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let c3 = counter(&env, &id);

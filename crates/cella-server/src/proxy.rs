@@ -382,11 +382,7 @@ impl ProxyClient {
     /// Whether the sandbox's agent answers `GET /health` within a second (a paused or hung
     /// agent does not).
     pub async fn agent_healthy(&self, sandbox_id: &str) -> bool {
-        if self
-            .manager
-            .route(sandbox_id)
-            .is_none_or(|l| l.is_paused())
-        {
+        if self.manager.route(sandbox_id).is_none_or(|l| l.is_paused()) {
             return false;
         }
         let Ok(req) = Request::builder()

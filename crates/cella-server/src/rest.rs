@@ -275,11 +275,11 @@ async fn list_v1(
     let q = parse_list_query(raw)?;
     let filter = parse_metadata_filter(q.metadata.as_deref());
     // The deprecated list shows running sandboxes only, as E2B's.
-    Ok(Json(
-        state
-            .manager
-            .list(&owner, &filter, &[SandboxState::Running]),
-    ))
+    Ok(Json(state.manager.list(
+        &owner,
+        &filter,
+        &[SandboxState::Running],
+    )))
 }
 
 /// `state=running,paused` (comma-separated; empty or absent: both).

@@ -792,28 +792,42 @@ async fn pause_connect_list_and_kill_through_the_api() {
         .call("POST", &pause, Some(&h.key), Some(json!({"memory": "yes"})))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(v["message"].as_str().is_some_and(|m| m.contains("memory")), "{v}");
+    assert!(
+        v["message"].as_str().is_some_and(|m| m.contains("memory")),
+        "{v}"
+    );
 
     let (s, info) = h
         .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(info["state"], "paused");
-    assert_eq!(info["lifecycle"], json!({"autoResume": false, "onTimeout": "kill"}));
+    assert_eq!(
+        info["lifecycle"],
+        json!({"autoResume": false, "onTimeout": "kill"})
+    );
 
     // list: v2 filters by state; the deprecated v1 list shows running ones only
     let list = |q: &str| format!("/v2/sandboxes?metadata=t%3Dp&{q}");
-    let (_, l) = h.call("GET", &list("state=paused"), Some(&h.key), None).await;
+    let (_, l) = h
+        .call("GET", &list("state=paused"), Some(&h.key), None)
+        .await;
     assert_eq!(l.as_array().map(Vec::len), Some(1), "{l}");
     assert_eq!(l[0]["state"], "paused");
-    let (_, l) = h.call("GET", &list("state=running"), Some(&h.key), None).await;
+    let (_, l) = h
+        .call("GET", &list("state=running"), Some(&h.key), None)
+        .await;
     assert_eq!(l, json!([]));
     let (_, l) = h
         .call("GET", &list("state=running,paused"), Some(&h.key), None)
         .await;
     assert_eq!(l.as_array().map(Vec::len), Some(1));
     let (_, l) = h.call("GET", &list(""), Some(&h.key), None).await;
-    assert_eq!(l.as_array().map(Vec::len), Some(1), "default lists paused too");
+    assert_eq!(
+        l.as_array().map(Vec::len),
+        Some(1),
+        "default lists paused too"
+    );
     let (_, l) = h.call("GET", "/sandboxes", Some(&h.key), None).await;
     assert_eq!(l, json!([]));
 
@@ -822,10 +836,19 @@ async fn pause_connect_list_and_kill_through_the_api() {
     assert_eq!(s, StatusCode::BAD_GATEWAY);
     assert_eq!(v["message"], "The sandbox was not found");
     assert_eq!(v["paused"], true);
-    assert_eq!(h.driver.is_paused(&id), Some(true), "traffic must not resume it");
+    assert_eq!(
+        h.driver.is_paused(&id),
+        Some(true),
+        "traffic must not resume it"
+    );
     // metrics of a paused sandbox answer
     let (s, m) = h
-        .call("GET", &format!("/sandboxes/{id}/metrics"), Some(&h.key), None)
+        .call(
+            "GET",
+            &format!("/sandboxes/{id}/metrics"),
+            Some(&h.key),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{m}");
     // refresh and timeout do not resume
@@ -911,8 +934,10 @@ async fn auto_resume_on_traffic_and_auto_pause_on_timeout() {
     let h = harness().await;
     // The SDKs' lifecycle={"on_timeout": "pause", "auto_resume": True} body.
     let v = h
-        .create(json!({"templateID": "base", "timeout": 1, "autoPause": true,
-            "autoPauseMemory": true, "autoResume": {"enabled": true}}))
+        .create(
+            json!({"templateID": "base", "timeout": 1, "autoPause": true,
+            "autoPauseMemory": true, "autoResume": {"enabled": true}}),
+        )
         .await;
     let id = v["sandboxID"].as_str().expect("id").to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -924,7 +949,10 @@ async fn auto_resume_on_traffic_and_auto_pause_on_timeout() {
         .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
         .await;
     assert_eq!(info["state"], "paused");
-    assert_eq!(info["lifecycle"], json!({"autoResume": true, "onTimeout": "pause"}));
+    assert_eq!(
+        info["lifecycle"],
+        json!({"autoResume": true, "onTimeout": "pause"})
+    );
     // traffic resumes it and is forwarded
     let (s, echo) = proxied_health(&h, &id).await;
     assert_eq!(s, StatusCode::OK, "{echo}");
