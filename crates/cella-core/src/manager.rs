@@ -113,6 +113,10 @@ pub const DEFAULT_PAUSED_TTL: Duration = Duration::from_secs(MAX_TIMEOUT_SECS);
 /// Shortest lifetime a sandbox gets when traffic auto-resumes it (E2B's minimum).
 pub const MIN_AUTO_RESUME_TIMEOUT_SECS: u64 = 300;
 
+/// Lifetime of a sandbox resumed by a connect without `timeout` (E2B's `ConnectSandboxV2`
+/// default).
+pub const CONNECT_DEFAULT_TIMEOUT_SECS: u64 = 300;
+
 impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
@@ -628,7 +632,7 @@ impl Manager {
 
     /// Connect to a sandbox: returns its create response. A running sandbox's end time is
     /// extended (never shortened) to `timeout` seconds from now; a paused one is resumed and
-    /// ends `timeout` seconds from now (default [`DEFAULT_TIMEOUT_SECS`]). The flag says
+    /// ends `timeout` seconds from now (default [`CONNECT_DEFAULT_TIMEOUT_SECS`]). The flag says
     /// whether it was resumed (E2B answers 201 then, 200 otherwise).
     pub async fn connect(
         &self,
@@ -641,7 +645,7 @@ impl Manager {
             .transpose()?;
         let live = self.get_live(Some(owner), id)?;
         if live.is_paused() {
-            let secs = t.unwrap_or(DEFAULT_TIMEOUT_SECS);
+            let secs = t.unwrap_or(CONNECT_DEFAULT_TIMEOUT_SECS);
             let resumed = self.resume_live(&live, owner, "connect", secs).await?;
             return Ok((live.sandbox(), resumed));
         }
@@ -1521,5 +1525,48 @@ mod tests {
         e.manager
             .metrics("k", &plain)
             .expect("metrics while paused");
+    }
+
+    #[tokio::test]
+    async fn concurrent_connects_resume_once_and_pause_races_kill_cleanly() {
+        let e = env(fast());
+        let id = create(&e, base(120)).await;
+        e.manager.pause("k", &id, true).await.expect("pause");
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let m = e.manager.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                m.connect("k", &id, None).await.expect("connect").1
+            }));
+        }
+        let mut resumed = 0;
+        for t in tasks {
+            resumed += usize::from(t.await.expect("join"));
+        }
+        assert_eq!(resumed, 1, "exactly one connect resumes (201), the others see it running");
+        assert_eq!(e.driver.pause_counts(), (1, 1));
+        // a connect without timeout resumes for E2B's connect default
+        e.manager.pause("k", &id, true).await.expect("pause");
+        let before = now_ms();
+        e.manager.connect("k", &id, None).await.expect("connect");
+        let end = e.manager.route(&id).expect("live").end_at_ms();
+        assert!(end >= before + (CONNECT_DEFAULT_TIMEOUT_SECS as i64) * 1000);
+
+        // pause and kill at once: whatever the order, the sandbox ends up gone and thawed
+        for _ in 0..5 {
+            let id = create(&e, base(120)).await;
+            let (p, k) = tokio::join!(
+                e.manager.pause("k", &id, true),
+                e.manager.kill("k", &id)
+            );
+            k.expect("kill");
+            if let Err(err) = p {
+                assert!(matches!(err, ManagerError::SandboxNotFound(_)), "{err}");
+            }
+            assert!(e.manager.route(&id).is_none());
+        }
+        e.manager.kill("k", &id).await.expect("kill");
+        assert!(e.driver.alive().is_empty(), "{:?}", e.driver.alive());
     }
 }
