@@ -8,6 +8,7 @@ instead of restarting), that connect / traffic resumes, that auto-pause replaces
 timeout, and that a kill while paused leaves nothing behind on the host."""
 
 import glob
+import signal
 import time
 import uuid
 
@@ -45,6 +46,24 @@ def _ids(paginator) -> set:
     while paginator.has_next:
         out |= {s.sandbox_id for s in paginator.next_items()}
     return out
+
+
+def _snap(server) -> HostSnapshot:
+    return HostSnapshot.take(server.data_dir, server.proc.pid if server.proc else None)
+
+
+def _settled(server, before: HostSnapshot, timeout: float = 15):
+    last = {}
+
+    def same():
+        nonlocal last
+        last = before.diff(_snap(server))
+        return not last
+
+    try:
+        wait_until(same, timeout=timeout, interval=0.2, what="host state to return to the snapshot")
+    except AssertionError:
+        raise AssertionError(f"left behind on the host: {last}") from None
 
 
 def test_pause_stops_progress_keeps_memory_and_connect_resumes(server):
@@ -142,7 +161,7 @@ def test_traffic_auto_resumes_with_auto_resume(server):
 
 
 def test_kill_while_paused_leaves_nothing_behind(server):
-    before = HostSnapshot.take(server.data_dir, server.proc.pid if server.proc else None)
+    before = _snap(server)
     sbx = Sandbox.create(template="base", timeout=120)
     sbx.commands.run("sleep 779", background=True)
     sbx.files.write("/home/user/data.bin", b"x" * 100_000)
@@ -151,18 +170,39 @@ def test_kill_while_paused_leaves_nothing_behind(server):
     assert sbx.kill() is True
     with server.api() as api:
         assert api.get(f"/sandboxes/{sbx.sandbox_id}").status_code == 404
-    last = {}
+    _settled(server, before)
 
-    def same():
-        nonlocal last
-        now = HostSnapshot.take(server.data_dir, server.proc.pid if server.proc else None)
-        last = before.diff(now)
-        return not last
 
+def test_paused_sandboxes_do_not_survive_a_server_restart(server):
+    """What a restart does to paused sandboxes, exactly: SIGTERM kills them like running ones;
+    after a SIGKILL the frozen cgroup stays behind and the next start thaws and removes it."""
+    before = _snap(server)
+    a = Sandbox.create(template="base", timeout=300)
+    a.commands.run("sleep 781", background=True)
+    assert a.pause() is True
+    assert server.stop(signal.SIGTERM) == 0
+    _settled(server, before, timeout=5)
+    server.start()
+    with server.api() as api:
+        assert api.get(f"/sandboxes/{a.sandbox_id}").status_code == 404
+
+    b = Sandbox.create(template="base", timeout=300)
+    b.commands.run("sleep 782", background=True)
+    assert b.pause() is True
+    server.kill9()
+    time.sleep(0.5)
+    assert _freezer_states(b.sandbox_id) == {"FROZEN"}, "the crash should leave the frozen cgroup"
+    server.start()
+    diff = before.diff(_snap(server))
+    assert not diff, f"left behind after restart: {diff}"
+    with server.api() as api:
+        assert api.get(f"/sandboxes/{b.sandbox_id}").status_code == 404
+    fresh = Sandbox.create(template="base", timeout=60)
     try:
-        wait_until(same, timeout=15, interval=0.2, what="host state to return to the snapshot")
-    except AssertionError:
-        raise AssertionError(f"left behind on the host: {last}") from None
+        assert fresh.commands.run("echo fresh").stdout == "fresh\n"
+    finally:
+        fresh.kill()
+    _settled(server, before)
 
 
 def test_pause_errors_and_deprecated_resume(server, sandbox):
