@@ -1544,7 +1544,10 @@ mod tests {
         for t in tasks {
             resumed += usize::from(t.await.expect("join"));
         }
-        assert_eq!(resumed, 1, "exactly one connect resumes (201), the others see it running");
+        assert_eq!(
+            resumed, 1,
+            "exactly one connect resumes (201), the others see it running"
+        );
         assert_eq!(e.driver.pause_counts(), (1, 1));
         // a connect without timeout resumes for E2B's connect default
         e.manager.pause("k", &id, true).await.expect("pause");
@@ -1556,10 +1559,7 @@ mod tests {
         // pause and kill at once: whatever the order, the sandbox ends up gone and thawed
         for _ in 0..5 {
             let id = create(&e, base(120)).await;
-            let (p, k) = tokio::join!(
-                e.manager.pause("k", &id, true),
-                e.manager.kill("k", &id)
-            );
+            let (p, k) = tokio::join!(e.manager.pause("k", &id, true), e.manager.kill("k", &id));
             k.expect("kill");
             if let Err(err) = p {
                 assert!(matches!(err, ManagerError::SandboxNotFound(_)), "{err}");
