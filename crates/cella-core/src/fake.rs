@@ -73,6 +73,15 @@ impl FakeDriver {
         self.inner.fail_next_pause.store(true, Ordering::SeqCst);
     }
 
+    /// Make a sandbox's agent stop answering (connections hang) without pausing it.
+    pub fn hang_agent(&self, id: &str) {
+        if let Ok(m) = self.inner.sandboxes.lock()
+            && let Some(sb) = m.get(id)
+        {
+            sb.hung.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Whether a sandbox is paused now (`None`: not alive).
     pub fn is_paused(&self, id: &str) -> Option<bool> {
         let map = self.inner.sandboxes.lock().ok()?;
@@ -130,6 +139,7 @@ impl Driver for FakeDriver {
             addr,
             stopped: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            hung: AtomicBool::new(false),
             exit: Notify::new(),
             reason: Mutex::new(None),
             inner: Arc::downgrade(&self.inner),
@@ -157,6 +167,7 @@ struct FakeSandbox {
     addr: std::net::SocketAddr,
     stopped: AtomicBool,
     paused: AtomicBool,
+    hung: AtomicBool,
     exit: Notify,
     reason: Mutex<Option<String>>,
     inner: std::sync::Weak<FakeInner>,
@@ -199,7 +210,7 @@ impl SandboxHandle for FakeSandbox {
         if port != ENVD_PORT || self.stopped.load(Ordering::SeqCst) {
             return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         }
-        if self.paused.load(Ordering::SeqCst) {
+        if self.paused.load(Ordering::SeqCst) || self.hung.load(Ordering::SeqCst) {
             // A frozen agent: the connection would be accepted and never answered.
             std::future::pending::<()>().await;
         }

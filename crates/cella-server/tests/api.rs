@@ -963,3 +963,41 @@ async fn auto_resume_on_traffic_and_auto_pause_on_timeout() {
         .await;
     assert_eq!(info["state"], "running");
 }
+
+#[tokio::test]
+async fn strict_pause_refuses_when_the_agent_does_not_answer() {
+    let h = harness().await;
+    let v = h
+        .create(json!({"templateID": "base", "timeout": 120}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    h.driver.hang_agent(&id);
+    let pause = format!("/sandboxes/{id}/pause");
+    let (s, v) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        h.call(
+            "POST",
+            &pause,
+            Some(&h.key),
+            Some(json!({"requireHealthyGuest": true})),
+        ),
+    )
+    .await
+    .expect("a strict pause must not hang on a hung agent");
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not respond")),
+        "{v}"
+    );
+    assert_eq!(
+        h.driver.is_paused(&id),
+        Some(false),
+        "a refused pause keeps it running"
+    );
+    // without the flag it pauses anyway
+    let (s, _) = h.call("POST", &pause, Some(&h.key), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.driver.is_paused(&id), Some(true));
+}
