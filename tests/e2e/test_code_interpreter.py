@@ -220,3 +220,17 @@ def test_cli_py_writes_png_results(server, ci_template, tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
     r = server.cli("py", "1/0", timeout=180)
     assert r.returncode == 1 and "ZeroDivisionError" in r.stderr.decode()
+
+
+def test_a_python_variable_survives_pause_and_connect(ci, server):
+    """A pause keeps the kernel's memory: a variable defined before it is there after connect."""
+    from e2b import SandboxState
+    from e2b_code_interpreter import Sandbox
+
+    ci.run_code("kept = [i * i for i in range(1000)]; marker = 'before pause'")
+    assert ci.pause() is True
+    assert ci.get_info().state == SandboxState.PAUSED
+    Sandbox.connect(ci.sandbox_id, timeout=300)
+    execution = ci.run_code("(marker, sum(kept))")
+    assert execution.error is None, execution.error
+    assert execution.text == "('before pause', 332833500)"

@@ -76,7 +76,7 @@ impl Isolation {
 pub enum SandboxState {
     /// The sandbox is alive.
     Running,
-    /// The sandbox is paused (reserved; cella does not pause yet).
+    /// The sandbox is paused: its processes are frozen in place, memory resident.
     Paused,
 }
 
@@ -99,9 +99,20 @@ pub struct NewSandbox {
     /// Environment variables for every process in the sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_vars: Option<BTreeMap<String, String>>,
-    /// Pause instead of kill on timeout (not supported yet; `true` is refused with 400).
+    /// Pause instead of kill on timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// Whether an auto-pause keeps memory (E2B default true). cella always pauses with
+    /// memory; `false` is accepted and treated as `true` (see docs/compatibility.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause_memory: Option<bool>,
+    /// Resume a paused sandbox when traffic for it reaches the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<AutoResume>,
+    /// Lifecycle in the form `SandboxDetail` reports it (`onTimeout`, `autoResume`); an
+    /// alternative to `autoPause`/`autoResume` for direct API callers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<LifecycleRequest>,
     /// Legacy flag; cella always secures sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure: Option<bool>,
@@ -171,6 +182,72 @@ pub struct NetworkUpdate {
         skip_serializing_if = "Option::is_none"
     )]
     pub allow_internet_access: Option<bool>,
+}
+
+/// `autoResume` of a create request (`SandboxAutoResumeConfig`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoResume {
+    /// Resume on traffic.
+    pub enabled: bool,
+}
+
+/// `lifecycle` of a create request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LifecycleRequest {
+    /// `kill` (default) or `pause`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<String>,
+    /// Resume on traffic (only with `onTimeout: pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<bool>,
+}
+
+/// What happens when a sandbox's timeout passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Kill it (E2B's default).
+    Kill,
+    /// Pause it.
+    Pause,
+}
+
+/// `SandboxDetail.lifecycle` (`SandboxLifecycle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// Whether traffic resumes the sandbox when it is paused.
+    pub auto_resume: bool,
+    /// What the timeout does.
+    pub on_timeout: OnTimeout,
+}
+
+/// `POST /sandboxes/{id}/pause` body (`SandboxPauseRequest`); every field optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseRequest {
+    /// Keep memory (default true). cella always keeps memory; `false` is treated as `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+    /// Refuse (503) when the agent does not answer, instead of pausing anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_healthy_guest: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/resume` body (deprecated route, `ResumedSandbox`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumeRequest {
+    /// Lifetime in seconds from now (E2B default 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// Pause instead of kill on the next timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+    /// Resume from memory (cella: always).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
 }
 
 /// Header carrying a sandbox's traffic access token through the proxy.
@@ -250,6 +327,8 @@ pub struct SandboxDetail {
     pub metadata: BTreeMap<String, String>,
     /// running or paused.
     pub state: SandboxState,
+    /// What the timeout does and whether traffic resumes a paused sandbox.
+    pub lifecycle: Lifecycle,
     /// Network settings: `allowPublicTraffic` when it was given, the current egress rules
     /// when the sandbox has egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,9 +390,14 @@ pub struct TimeoutRequest {
 /// `POST /sandboxes/{id}/connect` and `/v2/.../connect` body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectRequest {
-    /// Lifetime in seconds from now; only ever extends the current end time.
+    /// Lifetime in seconds from now; only ever extends the current end time of a running
+    /// sandbox, and sets it for a resumed one.
     #[serde(default)]
     pub timeout: Option<u64>,
+    /// `false` asks to cold-boot a paused sandbox from its disk (`on_resume="reboot"`).
+    /// cella always resumes from memory, which keeps what a reboot would keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
 }
 
 /// `GET /health` body (cella reports which drivers it serves).
@@ -440,6 +524,38 @@ mod tests {
         assert_eq!(upd.allow_out, Some(vec!["1.1.1.1".to_string()]));
         assert_eq!(upd.allow_internet_access, Some(true));
         assert_eq!(upd.deny_out, None);
+    }
+
+    #[test]
+    fn lifecycle_fields_parse_as_the_sdks_send_them() {
+        let body = r#"{"templateID":"base","autoPause":true,"autoPauseMemory":true,
+            "autoResume":{"enabled":true}}"#;
+        let parsed: NewSandbox = serde_json::from_str(body).expect("parse");
+        assert_eq!(parsed.auto_pause, Some(true));
+        assert_eq!(parsed.auto_pause_memory, Some(true));
+        assert_eq!(parsed.auto_resume, Some(AutoResume { enabled: true }));
+        let body = r#"{"templateID":"base","lifecycle":{"onTimeout":"pause","autoResume":false}}"#;
+        let parsed: NewSandbox = serde_json::from_str(body).expect("parse");
+        let l = parsed.lifecycle.expect("lifecycle");
+        assert_eq!(l.on_timeout.as_deref(), Some("pause"));
+        assert_eq!(l.auto_resume, Some(false));
+        let p: PauseRequest =
+            serde_json::from_str(r#"{"memory":false,"requireHealthyGuest":true}"#).expect("pause");
+        assert_eq!(p.memory, Some(false));
+        assert_eq!(p.require_healthy_guest, Some(true));
+        let v = serde_json::to_value(Lifecycle {
+            auto_resume: true,
+            on_timeout: OnTimeout::Pause,
+        })
+        .expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"autoResume": true, "onTimeout": "pause"})
+        );
+        assert_eq!(
+            serde_json::to_value(SandboxState::Paused).expect("json"),
+            "paused"
+        );
     }
 
     #[test]

@@ -429,6 +429,11 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<u8> {
                 s.sandbox_id.clone(),
                 sanitize(s.alias.as_deref().unwrap_or(&s.template_id)),
                 s.isolation.as_str().to_owned(),
+                match s.state {
+                    cella_api::SandboxState::Running => "running",
+                    cella_api::SandboxState::Paused => "paused",
+                }
+                .to_owned(),
                 short_time(&s.started_at),
                 short_time(&s.end_at),
                 s.cpu_count.to_string(),
@@ -442,6 +447,7 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<u8> {
             "SANDBOX ID",
             "TEMPLATE",
             "ISOLATION",
+            "STATE",
             "STARTED (UTC)",
             "ENDS (UTC)",
             "CPU",

@@ -56,6 +56,18 @@ pub struct ServeArgs {
     /// nameservers of the host's /etc/resolv.conf).
     #[arg(long)]
     pub dns_upstream: Vec<String>,
+    /// How long a paused sandbox is kept before it is killed (its memory stays resident on
+    /// this host while paused), e.g. 30m, 24h.
+    #[arg(long, env = "CELLA_PAUSED_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub paused_ttl: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    Ok(d)
 }
 
 /// Run the server until SIGINT/SIGTERM.
@@ -93,7 +105,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         0,
         templates,
         store.clone(),
-        ManagerConfig::default(),
+        ManagerConfig {
+            paused_ttl: args.paused_ttl,
+            ..ManagerConfig::default()
+        },
         net.clone()
             .map(|n| n as Arc<dyn cella_core::egress::Egress>),
     );

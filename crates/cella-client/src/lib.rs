@@ -216,6 +216,7 @@ impl Client {
         let path = format!("/v2/sandboxes/{}/connect", checked_id(id)?);
         let body = ConnectRequest {
             timeout: timeout_secs,
+            memory: None,
         };
         self.send_json(self.rest(Method::POST, &path).json(&body), "connect")
             .await

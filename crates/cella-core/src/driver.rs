@@ -2,7 +2,7 @@
 //!
 //! A driver owns everything OS-specific about a sandbox: namespaces or a VM, cgroups, mounts,
 //! the root filesystem overlay, and the channel to the agent. The core only asks it to create,
-//! dial, measure and destroy. Both the jail and the microVM driver reach the agent the same way
+//! dial, measure, pause, resume and destroy. Both the jail and the microVM driver reach the agent the same way
 //! from the proxy's point of view: [`SandboxHandle::dial`] returns a TCP stream to a port inside
 //! the sandbox.
 
@@ -171,6 +171,9 @@ pub enum DriverError {
     /// Tear-down left something behind.
     #[error("cleanup failed: {0}")]
     Cleanup(String),
+    /// Pausing or resuming failed (the sandbox keeps the state it had).
+    #[error("pause/resume failed: {0}")]
+    Pause(String),
     /// An OS call failed.
     #[error("{context}")]
     Io {
@@ -222,11 +225,27 @@ pub trait SandboxHandle: Send + Sync + 'static {
     /// Current resource usage.
     fn stats(&self) -> Result<SandboxStats, DriverError>;
 
+    /// Stop every process of the sandbox in place (cgroup freezer); memory stays resident.
+    /// Returns once the freeze is complete. On error the sandbox keeps running. Drivers that
+    /// cannot pause keep this default.
+    async fn pause(&self) -> Result<(), DriverError> {
+        Err(DriverError::Unavailable(
+            "this driver cannot pause sandboxes".into(),
+        ))
+    }
+
+    /// Let a paused sandbox run again. Resuming a running sandbox is a no-op.
+    async fn resume(&self) -> Result<(), DriverError> {
+        Err(DriverError::Unavailable(
+            "this driver cannot pause sandboxes".into(),
+        ))
+    }
+
     /// Resolves when the sandbox's init (agent or VMM) exited, for whatever reason: a crash, or
     /// [`SandboxHandle::destroy`]. The manager tells the two apart by its own bookkeeping.
     async fn wait_exit(&self) -> ExitInfo;
 
-    /// Kill every process and remove every trace. Idempotent.
+    /// Kill every process and remove every trace, paused or not. Idempotent.
     async fn destroy(&self) -> Result<(), DriverError>;
 
     /// A path that opens the sandbox's network namespace for as long as the sandbox lives

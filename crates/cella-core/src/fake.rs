@@ -4,6 +4,8 @@
 //! agent: it answers every request with `200` and a JSON body echoing the method, path and
 //! headers it received, so tests can see exactly what the proxy forwarded. Only the agent port
 //! (49983) "is open"; any other port refuses the connection, like a closed port in a sandbox.
+//! A paused fake sandbox behaves like a frozen one: a connection is accepted by the kernel but
+//! never answered, so a proxy that forwards to a paused sandbox hangs (and a test sees it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,7 +31,10 @@ pub struct FakeDriver {
 struct FakeInner {
     egress: AtomicBool,
     fail_next: AtomicBool,
+    fail_next_pause: AtomicBool,
     created: AtomicUsize,
+    pauses: AtomicUsize,
+    resumes: AtomicUsize,
     sandboxes: Mutex<HashMap<String, Arc<FakeSandbox>>>,
 }
 
@@ -78,6 +83,34 @@ impl FakeDriver {
         map.get(id).map(|s| s.spec.clone())
     }
 
+    /// Make the next `pause` fail (the sandbox keeps running).
+    pub fn fail_next_pause(&self) {
+        self.inner.fail_next_pause.store(true, Ordering::SeqCst);
+    }
+
+    /// Make a sandbox's agent stop answering (connections hang) without pausing it.
+    pub fn hang_agent(&self, id: &str) {
+        if let Ok(m) = self.inner.sandboxes.lock()
+            && let Some(sb) = m.get(id)
+        {
+            sb.hung.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a sandbox is paused now (`None`: not alive).
+    pub fn is_paused(&self, id: &str) -> Option<bool> {
+        let map = self.inner.sandboxes.lock().ok()?;
+        map.get(id).map(|s| s.paused.load(Ordering::SeqCst))
+    }
+
+    /// How many pauses and resumes the driver carried out.
+    pub fn pause_counts(&self) -> (usize, usize) {
+        (
+            self.inner.pauses.load(Ordering::SeqCst),
+            self.inner.resumes.load(Ordering::SeqCst),
+        )
+    }
+
     /// Simulate the sandbox dying on its own (agent crash).
     pub fn crash(&self, id: &str) {
         let sb = self
@@ -120,6 +153,8 @@ impl Driver for FakeDriver {
             spec,
             addr,
             stopped: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            hung: AtomicBool::new(false),
             exit: Notify::new(),
             reason: Mutex::new(None),
             inner: Arc::downgrade(&self.inner),
@@ -152,6 +187,8 @@ struct FakeSandbox {
     spec: SandboxSpec,
     addr: std::net::SocketAddr,
     stopped: AtomicBool,
+    paused: AtomicBool,
+    hung: AtomicBool,
     exit: Notify,
     reason: Mutex<Option<String>>,
     inner: std::sync::Weak<FakeInner>,
@@ -196,7 +233,37 @@ impl SandboxHandle for FakeSandbox {
         if port != ENVD_PORT || self.stopped.load(Ordering::SeqCst) {
             return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         }
+        if self.paused.load(Ordering::SeqCst) || self.hung.load(Ordering::SeqCst) {
+            // A frozen agent: the connection would be accepted and never answered.
+            std::future::pending::<()>().await;
+        }
         TcpStream::connect(self.addr).await
+    }
+
+    async fn pause(&self) -> Result<(), DriverError> {
+        let inner = self.inner.upgrade();
+        if let Some(i) = &inner
+            && i.fail_next_pause.swap(false, Ordering::SeqCst)
+        {
+            return Err(DriverError::Pause("injected pause failure".into()));
+        }
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(DriverError::Pause("sandbox is gone".into()));
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        if let Some(i) = inner {
+            i.pauses.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<(), DriverError> {
+        if self.paused.swap(false, Ordering::SeqCst)
+            && let Some(i) = self.inner.upgrade()
+        {
+            i.resumes.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     fn stats(&self) -> Result<SandboxStats, DriverError> {
@@ -219,6 +286,12 @@ impl SandboxHandle for FakeSandbox {
     }
 
     async fn destroy(&self) -> Result<(), DriverError> {
+        // Like a v1 freezer: a frozen sandbox cannot be killed cleanly.
+        if self.paused.load(Ordering::SeqCst) {
+            return Err(DriverError::Cleanup(
+                "destroy of a frozen fake sandbox (thaw first)".into(),
+            ));
+        }
         self.stop("destroyed");
         Ok(())
     }

@@ -6,6 +6,17 @@
 //! Lifecycle: `create` asks a [`Driver`] for a sandbox and returns only once its agent answered.
 //! A reaper task kills sandboxes whose end time passed; a watcher per sandbox notices when it
 //! died on its own. Every transition is written to the audit log.
+//!
+//! Pause: `running → paused` freezes the sandbox in place through the driver (cgroup
+//! freezer: memory stays resident on the host, nothing is written out), `paused → running`
+//! thaws it (`connect`, the deprecated `resume`, or proxy traffic when `autoResume` is on). A
+//! sandbox created with `autoPause` (`lifecycle.onTimeout = "pause"`) is paused instead of
+//! killed when its timeout passes. A paused sandbox does not run down its timeout; it is kept
+//! for [`ManagerConfig::paused_ttl`] and then killed (its `endAt` says when). Transitions of
+//! one sandbox are serialized by a per-sandbox lock, so a kill, the reaper and a pause never
+//! interleave; a kill of a paused sandbox thaws it first (a frozen v1 cgroup keeps SIGKILL
+//! pending). Paused sandboxes live in this process only: a server restart reaps them like
+//! running ones.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,8 +24,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use cella_api::{
-    CLIENT_ID, DEFAULT_TIMEOUT_SECS, ENVD_VERSION, Isolation, ListedSandbox, MAX_TIMEOUT_SECS,
-    NewSandbox, Sandbox, SandboxDetail, SandboxMetric, SandboxState,
+    CLIENT_ID, DEFAULT_TIMEOUT_SECS, ENVD_VERSION, Isolation, Lifecycle, ListedSandbox,
+    MAX_TIMEOUT_SECS, NewSandbox, OnTimeout, Sandbox, SandboxDetail, SandboxMetric, SandboxState,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -41,6 +52,22 @@ pub enum ManagerError {
     /// The sandbox does not exist or belongs to another key (404).
     #[error("sandbox '{0}' not found")]
     SandboxNotFound(String),
+    /// The sandbox is not in the state the command needs (409), e.g. pausing a paused one.
+    #[error("sandbox '{id}' is {state}")]
+    WrongState {
+        /// Sandbox ID.
+        id: String,
+        /// Its state: `paused` or `running`.
+        state: &'static str,
+    },
+    /// This sandbox's driver or host cannot pause (501).
+    #[error("pausing is not available for sandbox '{id}': {reason}")]
+    PauseUnsupported {
+        /// Sandbox ID.
+        id: String,
+        /// Why (no freezer, driver without pause).
+        reason: String,
+    },
     /// The template is unknown (404).
     #[error("template '{0}' not found")]
     TemplateNotFound(String),
@@ -83,7 +110,20 @@ pub struct ManagerConfig {
     pub max_pids: u64,
     /// How often the reaper looks for expired sandboxes.
     pub reap_interval: Duration,
+    /// How long a paused sandbox is kept before it is killed (its memory stays resident on
+    /// the host all that time).
+    pub paused_ttl: Duration,
 }
+
+/// Default of [`ManagerConfig::paused_ttl`]: 24 h, the longest a running sandbox may live.
+pub const DEFAULT_PAUSED_TTL: Duration = Duration::from_secs(MAX_TIMEOUT_SECS);
+
+/// Shortest lifetime a sandbox gets when traffic auto-resumes it (E2B's minimum).
+pub const MIN_AUTO_RESUME_TIMEOUT_SECS: u64 = 300;
+
+/// Lifetime of a sandbox resumed by a connect without `timeout` (E2B's `ConnectSandboxV2`
+/// default).
+pub const CONNECT_DEFAULT_TIMEOUT_SECS: u64 = 300;
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -93,6 +133,7 @@ impl Default for ManagerConfig {
             max_disk_mb: 32768,
             max_pids: 1024,
             reap_interval: Duration::from_millis(100),
+            paused_ttl: DEFAULT_PAUSED_TTL,
         }
     }
 }
@@ -123,12 +164,48 @@ pub struct LiveSandbox {
     metrics: Mutex<MetricsRing>,
     /// Egress rules in force; `None`: the sandbox has no network interface.
     egress: Mutex<Option<EgressPolicy>>,
+    /// Lifetime in seconds the sandbox was created with (auto-resume gives it again).
+    timeout_secs: u64,
+    /// Pause instead of kill on timeout.
+    auto_pause: std::sync::atomic::AtomicBool,
+    /// Proxy traffic resumes it when paused.
+    pub auto_resume: bool,
+    /// Paused now (only changed under `transition`).
+    paused: std::sync::atomic::AtomicBool,
+    /// Serializes pause, resume and destroy of this sandbox.
+    transition: tokio::sync::Mutex<()>,
 }
 
 impl LiveSandbox {
-    /// End time, ms since the epoch.
+    /// End time, ms since the epoch: when a running sandbox times out, or when a paused one
+    /// is killed for having been paused too long.
     pub fn end_at_ms(&self) -> i64 {
         self.end_at_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether the sandbox is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Running or paused.
+    pub fn state(&self) -> SandboxState {
+        if self.is_paused() {
+            SandboxState::Paused
+        } else {
+            SandboxState::Running
+        }
+    }
+
+    fn lifecycle(&self) -> Lifecycle {
+        Lifecycle {
+            auto_resume: self.auto_resume,
+            on_timeout: if self.auto_pause.load(Ordering::Relaxed) {
+                OnTimeout::Pause
+            } else {
+                OnTimeout::Kill
+            },
+        }
     }
 
     fn detail(&self) -> SandboxDetail {
@@ -146,7 +223,8 @@ impl LiveSandbox {
             memory_mb: self.limits.memory_mb,
             disk_size_mb: self.limits.disk_mb,
             metadata: self.metadata.clone(),
-            state: SandboxState::Running,
+            state: self.state(),
+            lifecycle: self.lifecycle(),
             network: self.network_info(),
             allow_internet_access: Some(self.egress().is_some_and(|p| !p.denies_all())),
             isolation: self.handle.isolation(),
@@ -182,7 +260,7 @@ impl LiveSandbox {
             memory_mb: self.limits.memory_mb,
             disk_size_mb: self.limits.disk_mb,
             metadata: self.metadata.clone(),
-            state: SandboxState::Running,
+            state: self.state(),
             envd_version: ENVD_VERSION.to_string(),
             isolation: self.handle.isolation(),
         }
@@ -315,12 +393,7 @@ impl Manager {
                 message: "must not be empty".into(),
             });
         }
-        if req.auto_pause == Some(true) {
-            return Err(ManagerError::InvalidField {
-                field: "autoPause",
-                message: "pausing is not supported by this server yet".into(),
-            });
-        }
+        let (auto_pause, auto_resume) = lifecycle_of(&req)?;
         let metadata = req.metadata.unwrap_or_default();
         validate_map(&metadata, "metadata")?;
         let env_vars = req.env_vars.unwrap_or_default();
@@ -459,6 +532,11 @@ impl Manager {
             limits,
             metrics: Mutex::new(MetricsRing::new(DEFAULT_HISTORY)),
             egress: Mutex::new(attached_policy.clone()),
+            timeout_secs: timeout,
+            auto_pause: std::sync::atomic::AtomicBool::new(auto_pause),
+            auto_resume,
+            paused: std::sync::atomic::AtomicBool::new(false),
+            transition: tokio::sync::Mutex::new(()),
         });
         self.store.insert_sandbox(&SandboxRecord {
             id: id.clone(),
@@ -481,6 +559,8 @@ impl Manager {
                 "build": image.build_id,
                 "isolation": handle.isolation().as_str(),
                 "timeout": timeout,
+                "onTimeout": if auto_pause { "pause" } else { "kill" },
+                "autoResume": auto_resume,
                 "cpuCount": limits.cpu_count,
                 "memoryMB": limits.memory_mb,
                 "diskSizeMB": limits.disk_mb,
@@ -588,8 +668,14 @@ impl Manager {
         Ok(self.get_live(Some(owner), id)?.detail())
     }
 
-    /// List `owner`'s sandboxes whose metadata contains every pair of `filter`.
-    pub fn list(&self, owner: &str, filter: &BTreeMap<String, String>) -> Vec<ListedSandbox> {
+    /// List `owner`'s sandboxes whose metadata contains every pair of `filter` and whose
+    /// state is in `states` (empty: any state).
+    pub fn list(
+        &self,
+        owner: &str,
+        filter: &BTreeMap<String, String>,
+        states: &[SandboxState],
+    ) -> Vec<ListedSandbox> {
         let Ok(map) = self.live.read() else {
             return Vec::new();
         };
@@ -597,6 +683,7 @@ impl Manager {
             .values()
             .filter(|s| s.owner == owner)
             .filter(|s| filter.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+            .filter(|s| states.is_empty() || states.contains(&s.state()))
             .map(|s| s.listed())
             .collect();
         out.sort_by(|a, b| {
@@ -607,10 +694,23 @@ impl Manager {
         out
     }
 
-    /// Set the sandbox to end `timeout` seconds from now (may shorten).
+    /// A running sandbox of `owner` (409 when paused).
+    fn get_running(&self, owner: &str, id: &str) -> Result<Arc<LiveSandbox>, ManagerError> {
+        let live = self.get_live(Some(owner), id)?;
+        if live.is_paused() {
+            return Err(ManagerError::WrongState {
+                id: id.to_string(),
+                state: "paused",
+            });
+        }
+        Ok(live)
+    }
+
+    /// Set the sandbox to end `timeout` seconds from now (may shorten). A paused sandbox's
+    /// timeout starts when it is resumed: 409.
     pub fn set_timeout(&self, owner: &str, id: &str, timeout: u64) -> Result<(), ManagerError> {
         let timeout = validate_timeout(timeout, "timeout")?;
-        let live = self.get_live(Some(owner), id)?;
+        let live = self.get_running(owner, id)?;
         let end = now_ms() + (timeout as i64) * 1000;
         live.end_at_ms.store(end, Ordering::Relaxed);
         self.store.audit(NewAudit {
@@ -622,19 +722,62 @@ impl Manager {
         Ok(())
     }
 
-    /// Connect to a running sandbox: returns its create response and extends (never shortens)
-    /// its end time to `timeout` seconds from now.
-    pub fn connect(
+    /// Extend (never shorten) a running sandbox's end time to `timeout` seconds from now
+    /// (`POST /sandboxes/{id}/refreshes`). A paused sandbox is not resumed by this: 409.
+    pub fn extend(&self, owner: &str, id: &str, timeout: u64) -> Result<(), ManagerError> {
+        let t = validate_timeout(timeout, "timeout")?;
+        let live = self.get_running(owner, id)?;
+        live.end_at_ms
+            .fetch_max(now_ms() + (t as i64) * 1000, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Connect to a sandbox: returns its create response. A running sandbox's end time is
+    /// extended (never shortened) to `timeout` seconds from now; a paused one is resumed and
+    /// ends `timeout` seconds from now (default [`CONNECT_DEFAULT_TIMEOUT_SECS`]). The flag says
+    /// whether it was resumed (E2B answers 201 then, 200 otherwise).
+    pub async fn connect(
         &self,
         owner: &str,
         id: &str,
         timeout: Option<u64>,
-    ) -> Result<Sandbox, ManagerError> {
+    ) -> Result<(Sandbox, bool), ManagerError> {
+        let t = timeout
+            .map(|t| validate_timeout(t, "timeout"))
+            .transpose()?;
         let live = self.get_live(Some(owner), id)?;
-        if let Some(t) = timeout {
-            let t = validate_timeout(t, "timeout")?;
+        if live.is_paused() {
+            let secs = t.unwrap_or(CONNECT_DEFAULT_TIMEOUT_SECS);
+            let resumed = self.resume_live(&live, owner, "connect", secs).await?;
+            return Ok((live.sandbox(), resumed));
+        }
+        if let Some(t) = t {
             let end = now_ms() + (t as i64) * 1000;
             live.end_at_ms.fetch_max(end, Ordering::Relaxed);
+        }
+        Ok((live.sandbox(), false))
+    }
+
+    /// The deprecated `POST /sandboxes/{id}/resume`: resume a paused sandbox for `timeout`
+    /// seconds (E2B default 15), optionally changing what its next timeout does. 409 when it
+    /// is running.
+    pub async fn resume(
+        &self,
+        owner: &str,
+        id: &str,
+        timeout: Option<u64>,
+        auto_pause: Option<bool>,
+    ) -> Result<Sandbox, ManagerError> {
+        let secs = validate_timeout(timeout.unwrap_or(DEFAULT_TIMEOUT_SECS), "timeout")?;
+        let live = self.get_live(Some(owner), id)?;
+        if !self.resume_live(&live, owner, "resume", secs).await? {
+            return Err(ManagerError::WrongState {
+                id: id.to_string(),
+                state: "running",
+            });
+        }
+        if let Some(p) = auto_pause {
+            live.auto_pause.store(p, Ordering::Relaxed);
         }
         Ok(live.sandbox())
     }
@@ -681,13 +824,158 @@ impl Manager {
         Ok(())
     }
 
-    /// Kill a sandbox now.
+    /// Pause a running sandbox of `owner` (409 when it is paused already).
+    pub async fn pause(&self, owner: &str, id: &str, memory: bool) -> Result<(), ManagerError> {
+        let live = self.get_live(Some(owner), id)?;
+        if !self.pause_live(&live, owner, "api", memory).await? {
+            return Err(ManagerError::WrongState {
+                id: id.to_string(),
+                state: "paused",
+            });
+        }
+        Ok(())
+    }
+
+    /// For the proxy: make sure a sandbox that traffic is addressed to runs. A paused sandbox
+    /// with `autoResume` is resumed (for its create timeout, at least
+    /// [`MIN_AUTO_RESUME_TIMEOUT_SECS`]); `None` when the sandbox is unknown, or paused without
+    /// `autoResume`, or its resume failed.
+    pub async fn route_running(&self, id: &str) -> Option<Arc<LiveSandbox>> {
+        let live = self.route(id)?;
+        if !live.is_paused() {
+            return Some(live);
+        }
+        if !live.auto_resume {
+            return None;
+        }
+        let secs = live
+            .timeout_secs
+            .clamp(MIN_AUTO_RESUME_TIMEOUT_SECS, MAX_TIMEOUT_SECS);
+        match self.resume_live(&live, "server", "traffic", secs).await {
+            Ok(_) => Some(live),
+            Err(e) => {
+                tracing::warn!(sandbox = id, error = %error_chain(&e), "auto-resume failed");
+                None
+            }
+        }
+    }
+
+    /// Freeze `live` if it runs. `Ok(false)`: it was paused already. The sandbox is then kept
+    /// for the paused TTL.
+    async fn pause_live(
+        &self,
+        live: &Arc<LiveSandbox>,
+        actor: &str,
+        reason: &str,
+        memory: bool,
+    ) -> Result<bool, ManagerError> {
+        let id = live.handle.id().to_string();
+        let _t = live.transition.lock().await;
+        if !self.is_live(&id) {
+            return Err(ManagerError::SandboxNotFound(id));
+        }
+        if live.is_paused() {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = live.handle.pause().await {
+            self.store.audit(NewAudit {
+                actor: actor.to_string(),
+                sandbox_id: Some(id.clone()),
+                kind: "sandbox.pause_failed".into(),
+                detail: serde_json::json!({ "reason": reason, "error": error_chain(&e) }),
+            });
+            return Err(match e {
+                DriverError::Unavailable(why) => ManagerError::PauseUnsupported { id, reason: why },
+                other => other.into(),
+            });
+        }
+        let ttl_ms = i64::try_from(self.config.paused_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let until = now_ms().saturating_add(ttl_ms);
+        live.paused.store(true, Ordering::SeqCst);
+        live.end_at_ms.store(until, Ordering::Relaxed);
+        if let Err(e) = self.store.set_sandbox_end(&id, until) {
+            tracing::warn!(sandbox = %id, error = %e, "recording pause end time failed");
+        }
+        self.store.audit(NewAudit {
+            actor: actor.to_string(),
+            sandbox_id: Some(id),
+            kind: "sandbox.pause".into(),
+            detail: serde_json::json!({
+                "reason": reason,
+                "memory": true,
+                "memoryRequested": memory,
+                "pausedUntil": format_rfc3339_ms(until),
+                "pauseMs": started.elapsed().as_secs_f64() * 1000.0,
+            }),
+        });
+        Ok(true)
+    }
+
+    /// Thaw `live` if it is paused and give it `secs` to live. `Ok(false)`: it was running.
+    async fn resume_live(
+        &self,
+        live: &Arc<LiveSandbox>,
+        actor: &str,
+        reason: &str,
+        secs: u64,
+    ) -> Result<bool, ManagerError> {
+        let id = live.handle.id().to_string();
+        let _t = live.transition.lock().await;
+        if !self.is_live(&id) {
+            return Err(ManagerError::SandboxNotFound(id));
+        }
+        if !live.is_paused() {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = live.handle.resume().await {
+            self.store.audit(NewAudit {
+                actor: actor.to_string(),
+                sandbox_id: Some(id.clone()),
+                kind: "sandbox.resume_failed".into(),
+                detail: serde_json::json!({ "reason": reason, "error": error_chain(&e) }),
+            });
+            return Err(e.into());
+        }
+        let end = now_ms() + (secs as i64) * 1000;
+        live.end_at_ms.store(end, Ordering::Relaxed);
+        live.paused.store(false, Ordering::SeqCst);
+        if let Err(e) = self.store.set_sandbox_end(&id, end) {
+            tracing::warn!(sandbox = %id, error = %e, "recording resume end time failed");
+        }
+        self.store.audit(NewAudit {
+            actor: actor.to_string(),
+            sandbox_id: Some(id),
+            kind: "sandbox.resume".into(),
+            detail: serde_json::json!({
+                "reason": reason,
+                "timeout": secs,
+                "endAt": format_rfc3339_ms(end),
+                "resumeMs": started.elapsed().as_secs_f64() * 1000.0,
+            }),
+        });
+        Ok(true)
+    }
+
+    fn is_live(&self, id: &str) -> bool {
+        let dying = self.dying.lock().map(|d| d.contains(id)).unwrap_or(true);
+        !dying
+            && self
+                .live
+                .read()
+                .map(|m| m.contains_key(id))
+                .unwrap_or(false)
+    }
+
+    /// Kill a sandbox now (running or paused).
     pub async fn kill(&self, owner: &str, id: &str) -> Result<(), ManagerError> {
         self.get_live(Some(owner), id)?;
         self.destroy(id, owner, "killed").await
     }
 
-    /// Remove a sandbox from the registry and destroy it; `reason` goes to the audit log.
+    /// Remove a sandbox from the registry and destroy it; `reason` goes to the audit log. A
+    /// paused sandbox is thawed first, so that its processes can die.
     async fn destroy(&self, id: &str, actor: &str, reason: &str) -> Result<(), ManagerError> {
         {
             let Ok(mut dying) = self.dying.lock() else {
@@ -698,8 +986,23 @@ impl Manager {
             }
         }
         let live = self.live.write().ok().and_then(|mut m| m.remove(id));
+        let mut was_paused = false;
         let mut result = match &live {
-            Some(l) => l.handle.destroy().await.map_err(ManagerError::from),
+            Some(l) => {
+                let _t = l.transition.lock().await;
+                was_paused = l.is_paused();
+                let thawed = if was_paused {
+                    l.handle.resume().await
+                } else {
+                    Ok(())
+                };
+                if thawed.is_ok() {
+                    l.paused.store(false, Ordering::SeqCst);
+                }
+                // Destroy even when the thaw failed: the driver's kill path thaws again.
+                let destroyed = l.handle.destroy().await;
+                destroyed.and(thawed).map_err(ManagerError::from)
+            }
             None => Ok(()),
         };
         if let (Some(l), Some(egress)) = (&live, &self.egress)
@@ -715,10 +1018,13 @@ impl Manager {
         let Some(_) = live else {
             return Err(ManagerError::SandboxNotFound(id.to_string()));
         };
-        let detail = match &result {
+        let mut detail = match &result {
             Ok(()) => serde_json::json!({ "reason": reason }),
             Err(e) => serde_json::json!({ "reason": reason, "cleanupError": error_chain(e) }),
         };
+        if was_paused {
+            detail["state"] = "paused".into();
+        }
         self.store.audit(NewAudit {
             actor: actor.to_string(),
             sandbox_id: Some(id.to_string()),
@@ -747,21 +1053,40 @@ impl Manager {
         self.store.flush_audit();
     }
 
-    /// Kill sandboxes whose end time passed. Returns how many.
+    /// Act on sandboxes whose end time passed: a running one is killed, or paused when it has
+    /// `autoPause`; a paused one has been paused for the paused TTL and is killed. Returns how
+    /// many sandboxes were acted on.
     pub async fn reap_expired(&self) -> usize {
         let now = now_ms();
-        let expired: Vec<String> = self
+        let expired: Vec<Arc<LiveSandbox>> = self
             .live
             .read()
             .map(|m| {
-                m.iter()
-                    .filter(|(_, s)| s.end_at_ms() <= now)
-                    .map(|(id, _)| id.clone())
+                m.values()
+                    .filter(|s| s.end_at_ms() <= now)
+                    .cloned()
                     .collect()
             })
             .unwrap_or_default();
         let n = expired.len();
-        for id in expired {
+        for live in expired {
+            let id = live.handle.id().to_string();
+            if live.is_paused() {
+                if let Err(e) = self.destroy(&id, "server", "paused too long").await {
+                    tracing::warn!(sandbox = %id, error = %e, "killing long-paused sandbox failed");
+                }
+                continue;
+            }
+            if live.auto_pause.load(Ordering::Relaxed) {
+                match self.pause_live(&live, "server", "timeout", true).await {
+                    Ok(_) => continue,
+                    Err(ManagerError::SandboxNotFound(_)) => continue,
+                    Err(e) => {
+                        // A sandbox that cannot be paused must not outlive its timeout.
+                        tracing::warn!(sandbox = %id, error = %error_chain(&e), "auto-pause failed; killing");
+                    }
+                }
+            }
             if let Err(e) = self.destroy(&id, "server", "timeout").await {
                 tracing::warn!(sandbox = %id, error = %e, "killing expired sandbox failed");
             }
@@ -954,6 +1279,29 @@ async fn record_agent_events(store: Store, mut rx: mpsc::UnboundedReceiver<Sandb
     }
 }
 
+/// `(autoPause, autoResume)` of a create request: `lifecycle` wins over the flat fields.
+fn lifecycle_of(req: &NewSandbox) -> Result<(bool, bool), ManagerError> {
+    let mut auto_pause = req.auto_pause.unwrap_or(false);
+    let mut auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
+    if let Some(l) = &req.lifecycle {
+        match l.on_timeout.as_deref() {
+            None => {}
+            Some("kill") => auto_pause = false,
+            Some("pause") => auto_pause = true,
+            Some(other) => {
+                return Err(ManagerError::InvalidField {
+                    field: "lifecycle.onTimeout",
+                    message: format!("expected kill or pause, got {other:?}"),
+                });
+            }
+        }
+        if let Some(r) = l.auto_resume {
+            auto_resume = r;
+        }
+    }
+    Ok((auto_pause, auto_resume))
+}
+
 fn validate_timeout(t: u64, field: &'static str) -> Result<u64, ManagerError> {
     if t == 0 || t > MAX_TIMEOUT_SECS {
         return Err(ManagerError::InvalidField {
@@ -1020,4 +1368,427 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = src.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pause state machine against the fake driver (whose frozen sandboxes hang dials and
+    //! refuse to be destroyed unless thawed first, like a v1 freezer).
+
+    use super::*;
+    use crate::fake::FakeDriver;
+    use crate::store::AuditQuery;
+    use crate::template::TemplateSpec;
+
+    struct Env {
+        manager: Arc<Manager>,
+        driver: FakeDriver,
+        store: Store,
+        _dir: tempfile::TempDir,
+    }
+
+    fn env(config: ManagerConfig) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TemplateSpec::base();
+        let build = dir.path().join(&spec.name).join(spec.build_id());
+        std::fs::create_dir_all(build.join("rootfs")).expect("mkdir");
+        std::fs::write(
+            build.join("spec.json"),
+            serde_json::to_vec(&spec).expect("json"),
+        )
+        .expect("write");
+        let store = Store::open_in_memory().expect("store");
+        let driver = FakeDriver::new();
+        let manager = Manager::start(
+            vec![Arc::new(driver.clone())],
+            0,
+            Arc::new(TemplateStore::new(dir.path().to_path_buf())),
+            store.clone(),
+            config,
+        );
+        Env {
+            manager,
+            driver,
+            store,
+            _dir: dir,
+        }
+    }
+
+    fn fast() -> ManagerConfig {
+        ManagerConfig {
+            reap_interval: Duration::from_millis(20),
+            ..ManagerConfig::default()
+        }
+    }
+
+    async fn create(e: &Env, req: NewSandbox) -> String {
+        e.manager.create("k", req).await.expect("create").sandbox_id
+    }
+
+    fn base(timeout: u64) -> NewSandbox {
+        NewSandbox {
+            template_id: "base".into(),
+            timeout: Some(timeout),
+            ..NewSandbox::default()
+        }
+    }
+
+    fn kinds(e: &Env, id: &str) -> Vec<(String, serde_json::Value)> {
+        e.store.flush_audit();
+        e.store
+            .query_audit(&AuditQuery {
+                sandbox_id: Some(id.to_string()),
+                ..Default::default()
+            })
+            .expect("audit")
+            .into_iter()
+            .map(|a| (a.kind, a.detail))
+            .collect()
+    }
+
+    async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn pause_connect_resume_transitions_and_their_codes() {
+        let e = env(fast());
+        let id = create(&e, base(120)).await;
+        e.manager.pause("k", &id, true).await.expect("pause");
+        assert_eq!(e.driver.is_paused(&id), Some(true));
+        let info = e.manager.info("k", &id).expect("info");
+        assert_eq!(info.state, SandboxState::Paused);
+        // pausing twice is E2B's 409, a stranger's sandbox is a 404
+        assert!(matches!(
+            e.manager.pause("k", &id, true).await,
+            Err(ManagerError::WrongState {
+                state: "paused",
+                ..
+            })
+        ));
+        assert!(matches!(
+            e.manager.pause("other", &id, true).await,
+            Err(ManagerError::SandboxNotFound(_))
+        ));
+        assert!(matches!(
+            e.manager.pause("k", "nope", true).await,
+            Err(ManagerError::SandboxNotFound(_))
+        ));
+        // a paused sandbox's timeout cannot be set or refreshed: it starts on resume
+        assert!(matches!(
+            e.manager.set_timeout("k", &id, 30),
+            Err(ManagerError::WrongState { .. })
+        ));
+        assert!(matches!(
+            e.manager.extend("k", &id, 30),
+            Err(ManagerError::WrongState { .. })
+        ));
+        // connect resumes (E2B's 201) and sets the end time from now
+        let before = now_ms();
+        let (sbx, resumed) = e
+            .manager
+            .connect("k", &id, Some(60))
+            .await
+            .expect("connect");
+        assert!(resumed);
+        assert_eq!(sbx.sandbox_id, id);
+        assert_eq!(e.driver.is_paused(&id), Some(false));
+        let live = e.manager.route(&id).expect("live");
+        assert!((before + 60_000..=now_ms() + 60_000).contains(&live.end_at_ms()));
+        // connecting to a running one does not resume (200)
+        let (_, resumed) = e.manager.connect("k", &id, Some(1)).await.expect("connect");
+        assert!(!resumed);
+        // the deprecated resume of a running sandbox is a 409; of a paused one, it resumes
+        assert!(matches!(
+            e.manager.resume("k", &id, None, None).await,
+            Err(ManagerError::WrongState {
+                state: "running",
+                ..
+            })
+        ));
+        e.manager.pause("k", &id, false).await.expect("pause");
+        e.manager
+            .resume("k", &id, Some(30), Some(true))
+            .await
+            .expect("resume");
+        let info = e.manager.info("k", &id).expect("info");
+        assert_eq!(info.state, SandboxState::Running);
+        assert_eq!(info.lifecycle.on_timeout, OnTimeout::Pause);
+        assert_eq!(e.driver.pause_counts(), (2, 2));
+        let audit = kinds(&e, &id);
+        let pauses: Vec<_> = audit.iter().filter(|(k, _)| k == "sandbox.pause").collect();
+        assert_eq!(pauses.len(), 2, "{audit:?}");
+        assert_eq!(pauses[1].1["memoryRequested"], false);
+        assert_eq!(pauses[1].1["memory"], true);
+        let resumes: Vec<_> = audit
+            .iter()
+            .filter(|(k, _)| k == "sandbox.resume")
+            .map(|(_, d)| d["reason"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(resumes, vec!["connect", "resume"]);
+    }
+
+    #[tokio::test]
+    async fn a_paused_sandbox_outlives_its_timeout_until_the_paused_ttl() {
+        let e = env(ManagerConfig {
+            paused_ttl: Duration::from_millis(2500),
+            ..fast()
+        });
+        let id = create(&e, base(1)).await;
+        e.manager.pause("k", &id, true).await.expect("pause");
+        let info = e.manager.info("k", &id).expect("info");
+        // endAt of a paused sandbox is when it will be killed
+        assert!(
+            info.end_at > format_rfc3339_ms(now_ms() + 2000),
+            "{}",
+            info.end_at
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            e.manager.info("k", &id).expect("still there").state,
+            SandboxState::Paused,
+            "a paused sandbox must not be killed by its running timeout"
+        );
+        wait_until("paused TTL kill", Duration::from_secs(5), || {
+            e.manager.route(&id).is_none()
+        })
+        .await;
+        // the fake refuses to destroy a frozen sandbox: gone means it was thawed, then killed
+        assert!(e.driver.alive().is_empty());
+        let audit = kinds(&e, &id);
+        let kill = audit
+            .iter()
+            .find(|(k, _)| k == "sandbox.kill")
+            .expect("kill audited");
+        assert_eq!(kill.1["reason"], "paused too long");
+        assert_eq!(kill.1["state"], "paused");
+        assert!(kill.1.get("cleanupError").is_none(), "{kill:?}");
+    }
+
+    #[tokio::test]
+    async fn auto_pause_pauses_on_timeout_instead_of_killing() {
+        let e = env(fast());
+        let id = create(
+            &e,
+            NewSandbox {
+                auto_pause: Some(true),
+                ..base(1)
+            },
+        )
+        .await;
+        let info = e.manager.info("k", &id).expect("info");
+        assert_eq!(info.lifecycle.on_timeout, OnTimeout::Pause);
+        assert!(!info.lifecycle.auto_resume);
+        wait_until("auto-pause", Duration::from_secs(5), || {
+            e.driver.is_paused(&id) == Some(true)
+        })
+        .await;
+        assert_eq!(
+            e.manager.info("k", &id).expect("info").state,
+            SandboxState::Paused
+        );
+        let audit = kinds(&e, &id);
+        assert!(
+            audit
+                .iter()
+                .any(|(k, d)| k == "sandbox.pause" && d["reason"] == "timeout"),
+            "{audit:?}"
+        );
+        assert!(!audit.iter().any(|(k, _)| k == "sandbox.kill"));
+        let (_, resumed) = e
+            .manager
+            .connect("k", &id, Some(60))
+            .await
+            .expect("connect");
+        assert!(resumed);
+        // lifecycle.onTimeout is the same switch
+        let id2 = create(
+            &e,
+            NewSandbox {
+                lifecycle: Some(cella_api::LifecycleRequest {
+                    on_timeout: Some("pause".into()),
+                    auto_resume: Some(true),
+                }),
+                ..base(60)
+            },
+        )
+        .await;
+        let l = e.manager.info("k", &id2).expect("info").lifecycle;
+        assert_eq!((l.on_timeout, l.auto_resume), (OnTimeout::Pause, true));
+        let bad = e
+            .manager
+            .create(
+                "k",
+                NewSandbox {
+                    lifecycle: Some(cella_api::LifecycleRequest {
+                        on_timeout: Some("sleep".into()),
+                        auto_resume: None,
+                    }),
+                    ..base(60)
+                },
+            )
+            .await;
+        assert!(matches!(
+            bad,
+            Err(ManagerError::InvalidField {
+                field: "lifecycle.onTimeout",
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn kill_of_a_paused_sandbox_thaws_and_cleans_up() {
+        let e = env(fast());
+        let id = create(&e, base(120)).await;
+        e.manager.pause("k", &id, true).await.expect("pause");
+        e.manager.kill("k", &id).await.expect("kill");
+        assert!(e.driver.alive().is_empty());
+        assert!(e.manager.route(&id).is_none());
+        let audit = kinds(&e, &id);
+        let kill = audit
+            .iter()
+            .find(|(k, _)| k == "sandbox.kill")
+            .expect("kill audited");
+        assert_eq!(kill.1["state"], "paused");
+        assert!(kill.1.get("cleanupError").is_none(), "{kill:?}");
+        // shutdown kills paused sandboxes too
+        let id2 = create(&e, base(120)).await;
+        e.manager.pause("k", &id2, true).await.expect("pause");
+        e.manager.shutdown().await;
+        assert!(e.driver.alive().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_pause_leaves_the_sandbox_running_and_is_audited() {
+        let e = env(fast());
+        let id = create(&e, base(120)).await;
+        e.driver.fail_next_pause();
+        let err = e.manager.pause("k", &id, true).await.expect_err("fails");
+        assert!(matches!(err, ManagerError::Driver(_)), "{err}");
+        assert_eq!(
+            e.manager.info("k", &id).expect("info").state,
+            SandboxState::Running
+        );
+        assert!(
+            kinds(&e, &id)
+                .iter()
+                .any(|(k, _)| k == "sandbox.pause_failed")
+        );
+        // auto-pause that fails must not let the sandbox outlive its timeout
+        let id2 = create(
+            &e,
+            NewSandbox {
+                auto_pause: Some(true),
+                ..base(1)
+            },
+        )
+        .await;
+        e.driver.fail_next_pause();
+        wait_until(
+            "kill after failed auto-pause",
+            Duration::from_secs(5),
+            || e.manager.route(&id2).is_none(),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn traffic_resumes_only_with_auto_resume_and_list_filters_by_state() {
+        let e = env(fast());
+        let plain = create(&e, base(120)).await;
+        let auto = create(
+            &e,
+            NewSandbox {
+                auto_pause: Some(true),
+                auto_resume: Some(cella_api::AutoResume { enabled: true }),
+                ..base(120)
+            },
+        )
+        .await;
+        let running = create(&e, base(120)).await;
+        e.manager.pause("k", &plain, true).await.expect("pause");
+        e.manager.pause("k", &auto, true).await.expect("pause");
+        let ids = |states: &[SandboxState]| {
+            let mut v: Vec<String> = e
+                .manager
+                .list("k", &BTreeMap::new(), states)
+                .into_iter()
+                .map(|s| s.sandbox_id)
+                .collect();
+            v.sort();
+            v
+        };
+        let mut paused = vec![plain.clone(), auto.clone()];
+        paused.sort();
+        assert_eq!(ids(&[SandboxState::Paused]), paused);
+        assert_eq!(ids(&[SandboxState::Running]), vec![running.clone()]);
+        assert_eq!(ids(&[]).len(), 3);
+        assert_eq!(ids(&[SandboxState::Running, SandboxState::Paused]).len(), 3);
+
+        assert!(e.manager.route_running(&plain).await.is_none());
+        assert_eq!(e.driver.is_paused(&plain), Some(true));
+        let before = now_ms();
+        let live = e.manager.route_running(&auto).await.expect("auto-resumed");
+        assert!(!live.is_paused());
+        assert_eq!(e.driver.is_paused(&auto), Some(false));
+        // an auto-resume gives at least E2B's 300 s minimum
+        assert!(live.end_at_ms() >= before + 300_000);
+        assert!(
+            kinds(&e, &auto)
+                .iter()
+                .any(|(k, d)| k == "sandbox.resume" && d["reason"] == "traffic")
+        );
+        // metrics of a paused sandbox still answer (cgroup counters)
+        e.manager
+            .metrics("k", &plain)
+            .expect("metrics while paused");
+    }
+
+    #[tokio::test]
+    async fn concurrent_connects_resume_once_and_pause_races_kill_cleanly() {
+        let e = env(fast());
+        let id = create(&e, base(120)).await;
+        e.manager.pause("k", &id, true).await.expect("pause");
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let m = e.manager.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                m.connect("k", &id, None).await.expect("connect").1
+            }));
+        }
+        let mut resumed = 0;
+        for t in tasks {
+            resumed += usize::from(t.await.expect("join"));
+        }
+        assert_eq!(
+            resumed, 1,
+            "exactly one connect resumes (201), the others see it running"
+        );
+        assert_eq!(e.driver.pause_counts(), (1, 1));
+        // a connect without timeout resumes for E2B's connect default
+        e.manager.pause("k", &id, true).await.expect("pause");
+        let before = now_ms();
+        e.manager.connect("k", &id, None).await.expect("connect");
+        let end = e.manager.route(&id).expect("live").end_at_ms();
+        assert!(end >= before + (CONNECT_DEFAULT_TIMEOUT_SECS as i64) * 1000);
+
+        // pause and kill at once: whatever the order, the sandbox ends up gone and thawed
+        for _ in 0..5 {
+            let id = create(&e, base(120)).await;
+            let (p, k) = tokio::join!(e.manager.pause("k", &id, true), e.manager.kill("k", &id));
+            k.expect("kill");
+            if let Err(err) = p {
+                assert!(matches!(err, ManagerError::SandboxNotFound(_)), "{err}");
+            }
+            assert!(e.manager.route(&id).is_none());
+        }
+        e.manager.kill("k", &id).await.expect("kill");
+        assert!(e.driver.alive().is_empty(), "{:?}", e.driver.alive());
+    }
 }

@@ -25,7 +25,14 @@
 //!                <root>/cpu/<parent>/<inst>/<id>/cpu.cfs_{period,quota}_us
 //!                <root>/cpuacct/<parent>/<inst>/<id>/cpuacct.usage   (if a separate hierarchy)
 //!                <root>/pids/<parent>/<inst>/<id>/pids.max
+//!                <root>/freezer/<parent>/<inst>/<id>/freezer.state (if mounted: pause/resume)
 //! ```
+//!
+//! Pausing a sandbox is freezing its cgroup ([`Cgroups::freeze`]): v2 `cgroup.freeze` (done
+//! when `cgroup.events` says `frozen 1`), v1 `freezer.state` (`FREEZING` until every task is
+//! stopped, then `FROZEN`). Both drivers pause this way — a jail's processes and a microVM's
+//! QEMU alike — so memory stays resident and nothing is serialized. A frozen v1 task does not
+//! act on SIGKILL until thawed, so [`Cgroups::kill_all`] thaws first.
 //!
 //! All paths hang off a root given to [`Cgroups::detect`], so the file handling is tested
 //! against a temporary directory; only killing and `rmdir` semantics need the real cgroupfs.
@@ -45,6 +52,9 @@ pub const CFS_PERIOD_US: u64 = 100_000;
 
 /// How long [`Cgroups::remove`] keeps retrying `rmdir` while the cgroup is busy.
 const REMOVE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How often [`Cgroups::freeze`] looks whether the freeze completed.
+const FREEZE_POLL: Duration = Duration::from_millis(2);
 
 /// Errors of cgroup handling.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +87,23 @@ pub enum CgroupError {
     Busy {
         /// The cgroup directory.
         path: PathBuf,
+    },
+    /// The host has no freezer: v1 without a `freezer` hierarchy, or a v2 kernel older than
+    /// 5.2 (no `cgroup.freeze`).
+    #[error("no cgroup freezer for {path}: {reason}")]
+    NoFreezer {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// What is missing.
+        reason: String,
+    },
+    /// Not every task stopped within the deadline; the cgroup was thawed again.
+    #[error("cgroup {path} did not finish freezing within {waited:?} (thawed again)")]
+    FreezeTimeout {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// How long it waited.
+        waited: Duration,
     },
 }
 
@@ -129,6 +156,8 @@ pub enum CgroupMode {
         cpuacct: Option<PathBuf>,
         /// The pids hierarchy.
         pids: PathBuf,
+        /// The freezer hierarchy, if mounted (needed to pause sandboxes).
+        freezer: Option<PathBuf>,
         /// `memory.memsw.limit_in_bytes` exists (swap accounting).
         memsw: bool,
     },
@@ -239,6 +268,7 @@ impl Cgroups {
         match (memory, cpu, pids) {
             (Some(memory), Some(cpu), Some(pids)) => {
                 let cpuacct = v1_hierarchy(root, "cpuacct");
+                let freezer = v1_hierarchy(root, "freezer");
                 let memsw = memory.join("memory.memsw.limit_in_bytes").is_file();
                 Ok(Cgroups {
                     mode: CgroupMode::V1 {
@@ -246,6 +276,7 @@ impl Cgroups {
                         cpu,
                         cpuacct,
                         pids,
+                        freezer,
                         memsw,
                     },
                     parent,
@@ -348,11 +379,15 @@ impl Cgroups {
                 cpu,
                 cpuacct,
                 pids,
+                freezer,
                 ..
             } => {
                 let mut v = vec![memory, cpu, pids];
                 if let Some(a) = cpuacct {
                     v.push(a);
+                }
+                if let Some(f) = freezer {
+                    v.push(f);
                 }
                 v
             }
@@ -531,9 +566,110 @@ impl Cgroups {
         Ok(out)
     }
 
+    /// Where the freezer of `id` is controlled: (v2) `cgroup.freeze` + `cgroup.events`, or
+    /// (v1) `freezer.state`.
+    fn freezer_dir(&self, id: &str) -> Result<PathBuf, CgroupError> {
+        match &self.mode {
+            CgroupMode::V2 { root, .. } => Ok(self.parent(root).join(id)),
+            CgroupMode::V1 {
+                freezer, memory, ..
+            } => match freezer {
+                Some(f) => Ok(self.parent(f).join(id)),
+                None => Err(CgroupError::NoFreezer {
+                    path: self.parent(memory).join(id),
+                    reason: "the v1 freezer controller is not mounted".into(),
+                }),
+            },
+        }
+    }
+
+    /// Whether sandboxes of this host can be paused (a freezer exists). On v2 the kernel's
+    /// `cgroup.freeze` (5.2+) is checked on the instance's parent cgroup.
+    pub fn can_freeze(&self) -> bool {
+        match &self.mode {
+            CgroupMode::V2 { root, .. } => self.parent(root).join("cgroup.freeze").is_file(),
+            CgroupMode::V1 { freezer, .. } => freezer.is_some(),
+        }
+    }
+
+    /// Whether the cgroup of `id` is frozen now (v1: `FROZEN`; `FREEZING` is not yet).
+    pub fn is_frozen(&self, id: &str) -> Result<bool, CgroupError> {
+        let d = self.freezer_dir(id)?;
+        if self.is_v2() {
+            let events = d.join("cgroup.events");
+            let text = read_trimmed(&events)?;
+            match text.lines().find_map(|l| l.strip_prefix("frozen ")) {
+                Some(v) => Ok(v.trim() == "1"),
+                None => Err(CgroupError::Parse { path: events }),
+            }
+        } else {
+            Ok(read_trimmed(&d.join("freezer.state"))? == "FROZEN")
+        }
+    }
+
+    /// Freeze every task of `id` and wait until the kernel reports the freeze complete (v2
+    /// `frozen 1`, v1 `FROZEN`), at most `deadline`. On timeout the cgroup is thawed again
+    /// and [`CgroupError::FreezeTimeout`] returned, so a failed pause leaves it running.
+    pub fn freeze(&self, id: &str, deadline: Duration) -> Result<(), CgroupError> {
+        let d = self.freezer_dir(id)?;
+        let (ctl, value) = if self.is_v2() {
+            (d.join("cgroup.freeze"), "1")
+        } else {
+            (d.join("freezer.state"), "FROZEN")
+        };
+        if !ctl.is_file() {
+            return Err(CgroupError::NoFreezer {
+                path: d,
+                reason: format!("{} is missing", ctl.display()),
+            });
+        }
+        let start = Instant::now();
+        write_file(&ctl, value)?;
+        loop {
+            if self.is_frozen(id)? {
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                let _ = self.thaw(id);
+                return Err(CgroupError::FreezeTimeout {
+                    path: d,
+                    waited: start.elapsed(),
+                });
+            }
+            std::thread::sleep(FREEZE_POLL);
+            if !self.is_v2() {
+                // v1 retries the freeze of tasks that were busy only when asked again.
+                write_file(&ctl, value)?;
+            }
+        }
+    }
+
+    /// Let the tasks of `id` run again. Thawing a thawed or missing cgroup, or one on a host
+    /// without a freezer, is fine.
+    pub fn thaw(&self, id: &str) -> Result<(), CgroupError> {
+        let Ok(d) = self.freezer_dir(id) else {
+            return Ok(());
+        };
+        let (ctl, value) = if self.is_v2() {
+            (d.join("cgroup.freeze"), "0")
+        } else {
+            (d.join("freezer.state"), "THAWED")
+        };
+        if !ctl.is_file() {
+            return Ok(());
+        }
+        match std::fs::write(&ctl, value) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(CgroupError::Io { path: ctl, source }),
+        }
+    }
+
     /// SIGKILL every process in the cgroups of `id` until none is left (or the deadline
-    /// passes). Returns how many distinct processes were signalled.
+    /// passes). Returns how many distinct processes were signalled. A frozen cgroup is thawed
+    /// first: a frozen v1 task would keep the signal pending forever.
     pub fn kill_all(&self, id: &str) -> Result<usize, CgroupError> {
+        self.thaw(id)?;
         let mut killed = BTreeSet::new();
         if let Some(d) = self.v2_dir(id) {
             let kill_file = d.join("cgroup.kill");
@@ -982,6 +1118,129 @@ mod tests {
             assert!(Cgroups::detect_under(root, bad, "i1").is_err(), "{bad:?}");
         }
         assert!(Cgroups::detect_under(root, "cella-vm", "i-1").is_err());
+    }
+
+    #[test]
+    fn v1_freezer_is_a_hierarchy_and_freezes_and_thaws() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, false);
+        touch(&root.join("freezer/cgroup.procs"), "");
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
+        assert!(cg.can_freeze());
+        cg.prepare().expect("prepare");
+        assert_eq!(cg.hierarchies().len(), 4);
+        cg.create("f", &limits()).expect("create");
+        let dir = root.join("freezer/cella/t/f");
+        assert!(dir.is_dir());
+        assert!(cg.dirs("f").contains(&dir.canonicalize().expect("canon")));
+        // the kernel creates freezer.state with the cgroup
+        touch(&dir.join("freezer.state"), "THAWED\n");
+        assert!(!cg.is_frozen("f").expect("state"));
+        cg.freeze("f", Duration::from_secs(1)).expect("freeze");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("freezer.state")).expect("read"),
+            "FROZEN"
+        );
+        assert!(cg.is_frozen("f").expect("state"));
+        cg.thaw("f").expect("thaw");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("freezer.state")).expect("read"),
+            "THAWED"
+        );
+        // killing a frozen sandbox thaws it first (a frozen v1 task ignores SIGKILL)
+        cg.freeze("f", Duration::from_secs(1)).expect("freeze");
+        assert_eq!(cg.kill_all("f").expect("kill"), 0);
+        assert!(!cg.is_frozen("f").expect("state"));
+    }
+
+    #[test]
+    fn v1_without_freezer_cannot_pause_but_thaw_and_kill_work() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        v1_fixture(root, false, false);
+        let mut cg = Cgroups::detect(root, "t").expect("detect");
+        assert!(!cg.can_freeze());
+        cg.prepare().expect("prepare");
+        cg.create("n", &limits()).expect("create");
+        let err = cg
+            .freeze("n", Duration::from_millis(10))
+            .expect_err("no freezer");
+        assert!(matches!(err, CgroupError::NoFreezer { .. }), "{err}");
+        cg.thaw("n").expect("thaw is a no-op");
+        assert_eq!(cg.kill_all("n").expect("kill"), 0);
+    }
+
+    fn v2_fixture(root: &Path) -> Cgroups {
+        touch(&root.join("cgroup.controllers"), "cpu memory pids\n");
+        touch(&root.join("cgroup.subtree_control"), "");
+        touch(&root.join("cella/t/cgroup.freeze"), "0\n");
+        let mut cg = Cgroups::detect(root, "t").expect("v2");
+        cg.prepare().expect("prepare");
+        cg
+    }
+
+    #[test]
+    fn v2_freeze_waits_for_the_kernel_to_report_frozen() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        let cg = v2_fixture(root);
+        assert!(cg.can_freeze());
+        cg.create("z", &limits()).expect("create");
+        let d = root.join("cella/t/z");
+        touch(&d.join("cgroup.freeze"), "0\n");
+        touch(&d.join("cgroup.events"), "populated 1\nfrozen 0\n");
+        let events = d.join("cgroup.events");
+        let flip = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            std::fs::write(events, "populated 1\nfrozen 1\n").expect("write");
+        });
+        let start = Instant::now();
+        cg.freeze("z", Duration::from_secs(5)).expect("freeze");
+        let waited = start.elapsed();
+        flip.join().expect("join");
+        assert!(
+            waited >= Duration::from_millis(50),
+            "returned early: {waited:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("cgroup.freeze")).expect("read"),
+            "1"
+        );
+        assert!(cg.is_frozen("z").expect("frozen"));
+        cg.thaw("z").expect("thaw");
+        assert_eq!(
+            std::fs::read_to_string(d.join("cgroup.freeze")).expect("read"),
+            "0"
+        );
+    }
+
+    #[test]
+    fn v2_freeze_that_never_completes_times_out_and_thaws() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        let cg = v2_fixture(root);
+        cg.create("s", &limits()).expect("create");
+        let d = root.join("cella/t/s");
+        touch(&d.join("cgroup.freeze"), "0\n");
+        touch(&d.join("cgroup.events"), "populated 1\nfrozen 0\n");
+        let err = cg
+            .freeze("s", Duration::from_millis(50))
+            .expect_err("never frozen");
+        assert!(matches!(err, CgroupError::FreezeTimeout { .. }), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(d.join("cgroup.freeze")).expect("read"),
+            "0",
+            "a failed pause must leave the sandbox running"
+        );
+        touch(&d.join("cgroup.events"), "garbage\n");
+        assert!(matches!(cg.is_frozen("s"), Err(CgroupError::Parse { .. })));
+        // a kernel without cgroup.freeze (< 5.2) cannot pause
+        std::fs::remove_file(d.join("cgroup.freeze")).expect("rm");
+        assert!(matches!(
+            cg.freeze("s", Duration::from_millis(10)),
+            Err(CgroupError::NoFreezer { .. })
+        ));
     }
 
     #[test]

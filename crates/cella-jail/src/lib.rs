@@ -72,6 +72,11 @@ const LOOP_RELEASE_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the agent has to report ready after exec.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Longest a pause waits for every task of a sandbox to freeze (shared with the microVM
+/// driver, whose QEMU is frozen the same way). A task stuck in uninterruptible I/O can hold a
+/// v1 freeze in `FREEZING`; past this the sandbox is thawed and the pause fails.
+pub const PAUSE_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Longest sandbox ID (it becomes the hostname, at most 64 bytes).
 pub const MAX_ID_LEN: usize = 63;
 

@@ -335,6 +335,14 @@ impl Drop for FsIds {
     }
 }
 
+/// A freezer error as the driver seam reports it: no freezer on this host is "unavailable".
+pub fn freeze_error(id: &str, e: crate::cgroup::CgroupError) -> DriverError {
+    match e {
+        crate::cgroup::CgroupError::NoFreezer { .. } => DriverError::Unavailable(e.to_string()),
+        other => DriverError::Pause(format!("freezing sandbox {id}: {other}")),
+    }
+}
+
 /// State shared by the handle and its teardown.
 pub struct JailSandbox {
     pub(crate) id: String,
@@ -369,6 +377,10 @@ impl JailSandbox {
     /// Kill, reap, remove cgroups, wait for the disk's release, remove the directory. Shared
     /// by destroy and failed creates; idempotent.
     pub(crate) async fn teardown(&self) -> Result<(), DriverError> {
+        // A frozen (paused) sandbox keeps SIGKILL pending until thawed (v1 freezer).
+        if let Err(e) = self.cgroups.thaw(&self.id) {
+            tracing::warn!(sandbox = %self.id, error = %e, "thawing before kill failed");
+        }
         pidfd_kill(self.pidfd.as_raw_fd()).map_err(|source| DriverError::Io {
             context: format!("killing sandbox {}", self.id),
             source,
@@ -484,6 +496,30 @@ impl SandboxHandle for JailSandbox {
         self.cgroups
             .stats(&self.id)
             .map_err(|e| DriverError::Setup(format!("reading cgroup stats of {}: {e}", self.id)))
+    }
+
+    async fn pause(&self) -> Result<(), DriverError> {
+        if self.destroying.load(Ordering::SeqCst) {
+            return Err(DriverError::Pause(format!(
+                "sandbox {} is being destroyed",
+                self.id
+            )));
+        }
+        let cgroups = self.cgroups.clone();
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || cgroups.freeze(&id, crate::PAUSE_DEADLINE))
+            .await
+            .map_err(|e| DriverError::Pause(format!("freeze task failed: {e}")))?
+            .map_err(|e| freeze_error(&self.id, e))
+    }
+
+    async fn resume(&self) -> Result<(), DriverError> {
+        let cgroups = self.cgroups.clone();
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || cgroups.thaw(&id))
+            .await
+            .map_err(|e| DriverError::Pause(format!("thaw task failed: {e}")))?
+            .map_err(|e| DriverError::Pause(format!("thawing sandbox {}: {e}", self.id)))
     }
 
     async fn wait_exit(&self) -> ExitInfo {

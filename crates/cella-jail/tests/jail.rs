@@ -1117,3 +1117,123 @@ async fn nameserver_and_netns_for_egress() {
     sb.destroy().await.expect("destroy");
     assert_gone(&env, &id, &t).await;
 }
+
+/// Read a file inside the sandbox from the host, through `/proc/<pid>/root` of one of its
+/// processes (works while the sandbox is frozen, unlike a command inside it).
+fn read_inside(env: &Env, id: &str, path: &str) -> Option<String> {
+    let pids = env.driver.cgroups().procs(id).ok()?;
+    pids.iter().find_map(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/root{path}"))
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    })
+}
+
+fn counter(env: &Env, id: &str) -> u64 {
+    read_inside(env, id, "/tmp/count")
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_stops_progress_keeps_memory_and_kill_while_paused_leaves_nothing() {
+    let Some(env) = env() else { return };
+    if !env.driver.cgroups().can_freeze() {
+        eprintln!("skipping: no cgroup freezer on this host");
+        return;
+    }
+    let id = unique_id("pause");
+    let (sb, _ev) = create(&env, &id, small_limits()).await;
+    // A background counter whose only state is a shell variable: if it continues from where
+    // it stopped, its memory survived the pause.
+    let (out, code) = run(
+        &sb,
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; usleep 5000; done) </dev/null >/dev/null 2>&1 &\necho started",
+    )
+    .await;
+    assert_eq!((out.trim(), code), ("started", 0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&env, &id) < 20 {
+        assert!(Instant::now() < deadline, "counter does not run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let t = Instant::now();
+    sb.pause().await.expect("pause");
+    let pause_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(env.driver.cgroups().is_frozen(&id).expect("state"));
+    let c1 = counter(&env, &id);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let c2 = counter(&env, &id);
+    assert_eq!(c1, c2, "a paused sandbox made progress");
+    // its agent accepts nothing it could answer: a request gets no response while frozen
+    let mut s = sb.dial(49983).await.expect("the kernel still accepts");
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.expect("send");
+    let mut buf = [0u8; 16];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf))
+            .await
+            .is_err(),
+        "a frozen agent answered"
+    );
+    drop(s);
+    // stats (metrics) still read while paused
+    let st = sb.stats().expect("stats while paused");
+    assert!(st.pids >= 2, "{st:?}");
+
+    let t = Instant::now();
+    sb.resume().await.expect("resume");
+    let resume_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(!env.driver.cgroups().is_frozen(&id).expect("state"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&env, &id) <= c1 {
+        assert!(
+            Instant::now() < deadline,
+            "counter did not continue after resume"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let c3 = counter(&env, &id);
+    assert!(
+        c3 > c1 && c3 < c1 + 2000,
+        "the counter restarted instead of continuing: {c1} -> {c3}"
+    );
+    // commands run again
+    let (out, code) = run(&sb, "echo back").await;
+    assert_eq!((out.trim(), code), ("back", 0));
+    eprintln!("pause {pause_ms:.2} ms, resume {resume_ms:.2} ms (counter {c1} -> {c3})");
+
+    // Kill while paused: everything goes (the teardown thaws first).
+    sb.pause().await.expect("pause again");
+    let alive = traces(&env, &id);
+    assert!(!alive.pids.is_empty());
+    let t = Instant::now();
+    sb.destroy().await.expect("destroy while paused");
+    eprintln!("destroy while paused {:?}", t.elapsed());
+    assert_gone(&env, &id, &alive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_reaper_kills_a_frozen_sandbox() {
+    let Some(env) = env() else { return };
+    if !env.driver.cgroups().can_freeze() {
+        eprintln!("skipping: no cgroup freezer on this host");
+        return;
+    }
+    let id = unique_id("frz");
+    let (sb, _ev) = create(&env, &id, small_limits()).await;
+    sb.pause().await.expect("pause");
+    let alive = traces(&env, &id);
+    // A server that crashed with a paused sandbox leaves a frozen cgroup: the next start's
+    // reaper must still remove every process.
+    let cg = env.driver.cgroups().clone();
+    let id2 = id.clone();
+    let (killed, removed) = tokio::task::spawn_blocking(move || cg.remove(&id2))
+        .await
+        .expect("join")
+        .expect("remove frozen cgroup");
+    assert!(killed >= 1, "{killed}");
+    assert_eq!(removed, env.driver.cgroups().hierarchies().len());
+    sb.destroy().await.expect("destroy");
+    assert_gone(&env, &id, &alive).await;
+}

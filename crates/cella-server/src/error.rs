@@ -62,6 +62,8 @@ impl From<ManagerError> for HttpError {
             ManagerError::SandboxNotFound(_) | ManagerError::TemplateNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
+            ManagerError::WrongState { .. } => StatusCode::CONFLICT,
+            ManagerError::PauseUnsupported { .. } => StatusCode::NOT_IMPLEMENTED,
             ManagerError::TemplateNotReady(_) | ManagerError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

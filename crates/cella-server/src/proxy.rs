@@ -11,6 +11,12 @@
 //! the right `e2b-traffic-access-token` (403, E2B's texts; the agent's port is exempt because
 //! it checks its own token). Failures answer with E2B's
 //! exact 502 texts, which the SDKs match on.
+//!
+//! A paused sandbox is never dialed (its frozen agent would accept the connection and never
+//! answer). With `autoResume` the request resumes it and is then forwarded, as E2B's client
+//! proxy does; without, it is answered like a sandbox that is not there — 502 "The sandbox
+//! was not found" (plus `"paused": true`), which both SDKs read as "not running"
+//! (`is_running()` is false).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -134,6 +140,16 @@ fn not_found(id: &str) -> Response {
     )
 }
 
+fn paused(id: &str) -> Response {
+    let body = serde_json::json!({
+        "sandboxId": id,
+        "message": "The sandbox was not found",
+        "code": StatusCode::BAD_GATEWAY.as_u16(),
+        "paused": true,
+    });
+    (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+}
+
 fn port_closed(id: &str, port: u16) -> Response {
     proxy_error(
         StatusCode::BAD_GATEWAY,
@@ -179,7 +195,10 @@ impl tower::Service<Uri> for SandboxConnector {
         Box::pin(async move {
             let id = uri.host().ok_or(DialError::BadTarget)?.to_string();
             let port = uri.port_u16().ok_or(DialError::BadTarget)?;
-            let live = manager.route(&id).ok_or(DialError::NotFound)?;
+            let live = manager
+                .route(&id)
+                .filter(|l| !l.is_paused())
+                .ok_or(DialError::NotFound)?;
             let stream = dial_with_grace(&live, port, grace).await?;
             let _ = stream.set_nodelay(true);
             Ok(TokioIo::new(stream))
@@ -261,6 +280,9 @@ impl ProxyClient {
         {
             return resp;
         }
+        if live.is_paused() && self.manager.route_running(&sandbox_id).await.is_none() {
+            return paused(&sandbox_id);
+        }
         drop(live);
         if port == ENVD_PORT && signature_expired(req.uri(), cella_core::store::now_ms() / 1000) {
             // The host's clock decides: a guest clock (a microVM under emulation) may lag.
@@ -302,7 +324,7 @@ impl ProxyClient {
     /// agent does not answer within a second or answers nonsense (a hostile agent can only
     /// lie about its own number, bounded to 64 KiB of JSON).
     pub async fn agent_disk_used(&self, sandbox_id: &str) -> Option<u64> {
-        let live = self.manager.route(sandbox_id)?;
+        let live = self.manager.route(sandbox_id).filter(|l| !l.is_paused())?;
         let req = Request::builder()
             .uri(format!("http://{sandbox_id}:{ENVD_PORT}/metrics"))
             .header(header::HOST, "localhost")
@@ -364,9 +386,33 @@ impl ProxyClient {
         )
     }
 
+    /// Whether the sandbox's agent answers `GET /health` within a second (a paused or hung
+    /// agent does not).
+    pub async fn agent_healthy(&self, sandbox_id: &str) -> bool {
+        if self.manager.route(sandbox_id).is_none_or(|l| l.is_paused()) {
+            return false;
+        }
+        let Ok(req) = Request::builder()
+            .uri(format!("http://{sandbox_id}:{ENVD_PORT}/health"))
+            .header(header::HOST, "localhost")
+            .body(Body::empty())
+        else {
+            return false;
+        };
+        let probe = async {
+            self.client
+                .request(req)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(1), probe)
+            .await
+            .unwrap_or(false)
+    }
+
     /// WebSocket and other `Upgrade` requests: a dedicated connection, then raw byte copying.
     async fn forward_upgrade(&self, sandbox_id: &str, port: u16, mut req: Request) -> Response {
-        let Some(live) = self.manager.route(sandbox_id) else {
+        let Some(live) = self.manager.route(sandbox_id).filter(|l| !l.is_paused()) else {
             return not_found(sandbox_id);
         };
         let stream = match dial_with_grace(&live, port, self.grace).await {

@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use cella_api::{
-    AuditEntry, ConnectRequest, Health, ListedSandbox, NewSandbox, RefreshRequest, TimeoutRequest,
+    AuditEntry, ConnectRequest, Health, ListedSandbox, NewSandbox, PauseRequest, RefreshRequest,
+    ResumeRequest, SandboxState, TimeoutRequest,
 };
 use cella_core::store::{AuditQuery, NewAudit, now_ms};
 use serde::de::DeserializeOwned;
@@ -40,9 +41,9 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/metrics", get(metrics_many))
         .route("/sandboxes/{id}/logs", get(logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(logs_v2))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
         // E2B features cella does not offer yet: a clear 501, never a hang or a bare 404.
-        .route("/sandboxes/{id}/pause", post(not_implemented))
-        .route("/sandboxes/{id}/resume", post(not_implemented))
         .route("/sandboxes/{id}/fork", post(not_implemented))
         .route("/sandboxes/{id}/snapshots", post(not_implemented))
         .route("/snapshots", get(not_implemented))
@@ -104,7 +105,6 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
 
 async fn not_implemented(req: Request) -> HttpError {
     let what = match req.uri().path() {
-        p if p.ends_with("/pause") || p.ends_with("/resume") => "pausing and resuming sandboxes",
         p if p.ends_with("/fork") => "forking sandboxes",
         p if p.contains("snapshots") => "snapshots",
         p if p.starts_with("/volumes") => "volumes",
@@ -273,7 +273,37 @@ async fn list_v1(
 ) -> Result<Json<Vec<ListedSandbox>>, HttpError> {
     let q = parse_list_query(raw)?;
     let filter = parse_metadata_filter(q.metadata.as_deref());
-    Ok(Json(state.manager.list(&owner, &filter)))
+    // The deprecated list shows running sandboxes only, as E2B's.
+    Ok(Json(state.manager.list(
+        &owner,
+        &filter,
+        &[SandboxState::Running],
+    )))
+}
+
+/// `state=running,paused` (comma-separated; empty or absent: both).
+fn parse_states(raw: Option<&str>) -> Result<Vec<SandboxState>, HttpError> {
+    let mut out = Vec::new();
+    for s in raw
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let st = match s {
+            "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
+            other => {
+                return Err(HttpError::bad_request(format!(
+                    "invalid field 'state': unknown state {other:?} (expected running or paused)"
+                )));
+            }
+        };
+        if !out.contains(&st) {
+            out.push(st);
+        }
+    }
+    Ok(out)
 }
 
 async fn list_v2(
@@ -283,24 +313,8 @@ async fn list_v2(
 ) -> Result<Response, HttpError> {
     let q = parse_list_query(raw)?;
     let filter = parse_metadata_filter(q.metadata.as_deref());
-    let mut all = state.manager.list(&owner, &filter);
-    if let Some(states) = &q.state {
-        let mut want_running = false;
-        for s in states.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match s {
-                "running" => want_running = true,
-                "paused" => {}
-                other => {
-                    return Err(HttpError::bad_request(format!(
-                        "invalid field 'state': unknown state {other:?} (expected running or paused)"
-                    )));
-                }
-            }
-        }
-        if !want_running {
-            all.clear();
-        }
-    }
+    let states = parse_states(q.state.as_deref())?;
+    let all = state.manager.list(&owner, &filter, &states);
     let total = all.len();
     let limit = match q.limit.as_deref() {
         None => 100,
@@ -379,7 +393,7 @@ async fn refresh(
             "invalid field 'duration': must be at most 3600 seconds",
         ));
     }
-    state.manager.connect(&owner, &id, Some(duration.max(1)))?;
+    state.manager.extend(&owner, &id, duration.max(1))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -403,8 +417,58 @@ async fn connect(
 ) -> Result<Response, HttpError> {
     check_id(&id)?;
     let req: ConnectRequest = parse_json_or_default(&body)?;
-    let sandbox = state.manager.connect(&owner, &id, req.timeout)?;
-    Ok((StatusCode::OK, Json(sandbox)).into_response())
+    let (sandbox, resumed) = state.manager.connect(&owner, &id, req.timeout).await?;
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(sandbox)).into_response())
+}
+
+/// `POST /sandboxes/{id}/pause`: 204, 409 when paused already. `memory: false` is treated as
+/// a memory pause (cella has no filesystem-only pause); `requireHealthyGuest` refuses with
+/// 503 when the agent does not answer.
+async fn pause(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, HttpError> {
+    check_id(&id)?;
+    let req: PauseRequest = parse_json_or_default(&body)?;
+    if req.require_healthy_guest == Some(true) {
+        // Owner check first: a stranger's sandbox is a 404, not a probe.
+        let info = state.manager.info(&owner, &id)?;
+        if info.state == SandboxState::Running && !state.proxy.agent_healthy(&id).await {
+            return Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the sandbox's agent does not respond; not pausing (requireHealthyGuest)",
+            ));
+        }
+    }
+    state
+        .manager
+        .pause(&owner, &id, req.memory.unwrap_or(true))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /sandboxes/{id}/resume` (deprecated by E2B in favour of connect): 201, 409 when
+/// the sandbox is running.
+async fn resume(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    check_id(&id)?;
+    let req: ResumeRequest = parse_json_or_default(&body)?;
+    let sandbox = state
+        .manager
+        .resume(&owner, &id, req.timeout, req.auto_pause)
+        .await?;
+    Ok((StatusCode::CREATED, Json(sandbox)).into_response())
 }
 
 /// `GET /sandboxes/{id}/metrics?start&end`: the sampled time series within the window (unix
@@ -455,7 +519,10 @@ async fn with_disk_used(
     id: &str,
     mut m: cella_api::SandboxMetric,
 ) -> cella_api::SandboxMetric {
+    // A paused agent cannot answer; its disk use is reported as unknown (0).
+    let paused = state.manager.route(id).is_none_or(|l| l.is_paused());
     if m.disk_used == 0
+        && !paused
         && let Some(used) = state.proxy.agent_disk_used(id).await
     {
         m.disk_used = used;

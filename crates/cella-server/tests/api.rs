@@ -608,8 +608,8 @@ async fn unsupported_features_answer_501_with_a_reason() {
     let v = h.create(json!({"templateID": "base"})).await;
     let id = v["sandboxID"].as_str().expect("id");
     for (m, uri, needle) in [
-        ("POST", format!("/sandboxes/{id}/pause"), "pausing"),
         ("POST", format!("/sandboxes/{id}/fork"), "forking"),
+        ("POST", format!("/sandboxes/{id}/snapshots"), "snapshots"),
         ("GET", "/volumes".to_string(), "volumes"),
         ("POST", "/v3/templates".to_string(), "templates"),
     ] {
@@ -1022,4 +1022,254 @@ async fn driver_without_egress_refuses_a_create_that_wants_egress() {
     h.create(json!({"templateID": "base", "allow_internet_access": false}))
         .await;
     assert_eq!(egress.reserved(), 0);
+}
+
+/// Proxy a GET /health to `id` with a deadline: a paused sandbox must be answered, never hang.
+async fn proxied_health(h: &Harness, id: &str) -> (StatusCode, Value) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        h.call_with("GET", "/health", None, None, &[("e2b-sandbox-id", id)]),
+    )
+    .await
+    .expect("the proxy hung on a paused sandbox")
+}
+
+#[tokio::test]
+async fn pause_connect_list_and_kill_through_the_api() {
+    let h = harness().await;
+    let v = h
+        .create(json!({"templateID": "base", "timeout": 120, "metadata": {"t": "p"}}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let pause = format!("/sandboxes/{id}/pause");
+    // the SDKs' body: memory + requireHealthyGuest (the fake agent answers /health)
+    let (s, v) = h
+        .call(
+            "POST",
+            &pause,
+            Some(&h.key),
+            Some(json!({"memory": true, "requireHealthyGuest": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(h.driver.is_paused(&id), Some(true));
+    let (s, v) = h.call("POST", &pause, Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "pausing a paused sandbox: {v}");
+    assert_eq!(v["code"], 409);
+    let (s, _) = h
+        .call("POST", "/sandboxes/inope/pause", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = h
+        .call("POST", &pause, Some(&h.key), Some(json!({"memory": "yes"})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["message"].as_str().is_some_and(|m| m.contains("memory")),
+        "{v}"
+    );
+
+    let (s, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(info["state"], "paused");
+    assert_eq!(
+        info["lifecycle"],
+        json!({"autoResume": false, "onTimeout": "kill"})
+    );
+
+    // list: v2 filters by state; the deprecated v1 list shows running ones only
+    let list = |q: &str| format!("/v2/sandboxes?metadata=t%3Dp&{q}");
+    let (_, l) = h
+        .call("GET", &list("state=paused"), Some(&h.key), None)
+        .await;
+    assert_eq!(l.as_array().map(Vec::len), Some(1), "{l}");
+    assert_eq!(l[0]["state"], "paused");
+    let (_, l) = h
+        .call("GET", &list("state=running"), Some(&h.key), None)
+        .await;
+    assert_eq!(l, json!([]));
+    let (_, l) = h
+        .call("GET", &list("state=running,paused"), Some(&h.key), None)
+        .await;
+    assert_eq!(l.as_array().map(Vec::len), Some(1));
+    let (_, l) = h.call("GET", &list(""), Some(&h.key), None).await;
+    assert_eq!(
+        l.as_array().map(Vec::len),
+        Some(1),
+        "default lists paused too"
+    );
+    let (_, l) = h.call("GET", "/sandboxes", Some(&h.key), None).await;
+    assert_eq!(l, json!([]));
+
+    // proxy: a paused sandbox without autoResume is answered at once, as not there
+    let (s, v) = proxied_health(&h, &id).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(v["message"], "The sandbox was not found");
+    assert_eq!(v["paused"], true);
+    assert_eq!(
+        h.driver.is_paused(&id),
+        Some(true),
+        "traffic must not resume it"
+    );
+    // metrics of a paused sandbox answer
+    let (s, m) = h
+        .call(
+            "GET",
+            &format!("/sandboxes/{id}/metrics"),
+            Some(&h.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    // refresh and timeout do not resume
+    let (s, _) = h
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/refreshes"),
+            Some(&h.key),
+            Some(json!({"duration": 30})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+
+    // connect resumes: 201; then 200
+    let connect = format!("/v2/sandboxes/{id}/connect");
+    let (s, c) = h
+        .call("POST", &connect, Some(&h.key), Some(json!({"timeout": 60})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    assert_eq!(c["sandboxID"], id.as_str());
+    assert!(c["envdAccessToken"].is_string());
+    assert_eq!(h.driver.is_paused(&id), Some(false));
+    let (s, _) = proxied_health(&h, &id).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = h
+        .call("POST", &connect, Some(&h.key), Some(json!({"timeout": 60})))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // deprecated /resume: 409 while running, 201 when paused
+    let resume = format!("/sandboxes/{id}/resume");
+    let (s, _) = h.call("POST", &resume, Some(&h.key), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = h.call("POST", &pause, Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, r) = h
+        .call("POST", &resume, Some(&h.key), Some(json!({"timeout": 30})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["sandboxID"], id.as_str());
+
+    // kill while paused: 204 and nothing left
+    let (s, _) = h.call("POST", &pause, Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h
+        .call("DELETE", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(h.driver.alive().is_empty());
+    let (s, _) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    h.store.flush_audit();
+    let kinds: Vec<String> = h
+        .store
+        .query_audit(&cella_core::store::AuditQuery {
+            sandbox_id: Some(id.clone()),
+            kind_prefix: Some("sandbox.".into()),
+            ..Default::default()
+        })
+        .expect("audit")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "sandbox.create",
+            "sandbox.pause",
+            "sandbox.resume",
+            "sandbox.pause",
+            "sandbox.resume",
+            "sandbox.pause",
+            "sandbox.kill"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn auto_resume_on_traffic_and_auto_pause_on_timeout() {
+    let h = harness().await;
+    // The SDKs' lifecycle={"on_timeout": "pause", "auto_resume": True} body.
+    let v = h
+        .create(
+            json!({"templateID": "base", "timeout": 1, "autoPause": true,
+            "autoPauseMemory": true, "autoResume": {"enabled": true}}),
+        )
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.driver.is_paused(&id) != Some(true) {
+        assert!(std::time::Instant::now() < deadline, "not auto-paused");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (_, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(info["state"], "paused");
+    assert_eq!(
+        info["lifecycle"],
+        json!({"autoResume": true, "onTimeout": "pause"})
+    );
+    // traffic resumes it and is forwarded
+    let (s, echo) = proxied_health(&h, &id).await;
+    assert_eq!(s, StatusCode::OK, "{echo}");
+    assert_eq!(echo["requestLine"], "GET /health HTTP/1.1");
+    assert_eq!(h.driver.is_paused(&id), Some(false));
+    let (_, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(info["state"], "running");
+}
+
+#[tokio::test]
+async fn strict_pause_refuses_when_the_agent_does_not_answer() {
+    let h = harness().await;
+    let v = h
+        .create(json!({"templateID": "base", "timeout": 120}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    h.driver.hang_agent(&id);
+    let pause = format!("/sandboxes/{id}/pause");
+    let (s, v) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        h.call(
+            "POST",
+            &pause,
+            Some(&h.key),
+            Some(json!({"requireHealthyGuest": true})),
+        ),
+    )
+    .await
+    .expect("a strict pause must not hang on a hung agent");
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not respond")),
+        "{v}"
+    );
+    assert_eq!(
+        h.driver.is_paused(&id),
+        Some(false),
+        "a refused pause keeps it running"
+    );
+    // without the flag it pauses anyway
+    let (s, _) = h.call("POST", &pause, Some(&h.key), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.driver.is_paused(&id), Some(true));
 }
