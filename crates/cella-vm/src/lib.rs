@@ -1372,7 +1372,7 @@ impl VmDriver {
                 limits: *limits,
                 memory: LaunchMemory::Golden(tmp.ram()),
                 qmp: true,
-                stream: Some(state_w),
+                stream: None,
                 incoming: false,
                 boot: BootPath::Cold,
             })
@@ -1400,12 +1400,14 @@ impl VmDriver {
             // Let the agent enter its read and the guest go idle.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let qmp = launched.qmp.ok_or("no QMP connection")?;
-            let fd = launched.stream_fd.ok_or("no stream descriptor")?;
             let mut qmp = Qmp::connect(qmp).await?;
+            qmp.send_fd("stream", &state_w).await?;
+            // Only QEMU may hold the write end now: the copier's EOF is the stream's end.
+            drop(state_w);
             qmp.pipeline(&[
                 ("migrate-set-capabilities", snapshot::ignore_shared()),
                 ("stop", serde_json::json!({})),
-                ("migrate", serde_json::json!({"uri": format!("fd:{fd}")})),
+                ("migrate", serde_json::json!({"uri": "fd:stream"})),
             ])
             .await?;
             loop {

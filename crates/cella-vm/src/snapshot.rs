@@ -139,6 +139,75 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
     }
 }
 
+impl Qmp<tokio::net::UnixStream> {
+    /// Hand QEMU a descriptor under `name` (`getfd`, the descriptor rides along as
+    /// SCM_RIGHTS). QEMU 7.2's outgoing `migrate fd:` takes only named descriptors.
+    pub async fn send_fd(&mut self, name: &str, fd: &OwnedFd) -> Result<(), String> {
+        let mut line =
+            serde_json::to_vec(&json!({"execute": "getfd", "arguments": {"fdname": name}}))
+                .map_err(|e| format!("encoding getfd: {e}"))?;
+        line.push(b'\n');
+        let sock = self.reader.get_ref().as_raw_fd();
+        let raw = fd.as_raw_fd();
+        self.reader
+            .get_ref()
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                send_with_fd(sock, &line, raw)
+            })
+            .await
+            .map_err(|e| format!("sending the descriptor to QEMU: {e}"))?;
+        loop {
+            let v = self.read_value().await?;
+            if v.get("return").is_some() {
+                return Ok(());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("QMP getfd: {e}"));
+            }
+        }
+    }
+}
+
+/// One `sendmsg` of `data` with `fd` attached; the whole line or an error.
+fn send_with_fd(sock: i32, data: &[u8], fd: i32) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; all-zero is valid before the fields are set.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes, enough for one cmsg with one int; the
+    // CMSG_* macros stay inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(io::Error::other("no room for the control message"));
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
+    }
+    // SAFETY: msg and everything it points to live for the duration of the call.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != data.len() {
+        // The socket had room for a part only; QMP lines are tiny, so this does not happen
+        // on a fresh connection. Report it rather than send a torn command.
+        return Err(io::Error::other("short write of the getfd command"));
+    }
+    Ok(())
+}
+
 /// `x-ignore-shared`: shared RAM blocks are not written into the migration stream.
 pub fn ignore_shared() -> Value {
     json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})

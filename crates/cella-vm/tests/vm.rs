@@ -472,6 +472,14 @@ fn host_now() -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_clones() {
     let _serial = SERIAL.lock().await;
+    // The driver logs why it restored or booted cold (RUST_LOG=cella_vm=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("cella_vm=info")),
+        )
+        .with_test_writer()
+        .try_init();
     let Some(env) = environment() else { return };
     let tmp = tempfile::Builder::new()
         .prefix("cella-vm-test")
