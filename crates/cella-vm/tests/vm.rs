@@ -436,6 +436,7 @@ async fn a_guest_that_never_becomes_ready_fails_cleanly() {
     drop(f);
     let mut config = VmConfig::new(tmp.path().join("data"), env.assets.clone(), bad_agent);
     config.ready_timeout = Some(Duration::from_secs(60));
+    config.snapshots = true;
     let driver = VmDriver::new(config).await.expect("driver");
     let id = format!("vmbad{}", std::process::id());
     let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
@@ -459,6 +460,11 @@ async fn a_guest_that_never_becomes_ready_fails_cleanly() {
         leftovers.push_str(&e.expect("entry").file_name().to_string_lossy());
     }
     assert!(leftovers.is_empty(), "{leftovers}");
+    // The golden VM failed the same way (snapshots are on by default): nothing half-made stays.
+    let snaps: Vec<_> = std::fs::read_dir(tmp.path().join("data/snapshots"))
+        .expect("ls snapshots")
+        .collect();
+    assert!(snaps.is_empty(), "{snaps:?}");
 }
 
 /// Seconds since the epoch on the host, as f64.
