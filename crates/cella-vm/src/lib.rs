@@ -1393,10 +1393,13 @@ impl VmDriver {
             Ok(n)
         });
         let timeout = self.ready_timeout() + SNAPSHOT_DEADLINE;
+        let t0 = Instant::now();
+        let mut booted = None;
         let work = async {
             let mut reader = BufReader::new(launched.ctl);
             wait_init(&mut reader, INIT_OK).await?;
             wait_init(&mut reader, AWAITING_CONFIG).await?;
+            booted = Some(t0.elapsed());
             // Let the agent enter its read and the guest go idle.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let qmp = launched.qmp.ok_or("no QMP connection")?;
@@ -1454,7 +1457,13 @@ impl VmDriver {
             tracing::warn!(vm = %name, "golden VM cleanup: {e}");
         }
         let bytes = install?;
-        tracing::debug!(snapshot = %snap.key, state_bytes = bytes, "snapshot state written");
+        tracing::info!(
+            snapshot = %snap.key,
+            boot_ms = booted.map(|d| d.as_millis() as u64),
+            total_ms = t0.elapsed().as_millis() as u64,
+            state_bytes = bytes,
+            "golden VM saved"
+        );
         Ok(())
     }
 

@@ -15,7 +15,9 @@
 //!   free-page reporting would punch holes into it. So clones never see the file: the server
 //!   copies it once into a memfd, seals it (`F_SEAL_WRITE|GROW|SHRINK|SEAL`) and passes it
 //!   as `mem-path=/proc/self/fd/N,share=off`. Writes to the seal-protected memfd fail; the
-//!   private mapping gives each clone copy-on-write pages; untouched pages stay shared.
+//!   private mapping gives each clone copy-on-write pages; untouched pages stay shared. The
+//!   memfd is fully allocated (guest RAM size, once per snapshot, not per clone): holes would
+//!   be filled, per touching clone, with unreclaimable shmem pages.
 //! * A clone starts with `-incoming defer`; over QMP: `x-ignore-shared`, `migrate-incoming
 //!   fd:N` (the state file, inherited), `cont` (the golden VM was stopped, so the clone would
 //!   otherwise stay paused). No `-global migration.x-ignore-shared`: 7.2 has no such property.
@@ -231,6 +233,15 @@ pub fn sealed_ram(ram: &Path) -> io::Result<OwnedFd> {
     let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
     let dst = std::fs::File::from(memfd);
     dst.set_len(size)?;
+    // Allocate every page now, holes included. In a sparse memfd, a clone's first touch of a
+    // hole (read, or the read half of a copy-on-write) allocates a new shmem page, charged to
+    // that clone's cgroup, kept in the memfd after the clone is gone, and unreclaimable
+    // without swap: a clone filling its page cache was OOM-killed at ~2x its guest RAM.
+    // SAFETY: fallocate on a descriptor we own, mode 0 (allocate), within its size.
+    let len = libc::off_t::try_from(size).map_err(|_| io::Error::other("RAM file too large"))?;
+    if unsafe { libc::fallocate(dst.as_raw_fd(), 0, 0, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     let mut buf = vec![0u8; 1 << 20];
     for (start, end) in data_ranges(&src, size)? {
         let mut pos = start;
@@ -311,6 +322,11 @@ mod tests {
         let fd = sealed_ram(&ram).expect("seal");
         let m = std::fs::File::from(fd);
         assert_eq!(m.metadata().expect("meta").len(), 8 << 20);
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::blocks(&m.metadata().expect("meta")) * 512,
+            8 << 20,
+            "fully allocated: no holes for clones to fill"
+        );
         let mut got = [0u8; 6];
         m.read_exact_at(&mut got, 4 << 20).expect("read");
         assert_eq!(&got, b"golden");
