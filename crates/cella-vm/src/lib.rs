@@ -773,10 +773,12 @@ struct Launched {
     stream_fd: Option<i32>,
 }
 
-/// A failed restore: `Setup` is the request's own problem (return it); `Failed` means the
-/// snapshot did not work (boot cold instead, and drop the snapshot).
+/// A failed restore; either way the create boots cold instead. `Launch`: the clone's VMM did
+/// not start (no slot, an overlay or netns failure: the cold boot reports it again if it is
+/// not the snapshot's fault). `Failed`: the clone ran but did not come up, so the snapshot is
+/// dropped and rebuilt by the next create.
 enum RestoreError {
-    Setup(DriverError),
+    Launch(String),
     Failed(String),
 }
 
@@ -804,7 +806,9 @@ impl VmDriver {
             match self.snapshot_for(&spec, &image, disk_size).await {
                 Ok(snap) => match self.restore(&spec, &snap, disk_size, &events, t0).await {
                     Ok(sb) => return Ok(sb),
-                    Err(RestoreError::Setup(e)) => return Err(e),
+                    Err(RestoreError::Launch(reason)) => {
+                        tracing::warn!(sandbox = %spec.id, snapshot = %snap.key, %reason, "cannot start a clone; booting cold");
+                    }
                     Err(RestoreError::Failed(reason)) => {
                         tracing::warn!(sandbox = %spec.id, snapshot = %snap.key, %reason, "restore failed; dropping the snapshot and booting cold");
                         self.forget_snapshot(&snap).await;
@@ -1217,7 +1221,7 @@ impl VmDriver {
                 boot: BootPath::Restored,
             })
             .await
-            .map_err(RestoreError::Setup)?;
+            .map_err(|e| RestoreError::Launch(error_chain(&e)))?;
         let sandbox = launched.sandbox;
         let t_launch = t0.elapsed();
         let mut resumed_at = None;
