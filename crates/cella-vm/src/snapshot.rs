@@ -237,8 +237,8 @@ pub fn sealed_ram(ram: &Path) -> io::Result<OwnedFd> {
     // hole (read, or the read half of a copy-on-write) allocates a new shmem page, charged to
     // that clone's cgroup, kept in the memfd after the clone is gone, and unreclaimable
     // without swap: a clone filling its page cache was OOM-killed at ~2x its guest RAM.
-    // SAFETY: fallocate on a descriptor we own, mode 0 (allocate), within its size.
     let len = libc::off_t::try_from(size).map_err(|_| io::Error::other("RAM file too large"))?;
+    // SAFETY: fallocate on a descriptor we own, mode 0 (allocate), within its size.
     if unsafe { libc::fallocate(dst.as_raw_fd(), 0, 0, len) } != 0 {
         return Err(io::Error::last_os_error());
     }
