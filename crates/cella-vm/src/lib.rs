@@ -905,14 +905,13 @@ impl VmDriver {
                     .map_err(|e| undo_dir(setup_err(e)))?;
                 let mut owned = vec![dir.clone(), disk.clone()];
                 if let Some(ram) = &golden_ram {
-                    let f = std::fs::OpenOptions::new()
+                    std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
                         .mode(0o600)
                         .open(ram)
                         .and_then(|f| f.set_len(limits.memory_mb.saturating_mul(1 << 20)))
-                        .map_err(|e| undo_dir(io_err(format!("creating {}", ram.display()))(e)));
-                    f?;
+                        .map_err(|e| undo_dir(io_err(format!("creating {}", ram.display()))(e)))?;
                     owned.push(ram.clone());
                 }
                 if let Some(idn) = &identity {

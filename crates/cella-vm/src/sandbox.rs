@@ -75,7 +75,7 @@ impl VmSandbox {
         self.boot
     }
 
-    /// The VMM's pidfd (tests, diagnostics).
+    /// SIGKILL the VMM (no cleanup: that is [`Self::teardown`]).
     pub(crate) fn kill(&self) -> io::Result<()> {
         pidfd_kill(&self.pidfd)
     }

@@ -698,4 +698,28 @@ async fn snapshot_clones() {
     assert!(exit.reason.contains("signal 9"), "{}", exit.reason);
     sb.destroy().await.expect("destroy after crash");
     assert_eq!(net_namespaces_we_hold(), 0);
+
+    // A broken snapshot (garbage device state) is never half-used: the create falls back to a
+    // cold boot, the snapshot is dropped, and the next create rebuilds and restores it.
+    let key_dir = std::fs::read_dir(&snapshots)
+        .expect("ls")
+        .next()
+        .expect("one snapshot")
+        .expect("entry")
+        .path();
+    std::fs::write(key_dir.join("state"), b"QEVM garbage").expect("corrupt the state");
+    for (n, want) in [("f", BootPath::Cold), ("g", BootPath::Restored)] {
+        let id = format!("{base}{n}");
+        let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let sb = again
+            .create_vm(spec(&env, &id), events)
+            .await
+            .expect("create with a broken snapshot still works");
+        assert_eq!(sb.boot_path(), want, "{id}");
+        let hostname = run(sb.as_ref(), "/bin/hostname", &[]).await;
+        assert_eq!(hostname.trim(), id);
+        sb.destroy().await.expect("destroy");
+    }
+    assert_eq!(std::fs::read_dir(&snapshots).expect("ls").count(), 1);
+    assert_eq!(net_namespaces_we_hold(), 0);
 }
