@@ -448,6 +448,8 @@ struct Inner {
     rams: Mutex<HashMap<String, Arc<OwnedFd>>>,
     /// Makes snapshot temp directory names unique.
     tmp_counter: std::sync::atomic::AtomicU64,
+    /// Snapshots built by this driver (see [`VmDriver::snapshots_built`]).
+    built: std::sync::atomic::AtomicU64,
 }
 
 /// The microVM driver. Cheap to clone.
@@ -557,8 +559,14 @@ impl VmDriver {
                 snapshot_locks: Mutex::new(HashMap::new()),
                 rams: Mutex::new(HashMap::new()),
                 tmp_counter: std::sync::atomic::AtomicU64::new(0),
+                built: std::sync::atomic::AtomicU64::new(0),
             }),
         })
+    }
+
+    /// How many golden VMs this driver has snapshotted (each key at most once at a time).
+    pub fn snapshots_built(&self) -> u64 {
+        self.inner.built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The accelerator in use and why.
@@ -1336,6 +1344,9 @@ impl VmDriver {
         let t = Instant::now();
         self.build_snapshot(&snap, image, &spec.limits, disk_size)
             .await?;
+        self.inner
+            .built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(snapshot = %key, took_ms = t.elapsed().as_millis() as u64, "built VM snapshot");
         Ok(snap)
     }

@@ -509,6 +509,7 @@ async fn snapshot_clones() {
 
     let base = format!("vmsn{}", std::process::id());
     let mut sandboxes = Vec::new();
+    let mut first_key = String::new();
     for n in 0..2 {
         let id = format!("{base}x{n}");
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -537,8 +538,30 @@ async fn snapshot_clones() {
             1,
             "one complete snapshot, no temp dirs: {keys:?}"
         );
+        first_key = keys[0].clone();
         sandboxes.push((id, sb));
     }
+
+    assert_eq!(driver.snapshots_built(), 1);
+
+    // Other limits, another key: built lazily by the first create, once, even when two creates
+    // race for it.
+    let mut other = spec(&env, &format!("{base}c0"));
+    other.limits.memory_mb = 320;
+    let mut other2 = other.clone();
+    other2.id = format!("{base}c1");
+    let (ev1, _rx1) = tokio::sync::mpsc::unbounded_channel();
+    let (ev2, _rx2) = tokio::sync::mpsc::unbounded_channel();
+    let (a, b) = tokio::join!(driver.create_vm(other, ev1), driver.create_vm(other2, ev2));
+    let (a, b) = (a.expect("concurrent create"), b.expect("concurrent create"));
+    assert_eq!(
+        (a.boot_path(), b.boot_path()),
+        (BootPath::Restored, BootPath::Restored)
+    );
+    assert_eq!(driver.snapshots_built(), 2, "one more snapshot, built once");
+    assert_eq!(std::fs::read_dir(&snapshots).expect("ls").count(), 2);
+    a.destroy().await.expect("destroy");
+    b.destroy().await.expect("destroy");
 
     let mut random = Vec::new();
     for (id, sb) in &sandboxes {
@@ -657,8 +680,8 @@ async fn snapshot_clones() {
     );
     assert_eq!(
         std::fs::read_dir(&snapshots).expect("ls").count(),
-        1,
-        "the snapshot stays cached"
+        2,
+        "the snapshots stay cached"
     );
 
     // A leftover half-made snapshot (a server that died while building one) is reaped.
@@ -701,12 +724,7 @@ async fn snapshot_clones() {
 
     // A broken snapshot (garbage device state) is never half-used: the create falls back to a
     // cold boot, the snapshot is dropped, and the next create rebuilds and restores it.
-    let key_dir = std::fs::read_dir(&snapshots)
-        .expect("ls")
-        .next()
-        .expect("one snapshot")
-        .expect("entry")
-        .path();
+    let key_dir = snapshots.join(&first_key);
     std::fs::write(key_dir.join("state"), b"QEVM garbage").expect("corrupt the state");
     for (n, want) in [("f", BootPath::Cold), ("g", BootPath::Restored)] {
         let id = format!("{base}{n}");
@@ -720,6 +738,6 @@ async fn snapshot_clones() {
         assert_eq!(hostname.trim(), id);
         sb.destroy().await.expect("destroy");
     }
-    assert_eq!(std::fs::read_dir(&snapshots).expect("ls").count(), 1);
+    assert_eq!(std::fs::read_dir(&snapshots).expect("ls").count(), 2);
     assert_eq!(net_namespaces_we_hold(), 0);
 }
