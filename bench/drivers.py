@@ -1,20 +1,25 @@
 """Jail vs microVM, side by side in one run against one server (issue: "microVM driver" benchmark).
 
-For each driver (`"driver": "jail"` / `"driver": "vm"` in the create request):
-  * create→ready: sequential POST /v2/sandboxes round trips (kill after each, not timed);
+For each driver (`"driver": "jail"` / `"driver": "vm"` in the create request), and for the
+VM both restored from a snapshot (the default) and cold-booted (a second server with
+CELLA_VM_SNAPSHOT=0):
+  * create→ready: sequential POST /v2/sandboxes round trips (kill after each, not timed); the
+    untimed first create builds the template image and, for the restored VM, the snapshot;
   * exec round trip: a raw Connect `process.Process/Start` of /bin/true in a live sandbox;
-  * host memory of one idle sandbox after it settled: for the jail, PSS of the processes in
-    its cgroup; for the VM, the QEMU process's RSS split into anonymous (guest RAM touched,
-    translation cache, QEMU heap) and file-backed (kernel image, QEMU and its libraries)
-    pages, from /proc/<pid>/smaps_rollup.
+  * host memory of one idle sandbox after it settled, with a second one alive (so PSS shows
+    what sharing saves): for the jail, PSS of the processes in its cgroup; for the VM, the
+    QEMU process's RSS split (/proc/<pid>/status) into anonymous (guest pages written since
+    restore or boot, translation cache, QEMU heap), shmem (the golden RAM, shared by every
+    clone of a snapshot) and file-backed (kernel image on a cold boot, QEMU, its libraries).
 
-    bench/run-drivers [--jail-creates 50] [--vm-creates 5] [--execs 30] [--write-docs]
+    bench/run-drivers [--jail-creates 50] [--vm-creates 10] [--execs 30] [--vm-memory 256] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import shutil
 import sys
@@ -41,9 +46,15 @@ START = "<!-- bench:drivers:start -->"
 END = "<!-- bench:drivers:end -->"
 
 
+VM_MEMORY_MB = 256
+
+
 def create(api, driver: str) -> tuple[float, dict]:
+    body = {"templateID": "base", "timeout": 900, "driver": driver}
+    if driver == "vm":
+        body["memoryMB"] = VM_MEMORY_MB
     t0 = time.perf_counter()
-    r = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 900, "driver": driver})
+    r = api.post("/v2/sandboxes", json=body)
     ms = (time.perf_counter() - t0) * 1000
     if r.status_code != 201:
         raise RuntimeError(f"create ({driver}) failed: {r.status_code} {r.text[:300]}")
@@ -85,9 +96,19 @@ def smaps(pid: int) -> dict:
     return out
 
 
+def status_kib(pid: int) -> dict:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        m = re.match(r"(\w+):\s+(\d+) kB", line)
+        if m:
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
 def bench_live(srv: Server, driver: str, execs: int, settle_s: float) -> dict:
     with srv.api() as api:
         _, sbx = create(api, driver)
+        _, peer = create(api, driver)
         sid = sbx["sandboxID"]
         try:
             headers = {
@@ -111,10 +132,12 @@ def bench_live(srv: Server, driver: str, execs: int, settle_s: float) -> dict:
                 if pid is None:
                     raise RuntimeError(f"no QEMU process found for {sid}")
                 s = smaps(pid)
+                st = status_kib(pid)
                 mem = {
                     "rss_mib": s.get("Rss", 0) / 1024,
-                    "anon_mib": s.get("Anonymous", 0) / 1024,
-                    "file_mib": (s.get("Rss", 0) - s.get("Anonymous", 0)) / 1024,
+                    "anon_mib": st.get("RssAnon", 0) / 1024,
+                    "shmem_mib": st.get("RssShmem", 0) / 1024,
+                    "file_mib": st.get("RssFile", 0) / 1024,
                     "pss_mib": s.get("Pss", 0) / 1024,
                 }
             else:
@@ -125,6 +148,7 @@ def bench_live(srv: Server, driver: str, execs: int, settle_s: float) -> dict:
                 mem = {
                     "rss_mib": rss / 1024,
                     "anon_mib": anon / 1024,
+                    "shmem_mib": 0.0,
                     "file_mib": (rss - anon) / 1024,
                     "pss_mib": pss / 1024,
                     "processes": len(pids),
@@ -132,34 +156,35 @@ def bench_live(srv: Server, driver: str, execs: int, settle_s: float) -> dict:
             return {"exec": summary(lat), "memory": mem, "isolation": sbx.get("isolation")}
         finally:
             api.delete(f"/sandboxes/{sid}")
+            api.delete(f"/sandboxes/{peer['sandboxID']}")
 
 
 def render(results: dict, when: str) -> str:
-    j, v = results["jail"], results["vm"]
-    rows = [
-        ("isolation reported", j["isolation"], v["isolation"]),
-        ("create→ready p50", f"{j['create']['p50']:.1f} ms", f"{v['create']['p50']:.0f} ms"),
-        ("create→ready p99", f"{j['create']['p99']:.1f} ms", f"{v['create']['p99']:.0f} ms"),
-        ("creates measured", str(j["create"]["n"]), str(v["create"]["n"])),
-        ("exec `/bin/true` p50 (raw Connect)", f"{j['exec']['p50']:.2f} ms", f"{v['exec']['p50']:.1f} ms"),
-        ("exec p99", f"{j['exec']['p99']:.2f} ms", f"{v['exec']['p99']:.1f} ms"),
-        ("idle host memory: RSS", f"{j['memory']['rss_mib']:.1f} MiB", f"{v['memory']['rss_mib']:.1f} MiB"),
-        ("… anonymous (guest RAM touched, TCG cache, heap)", f"{j['memory']['anon_mib']:.1f} MiB", f"{v['memory']['anon_mib']:.1f} MiB"),
-        ("… file-backed (kernel image, binaries, libraries)", f"{j['memory']['file_mib']:.1f} MiB", f"{v['memory']['file_mib']:.1f} MiB"),
-        ("idle host memory: PSS", f"{j['memory']['pss_mib']:.1f} MiB", f"{v['memory']['pss_mib']:.1f} MiB"),
-    ]
+    cols = [("jail", "jail"), ("vm", "microVM restored"), ("vm-cold", "microVM cold boot")]
+    cols = [(k, t) for k, t in cols if k in results]
+
+    def row(label, f):
+        return f"| {label} | " + " | ".join(f(results[k]) for k, _ in cols) + " |"
+
     out = [
         f"### Jail vs microVM (run {when})",
         "",
-        "| | jail | microVM |",
-        "|---|---|---|",
-    ]
-    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    out += [
+        "| | " + " | ".join(t for _, t in cols) + " |",
+        "|---|" + "---|" * len(cols),
+        row("isolation reported", lambda r: r["isolation"]),
+        row("create→ready p50", lambda r: f"{r['create']['p50']:.1f} ms"),
+        row("create→ready p99", lambda r: f"{r['create']['p99']:.1f} ms"),
+        row("creates measured", lambda r: str(r["create"]["n"])),
+        row("exec `/bin/true` p50 (raw Connect)", lambda r: f"{r['exec']['p50']:.2f} ms"),
+        row("exec p99", lambda r: f"{r['exec']['p99']:.2f} ms"),
+        row("idle host memory: RSS", lambda r: f"{r['memory']['rss_mib']:.1f} MiB"),
+        row("… anonymous (private: pages written, TCG cache, heap)", lambda r: f"{r['memory']['anon_mib']:.1f} MiB"),
+        row("… shmem (golden RAM, shared by all clones)", lambda r: f"{r['memory']['shmem_mib']:.1f} MiB"),
+        row("… file-backed (kernel image, binaries, libraries)", lambda r: f"{r['memory']['file_mib']:.1f} MiB"),
+        row("idle host memory: PSS (2 alive)", lambda r: f"{r['memory']['pss_mib']:.1f} MiB"),
         "",
-        "Targets for the microVM under TCG: create→ready p50 ≤ 1.5 s cold; idle RSS with a 256 MiB "
-        "guest ≤ 128 MiB. The VM numbers here use the template default guest size (512 MiB) "
-        "unless the run says otherwise; see docs/vm.md for the 256 MiB breakdown and what was tried.",
+        f"The microVMs have a {VM_MEMORY_MB} MiB guest, 1 vCPU, TCG. Targets under TCG: "
+        "create→ready p50 ≤ 1.5 s; idle RSS ≤ 128 MiB. See docs/vm.md for the breakdown.",
     ]
     return "\n".join(out)
 
@@ -178,23 +203,32 @@ def write_docs(section: str):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jail-creates", type=int, default=50)
-    ap.add_argument("--vm-creates", type=int, default=5)
+    ap.add_argument("--vm-creates", type=int, default=10)
+    ap.add_argument("--vm-memory", type=int, default=256)
     ap.add_argument("--execs", type=int, default=30)
     ap.add_argument("--settle", type=float, default=10.0)
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
+    global VM_MEMORY_MB
+    VM_MEMORY_MB = args.vm_memory
     tmp = Path(tempfile.mkdtemp(prefix="cella-bench-drivers-"))
     tmp.chmod(0o711)
-    srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log")
-    srv.start(echo=lambda line: log(f"[cella serve] {line}"))
     results = {}
-    try:
-        for driver, n in (("jail", args.jail_creates), ("vm", args.vm_creates)):
-            log(f"drivers: {driver}: {n} creates")
-            results[driver] = {"create": bench_create(srv, driver, n)}
-            results[driver].update(bench_live(srv, driver, args.execs, args.settle))
-    finally:
-        srv.stop()
+    # One server for the jail and the restored VM, a second with snapshots off for cold boots.
+    for name, snapshots, runs in (
+        ("main", "1", (("jail", "jail", args.jail_creates), ("vm", "vm", args.vm_creates))),
+        ("cold", "0", (("vm-cold", "vm", args.vm_creates),)),
+    ):
+        os.environ["CELLA_VM_SNAPSHOT"] = snapshots
+        srv = Server(data_dir=tmp / f"data-{name}", log_path=tmp / f"server-{name}.log")
+        srv.start(echo=lambda line: log(f"[cella serve] {line}"))
+        try:
+            for key, driver, n in runs:
+                log(f"drivers: {key}: {n} creates")
+                results[key] = {"create": bench_create(srv, driver, n)}
+                results[key].update(bench_live(srv, driver, args.execs, args.settle))
+        finally:
+            srv.stop()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = render(results, when)
     print(section)

@@ -15,6 +15,7 @@
 mod execaudit;
 mod files;
 mod fs;
+mod host_state;
 mod http;
 mod process;
 mod reaper;
@@ -38,6 +39,8 @@ use crate::state::{Agent, EventSink, Settings};
 
 /// Longest config line accepted on the control fd.
 const MAX_CONFIG_LINE: usize = 1024 * 1024;
+/// Line written on the control fd right before the agent blocks reading its config.
+const AWAITING_CONFIG: &[u8] = b"cella-agent: awaiting config\n";
 /// Audit events buffered while the host is slow to read.
 const EVENT_BUFFER: usize = 1024;
 
@@ -193,7 +196,12 @@ async fn run(args: Args) -> Result<()> {
             // SAFETY: the driver passes this fd to us; we take sole ownership of it.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             let mut file = std::fs::File::from(owned);
+            // Tells a VM host that the agent is blocked on its config: the point where a
+            // golden VM is snapshotted. Not JSON, so hosts that do not care drop it.
+            file.write_all(AWAITING_CONFIG)
+                .context("writing to the control channel")?;
             let cfg = read_config_line(&mut file)?;
+            host_state::adopt(&cfg);
             let settings = Settings {
                 token: cfg.access_token,
                 env_vars: cfg.env_vars,
@@ -333,6 +341,8 @@ mod tests {
             port: 49983,
             bind: "0.0.0.0".into(),
             start: None,
+            host_time_ns: Some(1),
+            entropy: vec![1, 2],
         };
         let mut line = serde_json::to_vec(&cfg).expect("json");
         line.extend_from_slice(b"\nEXTRA");

@@ -767,6 +767,9 @@ impl Driver for JailDriver {
                 port: ENVD_PORT,
                 bind: "0.0.0.0".to_string(),
                 start: spec.template.start_cmd.clone(),
+                // The jail shares the host's clock and kernel CRNG.
+                host_time_ns: None,
+                entropy: Vec::new(),
             };
             let mut line =
                 serde_json::to_vec(&config).map_err(|e| format!("encoding the config: {e}"))?;

@@ -31,6 +31,16 @@ pub struct AgentConfig {
     /// [`START_CMD_TAG`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<StartCommand>,
+    /// The host's wall clock when it sent this line, nanoseconds since the Unix epoch. A VM
+    /// restored from a snapshot wakes with the snapshot's clock; the agent sets
+    /// `CLOCK_REALTIME` to this before it reports ready. Absent: the clock is left alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_time_ns: Option<u64>,
+    /// Fresh random bytes from the host. Every clone of a snapshot starts with the same
+    /// kernel CRNG state; the agent mixes these in (`RNDADDENTROPY`) and forces a reseed
+    /// (`RNDRESEEDCRNG`) before it reports ready. Empty: nothing to mix in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entropy: Vec<u8>,
 }
 
 /// Process tag of the template's start command (`Connect`/`List` find it by this tag).
@@ -236,6 +246,28 @@ mod tests {
                 user: "user".into(),
                 cwd: String::new(),
             }),
+            ..cfg
+        };
+        let back: AgentConfig =
+            serde_json::from_str(&serde_json::to_string(&with).expect("json")).expect("parse");
+        assert_eq!(back, with);
+    }
+
+    #[test]
+    fn config_clock_and_entropy_are_optional() {
+        let json =
+            r#"{"sandbox_id":"a","access_token":"t","env_vars":{},"default_user":"user","port":1}"#;
+        let cfg: AgentConfig = serde_json::from_str(json).expect("parse");
+        assert_eq!(cfg.host_time_ns, None);
+        assert!(cfg.entropy.is_empty());
+        let text = serde_json::to_string(&cfg).expect("json");
+        assert!(
+            !text.contains("host_time_ns") && !text.contains("entropy"),
+            "{text}"
+        );
+        let with = AgentConfig {
+            host_time_ns: Some(1_800_000_000_000_000_000),
+            entropy: vec![0, 255, 7],
             ..cfg
         };
         let back: AgentConfig =

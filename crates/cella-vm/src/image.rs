@@ -283,16 +283,18 @@ fn build_image(
     std::fs::rename(&img, target).map_err(io_ctx(format!("installing {}", target.display())))
 }
 
-/// Create a sandbox's qcow2 overlay on top of `base`, `size_bytes` large.
+/// Create a sandbox's qcow2 overlay on top of `base` (format `base_format`: `raw` for a
+/// template image, `qcow2` for a snapshot's disk), `size_bytes` large.
 pub fn create_overlay(
     tools: &ImageTools,
     base: &Path,
+    base_format: &str,
     dest: &Path,
     size_bytes: u64,
 ) -> Result<(), ImageError> {
     run_tool(
         Command::new(&tools.qemu_img)
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
             .arg(base)
             .arg(dest)
             .arg(size_bytes.to_string()),

@@ -34,13 +34,14 @@ pub mod image;
 pub mod net;
 pub mod qemu;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vmm;
 
 use cella_core::manager::error_chain;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,9 +60,10 @@ use tokio::sync::watch;
 
 pub use crate::accel::{Accel, AccelChoice, AccelDecision, HostFacts};
 use crate::image::{ImageError, ImageTools};
-use crate::qemu::{BootMode, QemuPlan};
+use crate::qemu::{BootMode, Memory, QemuPlan};
 use crate::sandbox::SlotGuard;
-pub use crate::sandbox::VmSandbox;
+pub use crate::sandbox::{BootPath, VmSandbox};
+use crate::snapshot::{AWAITING_CONFIG, Qmp, SnapshotFiles};
 use crate::vmm::{Identity, Launch, Tail};
 
 /// Top cgroup of every VMM (of every cella instance); the jail's is `cella`.
@@ -132,6 +134,9 @@ pub struct VmConfig {
     pub ready_timeout: Option<Duration>,
     /// Drop QEMU to unprivileged uids; `None` keeps the server's identity.
     pub run_as: Option<RunAs>,
+    /// Start sandboxes as clones of a golden VM's snapshot (see [`snapshot`]) instead of
+    /// booting each. Default on; `CELLA_VM_SNAPSHOT=0` turns it off.
+    pub snapshots: bool,
 }
 
 impl VmConfig {
@@ -152,6 +157,7 @@ impl VmConfig {
             overhead_mb: 160,
             ready_timeout: None,
             run_as: Some(RunAs::default()),
+            snapshots: std::env::var("CELLA_VM_SNAPSHOT").map_or(true, |v| v != "0"),
         }
     }
 
@@ -428,6 +434,16 @@ struct Inner {
     image_lock: tokio::sync::Mutex<()>,
     agent_hash: Mutex<Option<(FileStamp, String)>>,
     kvm_gid: Option<u32>,
+    /// `qemu --version` (part of every snapshot key).
+    qemu_version: String,
+    /// One lock per snapshot key: a snapshot is built at most once at a time.
+    snapshot_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sealed RAM copies of the snapshots in use, by key.
+    rams: Mutex<HashMap<String, Arc<OwnedFd>>>,
+    /// Makes snapshot temp directory names unique.
+    tmp_counter: std::sync::atomic::AtomicU64,
+    /// Snapshots built by this driver (see [`VmDriver::snapshots_built`]).
+    built: std::sync::atomic::AtomicU64,
 }
 
 /// The microVM driver. Cheap to clone.
@@ -445,7 +461,8 @@ impl std::fmt::Debug for VmDriver {
     }
 }
 
-fn tool_works(program: &Path, arg: &str) -> Result<(), VmError> {
+/// Run `program arg`; its first line of output.
+fn tool_works(program: &Path, arg: &str) -> Result<String, VmError> {
     let out = std::process::Command::new(program)
         .arg(arg)
         .stdin(std::process::Stdio::null())
@@ -455,7 +472,8 @@ fn tool_works(program: &Path, arg: &str) -> Result<(), VmError> {
             reason: e.to_string(),
         })?;
     if out.status.success() {
-        Ok(())
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text.lines().next().unwrap_or_default().trim().to_string())
     } else {
         Err(VmError::MissingTool {
             tool: program.display().to_string(),
@@ -470,7 +488,7 @@ impl VmDriver {
     /// guest under KVM when the host might support it).
     pub async fn new(config: VmConfig) -> Result<VmDriver, VmError> {
         config.validate()?;
-        tool_works(&config.qemu, "--version")?;
+        let qemu_version = tool_works(&config.qemu, "--version")?;
         tool_works(&config.qemu_img, "--version")?;
         tool_works(&config.mkfs_ext4, "-V")?;
         let gid = config.run_as.map(|r| r.gid);
@@ -478,6 +496,7 @@ impl VmDriver {
             (config.data_dir.clone(), 0o711, None),
             (config.data_dir.join("images"), 0o750, gid),
             (config.data_dir.join("sandboxes"), 0o711, None),
+            (config.data_dir.join("snapshots"), 0o750, gid),
         ] {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -530,8 +549,18 @@ impl VmDriver {
                 image_lock: tokio::sync::Mutex::new(()),
                 agent_hash: Mutex::new(None),
                 kvm_gid,
+                qemu_version,
+                snapshot_locks: Mutex::new(HashMap::new()),
+                rams: Mutex::new(HashMap::new()),
+                tmp_counter: std::sync::atomic::AtomicU64::new(0),
+                built: std::sync::atomic::AtomicU64::new(0),
             }),
         })
+    }
+
+    /// How many golden VMs this driver has snapshotted (each key at most once at a time).
+    pub fn snapshots_built(&self) -> u64 {
+        self.inner.built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The accelerator in use and why.
@@ -660,7 +689,9 @@ async fn probe_kvm(config: &VmConfig, kvm_gid: Option<u32>) -> Result<Duration, 
         serial_fd: con_guest.as_raw_fd(),
         tap_fd: None,
         mode: BootMode::Probe,
-        hostname: "probe".into(),
+        memory: Memory::Anonymous,
+        qmp_fd: None,
+        incoming: false,
         tsc_khz: None,
     };
     let identity = config.run_as.map(|r| Identity {
@@ -697,30 +728,130 @@ async fn probe_kvm(config: &VmConfig, kvm_gid: Option<u32>) -> Result<Duration, 
     }
 }
 
-#[async_trait]
-impl Driver for VmDriver {
-    fn isolation(&self) -> Isolation {
-        match self.inner.decision.accel {
-            Accel::Kvm => Isolation::MicrovmKvm,
-            Accel::Tcg => Isolation::MicrovmTcg,
-        }
-    }
+/// How long a clone may take from QEMU start to the agent's ready before the driver gives
+/// up on the snapshot and boots cold.
+const RESTORE_DEADLINE: Duration = Duration::from_secs(20);
+/// How long migrating a golden VM's device state to its file may take.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
 
-    async fn create(
+/// Guest RAM of a VM about to be launched.
+enum LaunchMemory {
+    Anonymous,
+    /// Create this sparse file (guest RAM size) for a golden VM.
+    Golden(PathBuf),
+    /// A clone maps the golden RAM from this sealed memfd.
+    Clone(Arc<OwnedFd>),
+}
+
+/// One QEMU process to start: a cold-booted sandbox, a golden VM or a clone.
+struct VmLaunch {
+    /// Sandbox ID, or the golden VM's name (its cgroup name too).
+    name: String,
+    /// Created 0700 for the VMM's uid; removed at teardown.
+    dir: PathBuf,
+    /// Backing file of the overlay and its format (`raw` image or `qcow2` snapshot disk).
+    backing: PathBuf,
+    backing_fmt: &'static str,
+    /// The overlay to create, and its virtual size.
+    disk: PathBuf,
+    disk_size: u64,
+    limits: Limits,
+    memory: LaunchMemory,
+    /// Give the VMM a QMP connection.
+    qmp: bool,
+    /// The migration stream, inherited: a clone reads it (`migrate-incoming fd:N`), a golden
+    /// VM writes it (`migrate fd:N`, into a pipe the server drains into the state file).
+    stream: Option<OwnedFd>,
+    /// Start with `-incoming defer` (a clone).
+    incoming: bool,
+    boot: BootPath,
+}
+
+struct Launched {
+    sandbox: Arc<VmSandbox>,
+    ctl: tokio::net::UnixStream,
+    qmp: Option<tokio::net::UnixStream>,
+    /// Descriptor number of the migration stream inside QEMU.
+    stream_fd: Option<i32>,
+}
+
+/// A failed restore; either way the create boots cold instead. `Launch`: the clone's VMM did
+/// not start (no slot, an overlay or netns failure: the cold boot reports it again if it is
+/// not the snapshot's fault). `Failed`: the clone ran but did not come up, so the snapshot is
+/// dropped and rebuilt by the next create.
+enum RestoreError {
+    Launch(String),
+    Failed(String),
+}
+
+/// A complete snapshot and its key.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    key: String,
+    files: SnapshotFiles,
+}
+
+impl VmDriver {
+    /// Create a sandbox: restored from its key's snapshot when snapshots are on (building the
+    /// snapshot first if there is none), booted cold otherwise or when that fails.
+    pub async fn create_vm(
         &self,
         spec: SandboxSpec,
         events: EventSink,
-    ) -> Result<Arc<dyn SandboxHandle>, DriverError> {
+    ) -> Result<Arc<VmSandbox>, DriverError> {
         validate_id(&spec.id)?;
         validate_limits(&spec.limits)?;
         let t0 = Instant::now();
         let (image, image_size) = self.image_for(&spec).await?;
-        let t_image = t0.elapsed();
+        let disk_size = image_size.saturating_add(spec.limits.disk_mb.saturating_mul(1 << 20));
+        if self.inner.config.snapshots {
+            match self.snapshot_for(&spec, &image, disk_size).await {
+                Ok(snap) => match self.restore(&spec, &snap, disk_size, &events, t0).await {
+                    Ok(sb) => return Ok(sb),
+                    Err(RestoreError::Launch(reason)) => {
+                        tracing::warn!(sandbox = %spec.id, snapshot = %snap.key, %reason, "cannot start a clone; booting cold");
+                    }
+                    Err(RestoreError::Failed(reason)) => {
+                        tracing::warn!(sandbox = %spec.id, snapshot = %snap.key, %reason, "restore failed; dropping the snapshot and booting cold");
+                        self.forget_snapshot(&snap).await;
+                    }
+                },
+                Err(reason) => {
+                    tracing::warn!(sandbox = %spec.id, %reason, "no snapshot; booting cold");
+                }
+            }
+        }
+        self.cold_boot(&spec, &image, disk_size, events, t0).await
+    }
+
+    fn agent_config(&self, spec: &SandboxSpec) -> AgentConfig {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok());
+        let mut entropy = vec![0u8; 64];
+        if fill_random(&mut entropy).is_err() {
+            entropy.clear();
+        }
+        AgentConfig {
+            sandbox_id: spec.id.clone(),
+            access_token: spec.access_token.clone(),
+            env_vars: spec.env_vars.clone(),
+            default_user: spec.template.default_user.clone(),
+            default_workdir: String::new(),
+            port: ENVD_PORT,
+            bind: "0.0.0.0".to_string(),
+            start: spec.template.start_cmd.clone(),
+            host_time_ns: now,
+            entropy,
+        }
+    }
+
+    /// Start one VMM with everything it needs on the host; all undone on failure.
+    async fn launch(&self, l: VmLaunch) -> Result<Launched, DriverError> {
         let slot = self.take_slot()?;
         let inner = self.inner.clone();
         let cfg = &inner.config;
-        let id = spec.id.clone();
-        let dir = cfg.data_dir.join("sandboxes").join(&id);
         let identity = match (cfg.run_as, &slot) {
             (Some(r), Some(s)) => Some(Identity {
                 uid: r.uid_base + s.slot,
@@ -732,25 +863,30 @@ impl Driver for VmDriver {
             }),
             _ => None,
         };
-        let limits = spec.limits;
-
-        // Host-side resources, on a blocking thread; undone on failure.
         struct Prepared {
             net: net::GuestNet,
             cgroup_procs: Vec<std::fs::File>,
-            disk: PathBuf,
         }
         let prepared = {
             let inner = inner.clone();
-            let id = id.clone();
-            let dir = dir.clone();
+            let name = l.name.clone();
+            let dir = l.dir.clone();
             let identity = identity.clone();
+            let backing = l.backing.clone();
+            let backing_fmt = l.backing_fmt;
+            let disk = l.disk.clone();
+            let disk_size = l.disk_size;
+            let golden_ram = match &l.memory {
+                LaunchMemory::Golden(p) => Some(p.clone()),
+                _ => None,
+            };
+            let limits = l.limits;
             tokio::task::spawn_blocking(move || -> Result<Prepared, DriverError> {
                 let cfg = &inner.config;
                 match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        return Err(DriverError::Setup(format!("sandbox {id} already exists")));
+                        return Err(DriverError::Setup(format!("sandbox {name} already exists")));
                     }
                     Err(source) => {
                         return Err(DriverError::Io {
@@ -763,30 +899,39 @@ impl Driver for VmDriver {
                     let _ = std::fs::remove_dir_all(&dir);
                     e
                 };
-                let disk = dir.join("disk.qcow2");
                 let tools = ImageTools {
                     mkfs_ext4: cfg.mkfs_ext4.clone(),
                     qemu_img: cfg.qemu_img.clone(),
                 };
-                let size = image_size.saturating_add(limits.disk_mb.saturating_mul(1 << 20));
-                image::create_overlay(&tools, &image, &disk, size)
+                image::create_overlay(&tools, &backing, backing_fmt, &disk, disk_size)
                     .map_err(|e| undo_dir(setup_err(e)))?;
+                let mut owned = vec![dir.clone(), disk.clone()];
+                if let Some(ram) = &golden_ram {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(ram)
+                        .and_then(|f| f.set_len(limits.memory_mb.saturating_mul(1 << 20)))
+                        .map_err(|e| undo_dir(io_err(format!("creating {}", ram.display()))(e)))?;
+                    owned.push(ram.clone());
+                }
                 if let Some(idn) = &identity {
-                    for p in [&dir, &disk] {
+                    for p in &owned {
                         std::os::unix::fs::chown(p, Some(idn.uid), Some(idn.gid))
                             .map_err(|e| undo_dir(io_err(format!("chown {}", p.display()))(e)))?;
                     }
                 }
                 inner
                     .cgroups
-                    .create(&id, vmm_limits(&limits, cfg.overhead_mb, cfg.tb_size_mb))
+                    .create(&name, vmm_limits(&limits, cfg.overhead_mb, cfg.tb_size_mb))
                     .map_err(|e| undo_dir(setup_err(e)))?;
                 let undo_all = |e: DriverError| {
-                    let _ = inner.cgroups.remove(&id);
+                    let _ = inner.cgroups.remove(&name);
                     undo_dir(e)
                 };
                 let mut cgroup_procs = Vec::new();
-                for f in inner.cgroups.procs_files(&id) {
+                for f in inner.cgroups.procs_files(&name) {
                     let file = std::fs::OpenOptions::new()
                         .write(true)
                         .open(&f)
@@ -796,66 +941,91 @@ impl Driver for VmDriver {
                 let net = net::create_guest_net().map_err(|e| {
                     undo_all(io_err("creating the VM's network namespace and tap")(e))
                 })?;
-                Ok(Prepared {
-                    net,
-                    cgroup_procs,
-                    disk,
-                })
+                Ok(Prepared { net, cgroup_procs })
             })
             .await
             .map_err(|e| DriverError::Setup(format!("setup task failed: {e}")))??
         };
-        let undo_prepared = |inner: Arc<Inner>, id: String, dir: PathBuf| async move {
+        let undo_prepared = |inner: Arc<Inner>, name: String, dir: PathBuf| async move {
             let _ = tokio::task::spawn_blocking(move || {
-                let _ = inner.cgroups.remove(&id);
+                let _ = inner.cgroups.remove(&name);
                 let _ = std::fs::remove_dir_all(&dir);
             })
             .await;
         };
 
-        let sockets = socketpair().and_then(|c| socketpair().map(|s| (c, s)));
-        let ((ctl_guest, ctl_host), (con_guest, con_host)) = match sockets {
+        let sockets = (|| -> io::Result<_> {
+            let ctl = socketpair()?;
+            let con = socketpair()?;
+            let qmp = if l.qmp { Some(socketpair()?) } else { None };
+            Ok((ctl, con, qmp))
+        })();
+        let ((ctl_guest, ctl_host), (con_guest, con_host), qmp) = match sockets {
             Ok(s) => s,
             Err(e) => {
-                undo_prepared(inner.clone(), id.clone(), dir.clone()).await;
+                undo_prepared(inner.clone(), l.name.clone(), l.dir.clone()).await;
                 return Err(io_err("creating the VM's sockets")(e));
             }
         };
+        let (qmp_guest, qmp_host) = match qmp {
+            Some((g, h)) => (Some(g), Some(h)),
+            None => (None, None),
+        };
+        let mut inherit = vec![
+            ctl_guest.as_raw_fd(),
+            con_guest.as_raw_fd(),
+            prepared.net.tap.as_raw_fd(),
+        ];
+        let memory = match &l.memory {
+            LaunchMemory::Anonymous => Memory::Anonymous,
+            LaunchMemory::Golden(p) => Memory::Golden(p.clone()),
+            LaunchMemory::Clone(fd) => {
+                inherit.push(fd.as_raw_fd());
+                Memory::Clone(fd.as_raw_fd())
+            }
+        };
+        if let Some(q) = &qmp_guest {
+            inherit.push(q.as_raw_fd());
+        }
+        let stream_fd = l.stream.as_ref().map(|f| f.as_raw_fd());
+        if let Some(fd) = stream_fd {
+            inherit.push(fd);
+        }
         let plan = QemuPlan {
             accel: inner.decision.accel,
             tb_size_mb: cfg.tb_size_mb,
-            vcpus: limits.cpu_count,
-            memory_mb: limits.memory_mb,
+            vcpus: l.limits.cpu_count,
+            memory_mb: l.limits.memory_mb,
             kernel: cfg.kernel(),
             initramfs: cfg.initramfs(),
-            disk: Some(prepared.disk.clone()),
+            disk: Some(l.disk.clone()),
             control_fd: ctl_guest.as_raw_fd(),
             serial_fd: con_guest.as_raw_fd(),
             tap_fd: Some(prepared.net.tap.as_raw_fd()),
             mode: BootMode::Run,
-            hostname: id.clone(),
+            memory,
+            qmp_fd: qmp_guest.as_ref().map(|q| q.as_raw_fd()),
+            incoming: l.incoming,
             tsc_khz: inner.tsc_khz,
         };
         let launched = vmm::spawn(Launch {
             program: cfg.qemu.clone(),
             args: plan.args(),
-            inherit: vec![
-                ctl_guest.as_raw_fd(),
-                con_guest.as_raw_fd(),
-                prepared.net.tap.as_raw_fd(),
-            ],
+            inherit,
             cgroup_procs: prepared.cgroup_procs,
             identity,
         });
         // QEMU holds its own copies now.
         drop(ctl_guest);
         drop(con_guest);
+        drop(qmp_guest);
+        drop(l.stream);
         let net::GuestNet { netns, tap } = prepared.net;
         drop(tap);
         let started = match launched {
             Ok(s) => s,
             Err(e) => {
-                undo_prepared(inner.clone(), id.clone(), dir.clone()).await;
+                undo_prepared(inner.clone(), l.name.clone(), l.dir.clone()).await;
                 return Err(io_err("starting QEMU")(e));
             }
         };
@@ -863,17 +1033,16 @@ impl Driver for VmDriver {
         let (exit_tx, exit_rx) = watch::channel(None);
         let console = Tail::default();
         let stderr_tail = Tail::default();
-        let mut tasks = Vec::new();
-        tasks.push(vmm::spawn_tail_reader(
+        let mut tasks = vec![vmm::spawn_tail_reader(
             "console",
-            id.clone(),
+            l.name.clone(),
             con_host,
             console.clone(),
-        ));
+        )];
         if let Some(err) = started.stderr {
             tasks.push(vmm::spawn_tail_reader(
                 "qemu",
-                id.clone(),
+                l.name.clone(),
                 err,
                 stderr_tail.clone(),
             ));
@@ -892,45 +1061,107 @@ impl Driver for VmDriver {
             let _ = exit_tx.send(Some(info));
         });
         let sandbox = Arc::new(VmSandbox {
-            id: id.clone(),
+            id: l.name.clone(),
             isolation: self.isolation(),
             pidfd: Arc::new(started.pidfd),
             netns: Mutex::new(Some(Arc::new(netns))),
             cgroups: inner.cgroups.clone(),
-            dir: dir.clone(),
+            dir: l.dir.clone(),
             exit_rx,
             destroyed: tokio::sync::Mutex::new(false),
             tasks: Mutex::new(tasks),
             console,
             stderr: stderr_tail,
             slot: Mutex::new(slot),
+            boot: l.boot,
         });
+        Ok(Launched {
+            sandbox,
+            ctl: ctl_host,
+            qmp: qmp_host,
+            stream_fd,
+        })
+    }
 
+    /// Tear down a VM that did not come up; the reason, with how QEMU ended and its last words.
+    async fn failed(&self, sandbox: &VmSandbox, reason: String) -> String {
+        // Let a dying VMM finish so the reason can say how it ended.
+        let exit = tokio::time::timeout(Duration::from_millis(300), async {
+            let mut rx = sandbox.exit_rx.clone();
+            let r = rx.wait_for(|v| v.is_some()).await;
+            r.ok().and_then(|v| v.clone())
+        })
+        .await
+        .ok()
+        .flatten();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let diag = sandbox.diagnostics();
+        if let Err(e) = sandbox.teardown().await {
+            tracing::warn!(vm = %sandbox.id, "cleanup after failed start: {e}");
+        }
+        let mut reason = reason;
+        if let Some(info) = exit {
+            reason = format!("{reason} ({})", info.reason);
+        }
+        if !diag.is_empty() {
+            reason = format!("{reason}; {diag}");
+        }
+        reason
+    }
+
+    /// Send the config and wait for ready; keeps forwarding events afterwards.
+    async fn configure(
+        &self,
+        spec: &SandboxSpec,
+        reader: &mut BufReader<tokio::net::UnixStream>,
+        events: &EventSink,
+    ) -> Result<(), String> {
+        let config = self.agent_config(spec);
+        let mut line =
+            serde_json::to_vec(&config).map_err(|e| format!("encoding the config: {e}"))?;
+        line.push(b'\n');
+        reader
+            .get_mut()
+            .write_all(&line)
+            .await
+            .map_err(|e| format!("sending the config: {e}"))?;
+        wait_ready(&spec.id, reader, events).await
+    }
+
+    async fn cold_boot(
+        &self,
+        spec: &SandboxSpec,
+        image: &Path,
+        disk_size: u64,
+        events: EventSink,
+        t0: Instant,
+    ) -> Result<Arc<VmSandbox>, DriverError> {
+        let id = spec.id.clone();
+        let dir = self.inner.config.data_dir.join("sandboxes").join(&id);
+        let launched = self
+            .launch(VmLaunch {
+                name: id.clone(),
+                disk: dir.join("disk.qcow2"),
+                dir,
+                backing: image.to_path_buf(),
+                backing_fmt: "raw",
+                disk_size,
+                limits: spec.limits,
+                memory: LaunchMemory::Anonymous,
+                qmp: false,
+                stream: None,
+                incoming: false,
+                boot: BootPath::Cold,
+            })
+            .await?;
+        let sandbox = launched.sandbox;
         let timeout = self.ready_timeout();
-        let config = AgentConfig {
-            sandbox_id: id.clone(),
-            access_token: spec.access_token.clone(),
-            env_vars: spec.env_vars.clone(),
-            default_user: spec.template.default_user.clone(),
-            default_workdir: String::new(),
-            port: ENVD_PORT,
-            bind: "0.0.0.0".to_string(),
-            start: spec.template.start_cmd.clone(),
-        };
         let mut boot_at = None;
         let handshake = async {
-            let mut reader = BufReader::new(ctl_host);
+            let mut reader = BufReader::new(launched.ctl);
             wait_init(&mut reader, INIT_OK).await?;
             boot_at = Some(t0.elapsed());
-            let mut line =
-                serde_json::to_vec(&config).map_err(|e| format!("encoding the config: {e}"))?;
-            line.push(b'\n');
-            reader
-                .get_mut()
-                .write_all(&line)
-                .await
-                .map_err(|e| format!("sending the config: {e}"))?;
-            wait_ready(&id, &mut reader, &events).await?;
+            self.configure(spec, &mut reader, &events).await?;
             Ok::<_, String>(reader)
         };
         let result = match tokio::time::timeout(timeout, handshake).await {
@@ -945,39 +1176,410 @@ impl Driver for VmDriver {
                 }
                 tracing::info!(
                     sandbox = %id,
-                    accel = ?inner.decision.accel,
-                    image_ms = t_image.as_millis() as u64,
+                    accel = ?self.inner.decision.accel,
+                    boot = "cold",
                     init_ms = boot_at.map(|d| d.as_millis() as u64),
                     ready_ms = t0.elapsed().as_millis() as u64,
                     "VM ready"
                 );
                 Ok(sandbox)
             }
-            Err(reason) => {
-                // Let a dying VMM finish so the reason can say how it ended.
-                let exit = tokio::time::timeout(Duration::from_millis(300), async {
-                    let mut rx = sandbox.exit_rx.clone();
-                    let r = rx.wait_for(|v| v.is_some()).await;
-                    r.ok().and_then(|v| v.clone())
-                })
-                .await
-                .ok()
-                .flatten();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let diag = sandbox.diagnostics();
-                if let Err(e) = sandbox.teardown().await {
-                    tracing::warn!(sandbox = %id, "cleanup after failed start: {e}");
-                }
-                let mut reason = reason;
-                if let Some(info) = exit {
-                    reason = format!("{reason} ({})", info.reason);
-                }
-                if !diag.is_empty() {
-                    reason = format!("{reason}; {diag}");
-                }
-                Err(DriverError::AgentNotReady(reason))
-            }
+            Err(reason) => Err(DriverError::AgentNotReady(
+                self.failed(&sandbox, reason).await,
+            )),
         }
+    }
+
+    async fn restore(
+        &self,
+        spec: &SandboxSpec,
+        snap: &Snapshot,
+        disk_size: u64,
+        events: &EventSink,
+        t0: Instant,
+    ) -> Result<Arc<VmSandbox>, RestoreError> {
+        let id = spec.id.clone();
+        let dir = self.inner.config.data_dir.join("sandboxes").join(&id);
+        let ram = self
+            .sealed_ram(snap)
+            .await
+            .map_err(|e| RestoreError::Failed(format!("loading the snapshot's RAM: {e}")))?;
+        let state = std::fs::File::open(snap.files.state())
+            .map_err(|e| RestoreError::Failed(format!("opening the device state: {e}")))?;
+        let launched = self
+            .launch(VmLaunch {
+                name: id.clone(),
+                disk: dir.join("disk.qcow2"),
+                dir,
+                backing: snap.files.disk(),
+                backing_fmt: "qcow2",
+                disk_size,
+                limits: spec.limits,
+                memory: LaunchMemory::Clone(ram),
+                qmp: true,
+                stream: Some(OwnedFd::from(state)),
+                incoming: true,
+                boot: BootPath::Restored,
+            })
+            .await
+            .map_err(|e| RestoreError::Launch(error_chain(&e)))?;
+        let sandbox = launched.sandbox;
+        let t_launch = t0.elapsed();
+        let mut resumed_at = None;
+        let handshake = async {
+            let qmp = launched.qmp.ok_or("no QMP connection")?;
+            let fd = launched.stream_fd.ok_or("no incoming stream")?;
+            let mut qmp = Qmp::connect(qmp).await?;
+            qmp.pipeline(&[
+                ("migrate-set-capabilities", snapshot::ignore_shared()),
+                (
+                    "migrate-incoming",
+                    serde_json::json!({"uri": format!("fd:{fd}")}),
+                ),
+                // The golden VM was stopped: without this the clone stays paused.
+                ("cont", serde_json::json!({})),
+            ])
+            .await?;
+            resumed_at = Some(t0.elapsed());
+            let mut reader = BufReader::new(launched.ctl);
+            self.configure(spec, &mut reader, events).await?;
+            Ok::<_, String>(reader)
+        };
+        let result = match tokio::time::timeout(RESTORE_DEADLINE, handshake).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no ready event within {RESTORE_DEADLINE:?}")),
+        };
+        match result {
+            Ok(reader) => {
+                let task = spawn_event_reader(id.clone(), reader, events.clone());
+                if let Ok(mut t) = sandbox.tasks.lock() {
+                    t.push(task);
+                }
+                tracing::info!(
+                    sandbox = %id,
+                    accel = ?self.inner.decision.accel,
+                    boot = "restored",
+                    snapshot = %snap.key,
+                    launch_ms = t_launch.as_millis() as u64,
+                    resumed_ms = resumed_at.map(|d| d.as_millis() as u64),
+                    ready_ms = t0.elapsed().as_millis() as u64,
+                    "VM ready"
+                );
+                Ok(sandbox)
+            }
+            Err(reason) => Err(RestoreError::Failed(self.failed(&sandbox, reason).await)),
+        }
+    }
+
+    /// Everything a clone depends on, hashed: the key of its snapshot.
+    fn snapshot_key(&self, image: &Path, limits: &Limits, disk_size: u64) -> String {
+        let cfg = &self.inner.config;
+        let canonical = QemuPlan {
+            accel: self.inner.decision.accel,
+            tb_size_mb: cfg.tb_size_mb,
+            vcpus: limits.cpu_count,
+            memory_mb: limits.memory_mb,
+            kernel: cfg.kernel(),
+            initramfs: cfg.initramfs(),
+            disk: Some(PathBuf::from("disk")),
+            control_fd: 3,
+            serial_fd: 4,
+            tap_fd: Some(5),
+            mode: BootMode::Run,
+            memory: Memory::Golden(PathBuf::from("ram")),
+            qmp_fd: Some(6),
+            incoming: false,
+            tsc_khz: self.inner.tsc_khz,
+        };
+        let mut parts = vec![
+            // bump when the snapshot layout or the guest protocol changes
+            "cella-vm-snapshot-1".to_string(),
+            image.to_string_lossy().into_owned(),
+            disk_size.to_string(),
+            self.inner.qemu_version.clone(),
+            file_stamp(&cfg.kernel()),
+            file_stamp(&cfg.initramfs()),
+        ];
+        parts.extend(canonical.args());
+        snapshot::key(&parts)
+    }
+
+    /// The complete snapshot for this request's key, built (once, under a per-key lock) if
+    /// there is none yet.
+    async fn snapshot_for(
+        &self,
+        spec: &SandboxSpec,
+        image: &Path,
+        disk_size: u64,
+    ) -> Result<Snapshot, String> {
+        let key = self.snapshot_key(image, &spec.limits, disk_size);
+        let files = SnapshotFiles {
+            dir: self.snapshots_dir().join(&key),
+        };
+        let snap = Snapshot {
+            key: key.clone(),
+            files,
+        };
+        if snap.files.complete() {
+            return Ok(snap);
+        }
+        let lock = {
+            let mut locks = self
+                .inner
+                .snapshot_locks
+                .lock()
+                .map_err(|_| "snapshot lock table poisoned".to_string())?;
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if snap.files.complete() {
+            return Ok(snap);
+        }
+        let t = Instant::now();
+        self.build_snapshot(&snap, image, &spec.limits, disk_size)
+            .await?;
+        self.inner
+            .built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(snapshot = %key, took_ms = t.elapsed().as_millis() as u64, "built VM snapshot");
+        Ok(snap)
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.inner.config.data_dir.join("snapshots")
+    }
+
+    /// Boot the golden VM to the agent's config wait, save its device state, keep its RAM
+    /// file and disk; install the result atomically.
+    async fn build_snapshot(
+        &self,
+        snap: &Snapshot,
+        image: &Path,
+        limits: &Limits,
+        disk_size: u64,
+    ) -> Result<(), String> {
+        let n = self
+            .inner
+            .tmp_counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = SnapshotFiles {
+            dir: self
+                .snapshots_dir()
+                .join(format!(".tmp-{}-{}-{n}", snap.key, std::process::id())),
+        };
+        let name = format!("gold{}", &snap.key[..snap.key.len().min(20)]);
+        let (state_w, state_r) = pipe_pair().map_err(|e| format!("creating a pipe: {e}"))?;
+        let launched = self
+            .launch(VmLaunch {
+                name: name.clone(),
+                disk: tmp.disk(),
+                dir: tmp.dir.clone(),
+                backing: image.to_path_buf(),
+                backing_fmt: "raw",
+                disk_size,
+                limits: *limits,
+                memory: LaunchMemory::Golden(tmp.ram()),
+                qmp: true,
+                stream: None,
+                incoming: false,
+                boot: BootPath::Cold,
+            })
+            .await
+            .map_err(|e| format!("starting the golden VM: {}", error_chain(&e)))?;
+        let sandbox = launched.sandbox;
+        let state_path = tmp.state();
+        // Drain the migration stream into the state file (QEMU cannot open files itself).
+        let copier = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let mut r = std::fs::File::from(state_r);
+            let mut w = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&state_path)?;
+            let n = io::copy(&mut r, &mut w)?;
+            w.sync_all()?;
+            Ok(n)
+        });
+        let timeout = self.ready_timeout() + SNAPSHOT_DEADLINE;
+        let t0 = Instant::now();
+        let mut booted = None;
+        let work = async {
+            let mut reader = BufReader::new(launched.ctl);
+            wait_init(&mut reader, INIT_OK).await?;
+            wait_init(&mut reader, AWAITING_CONFIG).await?;
+            booted = Some(t0.elapsed());
+            // Let the agent enter its read and the guest go idle.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let qmp = launched.qmp.ok_or("no QMP connection")?;
+            let mut qmp = Qmp::connect(qmp).await?;
+            qmp.send_fd("stream", &state_w).await?;
+            // Only QEMU may hold the write end now: the copier's EOF is the stream's end.
+            drop(state_w);
+            qmp.pipeline(&[
+                ("migrate-set-capabilities", snapshot::ignore_shared()),
+                ("stop", serde_json::json!({})),
+                ("migrate", serde_json::json!({"uri": "fd:stream"})),
+            ])
+            .await?;
+            loop {
+                let st = qmp.execute("query-migrate", serde_json::json!({})).await?;
+                match st.get("status").and_then(|s| s.as_str()) {
+                    Some("completed") => break,
+                    Some("failed") | Some("cancelled") => {
+                        return Err(format!("migration to the state file failed: {st}"));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            Ok::<_, String>(reader)
+        };
+        let result = match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("the golden VM did not snapshot within {timeout:?}")),
+        };
+        if let Err(reason) = result {
+            let reason = self.failed(&sandbox, reason).await;
+            copier.abort();
+            let dir = tmp.dir.clone();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            return Err(format!("building the snapshot: {reason}"));
+        }
+        // QEMU is done with its RAM and disk; the stream's write end closes with it.
+        let _ = sandbox.kill();
+        let copied = copier.await.map_err(|e| format!("state copier: {e}"));
+        let install = match copied {
+            Ok(Ok(bytes)) => {
+                let gid = self.inner.config.run_as.map(|r| r.gid);
+                let tmp2 = tmp.clone();
+                let dest = snap.files.dir.clone();
+                tokio::task::spawn_blocking(move || install_snapshot(&tmp2, &dest, gid))
+                    .await
+                    .map_err(|e| format!("install task: {e}"))
+                    .and_then(|r| r.map_err(|e| format!("installing the snapshot: {e}")))
+                    .map(|()| bytes)
+            }
+            Ok(Err(e)) => Err(format!("writing the state file: {e}")),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sandbox.teardown().await {
+            tracing::warn!(vm = %name, "golden VM cleanup: {e}");
+        }
+        let bytes = install?;
+        tracing::info!(
+            snapshot = %snap.key,
+            boot_ms = booted.map(|d| d.as_millis() as u64),
+            total_ms = t0.elapsed().as_millis() as u64,
+            state_bytes = bytes,
+            "golden VM saved"
+        );
+        Ok(())
+    }
+
+    /// The snapshot's RAM as a sealed memfd, loaded once per server process.
+    async fn sealed_ram(&self, snap: &Snapshot) -> io::Result<Arc<OwnedFd>> {
+        if let Ok(rams) = self.inner.rams.lock()
+            && let Some(fd) = rams.get(&snap.key)
+        {
+            return Ok(fd.clone());
+        }
+        let ram = snap.files.ram();
+        let fd = tokio::task::spawn_blocking(move || snapshot::sealed_ram(&ram))
+            .await
+            .map_err(|e| io::Error::other(format!("loader task: {e}")))??;
+        let fd = Arc::new(fd);
+        if let Ok(mut rams) = self.inner.rams.lock() {
+            return Ok(rams.entry(snap.key.clone()).or_insert(fd).clone());
+        }
+        Ok(fd)
+    }
+
+    /// Drop a snapshot that failed to restore (the next create rebuilds it).
+    async fn forget_snapshot(&self, snap: &Snapshot) {
+        if let Ok(mut rams) = self.inner.rams.lock() {
+            rams.remove(&snap.key);
+        }
+        let dir = snap.files.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    }
+}
+
+/// Make a finished golden VM's files root-owned and read-only for QEMU, then rename the
+/// directory into place (readers only ever see complete snapshots).
+fn install_snapshot(tmp: &SnapshotFiles, dest: &Path, gid: Option<u32>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (p, mode, group) in [
+        (tmp.ram(), 0o600, None),
+        (tmp.state(), 0o600, None),
+        // clones' QEMU opens it read-only as a backing file
+        (tmp.disk(), 0o640, gid),
+        (tmp.dir.clone(), 0o750, gid),
+    ] {
+        std::os::unix::fs::chown(&p, Some(0), group)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        if p.is_file() {
+            std::fs::File::open(&p)?.sync_all()?;
+        }
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(dest)?;
+    }
+    std::fs::rename(&tmp.dir, dest)
+}
+
+/// A pipe: (write end, read end).
+fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned these descriptors; nobody else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[1]), OwnedFd::from_raw_fd(fds[0])) })
+}
+
+/// Size and mtime of a file, as a key part ("missing" if it is not there).
+fn file_stamp(p: &Path) -> String {
+    match std::fs::metadata(p) {
+        Ok(m) => format!("{}:{}:{}", m.size(), m.mtime(), m.mtime_nsec()),
+        Err(_) => "missing".into(),
+    }
+}
+
+/// Fill `buf` from the kernel's CRNG.
+fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = buf.get_mut(done..).unwrap_or_default();
+        // SAFETY: getrandom writes at most rest.len() bytes into rest.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Driver for VmDriver {
+    fn isolation(&self) -> Isolation {
+        match self.inner.decision.accel {
+            Accel::Kvm => Isolation::MicrovmKvm,
+            Accel::Tcg => Isolation::MicrovmTcg,
+        }
+    }
+
+    async fn create(
+        &self,
+        spec: SandboxSpec,
+        events: EventSink,
+    ) -> Result<Arc<dyn SandboxHandle>, DriverError> {
+        let sb: Arc<dyn SandboxHandle> = self.create_vm(spec, events).await?;
+        Ok(sb)
     }
 
     async fn reap_orphans(&self) -> Result<ReapReport, DriverError> {
@@ -1015,6 +1617,19 @@ impl Driver for VmDriver {
                 .map_err(io_err(format!("listing {}", images.display())))?
             {
                 let entry = entry.map_err(io_err(format!("listing {}", images.display())))?;
+                if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let path = entry.path();
+                    std::fs::remove_dir_all(&path)
+                        .map_err(io_err(format!("removing {}", path.display())))?;
+                    report.other += 1;
+                }
+            }
+            // Half-made snapshots (a server that died while building one).
+            let snapshots = inner.config.data_dir.join("snapshots");
+            for entry in std::fs::read_dir(&snapshots)
+                .map_err(io_err(format!("listing {}", snapshots.display())))?
+            {
+                let entry = entry.map_err(io_err(format!("listing {}", snapshots.display())))?;
                 if entry.file_name().to_string_lossy().starts_with(".tmp-") {
                     let path = entry.path();
                     std::fs::remove_dir_all(&path)

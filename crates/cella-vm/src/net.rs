@@ -22,6 +22,9 @@ use crate::qemu::{GUEST_IP, HOST_IP, LINK_PREFIX};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// Name of the tap inside each namespace.
 pub const TAP_NAME: &str = "tap0";
+/// MAC of every tap (the host end). Fixed, because a clone's guest wakes up with the golden
+/// VM's neighbour cache: a random MAC per tap would leave it sending to the golden tap's.
+pub const TAP_MAC: [u8; 6] = [0x02, 0xce, 0x11, 0xa0, 0x00, 0x16];
 
 /// Idle seconds before the first keepalive probe on a connection into a guest.
 const KEEPALIVE_IDLE_S: libc::c_int = 5;
@@ -123,6 +126,16 @@ fn setup_in_new_netns() -> io::Result<GuestNet> {
     // SAFETY: `s` was just created and is owned by nobody else.
     let sock = unsafe { OwnedFd::from_raw_fd(s) };
     set_up(&sock, "lo")?;
+    let mut req = ifreq_for(TAP_NAME);
+    // SAFETY: writing the hwaddr member of the union; all-zero sockaddr is valid.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(TAP_MAC) {
+            *dst = src as c_char;
+        }
+    }
+    // SAFETY: SIOCSIFHWADDR reads a valid ifreq carrying an Ethernet address.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) })?;
     let mut req = ifreq_for(TAP_NAME);
     req.ifr_ifru.ifru_addr = sockaddr_v4(HOST_IP);
     // SAFETY: SIOCSIFADDR reads a valid ifreq carrying an AF_INET address.

@@ -39,6 +39,19 @@ pub enum BootMode {
     Probe,
 }
 
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Memory {
+    /// Anonymous memory (cold boot): QEMU's default.
+    Anonymous,
+    /// A golden VM: RAM is this file, mapped shared, so every page the guest touches lands in
+    /// it and the migration stream (with `x-ignore-shared`) carries only device state.
+    Golden(PathBuf),
+    /// A clone: RAM is the golden RAM, mapped private (copy-on-write) from an inherited
+    /// descriptor (a sealed memfd, see `snapshot`).
+    Clone(i32),
+}
+
 /// Everything one QEMU invocation needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuPlan {
@@ -64,8 +77,12 @@ pub struct QemuPlan {
     pub tap_fd: Option<i32>,
     /// Init mode.
     pub mode: BootMode,
-    /// Guest hostname (the sandbox ID).
-    pub hostname: String,
+    /// Guest RAM backing.
+    pub memory: Memory,
+    /// Inherited descriptor of a QMP connection (a connected socket), if any.
+    pub qmp_fd: Option<i32>,
+    /// Start with `-incoming defer`: the device state arrives over QMP (a clone).
+    pub incoming: bool,
     /// Host CPU clock in kHz, passed as `tsc_early_khz` under TCG.
     pub tsc_khz: Option<u64>,
 }
@@ -109,7 +126,6 @@ impl QemuPlan {
             parts.push(format!("cella.ip={}/{LINK_PREFIX}", ip(GUEST_IP)));
             parts.push(format!("cella.gw={}", ip(HOST_IP)));
         }
-        parts.push(format!("cella.host={}", self.hostname));
         parts.join(" ")
     }
 
@@ -124,10 +140,13 @@ impl QemuPlan {
             "none",
             "-no-reboot",
         ]);
-        push(&[
-            "-M",
-            "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on",
-        ]);
+        let machine = "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on";
+        match &self.memory {
+            Memory::Anonymous => push(&["-M", machine]),
+            Memory::Golden(_) | Memory::Clone(_) => {
+                push(&["-M", &format!("{machine},memory-backend=mem")])
+            }
+        }
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm".to_string(), "host"),
             Accel::Tcg => {
@@ -141,6 +160,24 @@ impl QemuPlan {
         push(&["-accel", &accel, "-cpu", cpu]);
         push(&["-smp", &self.vcpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mb)]);
+        // Only the mapping differs between a golden VM and its clones: same id, same size.
+        let size = self.memory_mb;
+        match &self.memory {
+            Memory::Anonymous => {}
+            Memory::Golden(path) => push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=mem,size={size}M,mem-path={},share=on",
+                    path.to_string_lossy()
+                ),
+            ]),
+            Memory::Clone(fd) => push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=mem,size={size}M,mem-path=/proc/self/fd/{fd},share=off"
+                ),
+            ]),
+        }
         push(&[
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -171,9 +208,22 @@ impl QemuPlan {
                 &format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"),
             ]);
         }
-        push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
+        match self.memory {
+            Memory::Anonymous => push(&["-device", "virtio-balloon-device,free-page-reporting=on"]),
+            // QEMU 7.2 discards reported pages of a file-backed RAM block by punching holes
+            // in the file: in a golden VM's RAM file, under every clone. Off for snapshots
+            // (the device set must match between a golden VM and its clones).
+            Memory::Golden(_) | Memory::Clone(_) => push(&["-device", "virtio-balloon-device"]),
+        }
         push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-device,rng=rng0"]);
+        if let Some(fd) = self.qmp_fd {
+            push(&["-chardev", &format!("socket,id=qmp,fd={fd}")]);
+            push(&["-mon", "chardev=qmp,mode=control"]);
+        }
+        if self.incoming {
+            push(&["-incoming", "defer"]);
+        }
         a
     }
 }
@@ -195,7 +245,9 @@ mod tests {
             serial_fd: 4,
             tap_fd: Some(5),
             mode: BootMode::Run,
-            hostname: "sb1".into(),
+            memory: Memory::Anonymous,
+            qmp_fd: None,
+            incoming: false,
             tsc_khz: Some(2_100_000),
         }
     }
@@ -243,13 +295,49 @@ mod tests {
             "cella.mode=run",
             "cella.ip=169.254.0.21/30",
             "cella.gw=169.254.0.22",
-            "cella.host=sb1",
         ] {
             assert!(
                 append.split(' ').any(|p| p == want),
                 "{want} missing in {append}"
             );
         }
+    }
+
+    #[test]
+    fn golden_and_clone_differ_only_in_the_ram_mapping() {
+        let mut golden = plan();
+        golden.memory = Memory::Golden(PathBuf::from("/s/ram"));
+        golden.qmp_fd = Some(6);
+        let mut clone = golden.clone();
+        clone.memory = Memory::Clone(7);
+        clone.incoming = true;
+        let g = golden.args();
+        let c = clone.args();
+        assert!(value_after(&g, "-M")[0].ends_with(",memory-backend=mem"));
+        assert_eq!(
+            value_after(&g, "-object")[0],
+            "memory-backend-file,id=mem,size=256M,mem-path=/s/ram,share=on"
+        );
+        assert_eq!(
+            value_after(&c, "-object")[0],
+            "memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/7,share=off"
+        );
+        assert_eq!(value_after(&c, "-incoming"), ["defer"]);
+        assert!(value_after(&g, "-incoming").is_empty());
+        assert_eq!(value_after(&g, "-mon"), ["chardev=qmp,mode=control"]);
+        assert!(
+            value_after(&g, "-device").contains(&"virtio-balloon-device"),
+            "no free page reporting on a file-backed RAM block"
+        );
+        let strip = |a: &[String]| -> Vec<String> {
+            a.iter()
+                .filter(|x| {
+                    !x.starts_with("memory-backend-file") && *x != "-incoming" && *x != "defer"
+                })
+                .cloned()
+                .collect()
+        };
+        assert_eq!(strip(&g), strip(&c), "machine arguments must match");
     }
 
     #[test]

@@ -33,6 +33,15 @@ impl Drop for SlotGuard {
     }
 }
 
+/// How a VM sandbox came up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootPath {
+    /// A full boot: kernel, init, agent.
+    Cold,
+    /// Restored from a golden VM's snapshot.
+    Restored,
+}
+
 /// A VM sandbox.
 pub struct VmSandbox {
     pub(crate) id: String,
@@ -47,6 +56,7 @@ pub struct VmSandbox {
     pub(crate) console: Tail,
     pub(crate) stderr: Tail,
     pub(crate) slot: Mutex<Option<SlotGuard>>,
+    pub(crate) boot: BootPath,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -60,6 +70,16 @@ impl std::fmt::Debug for VmSandbox {
 }
 
 impl VmSandbox {
+    /// Whether this sandbox was booted or restored from a snapshot.
+    pub fn boot_path(&self) -> BootPath {
+        self.boot
+    }
+
+    /// SIGKILL the VMM (no cleanup: that is [`Self::teardown`]).
+    pub(crate) fn kill(&self) -> io::Result<()> {
+        pidfd_kill(&self.pidfd)
+    }
+
     /// The last lines of the guest console and QEMU's stderr (for error messages).
     pub fn diagnostics(&self) -> String {
         let mut parts = Vec::new();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use cella_core::driver::{Driver, Limits, SandboxHandle, SandboxSpec, TemplateImage};
-use cella_vm::{VmConfig, VmDriver};
+use cella_vm::{BootPath, VmConfig, VmDriver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn env_path(var: &str, default: &str) -> PathBuf {
@@ -261,11 +261,13 @@ async fn microvm_sandbox_end_to_end() {
         std::os::unix::fs::PermissionsExt::from_mode(0o711),
     )
     .expect("chmod");
-    let config = VmConfig::new(
+    let mut config = VmConfig::new(
         tmp.path().join("data"),
         env.assets.clone(),
         env.agent.clone(),
     );
+    // This test covers the cold boot; `snapshot_clones` the restore path.
+    config.snapshots = false;
     let driver = VmDriver::new(config).await.expect("driver");
     eprintln!(
         "accelerator: {:?} ({})",
@@ -287,10 +289,11 @@ async fn microvm_sandbox_end_to_end() {
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let t = Instant::now();
     let sb = driver
-        .create(spec(&env, &id), events)
+        .create_vm(spec(&env, &id), events)
         .await
         .expect("create");
     let ready = t.elapsed();
+    assert_eq!(sb.boot_path(), BootPath::Cold, "snapshots are off");
     eprintln!("create -> ready: {ready:?}");
     let first = rx.recv().await.expect("event");
     assert!(matches!(
@@ -433,6 +436,7 @@ async fn a_guest_that_never_becomes_ready_fails_cleanly() {
     drop(f);
     let mut config = VmConfig::new(tmp.path().join("data"), env.assets.clone(), bad_agent);
     config.ready_timeout = Some(Duration::from_secs(60));
+    config.snapshots = true;
     let driver = VmDriver::new(config).await.expect("driver");
     let id = format!("vmbad{}", std::process::id());
     let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
@@ -456,4 +460,284 @@ async fn a_guest_that_never_becomes_ready_fails_cleanly() {
         leftovers.push_str(&e.expect("entry").file_name().to_string_lossy());
     }
     assert!(leftovers.is_empty(), "{leftovers}");
+    // The golden VM failed the same way (snapshots are on by default): nothing half-made stays.
+    let snaps: Vec<_> = std::fs::read_dir(tmp.path().join("data/snapshots"))
+        .expect("ls snapshots")
+        .collect();
+    assert!(snaps.is_empty(), "{snaps:?}");
+}
+
+/// Seconds since the epoch on the host, as f64.
+fn host_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_clones() {
+    let _serial = SERIAL.lock().await;
+    // The driver logs why it restored or booted cold (RUST_LOG=cella_vm=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("cella_vm=info")),
+        )
+        .with_test_writer()
+        .try_init();
+    let Some(env) = environment() else { return };
+    let tmp = tempfile::Builder::new()
+        .prefix("cella-vm-test")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .expect("chmod");
+    let mut config = VmConfig::new(
+        tmp.path().join("data"),
+        env.assets.clone(),
+        env.agent.clone(),
+    );
+    config.snapshots = true;
+    let driver = VmDriver::new(config).await.expect("driver");
+    driver.reap_orphans().await.expect("reap");
+    let snapshots = tmp.path().join("data/snapshots");
+    let kernel = std::fs::read_to_string(env.assets.join("kernel.release")).unwrap_or_default();
+
+    let base = format!("vmsn{}", std::process::id());
+    let mut sandboxes = Vec::new();
+    let mut first_key = String::new();
+    for n in 0..2 {
+        let id = format!("{base}x{n}");
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let t = Instant::now();
+        let sb = driver
+            .create_vm(spec(&env, &id), events)
+            .await
+            .expect("create");
+        eprintln!(
+            "create {n} -> ready: {:?} ({:?})",
+            t.elapsed(),
+            sb.boot_path()
+        );
+        // The first create builds the snapshot, then restores from it like every later one.
+        assert_eq!(sb.boot_path(), BootPath::Restored, "create {n}");
+        assert!(matches!(
+            rx.recv().await.expect("event").event,
+            cella_proto::control::AgentEvent::Ready { .. }
+        ));
+        let keys: Vec<String> = std::fs::read_dir(&snapshots)
+            .expect("ls snapshots")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            keys.len(),
+            1,
+            "one complete snapshot, no temp dirs: {keys:?}"
+        );
+        first_key = keys[0].clone();
+        sandboxes.push((id, sb));
+    }
+
+    assert_eq!(driver.snapshots_built(), 1);
+
+    // Other limits, another key: built lazily by the first create, once, even when two creates
+    // race for it.
+    let mut other = spec(&env, &format!("{base}c0"));
+    other.limits.memory_mb = 320;
+    let mut other2 = other.clone();
+    other2.id = format!("{base}c1");
+    let (ev1, _rx1) = tokio::sync::mpsc::unbounded_channel();
+    let (ev2, _rx2) = tokio::sync::mpsc::unbounded_channel();
+    let (a, b) = tokio::join!(driver.create_vm(other, ev1), driver.create_vm(other2, ev2));
+    let (a, b) = (a.expect("concurrent create"), b.expect("concurrent create"));
+    assert_eq!(
+        (a.boot_path(), b.boot_path()),
+        (BootPath::Restored, BootPath::Restored)
+    );
+    assert_eq!(driver.snapshots_built(), 2, "one more snapshot, built once");
+    assert_eq!(std::fs::read_dir(&snapshots).expect("ls").count(), 2);
+    a.destroy().await.expect("destroy");
+    b.destroy().await.expect("destroy");
+
+    let mut random = Vec::new();
+    for (id, sb) in &sandboxes {
+        let h: &dyn SandboxHandle = sb.as_ref();
+        let (status, _) = http(h, "GET", "/health", &[], b"").await;
+        assert_eq!(status, 204);
+        let release = run(h, "/bin/uname", &["-r"]).await;
+        if !kernel.trim().is_empty() {
+            assert_eq!(release.trim(), kernel.trim(), "the guest's kernel");
+        }
+        let hostname = run(h, "/bin/hostname", &[]).await;
+        assert_eq!(
+            hostname.trim(),
+            id,
+            "a clone takes its hostname from the config"
+        );
+        let before = host_now();
+        let guest: f64 = run(h, "/bin/date", &["+%s.%N"])
+            .await
+            .trim()
+            .parse()
+            .expect("guest date");
+        let after = host_now();
+        eprintln!("{id}: guest clock {guest:.3}, host {before:.3}..{after:.3}");
+        assert!(
+            guest > before - 2.0 && guest < after + 2.0,
+            "the clone's wall clock is the host's, not the snapshot's: guest {guest}, host {before}..{after}"
+        );
+        let bytes = run(
+            h,
+            "/bin/sh",
+            &["-c", "head -c 32 /dev/urandom | od -An -tx1"],
+        )
+        .await;
+        assert!(bytes.split_whitespace().count() == 32, "{bytes:?}");
+        random.push(bytes);
+    }
+    assert_ne!(
+        random[0], random[1],
+        "clones must not share their CRNG state"
+    );
+
+    // Disks are private: a file written in one clone is not in the other.
+    let (a, b) = (&sandboxes[0].1, &sandboxes[1].1);
+    run(
+        a.as_ref(),
+        "/bin/sh",
+        &["-c", "echo one > /var/tmp/marker && sync"],
+    )
+    .await;
+    let here = run(
+        a.as_ref(),
+        "/bin/sh",
+        &["-c", "cat /var/tmp/marker || echo absent"],
+    )
+    .await;
+    assert_eq!(here.trim(), "one");
+    let there = run(
+        b.as_ref(),
+        "/bin/sh",
+        &["-c", "cat /var/tmp/marker 2>/dev/null || echo absent"],
+    )
+    .await;
+    assert_eq!(
+        there.trim(),
+        "absent",
+        "the other clone's disk must not see it"
+    );
+
+    // Host memory with two clones alive (PSS splits the shared golden pages between them).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (id, _) in &sandboxes {
+        let pid = qemu_pid(&driver, id);
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let keep = [
+            "Rss:",
+            "Pss:",
+            "Pss_Anon:",
+            "Pss_File:",
+            "Pss_Shmem:",
+            "Shared_Clean:",
+            "Private_Dirty:",
+            "Anonymous:",
+        ];
+        let summary: Vec<String> = text
+            .lines()
+            .filter(|l| keep.iter().any(|k| l.starts_with(k)))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        eprintln!("{id} idle, 2 clones alive: {}", summary.join(", "));
+    }
+
+    // Destroy leaves nothing but the cached snapshot.
+    for (id, sb) in &sandboxes {
+        let pid = qemu_pid(&driver, id);
+        let cg_dirs = driver.cgroups().dirs(id);
+        sb.destroy().await.expect("destroy");
+        // SAFETY: kill with signal 0 only checks for existence.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "QEMU must be gone");
+        assert!(!tmp.path().join("data/sandboxes").join(id).exists());
+        for d in &cg_dirs {
+            assert!(!d.exists(), "{} must be gone", d.display());
+        }
+        assert!(sb.dial(49983).await.is_err(), "no dialing after destroy");
+    }
+    assert_eq!(net_namespaces_we_hold(), 0, "the netns must be released");
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("data/sandboxes"))
+        .expect("ls")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let report = driver.reap_orphans().await.expect("reap");
+    assert_eq!(
+        (report.processes, report.dirs, report.other),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&snapshots).expect("ls").count(),
+        2,
+        "the snapshots stay cached"
+    );
+
+    // A leftover half-made snapshot (a server that died while building one) is reaped.
+    std::fs::create_dir(snapshots.join(".tmp-dead-1-1")).expect("mkdir");
+    std::fs::write(snapshots.join(".tmp-dead-1-1/ram"), b"partial").expect("write");
+    let report = driver.reap_orphans().await.expect("reap");
+    assert_eq!(report.other, 1, "{report:?}");
+    assert!(!snapshots.join(".tmp-dead-1-1").exists());
+
+    // The cached snapshot survives a restart: a new driver on the same data dir restores.
+    let mut config = VmConfig::new(
+        tmp.path().join("data"),
+        env.assets.clone(),
+        env.agent.clone(),
+    );
+    config.snapshots = true;
+    let again = VmDriver::new(config).await.expect("driver after restart");
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let sb = again
+        .create_vm(spec(&env, &format!("{base}r")), events)
+        .await
+        .expect("create after restart");
+    eprintln!(
+        "create after restart -> ready: {:?} ({:?})",
+        t.elapsed(),
+        sb.boot_path()
+    );
+    assert_eq!(sb.boot_path(), BootPath::Restored);
+    // A VMM crash of a clone is still detected.
+    let pid = qemu_pid(&again, &format!("{base}r"));
+    // SAFETY: signalling the QEMU process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let exit = tokio::time::timeout(Duration::from_secs(10), sb.wait_exit())
+        .await
+        .expect("wait_exit resolves after a VMM crash");
+    assert!(exit.reason.contains("signal 9"), "{}", exit.reason);
+    sb.destroy().await.expect("destroy after crash");
+    assert_eq!(net_namespaces_we_hold(), 0);
+
+    // A broken snapshot (garbage device state) is never half-used: the create falls back to a
+    // cold boot, the snapshot is dropped, and the next create rebuilds and restores it.
+    let key_dir = snapshots.join(&first_key);
+    std::fs::write(key_dir.join("state"), b"QEVM garbage").expect("corrupt the state");
+    for (n, want) in [("f", BootPath::Cold), ("g", BootPath::Restored)] {
+        let id = format!("{base}{n}");
+        let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let sb = again
+            .create_vm(spec(&env, &id), events)
+            .await
+            .expect("create with a broken snapshot still works");
+        assert_eq!(sb.boot_path(), want, "{id}");
+        let hostname = run(sb.as_ref(), "/bin/hostname", &[]).await;
+        assert_eq!(hostname.trim(), id);
+        sb.destroy().await.expect("destroy");
+    }
+    assert_eq!(std::fs::read_dir(&snapshots).expect("ls").count(), 2);
+    assert_eq!(net_namespaces_we_hold(), 0);
 }
