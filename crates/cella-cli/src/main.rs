@@ -44,7 +44,7 @@ enum Command {
     Exec(sandbox::ExecArgs),
     /// Open an interactive shell in a sandbox.
     Shell(shell::ShellArgs),
-    /// List running sandboxes.
+    /// List sandboxes (running and paused).
     Ls(sandbox::LsArgs),
     /// Show one sandbox.
     Info(sandbox::InfoArgs),
