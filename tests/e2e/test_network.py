@@ -12,6 +12,7 @@ internet's veth, so a broken rule cannot send packets to a real network."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 import socketserver
@@ -201,6 +202,33 @@ def test_update_network_changes_running_rules(egress):
         with pytest.raises(Exception) as e:
             sbx.update_network({"deny_out": ["example.com"]})
         assert "denyOut" in str(e.value), e.value
+
+
+def test_cli_network_and_create_flags(egress):
+    """`cella create --no-internet` / `--deny-out` and `cella network` act like the SDK's
+    create arguments and `update_network` (the CLI lives in test_cli.py; this needs egress)."""
+    r = egress.cli("create", "--timeout", "120", "--no-internet", "--allow-out", "allowed.test", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    sid = json.loads(r.stdout)["sandboxID"]
+    try:
+        sbx = Sandbox.connect(sid)
+        assert sbx.get_info().allow_internet_access is False
+        assert not curl(sbx, "http://203.0.113.10/")[0]
+        assert curl(sbx, "http://allowed.test/")[0]
+
+        r = egress.cli("network", sid, "--clear")
+        assert r.returncode == 0, r.stderr.decode()
+        assert curl(sbx, "http://203.0.113.10/")[0]
+
+        r = egress.cli("network", sid, "--deny-out", "203.0.113.0/24")
+        assert r.returncode == 0, r.stderr.decode()
+        assert not curl(sbx, "http://203.0.113.10/")[0]
+        assert curl(sbx, "http://198.51.100.10/")[0]
+        r = egress.cli("network", sid)
+        assert r.returncode == 0, r.stderr.decode()
+        assert "Deny out:  203.0.113.0/24" in r.stdout.decode(), r.stdout.decode()
+    finally:
+        egress.cli("kill", sid)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

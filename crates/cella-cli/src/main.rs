@@ -44,7 +44,7 @@ enum Command {
     Exec(sandbox::ExecArgs),
     /// Open an interactive shell in a sandbox.
     Shell(shell::ShellArgs),
-    /// List running sandboxes.
+    /// List sandboxes (running and paused).
     Ls(sandbox::LsArgs),
     /// Show one sandbox.
     Info(sandbox::InfoArgs),
@@ -52,6 +52,12 @@ enum Command {
     Kill(sandbox::KillArgs),
     /// Set a sandbox's remaining lifetime.
     Timeout(sandbox::TimeoutArgs),
+    /// Pause a sandbox (its processes are frozen, its memory kept).
+    Pause(sandbox::PauseArgs),
+    /// Resume a paused sandbox.
+    Resume(sandbox::ResumeArgs),
+    /// Show or replace a sandbox's egress rules.
+    Network(sandbox::NetworkArgs),
     /// Run Python in a code-interpreter sandbox; image results are written to files.
     Py(py::PyArgs),
     /// Copy a file between this machine and a sandbox (ID:/path on one side).
@@ -111,6 +117,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Info(args) => sandbox::info(args).await,
         Command::Kill(args) => sandbox::kill(args).await,
         Command::Timeout(args) => sandbox::timeout(args).await,
+        Command::Pause(args) => sandbox::pause(args).await,
+        Command::Resume(args) => sandbox::resume(args).await,
+        Command::Network(args) => sandbox::network(args).await,
         Command::Py(args) => py::run(args).await,
         Command::Cp(args) => cp::run(args).await,
         Command::Audit(args) => sandbox::audit(args).await,
@@ -197,6 +206,57 @@ mod tests {
         assert!(parse(&["kill"]).is_err(), "ids required");
         assert!(parse(&["timeout", "iabc", "soon"]).is_err());
         assert!(parse(&["cp", "onlyone"]).is_err());
+        assert!(parse(&["pause"]).is_err(), "id required");
+        assert!(parse(&["resume", "iabc", "--timeout", "soon"]).is_err());
+        assert!(parse(&["network", "iabc", "--clear", "--allow-out", "1.1.1.1"]).is_err());
+        assert!(parse(&["network", "iabc", "--clear", "--no-internet"]).is_err());
+    }
+
+    #[test]
+    fn egress_flags_are_collected() {
+        let cli = parse(&[
+            "network",
+            "iabc",
+            "--allow-out",
+            "1.1.1.1",
+            "--allow-out",
+            "*.pypi.org",
+            "--deny-out",
+            "10.0.0.0/8",
+            "--no-internet",
+        ])
+        .expect("parse");
+        let Command::Network(args) = cli.cmd else {
+            panic!("not network")
+        };
+        let dbg = format!("{args:?}");
+        assert!(
+            dbg.contains(r#"allow_out: ["1.1.1.1", "*.pypi.org"]"#),
+            "{dbg}"
+        );
+        assert!(dbg.contains(r#"deny_out: ["10.0.0.0/8"]"#), "{dbg}");
+        assert!(
+            dbg.contains("no_internet: true") && dbg.contains("clear: false"),
+            "{dbg}"
+        );
+
+        let cli = parse(&[
+            "create",
+            "--deny-out",
+            "0.0.0.0/0",
+            "--allow-out",
+            "8.8.8.8",
+        ])
+        .expect("parse");
+        let Command::Create(args) = cli.cmd else {
+            panic!("not create")
+        };
+        let dbg = format!("{args:?}");
+        assert!(
+            dbg.contains(r#"allow_out: ["8.8.8.8"]"#) && dbg.contains(r#"deny_out: ["0.0.0.0/0"]"#),
+            "{dbg}"
+        );
+        assert!(dbg.contains("no_internet: false"), "{dbg}");
     }
 
     #[test]
@@ -208,6 +268,13 @@ mod tests {
             &["info", "iabc", "--json"],
             &["kill", "ia", "ib"],
             &["timeout", "iabc", "60"],
+            &["pause", "iabc"],
+            &["resume", "iabc"],
+            &["resume", "iabc", "--timeout", "600"],
+            &["network", "iabc"],
+            &["network", "iabc", "--clear"],
+            &["network", "iabc", "--no-internet", "--allow-out", "1.1.1.1"],
+            &["create", "--no-internet", "--allow-out", "pypi.org"],
             &["cp", "./f", "iabc:/tmp/f"],
             &["audit", "--sandbox", "iabc", "--since", "10m", "--json"],
             &["logs", "iabc"],

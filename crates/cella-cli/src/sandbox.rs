@@ -1,5 +1,5 @@
 //! Sandbox commands that talk to a running server: `run`, `create`, `exec`, `ls`, `info`,
-//! `kill`, `timeout`, `audit`, `logs`.
+//! `kill`, `timeout`, `pause`, `resume`, `network`, `audit`, `logs`.
 //!
 //! `run` owns its sandbox: whatever happens (command failure, a broken pipe, Ctrl-C, SIGTERM)
 //! the sandbox is destroyed before the CLI exits, so scripts never leak sandboxes.
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::pin::pin;
 
 use anyhow::{Context, bail};
-use cella_api::{AuditEntry, NewSandbox};
+use cella_api::{AuditEntry, NetworkConfig, NetworkUpdate, NewSandbox, SandboxDetail};
 use cella_client::{Client, ExecEvent, ExecOptions, ExitStatus, ProcessStream};
 use cella_proto::envd::process::signal_name;
 use tokio::io::AsyncWriteExt;
@@ -90,9 +90,58 @@ pub struct CreateArgs {
     /// Environment variable for every process in the sandbox (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_key_value)]
     env: Vec<(String, String)>,
+    #[command(flatten)]
+    egress: EgressArgs,
     /// Print the full response as JSON instead of the ID.
     #[arg(long)]
     json: bool,
+}
+
+/// Egress rules, as E2B's `allowOut`/`denyOut`/`allow_internet_access`. They take effect only
+/// on a server started with `--egress allowed`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EgressArgs {
+    /// Allow outbound traffic to a CIDR, an IPv4 address or a domain (`*.example.com` too);
+    /// allow wins over deny (repeatable).
+    #[arg(long = "allow-out", value_name = "DEST")]
+    allow_out: Vec<String>,
+    /// Deny outbound traffic to a CIDR or an IPv4 address (repeatable).
+    #[arg(long = "deny-out", value_name = "CIDR")]
+    deny_out: Vec<String>,
+    /// Deny the public internet (`0.0.0.0/0`) except what `--allow-out` allows.
+    #[arg(long)]
+    no_internet: bool,
+}
+
+impl EgressArgs {
+    fn is_empty(&self) -> bool {
+        self.allow_out.is_empty() && self.deny_out.is_empty() && !self.no_internet
+    }
+
+    /// `network` and `allow_internet_access` of a create request (both absent when no flag
+    /// was given, so the server's defaults apply).
+    fn create_fields(&self) -> (Option<NetworkConfig>, Option<bool>) {
+        let network =
+            (!self.allow_out.is_empty() || !self.deny_out.is_empty()).then(|| NetworkConfig {
+                allow_public_traffic: None,
+                allow_out: non_empty(&self.allow_out),
+                deny_out: non_empty(&self.deny_out),
+            });
+        (network, self.no_internet.then_some(false))
+    }
+
+    /// The `PUT /sandboxes/{id}/network` body: the rules given, everything else cleared.
+    fn update(&self) -> NetworkUpdate {
+        NetworkUpdate {
+            allow_out: non_empty(&self.allow_out),
+            deny_out: non_empty(&self.deny_out),
+            allow_internet_access: self.no_internet.then_some(false),
+        }
+    }
+}
+
+fn non_empty(v: &[String]) -> Option<Vec<String>> {
+    (!v.is_empty()).then(|| v.to_vec())
 }
 
 /// `cella exec`.
@@ -162,6 +211,41 @@ pub struct TimeoutArgs {
     id: String,
     /// New lifetime in seconds from now.
     secs: u64,
+}
+
+/// `cella pause`.
+#[derive(Debug, clap::Args)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox ID.
+    id: String,
+}
+
+/// `cella resume`.
+#[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox ID.
+    id: String,
+    /// Lifetime in seconds from now (default: the server's, 300 s).
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+/// `cella network`.
+#[derive(Debug, clap::Args)]
+pub struct NetworkArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    /// Sandbox ID.
+    id: String,
+    #[command(flatten)]
+    egress: EgressArgs,
+    /// Remove every rule (back to the server's default egress).
+    #[arg(long, conflicts_with_all = ["allow_out", "deny_out", "no_internet"])]
+    clear: bool,
 }
 
 /// `cella audit`.
@@ -352,11 +436,14 @@ pub async fn create(args: CreateArgs) -> anyhow::Result<u8> {
     let client = args.server.client()?;
     let metadata: BTreeMap<_, _> = args.metadata.into_iter().collect();
     let env: BTreeMap<_, _> = args.env.into_iter().collect();
+    let (network, allow_internet_access) = args.egress.create_fields();
     let req = NewSandbox {
         template_id: args.template,
         timeout: Some(args.timeout),
         metadata: (!metadata.is_empty()).then_some(metadata),
         env_vars: (!env.is_empty()).then_some(env),
+        network,
+        allow_internet_access,
         ..Default::default()
     };
     let sandbox = client.create_sandbox(&req).await?;
@@ -491,11 +578,32 @@ pub async fn info(args: InfoArgs) -> anyhow::Result<u8> {
         ("Disk", format!("{} MiB", d.disk_size_mb)),
         ("envd version", sanitize(&d.envd_version)),
         ("Metadata", format_metadata(&d.metadata)),
+        ("Internet", internet_text(&d).to_owned()),
+        ("Allow out", egress_list(&d, |n| &n.allow_out)),
+        ("Deny out", egress_list(&d, |n| &n.deny_out)),
     ];
     for (k, v) in rows {
         println!("{:<13} {}", format!("{k}:"), sanitize(&v));
     }
     Ok(0)
+}
+
+fn internet_text(d: &SandboxDetail) -> &'static str {
+    match d.allow_internet_access {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
+fn egress_list(
+    d: &SandboxDetail,
+    field: impl Fn(&NetworkConfig) -> &Option<Vec<String>>,
+) -> String {
+    match d.network.as_ref().and_then(|n| field(n).as_ref()) {
+        Some(v) if !v.is_empty() => v.join(","),
+        _ => "-".to_owned(),
+    }
 }
 
 /// `cella kill`: kills each sandbox; failures are reported and make the exit code 1.
@@ -518,6 +626,46 @@ pub async fn kill(args: KillArgs) -> anyhow::Result<u8> {
 pub async fn timeout(args: TimeoutArgs) -> anyhow::Result<u8> {
     let client = args.server.client()?;
     client.set_timeout(&args.id, args.secs).await?;
+    Ok(0)
+}
+
+/// `cella pause`: freezes the sandbox and prints its ID.
+pub async fn pause(args: PauseArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    client.pause_sandbox(&args.id).await?;
+    println!("{}", args.id);
+    Ok(0)
+}
+
+/// `cella resume`: resumes a paused sandbox (through connect) and prints its ID. A running
+/// sandbox is not an error; stderr says so.
+pub async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    let r = client.resume_sandbox(&args.id, args.timeout).await?;
+    if !r.resumed {
+        eprintln!("cella: sandbox {} was not paused", args.id);
+    }
+    println!("{}", r.sandbox.sandbox_id);
+    Ok(0)
+}
+
+/// `cella network`: replaces the egress rules, or shows them when no rule flag is given.
+pub async fn network(args: NetworkArgs) -> anyhow::Result<u8> {
+    let client = args.server.client()?;
+    if args.egress.is_empty() && !args.clear {
+        let d = client.get_sandbox(&args.id).await?;
+        for (k, v) in [
+            ("Internet", internet_text(&d).to_owned()),
+            ("Allow out", egress_list(&d, |n| &n.allow_out)),
+            ("Deny out", egress_list(&d, |n| &n.deny_out)),
+        ] {
+            println!("{:<10} {}", format!("{k}:"), sanitize(&v));
+        }
+        return Ok(0);
+    }
+    client
+        .update_network(&args.id, &args.egress.update())
+        .await?;
     Ok(0)
 }
 
@@ -602,6 +750,51 @@ mod tests {
         assert_eq!(exit_code_of(&st(-1, false, "signal: signal 40")), 168);
         assert_eq!(exit_code_of(&st(-1, false, "weird")), 1);
         assert_eq!(exit_code_of(&st(300, true, "exit status 300")), 1);
+    }
+
+    fn egress(allow: &[&str], deny: &[&str], no_internet: bool) -> EgressArgs {
+        EgressArgs {
+            allow_out: allow.iter().map(|s| (*s).to_owned()).collect(),
+            deny_out: deny.iter().map(|s| (*s).to_owned()).collect(),
+            no_internet,
+        }
+    }
+
+    #[test]
+    fn egress_flags_map_to_e2b_fields() {
+        // No flag: nothing sent, the server's defaults apply.
+        let none = egress(&[], &[], false);
+        assert!(none.is_empty());
+        assert_eq!(none.create_fields(), (None, None));
+        assert_eq!(none.update(), NetworkUpdate::default());
+
+        let e = egress(&["1.1.1.1", "*.pypi.org"], &["10.0.0.0/8"], true);
+        assert!(!e.is_empty());
+        let (network, internet) = e.create_fields();
+        assert_eq!(
+            serde_json::to_value(&network).expect("json"),
+            serde_json::json!({"allowOut": ["1.1.1.1", "*.pypi.org"], "denyOut": ["10.0.0.0/8"]})
+        );
+        assert_eq!(internet, Some(false));
+        assert_eq!(
+            serde_json::to_value(e.update()).expect("json"),
+            serde_json::json!({"allowOut": ["1.1.1.1", "*.pypi.org"], "denyOut": ["10.0.0.0/8"],
+                "allow_internet_access": false})
+        );
+
+        // Only --no-internet: no `network` object, just the flag.
+        let e = egress(&[], &[], true);
+        assert!(!e.is_empty());
+        assert_eq!(e.create_fields(), (None, Some(false)));
+        let (network, _) = egress(&[], &["0.0.0.0/0"], false).create_fields();
+        assert_eq!(
+            network,
+            Some(NetworkConfig {
+                allow_public_traffic: None,
+                allow_out: None,
+                deny_out: Some(vec!["0.0.0.0/0".into()]),
+            })
+        );
     }
 
     #[test]

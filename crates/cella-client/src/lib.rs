@@ -14,8 +14,8 @@ mod envd;
 use std::time::Duration;
 
 use cella_api::{
-    ApiError, AuditEntry, ConnectRequest, HEADER_API_KEY, Health, ListedSandbox, NewSandbox,
-    Sandbox, SandboxDetail, Template, TimeoutRequest,
+    ApiError, AuditEntry, ConnectRequest, HEADER_API_KEY, Health, ListedSandbox, NetworkUpdate,
+    NewSandbox, PauseRequest, Sandbox, SandboxDetail, Template, TimeoutRequest,
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Serialize;
@@ -95,6 +95,16 @@ impl ClientError {
         self.status() == Some(404)
             || matches!(self, ClientError::Agent(e) if e.code == cella_proto::envd::connect::Code::NotFound)
     }
+}
+
+/// The answer of [`Client::resume_sandbox`].
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// The sandbox (with its access token).
+    pub sandbox: Sandbox,
+    /// `true` when it was paused and is now running again (HTTP 201); `false` when it was
+    /// running already (HTTP 200) and only its timeout was extended.
+    pub resumed: bool,
 }
 
 /// A connection to one cella server. Cheap to clone.
@@ -219,6 +229,49 @@ impl Client {
             memory: None,
         };
         self.send_json(self.rest(Method::POST, &path).json(&body), "connect")
+            .await
+    }
+
+    /// `POST /sandboxes/{id}/pause`: freezes the sandbox. A sandbox paused already is a 409
+    /// ([`ClientError::Api`]).
+    pub async fn pause_sandbox(&self, id: &str) -> Result<(), ClientError> {
+        let path = format!("/sandboxes/{}/pause", checked_id(id)?);
+        self.send_empty(
+            self.rest(Method::POST, &path)
+                .json(&PauseRequest::default()),
+        )
+        .await
+    }
+
+    /// Resumes a paused sandbox through `POST /v2/sandboxes/{id}/connect` (E2B's replacement
+    /// of the deprecated `/resume`), running for `timeout_secs` from now when given (else the
+    /// server's connect default). A running sandbox is not an error: it is returned with
+    /// `resumed: false`.
+    pub async fn resume_sandbox(
+        &self,
+        id: &str,
+        timeout_secs: Option<u64>,
+    ) -> Result<Resumed, ClientError> {
+        let path = format!("/v2/sandboxes/{}/connect", checked_id(id)?);
+        let body = ConnectRequest {
+            timeout: timeout_secs,
+            memory: None,
+        };
+        let resp = check(self.rest(Method::POST, &path).json(&body).send().await?).await?;
+        let resumed = resp.status() == StatusCode::CREATED;
+        let sandbox = read_json(resp, "resume").await?;
+        Ok(Resumed { sandbox, resumed })
+    }
+
+    /// `PUT /sandboxes/{id}/network`: replaces the sandbox's egress rules (omitted fields are
+    /// cleared). 409 when the server or the sandbox has no egress.
+    pub async fn update_network(
+        &self,
+        id: &str,
+        update: &NetworkUpdate,
+    ) -> Result<(), ClientError> {
+        let path = format!("/sandboxes/{}/network", checked_id(id)?);
+        self.send_empty(self.rest(Method::PUT, &path).json(update))
             .await
     }
 
@@ -417,6 +470,147 @@ mod tests {
                 c.kill_sandbox(id).await,
                 Err(ClientError::InvalidSandboxId(_))
             ));
+            assert!(matches!(
+                c.pause_sandbox(id).await,
+                Err(ClientError::InvalidSandboxId(_))
+            ));
+            assert!(matches!(
+                c.resume_sandbox(id, Some(60)).await,
+                Err(ClientError::InvalidSandboxId(_))
+            ));
+            assert!(matches!(
+                c.update_network(id, &NetworkUpdate::default()).await,
+                Err(ClientError::InvalidSandboxId(_))
+            ));
         }
+    }
+
+    /// A one-request HTTP server: answers with `status` (`"204 No Content"`) and the JSON
+    /// `body`, and hands back the raw request it received.
+    async fn one_shot(status: &str, body: &str) -> (Client, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let response = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = sock.read(&mut buf).await.expect("read");
+                assert!(n > 0, "request ended early");
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).into_owned();
+                if let Some(head_end) = text.find("\r\n\r\n") {
+                    let len = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().expect("length"))
+                        })
+                        .unwrap_or(0);
+                    if req.len() >= head_end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            sock.write_all(response.as_bytes()).await.expect("write");
+            String::from_utf8_lossy(&req).into_owned()
+        });
+        let client = Client::new(&format!("http://{addr}"), Some("e2b_k".into())).expect("client");
+        (client, task)
+    }
+
+    const SANDBOX_JSON: &str = r#"{"templateID":"base","sandboxID":"iabc","clientID":"x","envdVersion":"0.6.4","envdAccessToken":"tok"}"#;
+
+    #[tokio::test]
+    async fn pause_posts_to_the_pause_route() {
+        let (c, req) = one_shot("204 No Content", "").await;
+        c.pause_sandbox("iabc").await.expect("pause");
+        let req = req.await.expect("server");
+        assert!(
+            req.starts_with("POST /sandboxes/iabc/pause HTTP/1.1\r\n"),
+            "{req}"
+        );
+        assert!(
+            req.to_ascii_lowercase().contains("x-api-key: e2b_k"),
+            "{req}"
+        );
+
+        let (c, _req) = one_shot(
+            "409 Conflict",
+            r#"{"code":409,"message":"sandbox iabc is paused"}"#,
+        )
+        .await;
+        let e = c.pause_sandbox("iabc").await.expect_err("409");
+        assert_eq!(e.status(), Some(409));
+        assert_eq!(e.to_string(), "sandbox iabc is paused (HTTP 409)");
+    }
+
+    #[tokio::test]
+    async fn resume_goes_through_connect_and_reports_201_as_resumed() {
+        let (c, req) = one_shot("201 Created", SANDBOX_JSON).await;
+        let r = c.resume_sandbox("iabc", Some(90)).await.expect("resume");
+        assert!(r.resumed);
+        assert_eq!(r.sandbox.sandbox_id, "iabc");
+        let req = req.await.expect("server");
+        assert!(
+            req.starts_with("POST /v2/sandboxes/iabc/connect HTTP/1.1\r\n"),
+            "{req}"
+        );
+        assert!(req.ends_with(r#"{"timeout":90}"#), "{req}");
+
+        let (c, _req) = one_shot("200 OK", SANDBOX_JSON).await;
+        let r = c.resume_sandbox("iabc", None).await.expect("connect");
+        assert!(!r.resumed, "200 means it was running already");
+
+        let (c, _req) = one_shot(
+            "404 Not Found",
+            r#"{"code":404,"message":"sandbox iabc not found"}"#,
+        )
+        .await;
+        let e = c.resume_sandbox("iabc", None).await.expect_err("404");
+        assert!(e.is_not_found());
+    }
+
+    #[tokio::test]
+    async fn update_network_puts_e2b_field_names() {
+        let (c, req) = one_shot("204 No Content", "").await;
+        let upd = NetworkUpdate {
+            allow_out: Some(vec!["1.1.1.1".into()]),
+            deny_out: Some(vec!["0.0.0.0/0".into()]),
+            allow_internet_access: Some(false),
+        };
+        c.update_network("iabc", &upd).await.expect("update");
+        let req = req.await.expect("server");
+        assert!(
+            req.starts_with("PUT /sandboxes/iabc/network HTTP/1.1\r\n"),
+            "{req}"
+        );
+        let body = &req[req.find("\r\n\r\n").expect("body") + 4..];
+        let v: serde_json::Value = serde_json::from_str(body).expect("json body");
+        assert_eq!(
+            v,
+            serde_json::json!({"allowOut": ["1.1.1.1"], "denyOut": ["0.0.0.0/0"],
+                "allow_internet_access": false})
+        );
+
+        let msg = "this server gives sandboxes no network (cella serve --egress none)";
+        let (c, _req) = one_shot(
+            "409 Conflict",
+            &format!(r#"{{"code":409,"message":"{msg}"}}"#),
+        )
+        .await;
+        let e = c
+            .update_network("iabc", &NetworkUpdate::default())
+            .await
+            .expect_err("409");
+        assert_eq!(e.to_string(), format!("{msg} (HTTP 409)"));
     }
 }
