@@ -801,14 +801,7 @@ impl Driver for JailDriver {
             }
             Err(reason) => {
                 // Give a dying agent a moment so the reason can name its exit status.
-                let exit = tokio::time::timeout(Duration::from_millis(200), async {
-                    let mut rx = sandbox.exit_rx.clone();
-                    let r = rx.wait_for(|v| v.is_some()).await;
-                    r.ok().and_then(|v| v.clone())
-                })
-                .await
-                .ok()
-                .flatten();
+                let exit = sandbox::exit_within(&sandbox.exit_rx, Duration::from_millis(200)).await;
                 if let Err(e) = sandbox.teardown().await {
                     tracing::warn!(sandbox = %id, "cleanup after failed start: {e}");
                 }

@@ -335,12 +335,49 @@ impl Drop for FsIds {
     }
 }
 
+/// How the sandbox's init ended, if it does within `wait` (`None` otherwise): lets a failed
+/// start name how its agent or VMM died.
+pub async fn exit_within(
+    exit_rx: &watch::Receiver<Option<ExitInfo>>,
+    wait: Duration,
+) -> Option<ExitInfo> {
+    let mut rx = exit_rx.clone();
+    tokio::time::timeout(wait, async move {
+        rx.wait_for(|v| v.is_some())
+            .await
+            .ok()
+            .and_then(|v| v.clone())
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// A freezer error as the driver seam reports it: no freezer on this host is "unavailable".
 pub fn freeze_error(id: &str, e: crate::cgroup::CgroupError) -> DriverError {
     match e {
         crate::cgroup::CgroupError::NoFreezer { .. } => DriverError::Unavailable(e.to_string()),
         other => DriverError::Pause(format!("freezing sandbox {id}: {other}")),
     }
+}
+
+/// Freeze sandbox `id`'s cgroups until the kernel reports them frozen (bounded): the pause of
+/// both drivers (a jail's processes, a microVM's VMM).
+pub async fn freeze(cgroups: Arc<Cgroups>, id: &str) -> Result<(), DriverError> {
+    let owned = id.to_string();
+    tokio::task::spawn_blocking(move || cgroups.freeze(&owned, crate::PAUSE_DEADLINE))
+        .await
+        .map_err(|e| DriverError::Pause(format!("freeze task failed: {e}")))?
+        .map_err(|e| freeze_error(id, e))
+}
+
+/// Thaw sandbox `id`'s cgroups (resume of both drivers).
+pub async fn thaw(cgroups: Arc<Cgroups>, id: &str) -> Result<(), DriverError> {
+    let owned = id.to_string();
+    tokio::task::spawn_blocking(move || cgroups.thaw(&owned))
+        .await
+        .map_err(|e| DriverError::Pause(format!("thaw task failed: {e}")))?
+        .map_err(|e| DriverError::Pause(format!("thawing sandbox {id}: {e}")))
 }
 
 /// State shared by the handle and its teardown.
@@ -505,21 +542,11 @@ impl SandboxHandle for JailSandbox {
                 self.id
             )));
         }
-        let cgroups = self.cgroups.clone();
-        let id = self.id.clone();
-        tokio::task::spawn_blocking(move || cgroups.freeze(&id, crate::PAUSE_DEADLINE))
-            .await
-            .map_err(|e| DriverError::Pause(format!("freeze task failed: {e}")))?
-            .map_err(|e| freeze_error(&self.id, e))
+        freeze(self.cgroups.clone(), &self.id).await
     }
 
     async fn resume(&self) -> Result<(), DriverError> {
-        let cgroups = self.cgroups.clone();
-        let id = self.id.clone();
-        tokio::task::spawn_blocking(move || cgroups.thaw(&id))
-            .await
-            .map_err(|e| DriverError::Pause(format!("thaw task failed: {e}")))?
-            .map_err(|e| DriverError::Pause(format!("thawing sandbox {}: {e}", self.id)))
+        thaw(self.cgroups.clone(), &self.id).await
     }
 
     async fn wait_exit(&self) -> ExitInfo {

@@ -1086,14 +1086,8 @@ impl VmDriver {
     /// Tear down a VM that did not come up; the reason, with how QEMU ended and its last words.
     async fn failed(&self, sandbox: &VmSandbox, reason: String) -> String {
         // Let a dying VMM finish so the reason can say how it ended.
-        let exit = tokio::time::timeout(Duration::from_millis(300), async {
-            let mut rx = sandbox.exit_rx.clone();
-            let r = rx.wait_for(|v| v.is_some()).await;
-            r.ok().and_then(|v| v.clone())
-        })
-        .await
-        .ok()
-        .flatten();
+        let exit =
+            cella_jail::sandbox::exit_within(&sandbox.exit_rx, Duration::from_millis(300)).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let diag = sandbox.diagnostics();
         if let Err(e) = sandbox.teardown().await {

@@ -185,21 +185,11 @@ impl SandboxHandle for VmSandbox {
     /// Pause = freeze the VMM's cgroup (QEMU's vCPU and I/O threads stop; guest RAM stays
     /// resident), the same call as the jail's. The guest's clock jumps on resume.
     async fn pause(&self) -> Result<(), DriverError> {
-        let cgroups = self.cgroups.clone();
-        let id = self.id.clone();
-        tokio::task::spawn_blocking(move || cgroups.freeze(&id, cella_jail::PAUSE_DEADLINE))
-            .await
-            .map_err(|e| DriverError::Pause(format!("freeze task failed: {e}")))?
-            .map_err(|e| cella_jail::sandbox::freeze_error(&self.id, e))
+        cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await
     }
 
     async fn resume(&self) -> Result<(), DriverError> {
-        let cgroups = self.cgroups.clone();
-        let id = self.id.clone();
-        tokio::task::spawn_blocking(move || cgroups.thaw(&id))
-            .await
-            .map_err(|e| DriverError::Pause(format!("thaw task failed: {e}")))?
-            .map_err(|e| DriverError::Pause(format!("thawing the VMM of {}: {e}", self.id)))
+        cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await
     }
 
     async fn wait_exit(&self) -> ExitInfo {
