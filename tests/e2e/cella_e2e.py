@@ -8,6 +8,7 @@ mocks, so these tests start the release binary as root and drive it like a user 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -513,3 +514,21 @@ def host_links() -> set:
 def nft_table(table: str) -> Optional[str]:
     r = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True)
     return r.stdout if r.returncode == 0 else None
+
+
+_SDK_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")
+
+
+@contextlib.contextmanager
+def sdk_env(server):
+    """Point the e2b SDK (its environment variables) at `server`; restore them afterwards."""
+    saved = {k: os.environ.get(k) for k in _SDK_ENV}
+    os.environ.update({"E2B_API_KEY": server.key, "E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url})
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

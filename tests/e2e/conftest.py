@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cella_e2e import CELLA, DRIVER, Server
+from cella_e2e import CELLA, DRIVER, Server, sdk_env
 
 # The SDK reads these lazily (at each call), so setting them once here is enough.
-_SDK_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")
 
 
 def pytest_configure(config):
@@ -59,18 +58,10 @@ def server(pytestconfig, request):
 
     echo(f"driver: {DRIVER}; log: {log_path}; data dir: {data_dir}")
     srv.start(echo=echo)
-    saved = {k: os.environ.get(k) for k in _SDK_ENV}
-    os.environ["E2B_API_KEY"] = srv.key
-    os.environ["E2B_API_URL"] = srv.url
-    os.environ["E2B_SANDBOX_URL"] = srv.url
     try:
-        yield srv
+        with sdk_env(srv):
+            yield srv
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         code = srv.stop()
         echo(f"server stopped with exit code {code}")
         assert code == 0, f"cella serve exited with {code} after SIGTERM; see {log_path}"

@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 from e2b import Sandbox
 
-from cella_e2e import FakeInternet, HostSnapshot, Server, host_links, nft_table, wait_until
+from cella_e2e import FakeInternet, HostSnapshot, Server, host_links, nft_table, sdk_env, wait_until
 
 pytestmark = pytest.mark.driver("jail", "the vm driver has no egress yet (a 400, tested in the API tests)")
 
-_SDK_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +66,10 @@ def egress(server, fake):
     assert table, f"the server names its nftables table: {srv.lines[-10:]}"
     srv.table = table
     srv.prefix = next(l.split("interfaces ")[1].rstrip("*)") for l in srv.lines if "interfaces " in l)
-    saved = {k: os.environ.get(k) for k in _SDK_ENV}
-    os.environ.update({"E2B_API_KEY": srv.key, "E2B_API_URL": srv.url, "E2B_SANDBOX_URL": srv.url})
     try:
-        yield srv
+        with sdk_env(srv):
+            yield srv
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         try:
             code = srv.stop()
             assert code == 0, f"egress server exited with {code}; see {srv.log_path}"
