@@ -7,7 +7,7 @@
 //! the sandbox.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -40,7 +40,7 @@ impl Default for Limits {
 }
 
 /// A template resolved to a built root filesystem on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TemplateImage {
     /// Template name (`base`).
     pub name: String,
@@ -54,6 +54,10 @@ pub struct TemplateImage {
     pub env: BTreeMap<String, String>,
     /// Command the agent starts at boot (`None`: nothing).
     pub start_cmd: Option<StartCommand>,
+    /// Filesystem snapshot layers stacked on `rootfs`, newest first (empty for a plain
+    /// template). Each is what [`SandboxHandle::snapshot_filesystem`] of the same driver wrote.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<PathBuf>,
 }
 
 /// Everything a driver needs to start one sandbox.
@@ -252,6 +256,19 @@ pub trait SandboxHandle: Send + Sync + 'static {
     /// (the host side of egress puts the sandbox's interface there). `None`: not available.
     fn netns_path(&self) -> Option<PathBuf> {
         None
+    }
+
+    /// Write the sandbox's filesystem changes (everything it changed on top of its template
+    /// and layers) into the new, empty directory `dest`, consistent as of one instant: the
+    /// sandbox is frozen while they are read and keeps running (or stays paused) afterwards.
+    /// A sandbox started with `dest` as its newest [`TemplateImage::layers`] entry sees the
+    /// same files. Processes and memory are not part of it. Drivers that cannot keep this
+    /// default.
+    async fn snapshot_filesystem(&self, dest: &Path) -> Result<(), DriverError> {
+        let _ = dest;
+        Err(DriverError::Unavailable(
+            "this driver cannot snapshot a sandbox's filesystem".into(),
+        ))
     }
 
     /// Point the sandbox's `/etc/resolv.conf` at `nameserver`.

@@ -166,6 +166,7 @@ fn spec(env: &Env, id: &str, limits: Limits) -> SandboxSpec {
             default_user: "root".into(),
             env: Default::default(),
             start_cmd: None,
+            layers: Vec::new(),
         },
         limits,
         env_vars: [("HELLO".to_string(), "world".to_string())].into(),

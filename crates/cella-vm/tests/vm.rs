@@ -101,6 +101,7 @@ fn spec(env: &Env, id: &str) -> SandboxSpec {
             default_user: "user".into(),
             env: BTreeMap::new(),
             start_cmd: None,
+            layers: Vec::new(),
         },
         limits: Limits {
             cpu_count: 1,

@@ -497,6 +497,7 @@ fn image(spec: &TemplateSpec, build_id: String, dir: &Path) -> TemplateImage {
         default_user: spec.default_user.clone(),
         env: spec.env.clone(),
         start_cmd: spec.start_cmd.clone(),
+        layers: Vec::new(),
     }
 }
 
