@@ -235,6 +235,54 @@ pub struct PauseRequest {
     pub require_healthy_guest: Option<bool>,
 }
 
+/// `POST /sandboxes/{id}/snapshots` body (`SandboxSnapshotRequest`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRequest {
+    /// Name; a later snapshot with the same name takes the name over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Capture memory too. cella snapshots files only: `true` is refused (400); absent or
+    /// `false` is a filesystem snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+}
+
+/// A snapshot as the snapshot routes answer it (`SnapshotInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotInfo {
+    /// What `Sandbox.create` takes: `name:default` when named, else `<id>:default`.
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// Every full name of the snapshot (`name:default`); empty when unnamed.
+    pub names: Vec<String>,
+}
+
+/// `POST /sandboxes/{id}/fork` body (`SandboxForkRequest`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkRequest {
+    /// Lifetime of each fork in seconds (E2B default 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// How many forks (1-20, default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+}
+
+/// One fork's outcome (`SandboxForkResult`): exactly one field is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkResult {
+    /// The started fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    /// Why it did not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
 /// `POST /sandboxes/{id}/resume` body (deprecated route, `ResumedSandbox`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -107,6 +107,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         store.clone(),
         ManagerConfig {
             paused_ttl: args.paused_ttl,
+            snapshot_dir: Some(data_dir.join("snapshots")),
             ..ManagerConfig::default()
         },
         net.clone()

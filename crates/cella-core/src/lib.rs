@@ -15,5 +15,6 @@ pub mod egress;
 pub mod fake;
 pub mod manager;
 pub mod metrics;
+pub mod snapshot;
 pub mod store;
 pub mod template;

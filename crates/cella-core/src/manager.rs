@@ -35,6 +35,7 @@ use crate::driver::{
 };
 use crate::egress::{Egress, EgressError, EgressPolicy};
 use crate::metrics::{DEFAULT_HISTORY, MetricsRing, Reading, cpu_percent};
+use crate::snapshot::{MAX_CHAIN, SnapshotError, SnapshotMeta, SnapshotStore, is_snapshot_name};
 use crate::store::{NewAudit, SandboxRecord, Store, format_rfc3339_ms, now_ms};
 use crate::template::{TemplateError, TemplateStore};
 
@@ -71,6 +72,17 @@ pub enum ManagerError {
     /// The template is unknown (404).
     #[error("template '{0}' not found")]
     TemplateNotFound(String),
+    /// This sandbox's driver, or this server, cannot take snapshots (501).
+    #[error("snapshots are not available for sandbox '{id}': {reason}")]
+    SnapshotUnsupported {
+        /// Sandbox ID.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The snapshot store failed (500).
+    #[error("snapshot store failed")]
+    Snapshot(#[from] SnapshotError),
     /// The template is known but its build is not available (503).
     #[error("template '{0}' is not built yet")]
     TemplateNotReady(String),
@@ -113,6 +125,9 @@ pub struct ManagerConfig {
     /// How long a paused sandbox is kept before it is killed (its memory stays resident on
     /// the host all that time).
     pub paused_ttl: Duration,
+    /// Where filesystem snapshots are kept (`None`: this server takes none; the snapshot and
+    /// fork routes answer 501).
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 /// Default of [`ManagerConfig::paused_ttl`]: 24 h, the longest a running sandbox may live.
@@ -134,6 +149,7 @@ impl Default for ManagerConfig {
             max_pids: 1024,
             reap_interval: Duration::from_millis(100),
             paused_ttl: DEFAULT_PAUSED_TTL,
+            snapshot_dir: None,
         }
     }
 }
@@ -172,6 +188,12 @@ pub struct LiveSandbox {
     pub auto_resume: bool,
     /// Paused now (only changed under `transition`).
     paused: std::sync::atomic::AtomicBool,
+    /// The snapshot it started from (its chain stays on disk while the sandbox lives).
+    pub snapshot: Option<String>,
+    /// What it started from (template, and snapshot layers).
+    image: crate::driver::TemplateImage,
+    /// The create request (template aside), so that forks start the same way.
+    request: NewSandbox,
     /// Serializes pause, resume and destroy of this sandbox.
     transition: tokio::sync::Mutex<()>,
 }
@@ -297,7 +319,59 @@ pub struct Manager {
     idempotent: Mutex<HashMap<(String, String), (i64, IdempotentCell)>>,
     /// Host-side sandbox networking; `None`: no sandbox gets a network (`--egress none`).
     egress: Option<Arc<dyn Egress>>,
+    /// Filesystem snapshots; `None`: not configured or not usable.
+    snapshots: Option<SnapshotStore>,
+    /// Snapshots that creates in flight start from (raw ID → count): their layers must stay
+    /// until the sandbox is registered. Locked across every [`SnapshotStore::gc`].
+    pins: Arc<Mutex<HashMap<String, usize>>>,
 }
+
+/// What a create starts from: the image, the snapshot it comes from, and that snapshot's pin.
+type Source = (
+    crate::driver::TemplateImage,
+    Option<SnapshotMeta>,
+    Option<SnapshotPin>,
+);
+
+/// Keeps a snapshot's layers from [`SnapshotStore::gc`] while it lives.
+struct SnapshotPin {
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+    id: String,
+}
+
+impl SnapshotPin {
+    /// Pin `id`; `pins` must be the locked map.
+    fn new(
+        pins: &Arc<Mutex<HashMap<String, usize>>>,
+        map: &mut HashMap<String, usize>,
+        id: &str,
+    ) -> SnapshotPin {
+        *map.entry(id.to_string()).or_insert(0) += 1;
+        SnapshotPin {
+            pins: pins.clone(),
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.pins.lock()
+            && let Some(n) = map.get_mut(&self.id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Most forks one request may ask for (the SDK's bound).
+pub const MAX_FORK_COUNT: u32 = 20;
+
+/// Lifetime of a fork when the request gives none (E2B's `SandboxForkRequest` default).
+pub const DEFAULT_FORK_TIMEOUT_SECS: u64 = 15;
 
 type IdempotentCell = Arc<tokio::sync::OnceCell<Sandbox>>;
 
@@ -342,6 +416,22 @@ impl Manager {
     ) -> Arc<Manager> {
         let (tx, rx) = mpsc::unbounded_channel();
         let default_driver = default_driver.min(drivers.len().saturating_sub(1));
+        let snapshots = config.snapshot_dir.clone().and_then(|dir| {
+            match SnapshotStore::open(dir) {
+                Ok(s) => {
+                    // Nothing runs yet: fork snapshots and deleted ones of the last run go.
+                    let removed = s.gc(&Default::default());
+                    if removed > 0 {
+                        tracing::info!(removed, "removed unused snapshot layers");
+                    }
+                    Some(s)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "snapshots disabled");
+                    None
+                }
+            }
+        });
         let manager = Arc::new(Manager {
             drivers,
             default_driver,
@@ -354,6 +444,8 @@ impl Manager {
             dying: Mutex::new(Default::default()),
             idempotent: Mutex::new(HashMap::new()),
             egress,
+            snapshots,
+            pins: Arc::new(Mutex::new(HashMap::new())),
         });
         tokio::spawn(record_agent_events(manager.store.clone(), rx));
         tokio::spawn(reaper(Arc::downgrade(&manager)));
@@ -377,12 +469,25 @@ impl Manager {
         &self.templates
     }
 
-    /// Create a sandbox for `owner`. Returns once its agent answers.
+    /// Create a sandbox for `owner`. Returns once its agent answers. `templateID` names a
+    /// template, or one of `owner`'s snapshots (see [`crate::snapshot`]).
     pub async fn create(
         self: &Arc<Self>,
         owner: &str,
         req: NewSandbox,
     ) -> Result<Sandbox, ManagerError> {
+        self.create_from(owner, req, None).await
+    }
+
+    /// [`Manager::create`], from `fork_of` (a pinned, possibly hidden snapshot) when given
+    /// instead of resolving `templateID`.
+    async fn create_from(
+        self: &Arc<Self>,
+        owner: &str,
+        req: NewSandbox,
+        fork_of: Option<SnapshotMeta>,
+    ) -> Result<Sandbox, ManagerError> {
+        let request = req.clone();
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ManagerError::ShuttingDown);
         }
@@ -406,7 +511,13 @@ impl Manager {
                 });
             }
         }
-        let driver = self.pick_driver(req.driver.as_deref())?;
+        let (image, snapshot, _pin) = self
+            .resolve_source(owner, &req.template_id, fork_of)
+            .await?;
+        let driver = match &snapshot {
+            None => self.pick_driver(req.driver.as_deref())?,
+            Some(meta) => self.pick_snapshot_driver(req.driver.as_deref(), meta)?,
+        };
         let network = req.network.clone().unwrap_or_default();
         let policy = EgressPolicy::from_request(
             req.allow_internet_access,
@@ -432,22 +543,15 @@ impl Manager {
             });
         }
 
-        let template_name = req.template_id.clone();
-        let templates = self.templates.clone();
-        let image = tokio::task::spawn_blocking(move || templates.resolve(&template_name))
-            .await
-            .map_err(|e| ManagerError::Driver(DriverError::Setup(e.to_string())))?
-            .map_err(|e| match e {
-                TemplateError::NotFound(n) => ManagerError::TemplateNotFound(n),
-                TemplateError::NotBuilt { name, .. } => ManagerError::TemplateNotReady(name),
-                other => ManagerError::Template(other),
-            })?;
-        let spec_defaults = self.templates.spec(&image.name);
         let mut limits = Limits {
             max_pids: self.config.max_pids,
             ..Limits::default()
         };
-        if let Some(spec) = &spec_defaults {
+        if let Some(meta) = &snapshot {
+            limits.cpu_count = meta.cpu_count;
+            limits.memory_mb = meta.memory_mb;
+            limits.disk_mb = meta.disk_mb;
+        } else if let Some(spec) = self.templates.spec(&image.name) {
             limits.cpu_count = spec.cpu_count;
             limits.memory_mb = spec.memory_mb;
             limits.disk_mb = spec.disk_mb;
@@ -462,6 +566,17 @@ impl Manager {
         if let Some(d) = req.disk_size_mb {
             limits.disk_mb = bounded(d, 64, self.config.max_disk_mb, "diskSizeMB")?;
         }
+        if let Some(meta) = &snapshot
+            && limits.disk_mb < meta.disk_mb
+        {
+            return Err(ManagerError::InvalidField {
+                field: "diskSizeMB",
+                message: format!(
+                    "must be at least {} (the disk of the sandbox the snapshot was taken of)",
+                    meta.disk_mb
+                ),
+            });
+        }
 
         let mut env = image.env.clone();
         env.extend(env_vars);
@@ -472,7 +587,10 @@ impl Manager {
             .and_then(|n| n.allow_public_traffic)
             .is_some_and(|public| !public)
             .then(|| random_hex(32));
-        let alias = (req.template_id != image.name).then(|| req.template_id.clone());
+        let template_id = snapshot
+            .as_ref()
+            .map_or_else(|| image.name.clone(), |m| m.id.clone());
+        let alias = (req.template_id != template_id).then(|| req.template_id.clone());
         let spec = SandboxSpec {
             id: id.clone(),
             template: image.clone(),
@@ -522,8 +640,11 @@ impl Manager {
         let live = Arc::new(LiveSandbox {
             handle: handle.clone(),
             owner: owner.to_string(),
-            template_id: image.name.clone(),
+            template_id: template_id.clone(),
             alias,
+            image: image.clone(),
+            snapshot: snapshot.as_ref().map(|m| m.id.clone()),
+            request,
             access_token,
             traffic_access_token,
             started_at_ms: now,
@@ -541,7 +662,7 @@ impl Manager {
         self.store.insert_sandbox(&SandboxRecord {
             id: id.clone(),
             key_id: owner.to_string(),
-            template: image.name.clone(),
+            template: template_id.clone(),
             isolation: handle.isolation().as_str().to_string(),
             started_at_ms: now,
             end_at_ms: live.end_at_ms(),
@@ -557,6 +678,7 @@ impl Manager {
             detail: serde_json::json!({
                 "template": image.name,
                 "build": image.build_id,
+                "snapshot": snapshot.as_ref().map(|m| m.id.clone()),
                 "isolation": handle.isolation().as_str(),
                 "timeout": timeout,
                 "onTimeout": if auto_pause { "pause" } else { "kill" },
@@ -622,6 +744,366 @@ impl Manager {
         cell.get_or_try_init(|| self.create(owner, req))
             .await
             .cloned()
+    }
+
+    /// The image a create starts from: `fork_of`, else the template `reference` names, else
+    /// `owner`'s snapshot it names. A snapshot comes pinned.
+    async fn resolve_source(
+        &self,
+        owner: &str,
+        reference: &str,
+        fork_of: Option<SnapshotMeta>,
+    ) -> Result<Source, ManagerError> {
+        let templates = self.templates.clone();
+        let snapshots = self.snapshots.clone();
+        let pins = self.pins.clone();
+        let owner = owner.to_string();
+        let reference = reference.to_string();
+        let resolved = tokio::task::spawn_blocking(move || {
+            let meta = match fork_of {
+                Some(meta) => meta,
+                None => match templates.resolve(&reference) {
+                    Ok(image) => return Ok((image, None, None)),
+                    Err(TemplateError::NotFound(n)) => {
+                        let found = snapshots.as_ref().and_then(|s| {
+                            let map = pins.lock().ok()?;
+                            let meta = s.resolve(&owner, &reference)?;
+                            Some((meta, map))
+                        });
+                        let Some((meta, mut map)) = found else {
+                            return Err(ManagerError::TemplateNotFound(n));
+                        };
+                        let pin = SnapshotPin::new(&pins, &mut map, &meta.id);
+                        drop(map);
+                        return snapshot_image(snapshots.as_ref(), meta, Some(pin));
+                    }
+                    Err(TemplateError::NotBuilt { name, .. }) => {
+                        return Err(ManagerError::TemplateNotReady(name));
+                    }
+                    Err(other) => return Err(ManagerError::Template(other)),
+                },
+            };
+            let pin = pins
+                .lock()
+                .ok()
+                .map(|mut map| SnapshotPin::new(&pins, &mut map, &meta.id));
+            snapshot_image(snapshots.as_ref(), meta, pin)
+        })
+        .await
+        .map_err(|e| ManagerError::Driver(DriverError::Setup(e.to_string())))??;
+        Ok(resolved)
+    }
+
+    /// The driver for a sandbox from `meta`: the one that wrote its layers.
+    fn pick_snapshot_driver(
+        &self,
+        name: Option<&str>,
+        meta: &SnapshotMeta,
+    ) -> Result<Arc<dyn Driver>, ManagerError> {
+        let driver = match name {
+            None | Some("") | Some("auto") => self
+                .drivers
+                .iter()
+                .find(|d| d.isolation() == meta.isolation)
+                .cloned()
+                .ok_or_else(|| ManagerError::DriverUnavailable(meta.isolation.as_str().into()))?,
+            Some(n) => self.pick_driver(Some(n))?,
+        };
+        if driver.isolation() != meta.isolation {
+            return Err(ManagerError::InvalidField {
+                field: "driver",
+                message: format!(
+                    "snapshot {} was taken of a {} sandbox and starts only with that driver",
+                    meta.snapshot_id(),
+                    meta.isolation.as_str()
+                ),
+            });
+        }
+        Ok(driver)
+    }
+
+    fn snapshot_store(&self, id: &str) -> Result<&SnapshotStore, ManagerError> {
+        self.snapshots
+            .as_ref()
+            .ok_or_else(|| ManagerError::SnapshotUnsupported {
+                id: id.to_string(),
+                reason: "this server keeps no snapshots (no snapshot directory)".into(),
+            })
+    }
+
+    /// Snapshot a sandbox of `owner`'s filesystem (`POST /sandboxes/{id}/snapshots`). The
+    /// sandbox is frozen while its files are read and then runs on (or stays paused).
+    pub async fn create_snapshot(
+        &self,
+        owner: &str,
+        id: &str,
+        name: Option<String>,
+        memory: Option<bool>,
+    ) -> Result<SnapshotMeta, ManagerError> {
+        self.snapshot_store(id)?;
+        if memory == Some(true) {
+            return Err(ManagerError::InvalidField {
+                field: "memory",
+                message: "cella snapshots keep a sandbox's files, not its memory: sandboxes \
+                          started from a snapshot cold-start; ask for mode=\"filesystem\""
+                    .into(),
+            });
+        }
+        if let Some(n) = &name {
+            if !is_snapshot_name(n) {
+                return Err(ManagerError::InvalidField {
+                    field: "name",
+                    message: SnapshotError::InvalidName(n.clone()).to_string(),
+                });
+            }
+            if self.templates.spec(n).is_some() {
+                return Err(ManagerError::Conflict(format!(
+                    "a template is named {n:?}; choose another snapshot name"
+                )));
+            }
+        }
+        let live = self.get_live(Some(owner), id)?;
+        let (meta, _pin) = self.snapshot_live(&live, owner, name, false).await?;
+        Ok(meta)
+    }
+
+    /// Take a snapshot of `live`, returned pinned.
+    async fn snapshot_live(
+        &self,
+        live: &Arc<LiveSandbox>,
+        actor: &str,
+        name: Option<String>,
+        hidden: bool,
+    ) -> Result<(SnapshotMeta, SnapshotPin), ManagerError> {
+        let id = live.handle.id().to_string();
+        let store = self.snapshot_store(&id)?.clone();
+        let _t = live.transition.lock().await;
+        if !self.is_live(&id) {
+            return Err(ManagerError::SandboxNotFound(id));
+        }
+        let parents: Vec<String> = live
+            .snapshot
+            .as_ref()
+            .and_then(|s| store.get_any(s))
+            .map(|p| p.chain().map(str::to_string).collect())
+            .unwrap_or_default();
+        if parents.len() >= MAX_CHAIN {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox '{id}' started from a chain of {} snapshots; at most {MAX_CHAIN} can be \
+                 stacked",
+                parents.len()
+            )));
+        }
+        let pending = store.begin()?;
+        let started = std::time::Instant::now();
+        if let Err(e) = live.handle.snapshot_filesystem(&pending.layer_dir()).await {
+            store.abort(pending);
+            self.store.audit(NewAudit {
+                actor: actor.to_string(),
+                sandbox_id: Some(id.clone()),
+                kind: "sandbox.snapshot_failed".into(),
+                detail: serde_json::json!({ "error": error_chain(&e) }),
+            });
+            return Err(match e {
+                DriverError::Unavailable(reason) => {
+                    ManagerError::SnapshotUnsupported { id, reason }
+                }
+                other => other.into(),
+            });
+        }
+        let snapshot_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let mut base = live.image.clone();
+        base.layers.clear();
+        let meta = SnapshotMeta {
+            id: pending.id.clone(),
+            name,
+            owner: live.owner.clone(),
+            source_sandbox: id.clone(),
+            isolation: live.handle.isolation(),
+            base,
+            parents,
+            cpu_count: live.limits.cpu_count,
+            memory_mb: live.limits.memory_mb,
+            disk_mb: live.limits.disk_mb,
+            created_at_ms: now_ms(),
+            size_bytes: 0,
+            hidden,
+        };
+        let pins = self.pins.clone();
+        let (meta, pin) = tokio::task::spawn_blocking(move || {
+            let meta = store.commit(pending, meta)?;
+            let pin = pins
+                .lock()
+                .map(|mut map| SnapshotPin::new(&pins, &mut map, &meta.id))
+                .map_err(|_| {
+                    ManagerError::Driver(DriverError::Setup("snapshot pins poisoned".into()))
+                })?;
+            Ok::<_, ManagerError>((meta, pin))
+        })
+        .await
+        .map_err(|e| ManagerError::Driver(DriverError::Setup(e.to_string())))??;
+        self.store.audit(NewAudit {
+            actor: actor.to_string(),
+            sandbox_id: Some(id),
+            kind: "sandbox.snapshot".into(),
+            detail: serde_json::json!({
+                "snapshot": meta.id,
+                "snapshotID": meta.snapshot_id(),
+                "name": meta.name,
+                "forFork": hidden,
+                "layers": meta.parents.len() + 1,
+                "sizeBytes": meta.size_bytes,
+                "snapshotMs": snapshot_ms,
+            }),
+        });
+        Ok((meta, pin))
+    }
+
+    /// Fork a sandbox of `owner` (`POST /sandboxes/{id}/fork`): snapshot its files once and
+    /// start `count` sandboxes from that, each with the source's settings and `timeout`. Each
+    /// fork succeeds or fails on its own. The snapshot is never listed and goes once no fork
+    /// uses it.
+    pub async fn fork(
+        self: &Arc<Self>,
+        owner: &str,
+        id: &str,
+        count: Option<u32>,
+        timeout: Option<u64>,
+    ) -> Result<Vec<Result<Sandbox, ManagerError>>, ManagerError> {
+        self.snapshot_store(id)?;
+        let count = count.unwrap_or(1);
+        if !(1..=MAX_FORK_COUNT).contains(&count) {
+            return Err(ManagerError::InvalidField {
+                field: "count",
+                message: format!("must be between 1 and {MAX_FORK_COUNT}"),
+            });
+        }
+        let timeout = validate_timeout(timeout.unwrap_or(DEFAULT_FORK_TIMEOUT_SECS), "timeout")?;
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(ManagerError::ShuttingDown);
+        }
+        let live = self.get_live(Some(owner), id)?;
+        let (meta, pin) = self.snapshot_live(&live, owner, None, true).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..count {
+            let mut req = live.request.clone();
+            req.template_id = meta.id.clone();
+            req.timeout = Some(timeout);
+            req.driver = None;
+            req.cpu_count = Some(live.limits.cpu_count);
+            req.memory_mb = Some(live.limits.memory_mb);
+            req.disk_size_mb = Some(live.limits.disk_mb);
+            let (this, owner, meta) = (self.clone(), owner.to_string(), meta.clone());
+            tasks.spawn(async move { (i, this.create_from(&owner, req, Some(meta)).await) });
+        }
+        let mut results: Vec<Option<Result<Sandbox, ManagerError>>> =
+            (0..count).map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, r)) => {
+                    if let Some(slot) = results.get_mut(i as usize) {
+                        *slot = Some(r);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "a fork task failed"),
+            }
+        }
+        let results: Vec<Result<Sandbox, ManagerError>> = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(ManagerError::Driver(DriverError::Setup(
+                        "the fork task failed".into(),
+                    )))
+                })
+            })
+            .collect();
+        self.store.audit(NewAudit {
+            actor: owner.to_string(),
+            sandbox_id: Some(id.to_string()),
+            kind: "sandbox.fork".into(),
+            detail: serde_json::json!({
+                "snapshot": meta.id,
+                "count": count,
+                "timeout": timeout,
+                "forks": results.iter().map(|r| match r {
+                    Ok(s) => serde_json::json!({ "sandboxID": s.sandbox_id }),
+                    Err(e) => serde_json::json!({ "error": error_chain(e) }),
+                }).collect::<Vec<_>>(),
+            }),
+        });
+        drop(pin);
+        self.gc_snapshots().await;
+        Ok(results)
+    }
+
+    /// `owner`'s snapshots, newest first; only those of `sandbox_id` / named `name` when given.
+    pub fn list_snapshots(
+        &self,
+        owner: &str,
+        sandbox_id: Option<&str>,
+        name: Option<&str>,
+    ) -> Vec<SnapshotMeta> {
+        let Some(store) = &self.snapshots else {
+            return Vec::new();
+        };
+        let name = name.map(|n| n.strip_suffix(":default").unwrap_or(n));
+        store
+            .list(owner)
+            .into_iter()
+            .filter(|m| sandbox_id.is_none_or(|s| m.source_sandbox == s))
+            .filter(|m| name.is_none_or(|n| m.name.as_deref() == Some(n) || m.id == n))
+            .collect()
+    }
+
+    /// Delete `owner`'s snapshot(s) that `reference` names. `Ok(false)`: none. Sandboxes
+    /// started from it keep running; its files go when the last of them ends.
+    pub async fn delete_snapshot(
+        &self,
+        owner: &str,
+        reference: &str,
+    ) -> Result<bool, ManagerError> {
+        let Some(store) = self.snapshots.clone() else {
+            return Ok(false);
+        };
+        let (o, r) = (owner.to_string(), reference.to_string());
+        let n = tokio::task::spawn_blocking(move || store.delete(&o, &r))
+            .await
+            .map_err(|e| ManagerError::Driver(DriverError::Setup(e.to_string())))??;
+        if n > 0 {
+            self.store.audit(NewAudit {
+                actor: owner.to_string(),
+                sandbox_id: None,
+                kind: "snapshot.delete".into(),
+                detail: serde_json::json!({ "snapshotID": reference, "deleted": n }),
+            });
+            self.gc_snapshots().await;
+        }
+        Ok(n > 0)
+    }
+
+    /// Remove snapshot layers nothing uses any more.
+    async fn gc_snapshots(&self) {
+        let Some(store) = self.snapshots.clone() else {
+            return;
+        };
+        let live: std::collections::HashSet<String> = self
+            .live
+            .read()
+            .map(|m| m.values().filter_map(|l| l.snapshot.clone()).collect())
+            .unwrap_or_default();
+        let pins = self.pins.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let Ok(map) = pins.lock() else { return 0 };
+            let mut in_use = live;
+            in_use.extend(map.keys().cloned());
+            store.gc(&in_use)
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::debug!(removed, "removed unused snapshot layers");
+        }
     }
 
     fn pick_driver(&self, name: Option<&str>) -> Result<Arc<dyn Driver>, ManagerError> {
@@ -1034,6 +1516,9 @@ impl Manager {
         if let Err(e) = self.store.finish_sandbox(id, reason) {
             tracing::warn!(sandbox = id, error = %e, "recording sandbox end failed");
         }
+        if live.as_ref().is_some_and(|l| l.snapshot.is_some()) {
+            self.gc_snapshots().await;
+        }
         result
     }
 
@@ -1225,6 +1710,35 @@ impl Manager {
             }
         }
     }
+}
+
+/// The image of a sandbox started from `meta`: its base template with the chain's layers.
+fn snapshot_image(
+    store: Option<&SnapshotStore>,
+    meta: SnapshotMeta,
+    pin: Option<SnapshotPin>,
+) -> Result<Source, ManagerError> {
+    let Some(store) = store else {
+        return Err(ManagerError::TemplateNotFound(meta.snapshot_id()));
+    };
+    if !meta.base.rootfs.is_dir() {
+        return Err(ManagerError::Conflict(format!(
+            "snapshot {} was taken on template {} build {}, which is no longer on this server",
+            meta.snapshot_id(),
+            meta.base.name,
+            meta.base.build_id
+        )));
+    }
+    let mut image = meta.base.clone();
+    image.layers = store.layers(&meta);
+    if let Some(missing) = image.layers.iter().find(|l| !l.is_dir()) {
+        return Err(ManagerError::Conflict(format!(
+            "snapshot {} is incomplete: layer {} is missing",
+            meta.snapshot_id(),
+            missing.display()
+        )));
+    }
+    Ok((image, Some(meta), pin))
 }
 
 /// Point the new sandbox's resolver at the host end and attach its interface and rules.

@@ -565,13 +565,18 @@ impl DiskPool {
     }
 }
 
+/// What a successful start leaves: the init, its disk, the file audit's handle on the disk and
+/// the driver's own (for snapshots).
+type Started = (spawn::Spawned, LoopRef, Option<OwnedFd>, Option<OwnedFd>);
+
 fn start_blocking(
     inner: &Inner,
     id: &str,
     dir: &Path,
     rootfs: &Path,
+    layers: &[PathBuf],
     limits: Limits,
-) -> Result<(spawn::Spawned, LoopRef, Option<OwnedFd>), DriverError> {
+) -> Result<Started, DriverError> {
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -601,6 +606,7 @@ fn start_blocking(
         sandbox_dir: dir,
         writable_layer: std::os::fd::AsFd::as_fd(&disk.mount),
         rootfs,
+        layers,
         agent: &inner.config.agent_path,
         agent_mount_flags: inner.agent_mount_flags,
         limits,
@@ -615,12 +621,16 @@ fn start_blocking(
             .map_err(|e| tracing::warn!(sandbox = id, error = %e, "no file audit for this sandbox"))
             .ok()
     });
+    // Snapshots read the upper layer through this (released when the init exits).
+    let disk_root = fswatch::FsWatch::open_root(std::os::fd::AsFd::as_fd(&disk.mount))
+        .map_err(|e| tracing::warn!(sandbox = id, error = %e, "no snapshots of this sandbox"))
+        .ok();
     // The sandbox has its own attachment of the disk now (or failed): the detached original
     // must go, or it would keep the disk alive.
     let disk::WritableDisk { loop_ref, mount } = disk;
     drop(mount);
     match spawned {
-        Ok(s) => Ok((s, loop_ref, fs_root)),
+        Ok(s) => Ok((s, loop_ref, fs_root, disk_root)),
         Err(e) => {
             cleanup_failed(&inner.cgroups, id, dir, Some(&loop_ref));
             Err(DriverError::Setup(error_chain(&e)))
@@ -681,19 +691,34 @@ impl Driver for JailDriver {
             .map_err(|e| DriverError::Setup(error_chain(&e)))?;
         spawn::check_overlay_path("template rootfs", &rootfs)
             .map_err(|e| DriverError::Setup(error_chain(&e)))?;
+        let layers = spec.template.layers.clone();
+        for layer in &layers {
+            if !layer.is_absolute() || !layer.is_dir() {
+                return Err(DriverError::Setup(format!(
+                    "snapshot layer {} is not an existing absolute directory",
+                    layer.display()
+                )));
+            }
+            check_searchable(layer, false, "a snapshot layer")
+                .map_err(|e| DriverError::Setup(error_chain(&e)))?;
+            spawn::check_overlay_path("snapshot layer", layer)
+                .map_err(|e| DriverError::Setup(error_chain(&e)))?;
+        }
 
         let inner = self.inner.clone();
         let id = spec.id.clone();
         let dir = inner.config.data_dir.join(&id);
         let limits = spec.limits;
         let started = std::time::Instant::now();
-        let (spawned, disk, fs_root) = {
+        let (spawned, disk, fs_root, disk_root) = {
             let inner = inner.clone();
             let id = id.clone();
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || start_blocking(&inner, &id, &dir, &rootfs, limits))
-                .await
-                .map_err(|e| DriverError::Setup(format!("start task failed: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                start_blocking(&inner, &id, &dir, &rootfs, &layers, limits)
+            })
+            .await
+            .map_err(|e| DriverError::Setup(format!("start task failed: {e}")))??
         };
         let exec_elapsed = started.elapsed();
         {
@@ -726,15 +751,21 @@ impl Driver for JailDriver {
             tasks: Mutex::new(Vec::new()),
             procwatch: inner.procwatch.clone(),
             fswatch: inner.fswatch.clone(),
+            disk_root: Mutex::new(disk_root.map(Arc::new)),
+            paused: AtomicBool::new(false),
         });
 
-        // The audits forget the sandbox as soon as its init is gone (killed, crashed, or
-        // reaped by a later server run), so they never keep its disk alive.
-        if inner.procwatch.is_some() || inner.fswatch.is_some() {
+        // The audits and the snapshot handle forget the sandbox as soon as its init is gone
+        // (killed, crashed, or reaped by a later server run), so they never keep its disk alive.
+        {
             let mut exited = sandbox.exit_rx.clone();
             let (pw, fw, id) = (inner.procwatch.clone(), inner.fswatch.clone(), id.clone());
+            let weak = Arc::downgrade(&sandbox);
             tokio::spawn(async move {
                 let _ = exited.wait_for(|v| v.is_some()).await;
+                if let Some(s) = weak.upgrade() {
+                    s.release_disk_root();
+                }
                 if let Some(w) = fw {
                     w.unwatch(&id);
                 }

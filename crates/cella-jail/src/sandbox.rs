@@ -12,7 +12,7 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -304,6 +304,48 @@ fn write_resolv_conf(pid: i32, pidfd: &OwnedFd, content: &[u8]) -> io::Result<()
     (&file).write_all(content)
 }
 
+/// Copy the overlay's upper directory under `disk_root` into the existing, empty `dest`, as
+/// it is on disk: owners (the sandbox ID range), modes, xattrs (`user.overlay.*` opaque
+/// markers), whiteouts (0/0 character devices), hard links, symlinks as symlinks, holes. The
+/// result is a valid overlay lower layer. `cp` runs with the disk root as its working
+/// directory, so no path of the sandbox's disk is ever resolved from the host's root.
+fn copy_upper(disk_root: &OwnedFd, dest: &Path) -> Result<(), DriverError> {
+    use std::os::unix::process::CommandExt;
+    let fd = disk_root.as_raw_fd();
+    let mut cmd = std::process::Command::new("cp");
+    cmd.args(["-a", "--reflink=auto", "--", "upper/."])
+        .arg(dest)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and only calls fchdir, which
+    // is async-signal-safe, on a descriptor the parent keeps open for the whole call.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fchdir(fd) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().map_err(|source| DriverError::Io {
+        context: "running cp for a snapshot".into(),
+        source,
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err: String = String::from_utf8_lossy(&out.stderr)
+        .chars()
+        .take(2000)
+        .collect();
+    Err(DriverError::Setup(format!(
+        "copying the sandbox's files failed ({}): {}",
+        out.status,
+        err.trim()
+    )))
+}
+
 /// The calling thread's filesystem uid/gid set to `id` until dropped (then back to 0).
 /// setfsuid/setfsgid are per-thread syscalls, so other threads are unaffected.
 struct FsIds;
@@ -399,6 +441,11 @@ pub struct JailSandbox {
     pub(crate) procwatch: Option<Arc<crate::procwatch::ProcWatch>>,
     /// The host's file audit, which holds this sandbox's disk root until teardown.
     pub(crate) fswatch: Option<Arc<crate::fswatch::FsWatch>>,
+    /// The disk's root (upper and work directories), for snapshots; dropped when the init
+    /// exits, because it keeps the disk alive.
+    pub(crate) disk_root: Mutex<Option<Arc<OwnedFd>>>,
+    /// Frozen by [`SandboxHandle::pause`] (a snapshot then leaves it frozen).
+    pub(crate) paused: AtomicBool,
 }
 
 impl std::fmt::Debug for JailSandbox {
@@ -411,6 +458,13 @@ impl std::fmt::Debug for JailSandbox {
 }
 
 impl JailSandbox {
+    /// Let go of the disk root (teardown waits for the disk, which it keeps alive).
+    pub(crate) fn release_disk_root(&self) {
+        if let Ok(mut r) = self.disk_root.lock() {
+            r.take();
+        }
+    }
+
     /// Kill, reap, remove cgroups, wait for the disk's release, remove the directory. Shared
     /// by destroy and failed creates; idempotent.
     pub(crate) async fn teardown(&self) -> Result<(), DriverError> {
@@ -441,10 +495,12 @@ impl JailSandbox {
         if let Some(w) = &self.procwatch {
             w.unwatch(&self.id);
         }
-        // Before waiting for the disk's release: the audit's root fd keeps it alive.
+        // Before waiting for the disk's release: the audit's and the snapshots' root fds keep
+        // it alive.
         if let Some(w) = &self.fswatch {
             w.unwatch(&self.id);
         }
+        self.release_disk_root();
         if let Ok(mut ns) = self.netns.lock() {
             ns.take();
         }
@@ -542,11 +598,45 @@ impl SandboxHandle for JailSandbox {
                 self.id
             )));
         }
-        freeze(self.cgroups.clone(), &self.id).await
+        freeze(self.cgroups.clone(), &self.id).await?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn resume(&self) -> Result<(), DriverError> {
-        thaw(self.cgroups.clone(), &self.id).await
+        thaw(self.cgroups.clone(), &self.id).await?;
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn snapshot_filesystem(&self, dest: &Path) -> Result<(), DriverError> {
+        if self.destroying.load(Ordering::SeqCst) {
+            return Err(DriverError::Setup(format!(
+                "sandbox {} is being destroyed",
+                self.id
+            )));
+        }
+        let root = self
+            .disk_root
+            .lock()
+            .map_err(|_| DriverError::Setup("sandbox state poisoned".into()))?
+            .clone()
+            .ok_or_else(|| {
+                DriverError::Unavailable(format!("sandbox {}'s disk is not reachable", self.id))
+            })?;
+        let was_paused = self.paused.load(Ordering::SeqCst);
+        if !was_paused {
+            freeze(self.cgroups.clone(), &self.id).await?;
+        }
+        let dest = dest.to_path_buf();
+        let copied = tokio::task::spawn_blocking(move || copy_upper(&root, &dest))
+            .await
+            .map_err(|e| DriverError::Setup(format!("snapshot task failed: {e}")))
+            .and_then(|r| r);
+        if !was_paused {
+            thaw(self.cgroups.clone(), &self.id).await?;
+        }
+        copied
     }
 
     async fn wait_exit(&self) -> ExitInfo {

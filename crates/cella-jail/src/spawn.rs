@@ -19,7 +19,7 @@
 //!  write(sync) ───────────────────────────────▶  setgroups/setresgid/setresuid(0)
 //!                                                unshare(CGROUP); MS_PRIVATE on /
 //!                                                move_mount(disk) onto data_dir/<id>
-//!                                                overlay(lower=rootfs, upper/work on disk)
+//!                                                overlay(lower=layers…:rootfs, upper/work on disk)
 //!                                                proc, /dev (tmpfs + binds + devpts + shm),
 //!                                                /.cella/agent (ro bind), sysfs (best effort)
 //!                                                pivot_root + detach old root
@@ -238,8 +238,10 @@ pub struct SpawnRequest<'a> {
     /// The writable layer: a detached mount (`fsmount`) of the sandbox's disk
     /// ([`crate::disk`]); the child attaches it with `move_mount`.
     pub writable_layer: BorrowedFd<'a>,
-    /// Template root filesystem (overlay lower layer).
+    /// Template root filesystem (overlay lowest layer).
     pub rootfs: &'a Path,
+    /// Snapshot layers stacked on `rootfs`, newest (topmost) first.
+    pub layers: &'a [std::path::PathBuf],
     /// Host path of the agent binary.
     pub agent: &'a Path,
     /// Mount flags the agent's bind must keep (from the host mount: locked flags).
@@ -519,7 +521,12 @@ fn wait_exec(err_read: &OwnedFd) -> Result<(), SpawnError> {
 /// caller removes the cgroups and the directory.
 pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
     let dir = overlay_safe("sandbox directory", req.sandbox_dir)?;
-    let rootfs = overlay_safe("template rootfs", req.rootfs)?;
+    let mut lower = String::new();
+    for layer in req.layers {
+        lower.push_str(&overlay_safe("snapshot layer", layer)?);
+        lower.push(':');
+    }
+    lower.push_str(&overlay_safe("template rootfs", req.rootfs)?);
     let (ctl_parent, ctl_child) = socketpair().map_err(os_err("control socketpair"))?;
     let (sync_r, sync_w) = pipe().map_err(os_err("sync pipe"))?;
     let (err_r, err_w) = pipe().map_err(os_err("error pipe"))?;
@@ -566,7 +573,7 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         work: cs(format!("{dir}/work"))?,
         root: cs(format!("{dir}/root"))?,
         overlay_opts: cs(format!(
-            "lowerdir={rootfs},upperdir={dir}/upper,workdir={dir}/work,userxattr"
+            "lowerdir={lower},upperdir={dir}/upper,workdir={dir}/work,userxattr"
         ))?,
         agent: cstring("agent", req.agent)?,
         agent_ro_flags: req.agent_mount_flags,

@@ -97,10 +97,11 @@ fn build_rootfs(root: &Path) {
             std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("symlink");
         }
     }
-    for d in ["etc", "www/cgi-bin", "mnt"] {
+    for d in ["etc", "www/cgi-bin", "mnt", "opt/old"] {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
     }
     std::fs::write(root.join("etc/motd"), "template file\n").expect("write");
+    std::fs::write(root.join("opt/old/keep"), "template file\n").expect("write");
     write_exec(&root.join("www/cgi-bin/run"), CGI);
     lchown_tree(root);
 }
@@ -1237,4 +1238,111 @@ async fn orphan_reaper_kills_a_frozen_sandbox() {
     assert_eq!(removed, env.driver.cgroups().hierarchies().len());
     sb.destroy().await.expect("destroy");
     assert_gone(&env, &id, &alive).await;
+}
+
+fn layer_dir(env: &Env, name: &str) -> PathBuf {
+    let d = env.tmp.path().join(name);
+    std::fs::create_dir(&d).expect("mkdir layer");
+    d
+}
+
+async fn create_layered(env: &Env, id: &str, layers: Vec<PathBuf>) -> Arc<dyn SandboxHandle> {
+    let (tx, _rx): (EventSink, _) = mpsc::unbounded_channel();
+    let mut s = spec(env, id, small_limits());
+    s.template.layers = layers;
+    env.driver.create(s, tx).await.expect("create from layers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_snapshots_stack_as_lower_layers() {
+    let Some(env) = env() else { return };
+    if !env.driver.cgroups().can_freeze() {
+        eprintln!("skipping: no cgroup freezer on this host");
+        return;
+    }
+    let id1 = unique_id("snapa");
+    let (sb1, _ev) = create(&env, &id1, small_limits()).await;
+    let (out, code) = run(
+        &sb1,
+        "echo new > /etc/new && ln /etc/new /etc/hard && rm /etc/motd && \
+         mkdir -p /d/e && echo deep > /d/e/f && ln -s /d/e/f /link && \
+         rm -rf /opt/old && mkdir /opt/old && echo only > /opt/old/only && echo done",
+    )
+    .await;
+    assert_eq!((out.trim(), code), ("done", 0), "{out}");
+
+    let l1 = layer_dir(&env, "l1");
+    let t = Instant::now();
+    sb1.snapshot_filesystem(&l1).await.expect("snapshot");
+    eprintln!("snapshot of a small change: {:?}", t.elapsed());
+    // The source runs on and is not frozen.
+    assert!(!env.driver.cgroups().is_frozen(&id1).expect("state"));
+    let (out, code) = run(&sb1, "echo alive").await;
+    assert_eq!((out.trim(), code), ("alive", 0));
+    // Only the change is in the layer, not the template.
+    assert!(l1.join("etc/new").is_file());
+    assert!(!l1.join("bin").exists(), "the template was copied");
+
+    let id2 = unique_id("snapb");
+    let sb2 = create_layered(&env, &id2, vec![l1.clone()]).await;
+    let (out, code) = run(
+        &sb2,
+        "cat /etc/new; stat -c %h /etc/hard; test -e /etc/motd && echo motd; cat /d/e/f; \
+         readlink /link; ls /opt/old; echo w > /etc/w && cat /etc/w",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["new", "2", "deep", "/d/e/f", "only", "w"],
+        "the snapshot's files, deletions and opaque directory are not what the source had"
+    );
+    // The source's later writes do not reach a sandbox started from its snapshot.
+    let (_, code) = run(&sb1, "echo changed > /etc/new").await;
+    assert_eq!(code, 0);
+    let (out, _) = run(&sb2, "cat /etc/new").await;
+    assert_eq!(out.trim(), "new");
+
+    // A snapshot of a sandbox started from a snapshot stacks on it.
+    let (_, code) = run(&sb2, "rm /etc/new && echo two > /etc/two").await;
+    assert_eq!(code, 0);
+    let l2 = layer_dir(&env, "l2");
+    sb2.snapshot_filesystem(&l2).await.expect("nested snapshot");
+    let id3 = unique_id("snapc");
+    let sb3 = create_layered(&env, &id3, vec![l2.clone(), l1.clone()]).await;
+    let (out, code) = run(
+        &sb3,
+        "test -e /etc/new && echo new; cat /etc/two /opt/old/only /d/e/f",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["two", "only", "deep"]
+    );
+
+    // A paused sandbox stays paused across a snapshot.
+    sb1.pause().await.expect("pause");
+    let l3 = layer_dir(&env, "l3");
+    sb1.snapshot_filesystem(&l3)
+        .await
+        .expect("snapshot while paused");
+    assert!(env.driver.cgroups().is_frozen(&id1).expect("state"));
+    assert_eq!(
+        std::fs::read_to_string(l3.join("etc/new")).expect("layer file"),
+        "changed\n"
+    );
+    sb1.resume().await.expect("resume");
+
+    let all = [(sb1, id1), (sb2, id2), (sb3, id3)];
+    let alive: Vec<Traces> = all.iter().map(|(_, id)| traces(&env, id)).collect();
+    for (sb, id) in &all {
+        sb.destroy().await.expect("destroy");
+        // After teardown nothing is left to snapshot from.
+        let l = layer_dir(&env, &format!("after-{id}"));
+        assert!(sb.snapshot_filesystem(&l).await.is_err());
+    }
+    for ((_, id), alive) in all.iter().zip(&alive) {
+        assert_gone(&env, id, alive).await;
+    }
 }

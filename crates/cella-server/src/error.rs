@@ -63,7 +63,9 @@ impl From<ManagerError> for HttpError {
                 StatusCode::NOT_FOUND
             }
             ManagerError::WrongState { .. } => StatusCode::CONFLICT,
-            ManagerError::PauseUnsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            ManagerError::PauseUnsupported { .. } | ManagerError::SnapshotUnsupported { .. } => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ManagerError::TemplateNotReady(_) | ManagerError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -74,6 +76,7 @@ impl From<ManagerError> for HttpError {
             ManagerError::Driver(_)
             | ManagerError::Store(_)
             | ManagerError::Template(_)
+            | ManagerError::Snapshot(_)
             | ManagerError::Egress(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

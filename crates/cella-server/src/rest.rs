@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use cella_api::{
-    AuditEntry, ConnectRequest, Health, ListedSandbox, NewSandbox, PauseRequest, RefreshRequest,
-    ResumeRequest, SandboxState, TimeoutRequest,
+    AuditEntry, ConnectRequest, ForkRequest, ForkResult, Health, ListedSandbox, NewSandbox,
+    PauseRequest, RefreshRequest, ResumeRequest, SandboxState, SnapshotInfo, SnapshotRequest,
+    TimeoutRequest,
 };
 use cella_core::store::{AuditQuery, NewAudit, now_ms};
 use serde::de::DeserializeOwned;
@@ -43,14 +44,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sandboxes/{id}/logs", get(logs_v2))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
-        // E2B features cella does not offer yet: a clear 501, never a hang or a bare 404.
-        .route("/sandboxes/{id}/fork", post(not_implemented))
-        .route("/sandboxes/{id}/snapshots", post(not_implemented))
-        .route("/snapshots", get(not_implemented))
+        .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/snapshots", get(list_snapshots))
         .route(
             "/sandboxes/{id}/network",
             axum::routing::put(update_network),
         )
+        // E2B features cella does not offer yet: a clear 501, never a hang or a bare 404.
         .route("/volumes", get(not_implemented).post(not_implemented))
         .route(
             "/volumes/{id}",
@@ -76,7 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/templates/{id}",
             get(template_get)
-                .delete(not_implemented)
+                .delete(template_delete)
                 .patch(not_implemented),
         )
         .route("/v2/templates/{id}", axum::routing::patch(not_implemented))
@@ -105,8 +106,6 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
 
 async fn not_implemented(req: Request) -> HttpError {
     let what = match req.uri().path() {
-        p if p.ends_with("/fork") => "forking sandboxes",
-        p if p.contains("snapshots") => "snapshots",
         p if p.starts_with("/volumes") => "volumes",
         p if p.starts_with("/secrets") => "secrets",
         p if p.contains("/tags") => "template tags",
@@ -316,7 +315,22 @@ async fn list_v2(
     let states = parse_states(q.state.as_deref())?;
     let all = state.manager.list(&owner, &filter, &states);
     let total = all.len();
-    let limit = match q.limit.as_deref() {
+    let mut resp = paginate(all, q.limit.as_deref(), q.next_token.as_deref())?;
+    if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
+        resp.headers_mut().insert("x-total-running", v);
+    }
+    Ok(resp)
+}
+
+/// One page of `all` as JSON: `limit` (1-100, default 100) items from the offset in
+/// `nextToken`, with `X-Next-Token` when more follow.
+fn paginate<T: serde::Serialize>(
+    all: Vec<T>,
+    limit: Option<&str>,
+    next_token: Option<&str>,
+) -> Result<Response, HttpError> {
+    let total = all.len();
+    let limit = match limit {
         None => 100,
         Some(l) => match l.parse::<usize>() {
             Ok(n) if (1..=100).contains(&n) => n,
@@ -327,23 +341,19 @@ async fn list_v2(
             }
         },
     };
-    let start = match q.next_token.as_deref() {
+    let start = match next_token {
         None | Some("") => 0,
         Some(t) => t.parse::<usize>().map_err(|_| {
             HttpError::bad_request("invalid field 'nextToken': not a token this server issued")
         })?,
     };
-    let page: Vec<ListedSandbox> = all.into_iter().skip(start).take(limit).collect();
+    let page: Vec<T> = all.into_iter().skip(start).take(limit).collect();
     let next = start + page.len();
     let mut resp = Json(page).into_response();
-    let headers = resp.headers_mut();
     if next < total
         && let Ok(v) = HeaderValue::from_str(&next.to_string())
     {
-        headers.insert("x-next-token", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
-        headers.insert("x-total-running", v);
+        resp.headers_mut().insert("x-next-token", v);
     }
     Ok(resp)
 }
@@ -726,6 +736,110 @@ async fn template_get(
         .find(|t| t.template_id == id || t.aliases.iter().any(|a| a == &id))
         .map(Json)
         .ok_or_else(|| HttpError::not_found(format!("template '{id}' not found")))
+}
+
+/// `DELETE /templates/{id}`: deletes snapshots (`Sandbox.delete_snapshot`); templates
+/// themselves are managed with `cella template`.
+async fn template_delete(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    if state.manager.delete_snapshot(&owner, &id).await? {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if state.manager.templates().spec(&id).is_some() {
+        return Err(HttpError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "deleting templates through the API is not supported by this cella server \
+             (use `cella template`)",
+        ));
+    }
+    Err(HttpError::not_found(format!("template '{id}' not found")))
+}
+
+fn snapshot_info(m: &cella_core::snapshot::SnapshotMeta) -> SnapshotInfo {
+    SnapshotInfo {
+        snapshot_id: m.snapshot_id(),
+        names: m.name.iter().map(|_| m.snapshot_id()).collect(),
+    }
+}
+
+/// `POST /sandboxes/{id}/snapshots`: 201 `SnapshotInfo`.
+async fn create_snapshot(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    check_id(&id)?;
+    let req: SnapshotRequest = parse_json_or_default(&body)?;
+    let meta = state
+        .manager
+        .create_snapshot(&owner, &id, req.name, req.memory)
+        .await?;
+    Ok((StatusCode::CREATED, Json(snapshot_info(&meta))).into_response())
+}
+
+/// `GET /snapshots?sandboxID=&name=&limit=&nextToken=`: newest first.
+async fn list_snapshots(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, HttpError> {
+    let raw = raw.unwrap_or_default();
+    let (mut sandbox, mut name, mut limit, mut token) = (None, None, None, None);
+    for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+        match k.as_ref() {
+            "sandboxID" => sandbox = Some(v.into_owned()),
+            "name" => name = Some(v.into_owned()),
+            "limit" => limit = Some(v.into_owned()),
+            "nextToken" => token = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let all: Vec<SnapshotInfo> = state
+        .manager
+        .list_snapshots(&owner, sandbox.as_deref(), name.as_deref())
+        .iter()
+        .map(snapshot_info)
+        .collect();
+    paginate(all, limit.as_deref(), token.as_deref())
+}
+
+/// `POST /sandboxes/{id}/fork`: 201 with one `{sandbox}` or `{error}` per fork.
+async fn fork(
+    State(state): State<AppState>,
+    Extension(Owner(owner)): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    check_id(&id)?;
+    let req: ForkRequest = parse_json_or_default(&body)?;
+    let results = state
+        .manager
+        .fork(&owner, &id, req.count, req.timeout)
+        .await?;
+    let out: Vec<ForkResult> = results
+        .into_iter()
+        .map(|r| match r {
+            Ok(sandbox) => ForkResult {
+                sandbox: Some(sandbox),
+                error: None,
+            },
+            Err(e) => {
+                let e = HttpError::from(e);
+                ForkResult {
+                    sandbox: None,
+                    error: Some(cella_api::ApiError {
+                        code: e.status.as_u16(),
+                        message: e.message,
+                    }),
+                }
+            }
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 async fn template_alias(
