@@ -266,6 +266,28 @@ impl SandboxHandle for FakeSandbox {
         Ok(())
     }
 
+    async fn snapshot_filesystem(&self, dest: &std::path::Path) -> Result<(), DriverError> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(DriverError::Setup("sandbox is gone".into()));
+        }
+        // The "changes" of a fake sandbox: which sandbox, and which layers it started from.
+        let layers: Vec<String> = self
+            .spec
+            .template
+            .layers
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect();
+        std::fs::write(
+            dest.join("fake-snapshot"),
+            format!("{}\n{}\n", self.spec.id, layers.join(",")),
+        )
+        .map_err(|source| DriverError::Io {
+            context: "writing a fake snapshot".into(),
+            source,
+        })
+    }
+
     fn stats(&self) -> Result<SandboxStats, DriverError> {
         Ok(SandboxStats {
             memory_bytes: 1 << 20,

@@ -2305,4 +2305,302 @@ mod tests {
         e.manager.kill("k", &id).await.expect("kill");
         assert!(e.driver.alive().is_empty(), "{:?}", e.driver.alive());
     }
+
+    fn snap_env() -> (Env, tempfile::TempDir) {
+        let snaps = tempfile::tempdir().expect("tempdir");
+        let e = env(ManagerConfig {
+            snapshot_dir: Some(snaps.path().join("snapshots")),
+            ..fast()
+        });
+        (e, snaps)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_starts_sandboxes_with_its_layers_and_limits() {
+        let (e, snaps) = snap_env();
+        let src = create(
+            &e,
+            NewSandbox {
+                memory_mb: Some(256),
+                metadata: Some([("a".to_string(), "1".to_string())].into()),
+                ..base(60)
+            },
+        )
+        .await;
+        let meta = e
+            .manager
+            .create_snapshot("k", &src, Some("snap".into()), None)
+            .await
+            .expect("snapshot");
+        assert_eq!(meta.snapshot_id(), "snap:default");
+        assert_eq!(meta.memory_mb, 256);
+        let layer = snaps.path().join("snapshots").join(&meta.id).join("layer");
+        let written = std::fs::read_to_string(layer.join("fake-snapshot")).expect("layer");
+        assert!(written.starts_with(&src), "{written}");
+        assert!(
+            kinds(&e, &src)
+                .iter()
+                .any(|(k, d)| k == "sandbox.snapshot" && d["snapshot"] == meta.id.as_str())
+        );
+
+        for reference in ["snap", "snap:default", meta.id.as_str()] {
+            let sb = e
+                .manager
+                .create(
+                    "k",
+                    NewSandbox {
+                        template_id: reference.into(),
+                        ..NewSandbox::default()
+                    },
+                )
+                .await
+                .expect("create from snapshot");
+            assert_eq!(sb.template_id, meta.id);
+            let spec = e.driver.spec(&sb.sandbox_id).expect("spec");
+            assert_eq!(spec.template.layers, vec![layer.clone()]);
+            assert_eq!(spec.template.name, "base");
+            assert_eq!(spec.limits.memory_mb, 256);
+        }
+        // Another key sees neither the snapshot nor the sandbox.
+        let err = e
+            .manager
+            .create(
+                "other",
+                NewSandbox {
+                    template_id: "snap".into(),
+                    ..NewSandbox::default()
+                },
+            )
+            .await
+            .expect_err("foreign snapshot");
+        assert!(matches!(err, ManagerError::TemplateNotFound(_)), "{err:?}");
+        let err = e
+            .manager
+            .create_snapshot("other", &src, None, None)
+            .await
+            .expect_err("foreign sandbox");
+        assert!(matches!(err, ManagerError::SandboxNotFound(_)), "{err:?}");
+        assert!(e.manager.list_snapshots("other", None, None).is_empty());
+        let listed = e.manager.list_snapshots("k", Some(&src), None);
+        assert_eq!(listed.len(), 1);
+        assert!(
+            e.manager
+                .list_snapshots("k", Some("iother"), None)
+                .is_empty()
+        );
+        // A smaller disk than the source's is refused.
+        let err = e
+            .manager
+            .create(
+                "k",
+                NewSandbox {
+                    template_id: "snap".into(),
+                    disk_size_mb: Some(64),
+                    ..NewSandbox::default()
+                },
+            )
+            .await
+            .expect_err("small disk");
+        assert!(
+            matches!(
+                err,
+                ManagerError::InvalidField {
+                    field: "diskSizeMB",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_snapshot_requests_are_refused() {
+        let (e, _snaps) = snap_env();
+        let src = create(&e, base(60)).await;
+        for (name, memory) in [
+            (Some("Bad Name".to_string()), None),
+            (Some("../x".to_string()), None),
+            (None, Some(true)),
+        ] {
+            let err = e
+                .manager
+                .create_snapshot("k", &src, name, memory)
+                .await
+                .expect_err("bad request");
+            assert!(matches!(err, ManagerError::InvalidField { .. }), "{err:?}");
+        }
+        let err = e
+            .manager
+            .create_snapshot("k", &src, Some("base".into()), None)
+            .await
+            .expect_err("template name");
+        assert!(matches!(err, ManagerError::Conflict(_)), "{err:?}");
+        let err = e
+            .manager
+            .fork("k", &src, Some(0), None)
+            .await
+            .expect_err("count 0");
+        assert!(matches!(
+            err,
+            ManagerError::InvalidField { field: "count", .. }
+        ));
+        let err = e
+            .manager
+            .fork("k", &src, Some(MAX_FORK_COUNT + 1), None)
+            .await
+            .expect_err("count 21");
+        assert!(matches!(
+            err,
+            ManagerError::InvalidField { field: "count", .. }
+        ));
+        // memory=false is a filesystem snapshot.
+        e.manager
+            .create_snapshot("k", &src, None, Some(false))
+            .await
+            .expect("filesystem snapshot");
+        // Without a snapshot directory: 501-style.
+        let plain = env(fast());
+        let id = create(&plain, base(60)).await;
+        let err = plain
+            .manager
+            .create_snapshot("k", &id, None, None)
+            .await
+            .expect_err("no store");
+        assert!(
+            matches!(err, ManagerError::SnapshotUnsupported { .. }),
+            "{err:?}"
+        );
+        let err = plain
+            .manager
+            .fork("k", &id, None, None)
+            .await
+            .expect_err("no store");
+        assert!(
+            matches!(err, ManagerError::SnapshotUnsupported { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn forks_copy_the_source_and_their_snapshot_goes_with_them() {
+        let (e, snaps) = snap_env();
+        let src = create(
+            &e,
+            NewSandbox {
+                metadata: Some([("role".to_string(), "src".to_string())].into()),
+                env_vars: Some([("V".to_string(), "1".to_string())].into()),
+                ..base(60)
+            },
+        )
+        .await;
+        let forks = e
+            .manager
+            .fork("k", &src, Some(3), Some(30))
+            .await
+            .expect("fork");
+        assert_eq!(forks.len(), 3);
+        let ids: Vec<String> = forks
+            .into_iter()
+            .map(|f| f.expect("fork started").sandbox_id)
+            .collect();
+        let root = snaps.path().join("snapshots");
+        let mut layers = std::collections::BTreeSet::new();
+        for id in &ids {
+            assert_ne!(id, &src);
+            let detail = e.manager.info("k", id).expect("info");
+            assert_eq!(detail.metadata.get("role").map(String::as_str), Some("src"));
+            let spec = e.driver.spec(id).expect("spec");
+            assert_eq!(spec.env_vars.get("V").map(String::as_str), Some("1"));
+            assert_eq!(spec.template.layers.len(), 1);
+            layers.insert(spec.template.layers[0].clone());
+        }
+        assert_eq!(layers.len(), 1, "forks share one snapshot");
+        let layer = layers.into_iter().next().expect("layer");
+        assert!(layer.is_dir());
+        // Fork snapshots are never listed nor usable by name.
+        assert!(e.manager.list_snapshots("k", None, None).is_empty());
+        // A fork of a fork stacks on the first fork's snapshot.
+        let nested = e
+            .manager
+            .fork("k", &ids[0], None, None)
+            .await
+            .expect("fork of a fork")
+            .remove(0)
+            .expect("started")
+            .sandbox_id;
+        assert_eq!(
+            e.driver.spec(&nested).expect("spec").template.layers.len(),
+            2
+        );
+        for id in &ids {
+            e.manager.kill("k", id).await.expect("kill");
+        }
+        // The nested fork still uses the first layer.
+        assert!(layer.is_dir());
+        e.manager.kill("k", &nested).await.expect("kill");
+        assert!(!layer.exists(), "the fork snapshot outlived its forks");
+        let left: Vec<_> = std::fs::read_dir(&root)
+            .expect("readdir")
+            .filter_map(Result::ok)
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_snapshot_stays_on_disk_while_a_sandbox_uses_it() {
+        let (e, snaps) = snap_env();
+        let src = create(&e, base(60)).await;
+        let meta = e
+            .manager
+            .create_snapshot("k", &src, None, None)
+            .await
+            .expect("snapshot");
+        let user = e
+            .manager
+            .create(
+                "k",
+                NewSandbox {
+                    template_id: meta.snapshot_id(),
+                    ..NewSandbox::default()
+                },
+            )
+            .await
+            .expect("create")
+            .sandbox_id;
+        assert!(
+            !e.manager
+                .delete_snapshot("other", &meta.snapshot_id())
+                .await
+                .expect("delete")
+        );
+        assert!(
+            e.manager
+                .delete_snapshot("k", &meta.snapshot_id())
+                .await
+                .expect("delete")
+        );
+        assert!(
+            !e.manager
+                .delete_snapshot("k", &meta.snapshot_id())
+                .await
+                .expect("again")
+        );
+        assert!(e.manager.list_snapshots("k", None, None).is_empty());
+        let dir = snaps.path().join("snapshots").join(&meta.id);
+        assert!(dir.join("layer").is_dir(), "removed under a live sandbox");
+        let err = e
+            .manager
+            .create(
+                "k",
+                NewSandbox {
+                    template_id: meta.snapshot_id(),
+                    ..NewSandbox::default()
+                },
+            )
+            .await
+            .expect_err("deleted");
+        assert!(matches!(err, ManagerError::TemplateNotFound(_)), "{err:?}");
+        e.manager.kill("k", &user).await.expect("kill");
+        assert!(!dir.exists());
+    }
 }
