@@ -1,0 +1,198 @@
+"""Snapshots and fork through the official SDK.
+
+cella's snapshots keep a sandbox's *files* (E2B's `mode="filesystem"`): its driver copies what
+the sandbox changed on top of its template while the sandbox is frozen, and sandboxes started
+from the snapshot get the template plus that layer. Processes and memory are not kept: a
+sandbox from a snapshot, and a fork, cold-start. These tests check what a user can observe:
+files, deletions and ownership come along, later writes of the source do not, the source keeps
+running, list/delete behave as the SDK expects, other API keys see nothing, and nothing of a
+fork's or a deleted snapshot's layer stays on the host once unused."""
+
+import os
+import subprocess
+import uuid
+
+import pytest
+from e2b import Sandbox
+from e2b.exceptions import InvalidArgumentException, NotFoundException, SandboxException
+
+from cella_e2e import CELLA, wait_until
+
+
+def _snapshot_dirs(server) -> set:
+    root = server.data_dir / "snapshots"
+    return {e for e in os.listdir(root) if not e.startswith(".")} if root.is_dir() else set()
+
+
+def _all(paginator) -> list:
+    out = []
+    while paginator.has_next:
+        out += paginator.next_items()
+    return out
+
+
+def test_a_snapshot_starts_new_sandboxes_with_the_files(server):
+    tag = uuid.uuid4().hex[:10]
+    before = _snapshot_dirs(server)
+    src = Sandbox.create(template="base", timeout=300, metadata={"run": tag})
+    started = []
+    snap = None
+    try:
+        src.files.write("/home/user/data.txt", "hello from the source\n")
+        r = src.commands.run(
+            "rm /etc/motd && mkdir -p /home/user/proj/sub && echo deep > /home/user/proj/sub/f && "
+            "ln -s /home/user/proj/sub/f /home/user/link && echo root-file > /root/r",
+            user="root",
+        )
+        assert r.exit_code == 0, r.stderr
+        # a background process: not part of a filesystem snapshot
+        src.commands.run("sleep 600", background=True)
+
+        snap = src.create_snapshot(name=f"snap-{tag}")
+        assert snap.snapshot_id == f"snap-{tag}:default"
+        assert snap.names == [f"snap-{tag}:default"]
+        # the source runs on
+        assert src.is_running()
+        assert src.commands.run("echo still").stdout == "still\n"
+        # a later write of the source is not in the snapshot
+        src.files.write("/home/user/data.txt", "changed after the snapshot\n")
+
+        new = Sandbox.create(snap.snapshot_id, timeout=120)
+        started.append(new)
+        assert new.sandbox_id != src.sandbox_id
+        assert new.files.read("/home/user/data.txt") == "hello from the source\n"
+        assert not new.files.exists("/etc/motd")
+        assert new.files.read("/home/user/proj/sub/f") == "deep\n"
+        r = new.commands.run("readlink /home/user/link; stat -c %U /home/user/data.txt; cat /root/r", user="root")
+        assert r.stdout.split() == ["/home/user/proj/sub/f", "user", "root-file"]
+        # processes do not come along: it cold-started
+        assert "sleep 600" not in new.commands.run("ps -eo args").stdout
+        # it is an ordinary sandbox: writable, and its writes are its own
+        new.files.write("/home/user/mine.txt", "x")
+        assert not src.files.exists("/home/user/mine.txt")
+        assert src.files.read("/home/user/data.txt") == "changed after the snapshot\n"
+        # the name without tag, and the snapshot's own listing
+        by_name = Sandbox.create(f"snap-{tag}", timeout=120)
+        started.append(by_name)
+        assert by_name.files.read("/home/user/data.txt") == "hello from the source\n"
+
+        listed = _all(src.list_snapshots())
+        assert [s.snapshot_id for s in listed] == [snap.snapshot_id]
+        assert snap.snapshot_id in [s.snapshot_id for s in _all(Sandbox.list_snapshots())]
+        assert _all(Sandbox.list_snapshots(sandbox_id=new.sandbox_id)) == []
+        assert [s.snapshot_id for s in _all(Sandbox.list_snapshots(name=f"snap-{tag}"))] == [snap.snapshot_id]
+
+        # a snapshot of a sandbox started from a snapshot stacks on it
+        new.commands.run("rm /home/user/proj/sub/f && echo second > /home/user/second", user="root")
+        snap2 = new.create_snapshot()
+        assert snap2.snapshot_id.endswith(":default") and snap2.names == []
+        third = Sandbox.create(snap2.snapshot_id, timeout=120)
+        started.append(third)
+        assert third.files.read("/home/user/second") == "second\n"
+        assert third.files.read("/home/user/data.txt") == "hello from the source\n"
+        assert third.files.read("/home/user/mine.txt") == "x"
+        assert not third.files.exists("/home/user/proj/sub/f")
+
+        # delete: True, then False; new creates fail, running sandboxes keep their files
+        assert Sandbox.delete_snapshot(snap.snapshot_id) is True
+        assert Sandbox.delete_snapshot(snap.snapshot_id) is False
+        with pytest.raises(Exception) as e:
+            Sandbox.create(snap.snapshot_id, timeout=60)
+        assert "not found" in str(e.value).lower()
+        assert new.files.read("/home/user/data.txt") == "hello from the source\n"
+        assert Sandbox.delete_snapshot(snap2.snapshot_id) is True
+        assert third.files.read("/home/user/data.txt") == "hello from the source\n"
+        assert snap.snapshot_id not in [s.snapshot_id for s in _all(Sandbox.list_snapshots())]
+    finally:
+        for s in started + [src]:
+            s.kill()
+        if snap is not None:
+            Sandbox.delete_snapshot(snap.snapshot_id)
+    # deleted and unused: their layers are gone from the host
+    wait_until(lambda: _snapshot_dirs(server) == before, timeout=20, what="snapshot layers to go")
+
+
+def test_snapshot_modes_names_and_unknown_sandboxes(server, sandbox):
+    # cella keeps files, not memory: an explicit full snapshot is refused, not silently degraded
+    with pytest.raises(SandboxException) as e:
+        sandbox.create_snapshot(mode="full")
+    assert "memory" in str(e.value)
+    info = sandbox.create_snapshot(mode="filesystem")
+    try:
+        assert info.snapshot_id.endswith(":default")
+    finally:
+        assert Sandbox.delete_snapshot(info.snapshot_id) is True
+    with pytest.raises(SandboxException) as e:
+        sandbox.create_snapshot(name="Not A Name")
+    assert "name" in str(e.value)
+    with pytest.raises(SandboxException) as e:
+        sandbox.create_snapshot(name="base")
+    assert "template" in str(e.value)
+    with pytest.raises(NotFoundException):
+        Sandbox.create_snapshot("inosuchsandbox0000000")
+    assert Sandbox.delete_snapshot("snosuchsnapshot000000:default") is False
+    with pytest.raises(InvalidArgumentException):
+        sandbox.fork(count=21)
+
+
+def test_snapshots_are_per_api_key(server, sandbox):
+    out = subprocess.run(
+        [str(CELLA), "keys", "create", "--data-dir", str(server.data_dir), "--name", "snap-other"],
+        capture_output=True, text=True, check=True,
+    )
+    other = out.stdout.strip().splitlines()[-1].strip()
+    info = sandbox.create_snapshot(name=f"mine-{uuid.uuid4().hex[:8]}")
+    try:
+        # another key neither lists, starts, deletes nor snapshots what is not its own
+        assert info.snapshot_id not in [s.snapshot_id for s in _all(Sandbox.list_snapshots(api_key=other))]
+        with pytest.raises(Exception) as e:
+            Sandbox.create(info.snapshot_id, api_key=other, timeout=60)
+        assert "not found" in str(e.value).lower()
+        assert Sandbox.delete_snapshot(info.snapshot_id, api_key=other) is False
+        with pytest.raises(NotFoundException):
+            Sandbox.create_snapshot(sandbox.sandbox_id, api_key=other)
+        with pytest.raises(NotFoundException):
+            Sandbox.fork(sandbox.sandbox_id, api_key=other)
+    finally:
+        assert Sandbox.delete_snapshot(info.snapshot_id) is True
+
+
+def test_fork_starts_copies_that_diverge(server):
+    tag = uuid.uuid4().hex[:10]
+    before = _snapshot_dirs(server)
+    src = Sandbox.create(template="base", timeout=300, metadata={"run": tag}, envs={"FROM_CREATE": "yes"})
+    forks = []
+    try:
+        src.files.write("/home/user/state.txt", "before fork\n")
+        forks = src.fork(count=2, timeout=120)
+        assert len(forks) == 2
+        for f in forks:
+            assert isinstance(f, Sandbox), f
+        ids = {f.sandbox_id for f in forks}
+        assert len(ids) == 2 and src.sandbox_id not in ids
+        a, b = forks
+        for f in forks:
+            assert f.files.read("/home/user/state.txt") == "before fork\n"
+            assert f.get_info().metadata == {"run": tag}
+            assert f.commands.run("echo $FROM_CREATE").stdout == "yes\n"
+        a.files.write("/home/user/state.txt", "a\n")
+        b.files.write("/home/user/state.txt", "b\n")
+        src.files.write("/home/user/state.txt", "src\n")
+        assert a.files.read("/home/user/state.txt") == "a\n"
+        assert b.files.read("/home/user/state.txt") == "b\n"
+        assert src.files.read("/home/user/state.txt") == "src\n"
+        # a fork's snapshot is not the user's: never listed
+        assert _all(src.list_snapshots()) == []
+        # the class form, default count
+        one = Sandbox.fork(src.sandbox_id, timeout=60)
+        assert len(one) == 1 and isinstance(one[0], Sandbox)
+        forks.append(one[0])
+        assert one[0].files.read("/home/user/state.txt") == "src\n"
+        with pytest.raises(NotFoundException):
+            Sandbox.fork("inosuchsandbox0000000")
+    finally:
+        for f in forks:
+            if isinstance(f, Sandbox):
+                f.kill()
+        src.kill()
+    wait_until(lambda: _snapshot_dirs(server) == before, timeout=20, what="fork snapshot layers to go")
