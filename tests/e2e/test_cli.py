@@ -202,3 +202,48 @@ def test_create_egress_flags_reach_the_server(server):
         assert json.loads(r.stdout)["allowInternetAccess"] is False
     finally:
         server.cli("kill", sid)
+
+
+def test_snapshot_create_ls_start_fork_rm(server):
+    sbx = Sandbox.create(template="base", timeout=120)
+    sid = sbx.sandbox_id
+    started = []
+    name = "cli-" + os.urandom(4).hex()
+    try:
+        sbx.files.write("/home/user/mark", "from cli\n")
+        r = server.cli("snapshot", "create", sid, "--name", name)
+        assert r.returncode == 0, r.stderr.decode()
+        snap = r.stdout.decode().strip()
+        assert snap == f"{name}:default"
+        r = server.cli("snapshot", "ls", "--sandbox", sid)
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout.decode().split() == [snap]
+
+        r = server.cli("create", "--template", snap)
+        assert r.returncode == 0, r.stderr.decode()
+        new = r.stdout.decode().strip()
+        started.append(new)
+        r = server.cli("exec", new, "--", "cat", "/home/user/mark")
+        assert (r.returncode, r.stdout) == (0, b"from cli\n"), r.stderr.decode()
+
+        r = server.cli("fork", sid, "--count", "2", "--timeout", "60")
+        assert r.returncode == 0, r.stderr.decode()
+        forks = r.stdout.decode().split()
+        assert len(forks) == 2 and sid not in forks
+        started += forks
+        for f in forks:
+            r = server.cli("exec", f, "--", "cat", "/home/user/mark")
+            assert (r.returncode, r.stdout) == (0, b"from cli\n"), r.stderr.decode()
+
+        r = server.cli("snapshot", "rm", snap)
+        assert (r.returncode, r.stdout.decode().strip()) == (0, snap), r.stderr.decode()
+        err = _one_error_line(server.cli("snapshot", "rm", snap))
+        assert "not found" in err, err
+        err = _one_error_line(server.cli("fork", sid, "--count", "50"))
+        assert "count" in err, err
+        err = _one_error_line(server.cli("snapshot", "create", "inotthere0000"))
+        assert "not found" in err, err
+    finally:
+        for s in started:
+            server.cli("kill", s)
+        sbx.kill()

@@ -12,6 +12,7 @@ mod py;
 mod sandbox;
 mod serve;
 mod shell;
+mod snapshot;
 mod template;
 
 use std::process::ExitCode;
@@ -58,6 +59,13 @@ enum Command {
     Resume(sandbox::ResumeArgs),
     /// Show or replace a sandbox's egress rules.
     Network(sandbox::NetworkArgs),
+    /// Snapshot sandboxes' files; list and delete snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: snapshot::SnapshotCmd,
+    },
+    /// Start copies of a sandbox from one snapshot of its files.
+    Fork(snapshot::ForkArgs),
     /// Run Python in a code-interpreter sandbox; image results are written to files.
     Py(py::PyArgs),
     /// Copy a file between this machine and a sandbox (ID:/path on one side).
@@ -120,6 +128,8 @@ async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Pause(args) => sandbox::pause(args).await,
         Command::Resume(args) => sandbox::resume(args).await,
         Command::Network(args) => sandbox::network(args).await,
+        Command::Snapshot { cmd } => snapshot::run(cmd).await,
+        Command::Fork(args) => snapshot::fork(args).await,
         Command::Py(args) => py::run(args).await,
         Command::Cp(args) => cp::run(args).await,
         Command::Audit(args) => sandbox::audit(args).await,

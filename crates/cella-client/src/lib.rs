@@ -14,8 +14,9 @@ mod envd;
 use std::time::Duration;
 
 use cella_api::{
-    ApiError, AuditEntry, ConnectRequest, HEADER_API_KEY, Health, ListedSandbox, NetworkUpdate,
-    NewSandbox, PauseRequest, Sandbox, SandboxDetail, Template, TimeoutRequest,
+    ApiError, AuditEntry, ConnectRequest, ForkRequest, ForkResult, HEADER_API_KEY, Health,
+    ListedSandbox, NetworkUpdate, NewSandbox, PauseRequest, Sandbox, SandboxDetail, SnapshotInfo,
+    SnapshotRequest, Template, TimeoutRequest,
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Serialize;
@@ -261,6 +262,92 @@ impl Client {
         let resumed = resp.status() == StatusCode::CREATED;
         let sandbox = read_json(resp, "resume").await?;
         Ok(Resumed { sandbox, resumed })
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`: snapshot the sandbox's files (it runs on).
+    pub async fn create_snapshot(
+        &self,
+        id: &str,
+        name: Option<&str>,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let path = format!("/sandboxes/{}/snapshots", checked_id(id)?);
+        let body = SnapshotRequest {
+            name: name.map(str::to_owned),
+            memory: None,
+        };
+        self.send_json(self.rest(Method::POST, &path).json(&body), "snapshot")
+            .await
+    }
+
+    /// `GET /snapshots` (every page), newest first; only `sandbox_id`'s when given.
+    pub async fn list_snapshots(
+        &self,
+        sandbox_id: Option<&str>,
+    ) -> Result<Vec<SnapshotInfo>, ClientError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query: Vec<(&str, String)> = vec![("limit", "100".into())];
+            if let Some(s) = sandbox_id {
+                query.push(("sandboxID", checked_id(s)?.to_owned()));
+            }
+            if let Some(t) = &token {
+                query.push(("nextToken", t.clone()));
+            }
+            let resp = check(
+                self.rest(Method::GET, "/snapshots")
+                    .query(&query)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            token = resp
+                .headers()
+                .get("x-next-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let page: Vec<SnapshotInfo> = read_json(resp, "list snapshots").await?;
+            let empty = page.is_empty();
+            out.extend(page);
+            if token.is_none() || empty {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// `DELETE /templates/{snapshot}`: `false` when there is no such snapshot.
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<bool, ClientError> {
+        // Snapshot IDs are `[a-z0-9_-]+(:tag)?`; nothing else can name one.
+        let valid = !snapshot_id.is_empty()
+            && snapshot_id.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b':')
+            });
+        if !valid {
+            return Ok(false);
+        }
+        let path = format!("/templates/{snapshot_id}");
+        match self.send_empty(self.rest(Method::DELETE, &path)).await {
+            Ok(()) => Ok(true),
+            Err(ClientError::Api { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/fork`: `count` sandboxes from one snapshot of its files, each
+    /// living `timeout_secs`; one result per fork.
+    pub async fn fork_sandbox(
+        &self,
+        id: &str,
+        count: Option<u32>,
+        timeout_secs: Option<u64>,
+    ) -> Result<Vec<ForkResult>, ClientError> {
+        let path = format!("/sandboxes/{}/fork", checked_id(id)?);
+        let body = ForkRequest {
+            timeout: timeout_secs,
+            count,
+        };
+        self.send_json(self.rest(Method::POST, &path).json(&body), "fork")
+            .await
     }
 
     /// `PUT /sandboxes/{id}/network`: replaces the sandbox's egress rules (omitted fields are
