@@ -253,6 +253,71 @@ def bench_throughput(srv: Server, clients: int, seconds: float):
 
 # --- (d) memory per idle sandbox -------------------------------------------------------------
 
+def bench_snapshot(srv: Server, n: int):
+    """Snapshots side by side in one run: the time to snapshot a sandbox with a small change
+    and with a 64 MiB file, create→ready from the template vs from a snapshot (interleaved, so
+    noise hits both), and fork of 1 and of 4."""
+    from e2b import Sandbox
+
+    os.environ.update(E2B_API_KEY=srv.key, E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url)
+    out = {}
+    with srv.api() as api:
+        def snap_times(sbx, label):
+            times, sizes = [], []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                r = api.post(f"/sandboxes/{sbx.sandbox_id}/snapshots", json={})
+                times.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 201:
+                    raise RuntimeError(f"snapshot failed: {r.status_code} {r.text[:200]}")
+                sid = r.json()["snapshotID"]
+                layer = srv.data_dir / "snapshots" / sid.split(":")[0]
+                sizes.append(sum(f.stat().st_blocks * 512 for f in layer.rglob("*") if f.is_file() and not f.is_symlink()))
+                api.delete(f"/templates/{sid}")
+            out[label] = summary(times)
+            out[label]["layer_kib"] = statistics.median(sizes) / 1024
+        small = Sandbox.create(template="base", timeout=600)
+        small.files.write("/home/user/small.txt", "x" * 4096)
+        snap_times(small, "snapshot: 4 KiB changed")
+        big = Sandbox.create(template="base", timeout=600)
+        big.commands.run("head -c 67108864 /dev/urandom > /home/user/big.bin")
+        snap_times(big, "snapshot: 64 MiB changed")
+        big.kill()
+
+        r = api.post(f"/sandboxes/{small.sandbox_id}/snapshots", json={})
+        sid = r.json()["snapshotID"]
+        plain, layered = [], []
+        for _ in range(n):
+            for body, acc in ((create_body(), plain), ({"templateID": sid, "timeout": 600}, layered)):
+                t0 = time.perf_counter()
+                r = api.post("/v2/sandboxes", json=body)
+                acc.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 201:
+                    raise RuntimeError(f"create failed: {r.status_code} {r.text[:200]}")
+                api.delete(f"/sandboxes/{r.json()['sandboxID']}")
+        out["create from template"] = summary(plain)
+        out["create from a snapshot (1 layer)"] = summary(layered)
+        api.delete(f"/templates/{sid}")
+        for count in (1, 4):
+            times = []
+            for _ in range(max(3, n // 4)):
+                t0 = time.perf_counter()
+                r = api.post(f"/sandboxes/{small.sandbox_id}/fork", json={"count": count, "timeout": 600})
+                times.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 201:
+                    raise RuntimeError(f"fork failed: {r.status_code} {r.text[:200]}")
+                for f in r.json():
+                    if "sandbox" not in f:
+                        raise RuntimeError(f"a fork failed: {f}")
+                    api.delete(f"/sandboxes/{f['sandbox']['sandboxID']}")
+            out[f"fork count={count}"] = summary(times)
+        small.kill()
+    out["ratio_create_snapshot_vs_template_p50"] = (
+        out["create from a snapshot (1 layer)"]["p50"] / out["create from template"]["p50"]
+    )
+    return out
+
+
 def read_kib(path, key):
     try:
         with open(path) as f:
@@ -559,6 +624,17 @@ def render(results) -> str:
             v = m[k]
             lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
         lines.append("")
+    if r.get("snapshot"):
+        sn = {k: v for k, v in r["snapshot"].items() if isinstance(v, dict)}
+        lines += dist_table("Snapshots (jail; one run, side by side)", sn)
+        for k, v in sn.items():
+            if "layer_kib" in v:
+                lines.append(f"- {k}: layer {v['layer_kib']:.0f} KiB on disk")
+        lines.append(
+            f"- create from a snapshot / create from the template, p50: "
+            f"{r['snapshot']['ratio_create_snapshot_vs_template_p50']:.2f}×"
+        )
+        lines.append("")
     if c and c.get("errors"):
         lines.append(f"Sequential creates: {c['errors']} failed and were not timed (first: `{c['first_error']}`).")
         lines.append("")
@@ -600,7 +676,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--idle", type=int, default=100)
     ap.add_argument("--peer-runs", type=int, default=200)
-    ap.add_argument("--only", default="floor,create,exec,throughput,memory,peers")
+    ap.add_argument("--snapshots", type=int, default=20)
+    ap.add_argument("--only", default="floor,create,exec,throughput,memory,snapshot,peers")
     ap.add_argument("--write-docs", action="store_true", help="record the results in docs/benchmarks.md")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -610,7 +687,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="cella-bench-"))
     tmp.chmod(0o711)  # sandbox users (mapped uids) must be able to traverse it
     results = {}
-    if only & {"floor", "create", "exec", "throughput", "memory"}:
+    if only & {"floor", "create", "exec", "throughput", "memory", "snapshot"}:
         srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log")
         log(f"bench: starting cella serve (log {srv.log_path})")
         srv.start(echo=lambda line: log(f"[cella serve] {line}"))
@@ -644,6 +721,9 @@ def run_server_benchmarks(srv: Server, args, only: set, results: dict):
         if "memory" in only:
             log(f"bench: (d) memory with {args.idle} idle sandboxes")
             results["memory"] = bench_memory(srv, args.idle)
+        if "snapshot" in only:
+            log(f"bench: (f) snapshots x{args.snapshots}")
+            results["snapshot"] = bench_snapshot(srv, args.snapshots)
     finally:
         code = srv.stop()
         log(f"bench: server stopped ({code})")
