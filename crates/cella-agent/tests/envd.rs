@@ -995,10 +995,12 @@ async fn start_command_runs_at_boot_as_a_tagged_process() {
     let mut listed = Value::Null;
     // Generous bound: a loaded CI machine can be slow to run the shell. The marker counts only
     // once the echo has written it (the redirection creates it empty first).
+    // List only once the marker is complete: the child can write it before the agent has
+    // registered the process it just spawned, so a list taken earlier may lack it.
     for _ in 0..600 {
-        let (st, list) = a.unary("/process.Process/List", json!({})).await;
-        assert_eq!(st, 200);
         if std::fs::read_to_string(&marker).is_ok_and(|s| s.ends_with('\n')) {
+            let (st, list) = a.unary("/process.Process/List", json!({})).await;
+            assert_eq!(st, 200);
             listed = list;
             break;
         }

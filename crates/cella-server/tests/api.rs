@@ -42,6 +42,15 @@ async fn harness() -> Harness {
 /// A harness over `driver`, with a (fake) host-side network when `egress` is given (as
 /// `--egress allowed`).
 fn harness_with(driver: FakeDriver, egress: Option<cella_core::fake::FakeEgress>) -> Harness {
+    harness_full(driver, egress, false)
+}
+
+/// [`harness_with`], keeping snapshots in the harness's temp dir when `snapshots`.
+fn harness_full(
+    driver: FakeDriver,
+    egress: Option<cella_core::fake::FakeEgress>,
+    snapshots: bool,
+) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     fake_template_dir(dir.path());
     let store = Store::open_in_memory().expect("store");
@@ -51,7 +60,10 @@ fn harness_with(driver: FakeDriver, egress: Option<cella_core::fake::FakeEgress>
         0,
         Arc::new(TemplateStore::new(dir.path().to_path_buf())),
         store.clone(),
-        ManagerConfig::default(),
+        ManagerConfig {
+            snapshot_dir: snapshots.then(|| dir.path().join(".snapshots")),
+            ..ManagerConfig::default()
+        },
         egress.map(|e| Arc::new(e) as Arc<dyn cella_core::egress::Egress>),
     );
     let state = AppState::with_port_grace(manager, std::time::Duration::from_millis(200));
@@ -607,9 +619,11 @@ async fn unsupported_features_answer_501_with_a_reason() {
     let h = harness().await;
     let v = h.create(json!({"templateID": "base"})).await;
     let id = v["sandboxID"].as_str().expect("id");
+    // (this harness keeps no snapshots)
     for (m, uri, needle) in [
-        ("POST", format!("/sandboxes/{id}/fork"), "forking"),
+        ("POST", format!("/sandboxes/{id}/fork"), "snapshots"),
         ("POST", format!("/sandboxes/{id}/snapshots"), "snapshots"),
+        ("DELETE", "/templates/base".to_string(), "templates"),
         ("GET", "/volumes".to_string(), "volumes"),
         ("POST", "/v3/templates".to_string(), "templates"),
     ] {
@@ -1272,4 +1286,153 @@ async fn strict_pause_refuses_when_the_agent_does_not_answer() {
     let (s, _) = h.call("POST", &pause, Some(&h.key), Some(json!({}))).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(h.driver.is_paused(&id), Some(true));
+}
+
+#[tokio::test]
+async fn snapshot_routes_have_e2bs_shapes() {
+    let h = harness_full(FakeDriver::new(), None, true);
+    let v = h.create(json!({"templateID": "base"})).await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let snaps = format!("/sandboxes/{id}/snapshots");
+
+    let (s, v) = h
+        .call("POST", &snaps, Some(&h.key), Some(json!({"name": "s1"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        v,
+        json!({"snapshotID": "s1:default", "names": ["s1:default"]})
+    );
+    // an empty body is allowed (the JS SDK sends `{}`, curl may send nothing)
+    let (s, v) = h.call("POST", &snaps, Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let unnamed = v["snapshotID"].as_str().expect("id").to_string();
+    assert!(
+        unnamed.starts_with('s') && unnamed.ends_with(":default"),
+        "{unnamed}"
+    );
+    assert_eq!(v["names"], json!([]));
+    for (body, field) in [
+        (json!({"memory": true}), "memory"),
+        (json!({"name": "Bad/Name"}), "name"),
+        (json!({"name": 7}), ""),
+    ] {
+        let (s, v) = h.call("POST", &snaps, Some(&h.key), Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| m.contains(field)),
+            "{v}"
+        );
+    }
+    let (s, _) = h
+        .call("POST", "/sandboxes/inope/snapshots", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h.call("POST", &snaps, None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // list: newest first, filters, limit + X-Next-Token
+    let (s, v) = h.call("GET", "/snapshots", Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let all: Vec<&str> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|x| x["snapshotID"].as_str())
+        .collect();
+    assert_eq!(all, vec![unnamed.as_str(), "s1:default"]);
+    let req = Request::builder()
+        .uri("/snapshots?limit=1")
+        .header("x-api-key", &h.key)
+        .body(Body::empty())
+        .expect("request");
+    let resp = h.app.clone().oneshot(req).await.expect("response");
+    let token = resp
+        .headers()
+        .get("x-next-token")
+        .and_then(|t| t.to_str().ok())
+        .expect("X-Next-Token")
+        .to_string();
+    let (s, v) = h
+        .call(
+            "GET",
+            &format!("/snapshots?limit=1&nextToken={token}"),
+            Some(&h.key),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v[0]["snapshotID"].as_str()),
+        (StatusCode::OK, Some("s1:default"))
+    );
+    let (_, v) = h
+        .call("GET", "/snapshots?name=s1", Some(&h.key), None)
+        .await;
+    assert_eq!(v.as_array().map(Vec::len), Some(1));
+    let (_, v) = h
+        .call("GET", "/snapshots?sandboxID=iother", Some(&h.key), None)
+        .await;
+    assert_eq!(v, json!([]));
+    let (s, _) = h
+        .call("GET", "/snapshots?limit=0", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // start from it
+    let v = h.create(json!({"templateID": "s1:default"})).await;
+    assert!(
+        v["templateID"].as_str().is_some_and(|t| t.starts_with('s')),
+        "{v}"
+    );
+
+    // fork: one result per fork
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/fork"),
+            Some(&h.key),
+            Some(json!({"count": 2, "timeout": 60})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let forks = v.as_array().expect("forks");
+    assert_eq!(forks.len(), 2);
+    for f in forks {
+        assert!(f["sandbox"]["sandboxID"].is_string(), "{f}");
+        assert!(f["sandbox"]["envdAccessToken"].is_string(), "{f}");
+        assert!(f.get("error").is_none(), "{f}");
+    }
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/fork"),
+            Some(&h.key),
+            Some(json!({"count": 0})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _) = h
+        .call("POST", "/sandboxes/inope/fork", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // delete: 204, then 404; a template is 501, garbage 404
+    let (s, _) = h
+        .call("DELETE", "/templates/s1:default", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h
+        .call("DELETE", "/templates/s1:default", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h
+        .call("DELETE", "/templates/base", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
+    let (s, _) = h
+        .call("DELETE", "/templates/..%2F..%2Fetc", Some(&h.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h.call("GET", "/snapshots", Some(&h.key), None).await;
+    assert_eq!(s, StatusCode::OK);
 }
