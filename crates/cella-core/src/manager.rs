@@ -1856,14 +1856,7 @@ fn validate_map(m: &BTreeMap<String, String>, field: &'static str) -> Result<(),
 
 /// A new sandbox ID: `i` + 20 characters of `[a-z0-9]`, as E2B's.
 pub fn new_sandbox_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::thread_rng();
-    let mut id = String::with_capacity(21);
-    id.push('i');
-    for _ in 0..20 {
-        id.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
-    }
-    id
+    crate::random_id('i')
 }
 
 fn random_hex(bytes: usize) -> String {

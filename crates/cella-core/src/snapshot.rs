@@ -137,15 +137,7 @@ fn is_raw_id(s: &str) -> bool {
 
 /// A fresh raw snapshot ID.
 pub fn new_snapshot_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::thread_rng();
-    let mut id = String::with_capacity(21);
-    id.push('s');
-    for _ in 0..20 {
-        id.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
-    }
-    id
+    crate::random_id('s')
 }
 
 /// A snapshot being written: its layer directory, not visible to anyone until
