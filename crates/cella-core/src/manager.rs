@@ -35,7 +35,9 @@ use crate::driver::{
 };
 use crate::egress::{Egress, EgressError, EgressPolicy};
 use crate::metrics::{DEFAULT_HISTORY, MetricsRing, Reading, cpu_percent};
-use crate::snapshot::{MAX_CHAIN, SnapshotError, SnapshotMeta, SnapshotStore, is_snapshot_name};
+use crate::snapshot::{
+    MAX_CHAIN, PausedRecord, SnapshotError, SnapshotMeta, SnapshotStore, is_snapshot_name,
+};
 use crate::store::{NewAudit, SandboxRecord, Store, format_rfc3339_ms, now_ms};
 use crate::template::{TemplateError, TemplateStore};
 
@@ -194,6 +196,11 @@ pub struct LiveSandbox {
     image: crate::driver::TemplateImage,
     /// The create request (template aside), so that forks start the same way.
     request: NewSandbox,
+    /// Paused to disk: no processes, its files are this hidden snapshot (see
+    /// [`Manager::pause`] with `memory: false`).
+    on_disk: Option<String>,
+    /// Auto-pause keeps memory (`autoPauseMemory`, default true); false pauses to disk.
+    auto_pause_memory: bool,
     /// Serializes pause, resume and destroy of this sandbox.
     transition: tokio::sync::Mutex<()>,
 }
@@ -417,28 +424,47 @@ impl Manager {
         let (tx, rx) = mpsc::unbounded_channel();
         let default_driver = default_driver.min(drivers.len().saturating_sub(1));
         let snapshots = config.snapshot_dir.clone().and_then(|dir| {
-            match SnapshotStore::open(dir) {
-                Ok(s) => {
-                    // Nothing runs yet: fork snapshots and deleted ones of the last run go.
-                    let removed = s.gc(&Default::default());
-                    if removed > 0 {
-                        tracing::info!(removed, "removed unused snapshot layers");
+            SnapshotStore::open(dir)
+                .map_err(|e| tracing::warn!(error = %error_chain(&e), "snapshots disabled"))
+                .ok()
+        });
+        // Sandboxes paused to disk by the last run come back paused; then nothing else runs
+        // yet, so fork snapshots and deleted ones of the last run go.
+        let mut live = HashMap::new();
+        if let Some(s) = &snapshots {
+            for rec in s.load_paused() {
+                match dormant_entry(s, &rec, config.max_pids) {
+                    Some(l) => {
+                        live.insert(rec.id.clone(), Arc::new(l));
                     }
-                    Some(s)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %error_chain(&e), "snapshots disabled");
-                    None
+                    None => {
+                        tracing::warn!(sandbox = %rec.id, "the files of a paused sandbox are gone; forgetting it");
+                        s.remove_paused(&rec.id);
+                    }
                 }
             }
-        });
+            let in_use: std::collections::HashSet<String> = live
+                .values()
+                .filter_map(|l: &Arc<LiveSandbox>| l.snapshot.clone())
+                .collect();
+            let removed = s.gc(&in_use);
+            if removed > 0 {
+                tracing::info!(removed, "removed unused snapshot layers");
+            }
+            if !live.is_empty() {
+                tracing::info!(
+                    paused = live.len(),
+                    "sandboxes paused to disk are back (paused)"
+                );
+            }
+        }
         let manager = Arc::new(Manager {
             drivers,
             default_driver,
             templates,
             store,
             config,
-            live: RwLock::new(HashMap::new()),
+            live: RwLock::new(live),
             events: tx,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             dying: Mutex::new(Default::default()),
@@ -476,7 +502,7 @@ impl Manager {
         owner: &str,
         req: NewSandbox,
     ) -> Result<Sandbox, ManagerError> {
-        self.create_from(owner, req, None).await
+        self.create_from(owner, req, None, None).await
     }
 
     /// [`Manager::create`], from `fork_of` (a pinned, possibly hidden snapshot) when given
@@ -486,6 +512,7 @@ impl Manager {
         owner: &str,
         req: NewSandbox,
         fork_of: Option<SnapshotMeta>,
+        revival: Option<&PausedRecord>,
     ) -> Result<Sandbox, ManagerError> {
         let request = req.clone();
         if self.shutting_down.load(Ordering::Relaxed) {
@@ -580,17 +607,26 @@ impl Manager {
 
         let mut env = image.env.clone();
         env.extend(env_vars);
-        let id = new_sandbox_id();
-        let access_token = random_hex(32);
-        let traffic_access_token = req
-            .network
-            .and_then(|n| n.allow_public_traffic)
-            .is_some_and(|public| !public)
-            .then(|| random_hex(32));
-        let template_id = snapshot
-            .as_ref()
-            .map_or_else(|| image.name.clone(), |m| m.id.clone());
-        let alias = (req.template_id != template_id).then(|| req.template_id.clone());
+        let id = revival.map_or_else(new_sandbox_id, |r| r.id.clone());
+        let access_token = revival.map_or_else(|| random_hex(32), |r| r.access_token.clone());
+        let traffic_access_token = match revival {
+            Some(r) => r.traffic_access_token.clone(),
+            None => req
+                .network
+                .and_then(|n| n.allow_public_traffic)
+                .is_some_and(|public| !public)
+                .then(|| random_hex(32)),
+        };
+        let template_id = match revival {
+            Some(r) => r.template_id.clone(),
+            None => snapshot
+                .as_ref()
+                .map_or_else(|| image.name.clone(), |m| m.id.clone()),
+        };
+        let alias = match revival {
+            Some(r) => r.alias.clone(),
+            None => (req.template_id != template_id).then(|| req.template_id.clone()),
+        };
         let spec = SandboxSpec {
             id: id.clone(),
             template: image.clone(),
@@ -644,10 +680,12 @@ impl Manager {
             alias,
             image: image.clone(),
             snapshot: snapshot.as_ref().map(|m| m.id.clone()),
+            auto_pause_memory: request.auto_pause_memory != Some(false),
             request,
+            on_disk: None,
             access_token,
             traffic_access_token,
-            started_at_ms: now,
+            started_at_ms: revival.map_or(now, |r| r.started_at_ms),
             end_at_ms: AtomicI64::new(now + (timeout as i64) * 1000),
             metadata: metadata.clone(),
             limits,
@@ -659,18 +697,26 @@ impl Manager {
             paused: std::sync::atomic::AtomicBool::new(false),
             transition: tokio::sync::Mutex::new(()),
         });
-        self.store.insert_sandbox(&SandboxRecord {
-            id: id.clone(),
-            key_id: owner.to_string(),
-            template: template_id.clone(),
-            isolation: handle.isolation().as_str().to_string(),
-            started_at_ms: now,
-            end_at_ms: live.end_at_ms(),
-            metadata,
-            cpu_count: limits.cpu_count,
-            memory_mb: limits.memory_mb,
-            disk_mb: limits.disk_mb,
-        })?;
+        let record = if revival.is_some() {
+            Store::reopen_sandbox
+        } else {
+            Store::insert_sandbox
+        };
+        record(
+            &self.store,
+            &SandboxRecord {
+                id: id.clone(),
+                key_id: owner.to_string(),
+                template: template_id.clone(),
+                isolation: handle.isolation().as_str().to_string(),
+                started_at_ms: now,
+                end_at_ms: live.end_at_ms(),
+                metadata,
+                cpu_count: limits.cpu_count,
+                memory_mb: limits.memory_mb,
+                disk_mb: limits.disk_mb,
+            },
+        )?;
         self.store.audit(NewAudit {
             actor: owner.to_string(),
             sandbox_id: Some(id.clone()),
@@ -876,11 +922,29 @@ impl Manager {
         hidden: bool,
     ) -> Result<(SnapshotMeta, SnapshotPin), ManagerError> {
         let id = live.handle.id().to_string();
-        let store = self.snapshot_store(&id)?.clone();
         let _t = live.transition.lock().await;
         if !self.is_live(&id) {
             return Err(ManagerError::SandboxNotFound(id));
         }
+        if live.on_disk.is_some() {
+            return Err(ManagerError::WrongState {
+                id,
+                state: "paused",
+            });
+        }
+        self.take_snapshot(live, actor, name, hidden).await
+    }
+
+    /// [`Manager::snapshot_live`] with the transition lock held by the caller.
+    async fn take_snapshot(
+        &self,
+        live: &Arc<LiveSandbox>,
+        actor: &str,
+        name: Option<String>,
+        hidden: bool,
+    ) -> Result<(SnapshotMeta, SnapshotPin), ManagerError> {
+        let id = live.handle.id().to_string();
+        let store = self.snapshot_store(&id)?.clone();
         let parents: Vec<String> = live
             .snapshot
             .as_ref()
@@ -994,7 +1058,7 @@ impl Manager {
             req.memory_mb = Some(live.limits.memory_mb);
             req.disk_size_mb = Some(live.limits.disk_mb);
             let (this, owner, meta) = (self.clone(), owner.to_string(), meta.clone());
-            tasks.spawn(async move { (i, this.create_from(&owner, req, Some(meta)).await) });
+            tasks.spawn(async move { (i, this.create_from(&owner, req, Some(meta), None).await) });
         }
         let mut results: Vec<Option<Result<Sandbox, ManagerError>>> =
             (0..count).map(|_| None).collect();
@@ -1219,7 +1283,7 @@ impl Manager {
     /// ends `timeout` seconds from now (default [`CONNECT_DEFAULT_TIMEOUT_SECS`]). The flag says
     /// whether it was resumed (E2B answers 201 then, 200 otherwise).
     pub async fn connect(
-        &self,
+        self: &Arc<Self>,
         owner: &str,
         id: &str,
         timeout: Option<u64>,
@@ -1244,7 +1308,7 @@ impl Manager {
     /// seconds (E2B default 15), optionally changing what its next timeout does. 409 when it
     /// is running.
     pub async fn resume(
-        &self,
+        self: &Arc<Self>,
         owner: &str,
         id: &str,
         timeout: Option<u64>,
@@ -1258,6 +1322,8 @@ impl Manager {
                 state: "running",
             });
         }
+        // A sandbox resumed from disk is a new entry.
+        let live = self.get_live(Some(owner), id)?;
         if let Some(p) = auto_pause {
             live.auto_pause.store(p, Ordering::Relaxed);
         }
@@ -1272,6 +1338,12 @@ impl Manager {
         req: cella_api::NetworkUpdate,
     ) -> Result<(), ManagerError> {
         let live = self.get_live(Some(owner), id)?;
+        if live.on_disk.is_some() {
+            return Err(ManagerError::WrongState {
+                id: id.to_string(),
+                state: "paused",
+            });
+        }
         let policy = EgressPolicy::from_request(
             req.allow_internet_access,
             req.allow_out.as_deref(),
@@ -1322,7 +1394,7 @@ impl Manager {
     /// with `autoResume` is resumed (for its create timeout, at least
     /// [`MIN_AUTO_RESUME_TIMEOUT_SECS`]); `None` when the sandbox is unknown, or paused without
     /// `autoResume`, or its resume failed.
-    pub async fn route_running(&self, id: &str) -> Option<Arc<LiveSandbox>> {
+    pub async fn route_running(self: &Arc<Self>, id: &str) -> Option<Arc<LiveSandbox>> {
         let live = self.route(id)?;
         if !live.is_paused() {
             return Some(live);
@@ -1334,7 +1406,7 @@ impl Manager {
             .timeout_secs
             .clamp(MIN_AUTO_RESUME_TIMEOUT_SECS, MAX_TIMEOUT_SECS);
         match self.resume_live(&live, "server", "traffic", secs).await {
-            Ok(_) => Some(live),
+            Ok(_) => self.route(id),
             Err(e) => {
                 tracing::warn!(sandbox = id, error = %error_chain(&e), "auto-resume failed");
                 None
@@ -1360,6 +1432,14 @@ impl Manager {
             return Ok(false);
         }
         let started = std::time::Instant::now();
+        if !memory && self.snapshots.is_some() {
+            match self.pause_to_disk(live, actor, reason).await {
+                Err(ManagerError::SnapshotUnsupported { reason: why, .. }) => {
+                    tracing::debug!(sandbox = %id, reason = %why, "pausing in memory instead of to disk");
+                }
+                other => return other.map(|()| true),
+            }
+        }
         if let Err(e) = live.handle.pause().await {
             self.store.audit(NewAudit {
                 actor: actor.to_string(),
@@ -1396,7 +1476,7 @@ impl Manager {
 
     /// Thaw `live` if it is paused and give it `secs` to live. `Ok(false)`: it was running.
     async fn resume_live(
-        &self,
+        self: &Arc<Self>,
         live: &Arc<LiveSandbox>,
         actor: &str,
         reason: &str,
@@ -1411,6 +1491,12 @@ impl Manager {
             return Ok(false);
         }
         let started = std::time::Instant::now();
+        if let Some(snapshot) = &live.on_disk {
+            return self
+                .revive(live, snapshot, actor, reason, secs, started)
+                .await
+                .map(|()| true);
+        }
         if let Err(e) = live.handle.resume().await {
             self.store.audit(NewAudit {
                 actor: actor.to_string(),
@@ -1438,6 +1524,160 @@ impl Manager {
             }),
         });
         Ok(true)
+    }
+
+    /// Drop a sandbox paused to disk from this process (server shutdown): its record stays.
+    fn forget(&self, id: &str) {
+        if let Ok(mut m) = self.live.write() {
+            m.remove(id);
+        }
+    }
+
+    /// Pause `live` to disk (the caller holds its transition lock): freeze it, snapshot its
+    /// files (hidden), persist what it takes to start it again, put a paused entry without
+    /// processes in its place and destroy it. Frees its memory; a resume cold-starts it from
+    /// the files with the same ID and tokens. [`ManagerError::SnapshotUnsupported`]: its driver
+    /// cannot, nothing changed.
+    async fn pause_to_disk(
+        &self,
+        live: &Arc<LiveSandbox>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(), ManagerError> {
+        let id = live.handle.id().to_string();
+        let store = self.snapshot_store(&id)?.clone();
+        let started = std::time::Instant::now();
+        let was_paused = live.is_paused();
+        if !was_paused {
+            live.handle.pause().await.map_err(|e| match e {
+                DriverError::Unavailable(why) => ManagerError::SnapshotUnsupported {
+                    id: id.clone(),
+                    reason: why,
+                },
+                other => other.into(),
+            })?;
+        }
+        let thaw = || async {
+            if !was_paused && let Err(e) = live.handle.resume().await {
+                tracing::warn!(sandbox = %id, error = %e, "thawing after a failed pause to disk");
+            }
+        };
+        let (meta, pin) = match self.take_snapshot(live, actor, None, true).await {
+            Ok(x) => x,
+            Err(e) => {
+                thaw().await;
+                return Err(e);
+            }
+        };
+        let ttl_ms = i64::try_from(self.config.paused_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let until = if was_paused {
+            live.end_at_ms()
+        } else {
+            now_ms().saturating_add(ttl_ms)
+        };
+        let rec = paused_record(live, &meta.id, until);
+        let saved = {
+            let (store, rec) = (store.clone(), rec.clone());
+            tokio::task::spawn_blocking(move || store.save_paused(&rec))
+                .await
+                .map_err(|e| ManagerError::Driver(DriverError::Setup(e.to_string())))
+                .and_then(|r| r.map_err(ManagerError::from))
+        };
+        if let Err(e) = saved {
+            thaw().await;
+            return Err(e);
+        }
+        let Some(dormant) = dormant_entry(&store, &rec, self.config.max_pids) else {
+            store.remove_paused(&id);
+            thaw().await;
+            return Err(ManagerError::Conflict(format!(
+                "the snapshot of sandbox '{id}' vanished while pausing it"
+            )));
+        };
+        if let Ok(mut m) = self.live.write() {
+            m.insert(id.clone(), Arc::new(dormant));
+        }
+        drop(pin);
+        // Its processes go (a frozen v1 cgroup must be thawed for SIGKILL to land).
+        let _ = live.handle.resume().await;
+        if let Err(e) = live.handle.destroy().await {
+            tracing::warn!(sandbox = %id, error = %e, "destroying a sandbox paused to disk");
+        }
+        if let (Some(eg), Some(_)) = (&self.egress, live.egress())
+            && let Err(e) = eg.release(&id).await
+        {
+            tracing::warn!(sandbox = %id, error = %e, "releasing the network of a sandbox paused to disk");
+        }
+        if let Err(e) = self.store.set_sandbox_end(&id, until) {
+            tracing::warn!(sandbox = %id, error = %e, "recording pause end time failed");
+        }
+        self.store.audit(NewAudit {
+            actor: actor.to_string(),
+            sandbox_id: Some(id),
+            kind: "sandbox.pause".into(),
+            detail: serde_json::json!({
+                "reason": reason,
+                "memory": false,
+                "snapshot": meta.id,
+                "sizeBytes": meta.size_bytes,
+                "pausedUntil": format_rfc3339_ms(until),
+                "pauseMs": started.elapsed().as_secs_f64() * 1000.0,
+            }),
+        });
+        Ok(())
+    }
+
+    /// Start a sandbox paused to disk again (the caller holds its transition lock): a cold
+    /// start from its snapshot under the same ID and tokens, living `secs`.
+    async fn revive(
+        self: &Arc<Self>,
+        live: &Arc<LiveSandbox>,
+        snapshot: &str,
+        actor: &str,
+        reason: &str,
+        secs: u64,
+        started: std::time::Instant,
+    ) -> Result<(), ManagerError> {
+        let id = live.handle.id().to_string();
+        let store = self.snapshot_store(&id)?.clone();
+        let Some(meta) = store.get_any(snapshot) else {
+            return Err(ManagerError::Conflict(format!(
+                "the files of paused sandbox '{id}' are gone"
+            )));
+        };
+        let rec = paused_record(live, snapshot, live.end_at_ms());
+        let mut req = live.request.clone();
+        req.template_id = meta.id.clone();
+        req.timeout = Some(secs);
+        req.driver = None;
+        req.cpu_count = Some(live.limits.cpu_count);
+        req.memory_mb = Some(live.limits.memory_mb);
+        req.disk_size_mb = Some(live.limits.disk_mb);
+        let owner = live.owner.clone();
+        let result = self.create_from(&owner, req, Some(meta), Some(&rec)).await;
+        if let Err(e) = &result {
+            self.store.audit(NewAudit {
+                actor: actor.to_string(),
+                sandbox_id: Some(id.clone()),
+                kind: "sandbox.resume_failed".into(),
+                detail: serde_json::json!({ "reason": reason, "fromDisk": true, "error": error_chain(e) }),
+            });
+        }
+        result?;
+        store.remove_paused(&id);
+        self.store.audit(NewAudit {
+            actor: actor.to_string(),
+            sandbox_id: Some(id),
+            kind: "sandbox.resume".into(),
+            detail: serde_json::json!({
+                "reason": reason,
+                "fromDisk": true,
+                "snapshot": snapshot,
+                "timeout": secs,
+                "resumeMs": started.elapsed().as_secs_f64() * 1000.0,
+            }),
+        });
+        Ok(())
     }
 
     fn is_live(&self, id: &str) -> bool {
@@ -1516,6 +1756,11 @@ impl Manager {
         if let Err(e) = self.store.finish_sandbox(id, reason) {
             tracing::warn!(sandbox = id, error = %e, "recording sandbox end failed");
         }
+        if let (Some(l), Some(store)) = (&live, &self.snapshots)
+            && l.on_disk.is_some()
+        {
+            store.remove_paused(id);
+        }
         if live.as_ref().is_some_and(|l| l.snapshot.is_some()) {
             self.gc_snapshots().await;
         }
@@ -1531,6 +1776,26 @@ impl Manager {
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
         for id in &ids {
+            // A paused sandbox outlives the server on disk (its files; its processes end).
+            if let Some(live) = self.route(id)
+                && live.is_paused()
+                && self.snapshots.is_some()
+            {
+                if live.on_disk.is_some() {
+                    self.forget(id);
+                    continue;
+                }
+                let _t = live.transition.lock().await;
+                match self.pause_to_disk(&live, "server", "shutdown").await {
+                    Ok(()) => {
+                        self.forget(id);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, error = %error_chain(&e), "keeping a paused sandbox across the restart failed; killing it");
+                    }
+                }
+            }
             if let Err(e) = self.destroy(id, "server", "server shutdown").await {
                 tracing::warn!(error = %e, "destroying sandbox at shutdown failed");
             }
@@ -1563,7 +1828,10 @@ impl Manager {
                 continue;
             }
             if live.auto_pause.load(Ordering::Relaxed) {
-                match self.pause_live(&live, "server", "timeout", true).await {
+                match self
+                    .pause_live(&live, "server", "timeout", live.auto_pause_memory)
+                    .await
+                {
                     Ok(_) => continue,
                     Err(ManagerError::SandboxNotFound(_)) => continue,
                     Err(e) => {
@@ -1692,11 +1960,16 @@ impl Manager {
     }
 
     /// Forget a sandbox that died on its own, clean up what is left, and record why.
-    async fn on_exit(&self, id: &str, reason: String) {
+    async fn on_exit(&self, id: &str, reason: String, handle: &Arc<dyn SandboxHandle>) {
+        // Only if the entry is still this handle's: a sandbox paused to disk has a new entry
+        // under the same ID once its processes are gone.
         if self
             .live
             .read()
-            .map(|m| m.contains_key(id))
+            .map(|m| {
+                m.get(id)
+                    .is_some_and(|l| std::ptr::addr_eq(Arc::as_ptr(&l.handle), Arc::as_ptr(handle)))
+            })
             .unwrap_or(false)
         {
             self.store.audit(NewAudit {
@@ -1709,6 +1982,120 @@ impl Manager {
                 tracing::warn!(sandbox = %id, error = %e, "cleaning up crashed sandbox failed");
             }
         }
+    }
+}
+
+/// What it takes to start `live` again from its files in snapshot `snapshot`.
+fn paused_record(live: &LiveSandbox, snapshot: &str, end_at_ms: i64) -> PausedRecord {
+    let mut request = live.request.clone();
+    // The rules in force now (update_network may have changed them since the create).
+    if let Some(p) = live.egress() {
+        let net = request.network.get_or_insert_with(Default::default);
+        net.allow_out = Some(p.allow_out());
+        net.deny_out = Some(p.deny_out());
+    }
+    PausedRecord {
+        id: live.handle.id().to_string(),
+        owner: live.owner.clone(),
+        snapshot: snapshot.to_string(),
+        template_id: live.template_id.clone(),
+        alias: live.alias.clone(),
+        access_token: live.access_token.clone(),
+        traffic_access_token: live.traffic_access_token.clone(),
+        started_at_ms: live.started_at_ms,
+        end_at_ms,
+        timeout_secs: live.timeout_secs,
+        isolation: live.handle.isolation(),
+        request,
+        cpu_count: live.limits.cpu_count,
+        memory_mb: live.limits.memory_mb,
+        disk_mb: live.limits.disk_mb,
+    }
+}
+
+/// The registry entry of a sandbox paused to disk: paused, no processes. `None` when its
+/// snapshot is gone.
+fn dormant_entry(store: &SnapshotStore, rec: &PausedRecord, max_pids: u64) -> Option<LiveSandbox> {
+    let meta = store.get_any(&rec.snapshot)?;
+    let mut image = meta.base.clone();
+    image.layers = store.layers(&meta);
+    let (auto_pause, auto_resume) = lifecycle_of(&rec.request).unwrap_or((false, false));
+    Some(LiveSandbox {
+        handle: Arc::new(OnDisk {
+            id: rec.id.clone(),
+            isolation: rec.isolation,
+        }),
+        owner: rec.owner.clone(),
+        template_id: rec.template_id.clone(),
+        alias: rec.alias.clone(),
+        access_token: rec.access_token.clone(),
+        traffic_access_token: rec.traffic_access_token.clone(),
+        started_at_ms: rec.started_at_ms,
+        end_at_ms: AtomicI64::new(rec.end_at_ms),
+        metadata: rec.request.metadata.clone().unwrap_or_default(),
+        limits: Limits {
+            cpu_count: rec.cpu_count,
+            memory_mb: rec.memory_mb,
+            disk_mb: rec.disk_mb,
+            max_pids,
+        },
+        metrics: Mutex::new(MetricsRing::new(DEFAULT_HISTORY)),
+        egress: Mutex::new(None),
+        timeout_secs: rec.timeout_secs,
+        auto_pause: std::sync::atomic::AtomicBool::new(auto_pause),
+        auto_resume,
+        paused: std::sync::atomic::AtomicBool::new(true),
+        snapshot: Some(rec.snapshot.clone()),
+        image,
+        auto_pause_memory: rec.request.auto_pause_memory != Some(false),
+        request: rec.request.clone(),
+        on_disk: Some(rec.snapshot.clone()),
+        transition: tokio::sync::Mutex::new(()),
+    })
+}
+
+/// The handle of a sandbox paused to disk: nothing runs, nothing to dial.
+struct OnDisk {
+    id: String,
+    isolation: Isolation,
+}
+
+#[async_trait::async_trait]
+impl SandboxHandle for OnDisk {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    async fn dial(&self, _port: u16) -> std::io::Result<tokio::net::TcpStream> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "the sandbox is paused to disk",
+        ))
+    }
+
+    fn stats(&self) -> Result<crate::driver::SandboxStats, DriverError> {
+        Ok(crate::driver::SandboxStats::default())
+    }
+
+    async fn pause(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<(), DriverError> {
+        // Nothing is frozen: starting it again is the manager's (`revive`).
+        Ok(())
+    }
+
+    async fn wait_exit(&self) -> crate::driver::ExitInfo {
+        std::future::pending().await
+    }
+
+    async fn destroy(&self) -> Result<(), DriverError> {
+        Ok(())
     }
 }
 
@@ -1761,9 +2148,8 @@ async fn attach_egress(
 
 async fn watch_exit(manager: std::sync::Weak<Manager>, id: String, handle: Arc<dyn SandboxHandle>) {
     let info = handle.wait_exit().await;
-    drop(handle);
     if let Some(m) = manager.upgrade() {
-        m.on_exit(&id, info.reason).await;
+        m.on_exit(&id, info.reason, &handle).await;
     }
 }
 
@@ -2595,5 +2981,200 @@ mod tests {
         assert!(matches!(err, ManagerError::TemplateNotFound(_)), "{err:?}");
         e.manager.kill("k", &user).await.expect("kill");
         assert!(!dir.exists());
+    }
+
+    fn paused_records(snaps: &tempfile::TempDir) -> Vec<String> {
+        std::fs::read_dir(snaps.path().join("snapshots/.paused"))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn snapshot_dirs(snaps: &tempfile::TempDir) -> usize {
+        std::fs::read_dir(snaps.path().join("snapshots"))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_filesystem_pause_frees_the_sandbox_and_connect_starts_it_again() {
+        let (e, snaps) = snap_env();
+        let id = create(
+            &e,
+            NewSandbox {
+                metadata: Some([("m".to_string(), "1".to_string())].into()),
+                ..base(60)
+            },
+        )
+        .await;
+        let token = e.manager.info("k", &id).expect("info").envd_access_token;
+        e.manager
+            .pause("k", &id, false)
+            .await
+            .expect("pause to disk");
+        // its processes are gone, its files and record are kept
+        assert!(
+            !e.driver.alive().contains(&id),
+            "still running: {:?}",
+            e.driver.alive()
+        );
+        assert_eq!(paused_records(&snaps), vec![format!("{id}.json")]);
+        assert_eq!(snapshot_dirs(&snaps), 1);
+        let info = e.manager.info("k", &id).expect("info while on disk");
+        assert_eq!(info.state, SandboxState::Paused);
+        assert_eq!(info.metadata.get("m").map(String::as_str), Some("1"));
+        assert!(
+            e.manager.list_snapshots("k", None, None).is_empty(),
+            "hidden"
+        );
+        let err = e.manager.pause("k", &id, false).await.expect_err("again");
+        assert!(matches!(err, ManagerError::WrongState { .. }), "{err:?}");
+        let err = e
+            .manager
+            .create_snapshot("k", &id, None, None)
+            .await
+            .expect_err("snapshot of a sandbox on disk");
+        assert!(matches!(err, ManagerError::WrongState { .. }), "{err:?}");
+        assert!(
+            e.manager.route_running(&id).await.is_none(),
+            "no autoResume"
+        );
+        assert!(
+            kinds(&e, &id)
+                .iter()
+                .any(|(k, d)| k == "sandbox.pause" && d["memory"] == false)
+        );
+
+        let (sbx, resumed) = e
+            .manager
+            .connect("k", &id, Some(90))
+            .await
+            .expect("connect");
+        assert!(resumed);
+        assert_eq!(sbx.sandbox_id, id);
+        assert_eq!(
+            sbx.envd_access_token, token,
+            "the SDK's handle keeps its token"
+        );
+        assert!(e.driver.alive().contains(&id));
+        let spec = e.driver.spec(&id).expect("spec");
+        assert_eq!(spec.template.layers.len(), 1, "started from its files");
+        assert_eq!(
+            e.manager.info("k", &id).expect("info").state,
+            SandboxState::Running
+        );
+        assert!(paused_records(&snaps).is_empty());
+        assert!(
+            kinds(&e, &id)
+                .iter()
+                .any(|(k, d)| k == "sandbox.resume" && d["fromDisk"] == true)
+        );
+        // the layer stays while the sandbox runs on it, and goes with it
+        assert_eq!(snapshot_dirs(&snaps), 1);
+        e.manager.kill("k", &id).await.expect("kill");
+        assert_eq!(snapshot_dirs(&snaps), 0);
+    }
+
+    #[tokio::test]
+    async fn killing_a_sandbox_on_disk_removes_its_files_and_record() {
+        let (e, snaps) = snap_env();
+        let id = create(&e, base(60)).await;
+        e.manager
+            .pause("k", &id, false)
+            .await
+            .expect("pause to disk");
+        e.manager.kill("k", &id).await.expect("kill");
+        assert!(paused_records(&snaps).is_empty());
+        assert_eq!(snapshot_dirs(&snaps), 0);
+        assert!(e.manager.info("k", &id).is_err());
+    }
+
+    #[tokio::test]
+    async fn auto_resume_traffic_and_filesystem_auto_pause() {
+        let (e, snaps) = snap_env();
+        let id = create(
+            &e,
+            NewSandbox {
+                auto_pause: Some(true),
+                auto_pause_memory: Some(false),
+                auto_resume: Some(cella_api::AutoResume { enabled: true }),
+                ..base(1)
+            },
+        )
+        .await;
+        wait_until("auto-pause to disk", Duration::from_secs(10), || {
+            paused_records(&snaps).len() == 1
+        })
+        .await;
+        assert!(!e.driver.alive().contains(&id));
+        let live = e
+            .manager
+            .route_running(&id)
+            .await
+            .expect("traffic resumes it");
+        assert!(!live.is_paused());
+        assert!(e.driver.alive().contains(&id));
+        assert!(paused_records(&snaps).is_empty());
+    }
+
+    #[tokio::test]
+    async fn paused_sandboxes_outlive_a_server_restart_on_disk() {
+        let snaps = tempfile::tempdir().expect("tempdir");
+        let config = || ManagerConfig {
+            snapshot_dir: Some(snaps.path().join("snapshots")),
+            ..fast()
+        };
+        let e = env(config());
+        let paused = create(&e, base(60)).await;
+        let running = create(&e, base(60)).await;
+        let token = e
+            .manager
+            .info("k", &paused)
+            .expect("info")
+            .envd_access_token;
+        e.manager.pause("k", &paused, true).await.expect("pause");
+        e.manager.shutdown().await;
+        assert!(e.driver.alive().is_empty(), "{:?}", e.driver.alive());
+        assert_eq!(paused_records(&snaps), vec![format!("{paused}.json")]);
+
+        // a new server on the same directories (same templates)
+        let store = e.store.clone();
+        let driver = FakeDriver::new();
+        let manager = Manager::start(
+            vec![Arc::new(driver.clone())],
+            0,
+            e.manager.templates().clone(),
+            store,
+            config(),
+        );
+        let listed: Vec<String> = manager
+            .list("k", &BTreeMap::new(), &[])
+            .into_iter()
+            .map(|s| s.sandbox_id)
+            .collect();
+        assert_eq!(
+            listed,
+            vec![paused.clone()],
+            "the running one is gone, the paused one back"
+        );
+        assert_eq!(
+            manager.info("k", &paused).expect("info").state,
+            SandboxState::Paused
+        );
+        assert!(manager.info("other", &paused).is_err());
+        let (sbx, resumed) = manager.connect("k", &paused, None).await.expect("connect");
+        assert!(resumed);
+        assert_eq!(sbx.envd_access_token, token);
+        assert!(driver.alive().contains(&paused));
+        assert!(manager.info("k", &running).is_err());
+        manager.kill("k", &paused).await.expect("kill");
+        assert_eq!(snapshot_dirs(&snaps), 0);
     }
 }

@@ -261,11 +261,7 @@ impl SnapshotStore {
     }
 
     fn read_meta(path: &Path) -> Option<SnapshotMeta> {
-        use std::io::Read;
-        let f = std::fs::File::open(path).ok()?;
-        let mut buf = Vec::new();
-        f.take(MAX_META).read_to_end(&mut buf).ok()?;
-        serde_json::from_slice(&buf).ok()
+        Self::read_json(path)
     }
 
     /// A snapshot by raw ID, deleted ones included (live sandboxes may still use them).
@@ -392,6 +388,118 @@ impl SnapshotStore {
             }
         }
         removed
+    }
+}
+
+/// A sandbox paused to disk (a filesystem pause, or a paused sandbox at server shutdown): its
+/// files are the hidden snapshot `snapshot`, everything else needed to start it again under
+/// the same ID and tokens is here. Stored as `<root>/.paused/<sandbox id>.json` (mode 0600: it
+/// holds the sandbox's access tokens).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PausedRecord {
+    /// Sandbox ID.
+    pub id: String,
+    /// Owning API key ID.
+    pub owner: String,
+    /// The hidden snapshot holding its files.
+    pub snapshot: String,
+    /// Template ID it reports (template name or snapshot ID it was created from).
+    pub template_id: String,
+    /// Alias it was requested by.
+    pub alias: Option<String>,
+    /// Agent access token (kept, so that SDK handles keep working after the resume).
+    pub access_token: String,
+    /// Traffic access token.
+    pub traffic_access_token: Option<String>,
+    /// First start, ms since the epoch.
+    pub started_at_ms: i64,
+    /// When it is killed for having been paused too long, ms since the epoch.
+    pub end_at_ms: i64,
+    /// Lifetime it was created with, seconds.
+    pub timeout_secs: u64,
+    /// Isolation it had.
+    pub isolation: Isolation,
+    /// The create request (with the egress rules in force at the pause).
+    pub request: cella_api::NewSandbox,
+    /// Limits.
+    pub cpu_count: u32,
+    /// Memory limit, MiB.
+    pub memory_mb: u64,
+    /// Disk size, MiB.
+    pub disk_mb: u64,
+}
+
+impl SnapshotStore {
+    fn paused_dir(&self) -> PathBuf {
+        self.root.join(".paused")
+    }
+
+    /// Persist `rec` (replacing an older record of the same sandbox), atomically.
+    pub fn save_paused(&self, rec: &PausedRecord) -> Result<(), SnapshotError> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = self.paused_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(format!("creating {}", dir.display())))?;
+        let json = serde_json::to_vec_pretty(rec)?;
+        let tmp = dir.join(format!(".tmp-{}", rec.id));
+        let dst = dir.join(format!("{}.json", rec.id));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(format!("writing {}", tmp.display())))?;
+        f.write_all(&json)
+            .and_then(|()| f.sync_all())
+            .map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &dst).map_err(io(format!("renaming to {}", dst.display())))
+    }
+
+    /// Every persisted paused sandbox (unreadable records are skipped and logged).
+    pub fn load_paused(&self) -> Vec<PausedRecord> {
+        let Ok(rd) = std::fs::read_dir(self.paused_dir()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in rd.filter_map(Result::ok) {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let rec = Self::read_json::<PausedRecord>(&path);
+            match rec {
+                Some(r) if path.file_stem().is_some_and(|s| s == r.id.as_str()) => out.push(r),
+                _ => {
+                    tracing::warn!(path = %path.display(), "skipping an unreadable paused sandbox")
+                }
+            }
+        }
+        out
+    }
+
+    /// Forget a paused sandbox (resumed or killed).
+    pub fn remove_paused(&self, id: &str) {
+        let path = self.paused_dir().join(format!("{id}.json"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "removing a paused sandbox record")
+            }
+        }
+    }
+
+    fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+        use std::io::Read;
+        let f = std::fs::File::open(path).ok()?;
+        let mut buf = Vec::new();
+        f.take(MAX_META).read_to_end(&mut buf).ok()?;
+        serde_json::from_slice(&buf).ok()
     }
 }
 

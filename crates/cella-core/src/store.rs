@@ -195,6 +195,23 @@ impl Store {
         Ok(())
     }
 
+    /// Records a sandbox that starts again under its ID (resumed from disk): its row, if it has
+    /// one for the same key, is reopened; otherwise one is inserted.
+    pub fn reopen_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        let changed = self
+            .conn()
+            .prepare_cached(
+                "UPDATE sandboxes SET end_at_ms = ?3, isolation = ?4, finished_at_ms = NULL,
+                    finish_reason = NULL
+                 WHERE id = ?1 AND key_id = ?2",
+            )?
+            .execute(params![rec.id, rec.key_id, rec.end_at_ms, rec.isolation])?;
+        if changed == 0 {
+            self.insert_sandbox(rec)?;
+        }
+        Ok(())
+    }
+
     /// Updates the scheduled end of a sandbox (after `timeout`/`connect`). Unknown or finished
     /// sandboxes are left alone.
     pub fn set_sandbox_end(&self, id: &str, end_at_ms: i64) -> Result<(), StoreError> {
@@ -426,6 +443,25 @@ mod tests {
             Err(StoreError::UnknownSandbox(id)) if id == "nope"
         ));
         assert!(store.insert_sandbox(&record("ia")).is_err(), "duplicate id");
+        // a sandbox resumed from disk reopens its row
+        store.reopen_sandbox(&record("ia")).expect("reopen");
+        assert!(
+            store
+                .unfinished_sandboxes()
+                .expect("list")
+                .iter()
+                .any(|r| r.id == "ia")
+        );
+        store
+            .reopen_sandbox(&record("ic"))
+            .expect("reopen of an unknown row inserts");
+        assert!(
+            store
+                .unfinished_sandboxes()
+                .expect("list")
+                .iter()
+                .any(|r| r.id == "ic")
+        );
     }
 
     #[test]
