@@ -187,18 +187,30 @@ def test_kill_while_paused_leaves_nothing_behind(server):
     _settled(server, before)
 
 
-def test_paused_sandboxes_do_not_survive_a_server_restart(server):
-    """What a restart does to paused sandboxes, exactly: SIGTERM kills them like running ones;
-    after a SIGKILL the frozen cgroup stays behind and the next start thaws and removes it."""
+def test_paused_sandboxes_go_to_disk_at_shutdown_and_are_lost_in_a_crash(server):
+    """What a restart does to paused sandboxes, exactly: at SIGTERM a paused sandbox is written
+    to disk (its files; its processes end like every other) and is paused again after the
+    start; after a SIGKILL the frozen cgroup stays behind, the next start thaws and removes it,
+    and that sandbox is gone (only a clean stop writes paused sandboxes out)."""
     before = _snap(server)
     a = Sandbox.create(template="base", timeout=300)
     a.commands.run("sleep 781", background=True)
+    a.files.write("/home/user/a.txt", "a\n")
     assert a.pause() is True
     assert server.stop(signal.SIGTERM) == 0
-    _settled(server, before, timeout=5)
+    # nothing of it runs or is mounted: only its files are kept
+    left = _added(server, before, _snap(server))
+    assert set(left) <= {"data_files"}, left
+    assert any(f.startswith(f"snapshots/.paused/{a.sandbox_id}") for f in left.get("data_files", [])), left
     server.start()
     with server.api() as api:
-        assert api.get(f"/sandboxes/{a.sandbox_id}").status_code == 404
+        r = api.get(f"/sandboxes/{a.sandbox_id}")
+        assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+    back = Sandbox.connect(a.sandbox_id, timeout=120)
+    assert back.files.read("/home/user/a.txt") == "a\n"
+    assert "sleep 781" not in back.commands.run("ps -eo args").stdout
+    back.kill()
+    _settled(server, before)
 
     b = Sandbox.create(template="base", timeout=300)
     b.commands.run("sleep 782", background=True)
@@ -261,3 +273,84 @@ def test_pause_resume_latency(server, sandbox):
         f"resume (connect) p50 {resumes[n // 2]:.1f} ms, max {resumes[-1]:.1f} ms"
     )
     assert sandbox.commands.run("echo ok").stdout == "ok\n"
+
+
+def test_filesystem_pause_frees_the_sandbox_and_connect_cold_starts_it(server):
+    """E2B's mode="filesystem": the files are kept, the processes and their memory are not;
+    nothing of the sandbox runs on the host while it is paused; connect starts it again under
+    the same ID, and the SDK's existing handle (its token) keeps working."""
+    before = _snap(server)
+    sbx = Sandbox.create(template="base", timeout=120, metadata={"fs-pause": "1"})
+    try:
+        sbx.files.write("/home/user/kept.txt", "on disk\n")
+        sbx.commands.run("sleep 600", background=True)
+        assert sbx.pause(mode="filesystem") is True
+        info = sbx.get_info()
+        assert info.state == SandboxState.PAUSED
+        assert info.metadata == {"fs-pause": "1"}
+        assert sbx.is_running() is False
+        assert _freezer_states(sbx.sandbox_id) == set(), "its cgroup is still there"
+        # Nothing of it runs or is mounted on the host any more: only its files (the snapshot
+        # layer and the paused record) are in the data dir.
+        wait_until(
+            lambda: set(_added(server, before, _snap(server))) <= {"data_files"},
+            timeout=15, interval=0.2, what="the paused sandbox's processes to go",
+        )
+        added = _added(server, before, _snap(server)).get("data_files", [])
+        assert any(f.startswith(f"snapshots/.paused/{sbx.sandbox_id}") for f in added), added
+        assert Sandbox.pause(sbx.sandbox_id) is False, "already paused: 409"
+
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert again.sandbox_id == sbx.sandbox_id
+        assert sbx.get_info().state == SandboxState.RUNNING
+        # the old handle works (same token), the files are there, the processes are not
+        assert sbx.files.read("/home/user/kept.txt") == "on disk\n"
+        assert "sleep 600" not in sbx.commands.run("ps -eo args").stdout
+        assert again.commands.run("echo back").stdout == "back\n"
+    finally:
+        sbx.kill()
+
+
+def test_a_paused_sandbox_outlives_a_server_restart(server):
+    """A paused sandbox is written to disk when the server stops and is paused again after it
+    starts: connect brings it back with its files (its processes end with the old server)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cella_e2e import Server, sdk_env
+
+    tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-pause-restart-"))
+    tmp.chmod(0o711)
+    srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log", extra_args=["--build", ""])
+    srv.start()
+    try:
+        with sdk_env(srv):
+            paused = Sandbox.create(template="base", timeout=120, metadata={"keep": "yes"})
+            running = Sandbox.create(template="base", timeout=120)
+            paused.files.write("/home/user/kept.txt", "across the restart\n")
+            assert paused.pause() is True
+        assert srv.stop() == 0
+        srv.start()
+        with sdk_env(srv):
+            listed = {s.sandbox_id: s for s in _ids_list(Sandbox.list())}
+            assert set(listed) == {paused.sandbox_id}, "the running one ends, the paused one stays"
+            assert listed[paused.sandbox_id].state == SandboxState.PAUSED
+            assert listed[paused.sandbox_id].metadata == {"keep": "yes"}
+            back = Sandbox.connect(paused.sandbox_id, timeout=120)
+            assert back.files.read("/home/user/kept.txt") == "across the restart\n"
+            # the SDK handle from before the restart still works
+            assert paused.commands.run("echo ok").stdout == "ok\n"
+            del running
+            back.kill()
+        assert srv.stop() == 0
+    finally:
+        srv.kill9()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ids_list(paginator) -> list:
+    out = []
+    while paginator.has_next:
+        out += paginator.next_items()
+    return out

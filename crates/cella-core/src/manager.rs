@@ -2921,6 +2921,7 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&root)
             .expect("readdir")
             .filter_map(Result::ok)
+            .filter(|e| e.file_name() != ".paused")
             .collect();
         assert!(left.is_empty(), "{left:?}");
     }

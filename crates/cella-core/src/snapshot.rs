@@ -172,6 +172,12 @@ impl SnapshotStore {
             .create(&root)
             .map_err(io(format!("creating {}", root.display())))?;
         let store = SnapshotStore { root };
+        let paused = store.paused_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&paused)
+            .map_err(io(format!("creating {}", paused.display())))?;
         for entry in store.entries() {
             if entry.starts_with(".tmp-") {
                 let _ = std::fs::remove_dir_all(store.root.join(&entry));
