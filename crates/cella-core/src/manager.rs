@@ -15,8 +15,13 @@
 //! for [`ManagerConfig::paused_ttl`] and then killed (its `endAt` says when). Transitions of
 //! one sandbox are serialized by a per-sandbox lock, so a kill, the reaper and a pause never
 //! interleave; a kill of a paused sandbox thaws it first (a frozen v1 cgroup keeps SIGKILL
-//! pending). Paused sandboxes live in this process only: a server restart reaps them like
-//! running ones.
+//! pending).
+//!
+//! Pause to disk (`memory: false`, and every frozen sandbox at shutdown): its files become a
+//! hidden snapshot, a [`PausedRecord`] keeps the rest, a registry entry without processes
+//! (`OnDisk`) replaces it and the sandbox is destroyed; a resume cold-starts it from the
+//! snapshot under the same ID and tokens. Records are loaded at start, so those sandboxes
+//! outlive a restart; memory-paused ones die with a crashed server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
