@@ -2,7 +2,7 @@
 //! trees safely.
 //!
 //! The shift is why templates are safe to use as an overlay lower layer: sandboxes run in a
-//! user namespace that maps inside 0..65536 to host [`SANDBOX_ID_BASE`].., so the stored tree
+//! user namespace that maps inside 0..65536 to host [`SANDBOX_ID_BASE`](crate::driver::SANDBOX_ID_BASE).., so the stored tree
 //! is owned by the shifted IDs and nothing in it is owned by host root. `chown` clears the
 //! setuid/setgid bits (that is how `sudo` would lose its setuid bit), so modes are restored
 //! after each change.
