@@ -61,3 +61,19 @@ test('kill while paused', async () => {
   const list = await Sandbox.list({ query: { state: ['paused', 'running'] } }).nextItems()
   assert.ok(!list.some((s) => s.sandboxId === sbx.sandboxId))
 })
+
+test('pause({keepMemory: false}) keeps the files, connect cold-starts under the same ID', async () => {
+  await withSandbox(Sandbox, { timeoutMs: 120_000 }, async (sbx) => {
+    await sbx.files.write('/home/user/kept.txt', 'on disk\n')
+    await sbx.commands.run('sleep 600', { background: true })
+    assert.equal(await sbx.pause({ keepMemory: false }), true)
+    assert.equal((await sbx.getInfo()).state, 'paused')
+    assert.equal(await sbx.isRunning(), false)
+    const again = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
+    assert.equal(again.sandboxId, sbx.sandboxId)
+    // the handle from before the pause still works: same access token
+    assert.equal(await sbx.files.read('/home/user/kept.txt'), 'on disk\n')
+    const ps = await sbx.commands.run('ps -eo args')
+    assert.ok(!ps.stdout.includes('sleep 600'), 'processes do not survive a filesystem pause')
+  })
+})
