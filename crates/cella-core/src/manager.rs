@@ -753,11 +753,34 @@ impl Manager {
             },
         });
         let out = live.sandbox();
-        if let Ok(mut map) = self.live.write() {
-            map.insert(id.clone(), live);
+        // A sandbox resumed from disk must not come back if it was killed meanwhile (the kill
+        // took its paused entry out); the check and the insert are one step under `dying`.
+        if !self.register(&id, live, revival.is_some()) {
+            let _ = handle.destroy().await;
+            if let Some(eg) = &egress
+                && let Err(e) = eg.release(&id).await
+            {
+                tracing::warn!(sandbox = %id, error = %e, "releasing the network failed");
+            }
+            return Err(ManagerError::SandboxNotFound(id));
         }
         tokio::spawn(watch_exit(Arc::downgrade(self), id, handle));
         Ok(out)
+    }
+
+    /// Put `live` in the registry. With `unless_dying`, not when `id` is being destroyed
+    /// (returns false then).
+    fn register(&self, id: &str, live: Arc<LiveSandbox>, unless_dying: bool) -> bool {
+        let Ok(dying) = self.dying.lock() else {
+            return false;
+        };
+        if unless_dying && dying.contains(id) {
+            return false;
+        }
+        if let Ok(mut map) = self.live.write() {
+            map.insert(id.to_string(), live);
+        }
+        true
     }
 
     /// Create with an `Idempotency-Key`: the first request with a key creates; concurrent and
@@ -1599,8 +1622,10 @@ impl Manager {
                 "the snapshot of sandbox '{id}' vanished while pausing it"
             )));
         };
-        if let Ok(mut m) = self.live.write() {
-            m.insert(id.clone(), Arc::new(dormant));
+        let registered = self.register(&id, Arc::new(dormant), true);
+        if !registered {
+            // Killed meanwhile: the kill ends the sandbox; its record must not outlive it.
+            store.remove_paused(&id);
         }
         drop(pin);
         // Its processes go (a frozen v1 cgroup must be thawed for SIGKILL to land).
@@ -3115,11 +3140,11 @@ mod tests {
             },
         )
         .await;
+        // (the record is written before the sandbox's processes go)
         wait_until("auto-pause to disk", Duration::from_secs(10), || {
-            paused_records(&snaps).len() == 1
+            paused_records(&snaps).len() == 1 && !e.driver.alive().contains(&id)
         })
         .await;
-        assert!(!e.driver.alive().contains(&id));
         let live = e
             .manager
             .route_running(&id)
