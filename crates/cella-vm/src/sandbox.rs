@@ -2,17 +2,20 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cella_api::Isolation;
 use cella_core::driver::{DriverError, ExitInfo, SandboxHandle, SandboxStats};
 use cella_jail::cgroup::Cgroups;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::image::ImageTools;
+use crate::layer::{self, LayerMeta};
 use crate::vmm::{Tail, pidfd_kill};
 
 /// How long teardown waits for the killed VMM to be reaped.
@@ -42,6 +45,25 @@ pub enum BootPath {
     Restored,
 }
 
+/// What a filesystem snapshot of a sandbox needs to know about its disk.
+#[derive(Debug, Clone)]
+pub(crate) struct DiskInfo {
+    /// The sandbox's qcow2 overlay.
+    pub(crate) overlay: PathBuf,
+    /// The raw template image at the bottom of the overlay's backing chain.
+    pub(crate) base: PathBuf,
+    /// Template name and build ID (recorded in the layer).
+    pub(crate) template: String,
+    pub(crate) build_id: String,
+    /// The agent's access token (for `/fsfreeze`, `/fsthaw`).
+    pub(crate) access_token: String,
+    pub(crate) tools: ImageTools,
+    /// Group of layer files (QEMU's), root-owned.
+    pub(crate) gid: Option<u32>,
+    /// How long the agent may take to answer a freeze or thaw.
+    pub(crate) agent_timeout: Duration,
+}
+
 /// A VM sandbox.
 pub struct VmSandbox {
     pub(crate) id: String,
@@ -57,6 +79,9 @@ pub struct VmSandbox {
     pub(crate) stderr: Tail,
     pub(crate) slot: Mutex<Option<SlotGuard>>,
     pub(crate) boot: BootPath,
+    pub(crate) disk: DiskInfo,
+    /// Serialises pause, resume and filesystem snapshots.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -156,6 +181,131 @@ impl VmSandbox {
     }
 }
 
+
+/// Paths of the agent's host-only routes (the server's proxy refuses them from outside).
+const FSFREEZE: &str = "/fsfreeze";
+const FSTHAW: &str = "/fsthaw";
+/// Name of the overlay copy inside the layer directory until it is finished.
+const TOP_COPY: &str = ".overlay.qcow2";
+
+/// `dest` must be an existing, empty, absolute directory.
+fn check_dest(dest: &Path) -> Result<(), DriverError> {
+    if !dest.is_absolute() {
+        return Err(DriverError::Setup(format!(
+            "snapshot destination {} is not an absolute path",
+            dest.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(dest).map_err(|source| DriverError::Io {
+        context: format!("opening the snapshot destination {}", dest.display()),
+        source,
+    })?;
+    if entries.next().is_some() {
+        return Err(DriverError::Setup(format!(
+            "snapshot destination {} is not empty",
+            dest.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The status code of an HTTP/1.1 response head.
+fn http_status(head: &[u8]) -> Option<u16> {
+    let line = head.split(|b| *b == b'\n').next()?;
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
+impl VmSandbox {
+    /// `POST path` to the agent with the access token; the response's status code (and the
+    /// start of its body when it is not a success).
+    async fn agent_post(&self, path: &str) -> Result<(), String> {
+        let token = &self.disk.access_token;
+        if token.bytes().any(|b| b.is_ascii_control()) {
+            return Err("the access token contains control characters".into());
+        }
+        let timeout = self.disk.agent_timeout;
+        let work = async {
+            let mut s = self
+                .dial(cella_proto::envd::ENVD_PORT)
+                .await
+                .map_err(|e| format!("dialing the agent: {e}"))?;
+            let req = format!(
+                "POST {path} HTTP/1.1\r\nHost: sandbox\r\n{}: {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                cella_proto::envd::ACCESS_TOKEN_HEADER
+            );
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| format!("writing to the agent: {e}"))?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            loop {
+                let n = s
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("reading the agent's answer: {e}"))?;
+                if n == 0 || buf.len() > 8192 {
+                    break;
+                }
+                buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+            match http_status(&buf) {
+                Some(204) | Some(200) => Ok(()),
+                Some(code) => {
+                    let body = buf
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .and_then(|i| buf.get(i + 4..))
+                        .unwrap_or_default();
+                    let body: String = String::from_utf8_lossy(body).chars().take(300).collect();
+                    Err(format!("the agent answered {path} with {code}: {body}"))
+                }
+                None => Err(format!("the agent's answer to {path} is not HTTP")),
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("the agent did not answer {path} within {timeout:?}")),
+        }
+    }
+
+    /// Freeze the guest's filesystem, stop the VM, copy its overlay to `top`, let the VM
+    /// run and thaw the filesystem. The VM must be running. Returns how long it was stopped.
+    async fn quiesced_copy(&self, top: &Path) -> Result<Duration, DriverError> {
+        self.agent_post(FSFREEZE)
+            .await
+            .map_err(|e| DriverError::Setup(format!("freezing the guest's filesystem: {e}")))?;
+        let stopped_at = Instant::now();
+        let copied = match cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await {
+            Ok(()) => {
+                let (src, dst) = (self.disk.overlay.clone(), top.to_path_buf());
+                let copied = tokio::task::spawn_blocking(move || {
+                    std::fs::copy(&src, &dst).map(|_| ()).map_err(|source| DriverError::Io {
+                        context: format!("copying {}", src.display()),
+                        source,
+                    })
+                })
+                .await
+                .map_err(|e| DriverError::Setup(format!("copy task failed: {e}")))
+                .and_then(|r| r);
+                let thawed = cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await;
+                copied.and(thawed)
+            }
+            Err(e) => Err(e),
+        };
+        let stopped = stopped_at.elapsed();
+        let fs_thawed = self
+            .agent_post(FSTHAW)
+            .await
+            .map_err(|e| DriverError::Setup(format!("thawing the guest's filesystem: {e}")));
+        copied.and(fs_thawed).map(|()| stopped)
+    }
+}
+
 #[async_trait]
 impl SandboxHandle for VmSandbox {
     fn id(&self) -> &str {
@@ -185,11 +335,92 @@ impl SandboxHandle for VmSandbox {
     /// Pause = freeze the VMM's cgroup (QEMU's vCPU and I/O threads stop; guest RAM stays
     /// resident), the same call as the jail's. The guest's clock jumps on resume.
     async fn pause(&self) -> Result<(), DriverError> {
+        let _life = self.lifecycle.lock().await;
         cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await
     }
 
     async fn resume(&self) -> Result<(), DriverError> {
+        let _life = self.lifecycle.lock().await;
         cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await
+    }
+
+    /// The guest agent freezes `/` (every dirty page reaches the virtual disk), the VMM's
+    /// cgroup is frozen while its qcow2 overlay is copied (milliseconds: only what the
+    /// sandbox wrote), then both thaw; the copy is flattened onto the template image outside
+    /// that window (see [`crate::layer`]). A paused sandbox runs for that short window (its
+    /// guest must flush) and is paused again before this returns.
+    async fn snapshot_filesystem(&self, dest: &Path) -> Result<(), DriverError> {
+        check_dest(dest)?;
+        let _life = self.lifecycle.lock().await;
+        if self.exit_rx.borrow().is_some() {
+            return Err(DriverError::Setup(format!(
+                "sandbox {} is not running",
+                self.id
+            )));
+        }
+        let t0 = Instant::now();
+        let was_paused = self
+            .cgroups
+            .is_frozen(&self.id)
+            .map_err(|e| cella_jail::sandbox::freeze_error(&self.id, e))?;
+        if was_paused {
+            cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await?;
+        }
+        let top = dest.join(TOP_COPY);
+        let copied = self.quiesced_copy(&top).await;
+        let repaused = if was_paused {
+            cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await
+        } else {
+            Ok(())
+        };
+        let finished = match copied.and_then(|stopped| repaused.map(|()| stopped)) {
+            Ok(stopped) => {
+                let info = self.disk.clone();
+                let (top, dest2) = (top.clone(), dest.to_path_buf());
+                tokio::task::spawn_blocking(move || -> Result<u64, DriverError> {
+                    let virtual_size = layer::qcow2_virtual_size(&top).map_err(|source| {
+                        DriverError::Io {
+                            context: format!("reading {}", top.display()),
+                            source,
+                        }
+                    })?;
+                    let meta = LayerMeta {
+                        base: info.base.clone(),
+                        virtual_size,
+                        template: info.template.clone(),
+                        build_id: info.build_id.clone(),
+                    };
+                    layer::finish_layer(&info.tools, &top, &dest2, &meta, info.gid)
+                        .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
+                    Ok(std::fs::metadata(dest2.join(layer::LAYER_DISK))
+                        .map(|m| m.len())
+                        .unwrap_or(0))
+                })
+                .await
+                .map_err(|e| DriverError::Setup(format!("layer task failed: {e}")))
+                .and_then(|r| r)
+                .map(|bytes| (stopped, bytes))
+            }
+            Err(e) => Err(e),
+        };
+        match finished {
+            Ok((stopped, bytes)) => {
+                tracing::info!(
+                    sandbox = %self.id,
+                    paused = was_paused,
+                    stopped_ms = stopped.as_millis() as u64,
+                    total_ms = t0.elapsed().as_millis() as u64,
+                    layer_bytes = bytes,
+                    "filesystem snapshot"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let dest = dest.to_path_buf();
+                let _ = tokio::task::spawn_blocking(move || layer::clear_dir(&dest)).await;
+                Err(e)
+            }
+        }
     }
 
     async fn wait_exit(&self) -> ExitInfo {
@@ -214,5 +445,29 @@ impl SandboxHandle for VmSandbox {
         self.teardown().await?;
         *done = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(http_status(b"HTTP/1.1 204 No Content\r\n\r\n"), Some(204));
+        assert_eq!(http_status(b"HTTP/1.0 409 Conflict\r\nx: y"), Some(409));
+        assert_eq!(http_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(http_status(b""), None);
+    }
+
+    #[test]
+    fn destinations_must_be_empty_absolute_dirs() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        check_dest(tmp.path()).expect("empty dir");
+        assert!(check_dest(Path::new("rel")).is_err());
+        assert!(check_dest(&tmp.path().join("missing")).is_err());
+        std::fs::write(tmp.path().join("x"), b"").expect("write");
+        let err = check_dest(tmp.path()).expect_err("not empty");
+        assert!(err.to_string().contains("not empty"), "{err}");
     }
 }
