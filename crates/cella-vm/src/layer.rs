@@ -26,9 +26,8 @@
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::image::{ImageError, ImageTools, run_tool};
+use crate::image::ImageError;
 
 /// The layer's disk.
 pub const LAYER_DISK: &str = "disk.qcow2";
@@ -136,42 +135,67 @@ pub fn qcow2_virtual_size(path: &Path) -> io::Result<u64> {
     Ok(u64::from_be_bytes(size))
 }
 
-/// Turn `top` (a copy of a sandbox's overlay, still on its old backing chain) into the layer
-/// `dest`: rebase it onto `meta.base`, make it root-owned and read-only for QEMU, and write
-/// the description. `top` must be inside `dest`; it is renamed to [`LAYER_DISK`].
+/// Arguments of `qemu-img` that flatten `top` onto `base` in place. Safe mode (no `-u`): it
+/// reads the old chain and the image and writes every cluster where they differ. `top` is a
+/// copy of a sandbox's overlay, so its header is the VMM's to write: the driver runs this as
+/// the sandbox's own unprivileged uid, which can open no backing file the VMM could not.
+pub fn rebase_args(base: &Path, top: &Path) -> Result<Vec<String>, ImageError> {
+    let utf8 = |p: &Path| {
+        p.to_str().map(str::to_string).ok_or_else(|| ImageError::Io {
+            context: format!("{} is not UTF-8", p.display()),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })
+    };
+    Ok(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"]
+        .into_iter()
+        .map(str::to_string)
+        .chain([utf8(base)?, utf8(top)?])
+        .collect())
+}
+
+/// Write the layer `dest` from `top` (already flattened onto `meta.base`): a fresh root-owned
+/// copy, read-only for QEMU's group (no descriptor the sandbox's uid may hold on `top` reaches
+/// it), then the description. Returns the disk's size in bytes.
 pub fn finish_layer(
-    tools: &ImageTools,
     top: &Path,
     dest: &Path,
     meta: &LayerMeta,
     gid: Option<u32>,
-) -> Result<(), ImageError> {
-    // Safe mode (no -u): reads the old chain and the image, writes where they differ.
-    run_tool(
-        Command::new(&tools.qemu_img)
-            .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&meta.base)
-            .arg(top),
-    )?;
-    let disk = dest.join(LAYER_DISK);
-    let io_ctx = |what: String| move |source| ImageError::Io {
-        context: what,
-        source,
+) -> Result<u64, ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_ctx = |what: String| {
+        move |source| ImageError::Io {
+            context: what,
+            source,
+        }
     };
-    std::os::unix::fs::chown(top, Some(0), gid).map_err(io_ctx(format!("chown {}", top.display())))?;
-    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o640))
-        .map_err(io_ctx(format!("chmod {}", top.display())))?;
-    std::fs::File::open(top)
-        .and_then(|f| f.sync_all())
-        .map_err(io_ctx(format!("syncing {}", top.display())))?;
-    std::fs::rename(top, &disk).map_err(io_ctx(format!("renaming to {}", disk.display())))?;
+    let disk = dest.join(LAYER_DISK);
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(top)
+        .map_err(io_ctx(format!("opening {}", top.display())))?;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&disk)
+        .map_err(io_ctx(format!("creating {}", disk.display())))?;
+    let bytes = io::copy(&mut src, &mut out).map_err(io_ctx(format!("writing {}", disk.display())))?;
+    std::os::unix::fs::fchown(&out, Some(0), gid)
+        .map_err(io_ctx(format!("chown {}", disk.display())))?;
+    out.set_permissions(std::fs::Permissions::from_mode(0o640))
+        .map_err(io_ctx(format!("chmod {}", disk.display())))?;
+    out.sync_all()
+        .map_err(io_ctx(format!("syncing {}", disk.display())))?;
     let meta_path = dest.join(LAYER_META);
     let mut text = serde_json::to_vec_pretty(&meta.to_json()).unwrap_or_default();
     text.push(b'\n');
     write_synced(&meta_path, &text).map_err(io_ctx(format!("writing {}", meta_path.display())))?;
     std::fs::File::open(dest)
         .and_then(|d| d.sync_all())
-        .map_err(io_ctx(format!("syncing {}", dest.display())))
+        .map_err(io_ctx(format!("syncing {}", dest.display())))?;
+    Ok(bytes)
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
@@ -220,6 +244,8 @@ pub fn clear_dir(dest: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::{ImageTools, run_tool};
+    use std::process::Command;
 
     fn meta(base: &Path) -> LayerMeta {
         LayerMeta {
@@ -330,10 +356,12 @@ mod tests {
         qemu_io(&top, "write -P 0x42 2M 4k");
         let dest = tmp.path().join("layer");
         std::fs::create_dir(&dest).expect("mkdir");
-        let copy = dest.join(".top");
+        let copy = tmp.path().join("copy.qcow2");
         std::fs::copy(&top, &copy).expect("copy");
-        finish_layer(&tools, &copy, &dest, &meta(&base), None).expect("finish");
-        assert!(!copy.exists());
+        run_tool(Command::new("qemu-img").args(rebase_args(&base, &copy).expect("args")))
+            .expect("rebase");
+        let bytes = finish_layer(&copy, &dest, &meta(&base), None).expect("finish");
+        assert_eq!(bytes, std::fs::metadata(&copy).expect("stat").len());
         assert_eq!(read_layer(&dest), Ok(meta(&base)));
         let disk = dest.join(LAYER_DISK);
         let out = Command::new("qemu-img")

@@ -956,6 +956,7 @@ impl VmDriver {
         struct Prepared {
             net: net::GuestNet,
             cgroup_procs: Vec<std::fs::File>,
+            overlay: std::fs::File,
         }
         let prepared = {
             let inner = inner.clone();
@@ -1005,6 +1006,12 @@ impl VmDriver {
                 }
                 image::create_overlay(&tools, &backing, backing_fmt, &disk, disk_size)
                     .map_err(|e| undo_dir(setup_err(e)))?;
+                // Opened before the VMM's uid owns the directory (snapshots read it).
+                let overlay = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&disk)
+                    .map_err(|e| undo_dir(io_err(format!("opening {}", disk.display()))(e)))?;
                 let mut owned = vec![dir.clone(), disk.clone()];
                 if let Some(ram) = &golden_ram {
                     std::fs::OpenOptions::new()
@@ -1041,7 +1048,11 @@ impl VmDriver {
                 let net = net::create_guest_net().map_err(|e| {
                     undo_all(io_err("creating the VM's network namespace and tap")(e))
                 })?;
-                Ok(Prepared { net, cgroup_procs })
+                Ok(Prepared {
+                    net,
+                    cgroup_procs,
+                    overlay,
+                })
             })
             .await
             .map_err(|e| DriverError::Setup(format!("setup task failed: {e}")))??
@@ -1108,6 +1119,10 @@ impl VmDriver {
             incoming: l.incoming,
             tsc_khz: inner.tsc_khz,
         };
+        let snap_identity = identity.clone().map(|i| Identity {
+            groups: Vec::new(),
+            ..i
+        });
         let launched = vmm::spawn(Launch {
             program: cfg.qemu.clone(),
             args: plan.args(),
@@ -1175,15 +1190,14 @@ impl VmDriver {
             slot: Mutex::new(slot),
             boot: l.boot,
             disk: DiskInfo {
-                overlay: l.disk.clone(),
+                overlay: Arc::new(prepared.overlay),
+                work_root: cfg.data_dir.join("sandboxes"),
+                identity: snap_identity,
                 base: l.snap.base,
                 template: l.snap.template,
                 build_id: l.snap.build_id,
                 access_token: l.snap.access_token,
-                tools: ImageTools {
-                    mkfs_ext4: cfg.mkfs_ext4.clone(),
-                    qemu_img: cfg.qemu_img.clone(),
-                },
+                qemu_img: cfg.qemu_img.clone(),
                 gid: cfg.run_as.map(|r| r.gid),
                 agent_timeout: self.ready_timeout(),
             },

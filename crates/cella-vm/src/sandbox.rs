@@ -14,9 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::image::ImageTools;
 use crate::layer::{self, LayerMeta};
-use crate::vmm::{Tail, pidfd_kill};
+use crate::vmm::{Identity, Launch, Tail, pidfd_kill};
 
 /// How long teardown waits for the killed VMM to be reaped.
 const REAP_DEADLINE: Duration = Duration::from_secs(10);
@@ -48,8 +47,13 @@ pub enum BootPath {
 /// What a filesystem snapshot of a sandbox needs to know about its disk.
 #[derive(Debug, Clone)]
 pub(crate) struct DiskInfo {
-    /// The sandbox's qcow2 overlay.
-    pub(crate) overlay: PathBuf,
+    /// The sandbox's qcow2 overlay, opened by the host when it was created: its directory
+    /// belongs to the VMM's uid, so the path may point elsewhere by now.
+    pub(crate) overlay: Arc<std::fs::File>,
+    /// Where snapshot work directories go (`<data>/sandboxes`, root's; reaped at start).
+    pub(crate) work_root: PathBuf,
+    /// The VMM's identity: `qemu-img` runs as it on the copy of the overlay.
+    pub(crate) identity: Option<Identity>,
     /// The raw template image at the bottom of the overlay's backing chain.
     pub(crate) base: PathBuf,
     /// Template name and build ID (recorded in the layer).
@@ -57,7 +61,8 @@ pub(crate) struct DiskInfo {
     pub(crate) build_id: String,
     /// The agent's access token (for `/fsfreeze`, `/fsthaw`).
     pub(crate) access_token: String,
-    pub(crate) tools: ImageTools,
+    /// `qemu-img`.
+    pub(crate) qemu_img: PathBuf,
     /// Group of layer files (QEMU's), root-owned.
     pub(crate) gid: Option<u32>,
     /// How long the agent may take to answer a freeze or thaw.
@@ -185,8 +190,57 @@ impl VmSandbox {
 /// Paths of the agent's host-only routes (the server's proxy refuses them from outside).
 const FSFREEZE: &str = "/fsfreeze";
 const FSTHAW: &str = "/fsthaw";
-/// Name of the overlay copy inside the layer directory until it is finished.
-const TOP_COPY: &str = ".overlay.qcow2";
+/// Makes snapshot work directory names unique.
+static WORK_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Copy all of `src` (from offset 0, whatever its file position) to `dst`.
+fn copy_from_fd(src: &std::fs::File, dst: &mut std::fs::File) -> io::Result<u64> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = src.read_at(&mut buf, off)?;
+        if n == 0 {
+            dst.flush()?;
+            return Ok(off);
+        }
+        dst.write_all(buf.get(..n).unwrap_or_default())?;
+        off += n as u64;
+    }
+}
+
+/// Run `qemu-img` confined like a VMM (as `identity`, no new privileges); its stderr tail on
+/// failure.
+async fn run_confined(
+    program: &Path,
+    args: Vec<String>,
+    identity: Option<Identity>,
+) -> Result<(), String> {
+    let started = crate::vmm::spawn(Launch {
+        program: program.to_path_buf(),
+        args,
+        inherit: Vec::new(),
+        cgroup_procs: Vec::new(),
+        identity,
+    })
+    .map_err(|e| format!("starting {}: {e}", program.display()))?;
+    let mut child = started.child;
+    let mut err = Vec::new();
+    if let Some(mut stderr) = started.stderr {
+        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut err).await;
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("waiting for {}: {e}", program.display()))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&err);
+    let tail: String = text.trim().chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+    Err(format!("{} failed ({status}): {tail}", program.display()))
+}
 
 /// `dest` must be an existing, empty, absolute directory.
 fn check_dest(dest: &Path) -> Result<(), DriverError> {
@@ -273,21 +327,97 @@ impl VmSandbox {
         }
     }
 
+    /// The snapshot after the checks: copy (quiesced) into `work`, put a paused sandbox back
+    /// to sleep, flatten the copy as the VMM's uid, write the layer. Returns how long the VM
+    /// was stopped and the layer's size.
+    async fn snapshot_into(
+        &self,
+        dest: &Path,
+        work: &Path,
+        top: &Path,
+        was_paused: bool,
+    ) -> Result<(Duration, u64), DriverError> {
+        let identity = self.disk.identity.clone();
+        let (w, t) = (work.to_path_buf(), top.to_path_buf());
+        let file = tokio::task::spawn_blocking(move || -> io::Result<std::fs::File> {
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new().mode(0o711).create(&w)?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&t)
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("work task failed: {e}")))?
+        .map_err(|source| DriverError::Io {
+            context: format!("creating {}", top.display()),
+            source,
+        });
+        let copied = match file {
+            Ok(f) => self.quiesced_copy(f).await,
+            Err(e) => Err(e),
+        };
+        let repaused = if was_paused {
+            cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await
+        } else {
+            Ok(())
+        };
+        let stopped = copied?;
+        repaused?;
+        if let Some(idn) = &identity {
+            std::os::unix::fs::chown(top, Some(idn.uid), Some(idn.gid)).map_err(|source| {
+                DriverError::Io {
+                    context: format!("chown {}", top.display()),
+                    source,
+                }
+            })?;
+        }
+        let args = layer::rebase_args(&self.disk.base, top)
+            .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
+        run_confined(&self.disk.qemu_img, args, identity)
+            .await
+            .map_err(|e| DriverError::Setup(format!("flattening the disk copy: {e}")))?;
+        let info = self.disk.clone();
+        let (top, dest) = (top.to_path_buf(), dest.to_path_buf());
+        let bytes = tokio::task::spawn_blocking(move || -> Result<u64, DriverError> {
+            let virtual_size =
+                layer::qcow2_virtual_size(&top).map_err(|source| DriverError::Io {
+                    context: format!("reading {}", top.display()),
+                    source,
+                })?;
+            let meta = LayerMeta {
+                base: info.base.clone(),
+                virtual_size,
+                template: info.template.clone(),
+                build_id: info.build_id.clone(),
+            };
+            layer::finish_layer(&top, &dest, &meta, info.gid)
+                .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("layer task failed: {e}")))??;
+        Ok((stopped, bytes))
+    }
+
     /// Freeze the guest's filesystem, stop the VM, copy its overlay to `top`, let the VM
     /// run and thaw the filesystem. The VM must be running. Returns how long it was stopped.
-    async fn quiesced_copy(&self, top: &Path) -> Result<Duration, DriverError> {
+    async fn quiesced_copy(&self, top: std::fs::File) -> Result<Duration, DriverError> {
         self.agent_post(FSFREEZE)
             .await
             .map_err(|e| DriverError::Setup(format!("freezing the guest's filesystem: {e}")))?;
         let stopped_at = Instant::now();
         let copied = match cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await {
             Ok(()) => {
-                let (src, dst) = (self.disk.overlay.clone(), top.to_path_buf());
+                let src = self.disk.overlay.clone();
+                let mut dst = top;
                 let copied = tokio::task::spawn_blocking(move || {
-                    std::fs::copy(&src, &dst).map(|_| ()).map_err(|source| DriverError::Io {
-                        context: format!("copying {}", src.display()),
-                        source,
-                    })
+                    copy_from_fd(&src, &mut dst)
+                        .and_then(|_| dst.sync_all())
+                        .map_err(|source| DriverError::Io {
+                            context: "copying the sandbox's disk overlay".into(),
+                            source,
+                        })
                 })
                 .await
                 .map_err(|e| DriverError::Setup(format!("copy task failed: {e}")))
@@ -366,43 +496,16 @@ impl SandboxHandle for VmSandbox {
         if was_paused {
             cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await?;
         }
-        let top = dest.join(TOP_COPY);
-        let copied = self.quiesced_copy(&top).await;
-        let repaused = if was_paused {
-            cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await
-        } else {
-            Ok(())
-        };
-        let finished = match copied.and_then(|stopped| repaused.map(|()| stopped)) {
-            Ok(stopped) => {
-                let info = self.disk.clone();
-                let (top, dest2) = (top.clone(), dest.to_path_buf());
-                tokio::task::spawn_blocking(move || -> Result<u64, DriverError> {
-                    let virtual_size = layer::qcow2_virtual_size(&top).map_err(|source| {
-                        DriverError::Io {
-                            context: format!("reading {}", top.display()),
-                            source,
-                        }
-                    })?;
-                    let meta = LayerMeta {
-                        base: info.base.clone(),
-                        virtual_size,
-                        template: info.template.clone(),
-                        build_id: info.build_id.clone(),
-                    };
-                    layer::finish_layer(&info.tools, &top, &dest2, &meta, info.gid)
-                        .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
-                    Ok(std::fs::metadata(dest2.join(layer::LAYER_DISK))
-                        .map(|m| m.len())
-                        .unwrap_or(0))
-                })
-                .await
-                .map_err(|e| DriverError::Setup(format!("layer task failed: {e}")))
-                .and_then(|r| r)
-                .map(|bytes| (stopped, bytes))
-            }
-            Err(e) => Err(e),
-        };
+        let work = self.disk.work_root.join(format!(
+            ".snap-{}-{}",
+            self.id,
+            WORK_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let top = work.join("top.qcow2");
+        let finished = self
+            .snapshot_into(dest, &work, &top, was_paused)
+            .await;
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&work)).await;
         match finished {
             Ok((stopped, bytes)) => {
                 tracing::info!(
