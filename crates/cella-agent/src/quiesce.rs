@@ -55,7 +55,10 @@ fn root_of(agent: &AgentRef) -> Result<PathBuf, HttpError> {
 }
 
 fn blocking_failed(e: tokio::task::JoinError) -> HttpError {
-    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("freeze task: {e}"))
+    HttpError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("freeze task: {e}"),
+    )
 }
 
 /// Freeze the root filesystem: every dirty page is on the disk when this answers 204.

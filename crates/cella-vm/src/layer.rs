@@ -98,7 +98,8 @@ pub fn read_layer(dir: &Path) -> Result<LayerMeta, String> {
         .map_err(|e| format!("snapshot layer {}: {e}", meta_path.display()))?;
     let v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| format!("snapshot layer {}: {e}", meta_path.display()))?;
-    let meta = LayerMeta::from_json(&v).map_err(|e| format!("snapshot layer {}: {e}", dir.display()))?;
+    let meta =
+        LayerMeta::from_json(&v).map_err(|e| format!("snapshot layer {}: {e}", dir.display()))?;
     let disk = dir.join(LAYER_DISK);
     let size = qcow2_virtual_size(&disk)
         .map_err(|e| format!("snapshot layer disk {}: {e}", disk.display()))?;
@@ -141,10 +142,12 @@ pub fn qcow2_virtual_size(path: &Path) -> io::Result<u64> {
 /// the sandbox's own unprivileged uid, which can open no backing file the VMM could not.
 pub fn rebase_args(base: &Path, top: &Path) -> Result<Vec<String>, ImageError> {
     let utf8 = |p: &Path| {
-        p.to_str().map(str::to_string).ok_or_else(|| ImageError::Io {
-            context: format!("{} is not UTF-8", p.display()),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| ImageError::Io {
+                context: format!("{} is not UTF-8", p.display()),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            })
     };
     Ok(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"]
         .into_iter()
@@ -181,7 +184,8 @@ pub fn finish_layer(
         .mode(0o600)
         .open(&disk)
         .map_err(io_ctx(format!("creating {}", disk.display())))?;
-    let bytes = io::copy(&mut src, &mut out).map_err(io_ctx(format!("writing {}", disk.display())))?;
+    let bytes =
+        io::copy(&mut src, &mut out).map_err(io_ctx(format!("writing {}", disk.display())))?;
     std::os::unix::fs::fchown(&out, Some(0), gid)
         .map_err(io_ctx(format!("chown {}", disk.display())))?;
     out.set_permissions(std::fs::Permissions::from_mode(0o640))
@@ -318,8 +322,12 @@ mod tests {
     }
 
     fn qemu_io(image: &Path, cmd: &str) {
-        run_tool(Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(image))
-            .expect("qemu-io");
+        run_tool(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", cmd])
+                .arg(image),
+        )
+        .expect("qemu-io");
     }
 
     /// A three-deep chain (top -> mid -> raw base) becomes one qcow2 on the base with the
@@ -392,7 +400,10 @@ mod tests {
         want[(1 << 20)..(1 << 20) + (64 << 10)].fill(0x41);
         want[(2 << 20)..(2 << 20) + (64 << 10)].fill(0x43);
         want[(2 << 20)..(2 << 20) + (4 << 10)].fill(0x42);
-        assert!(got == want, "the flattened layer must read like the whole chain");
+        assert!(
+            got == want,
+            "the flattened layer must read like the whole chain"
+        );
         let mode = std::fs::metadata(&disk).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o640);
     }

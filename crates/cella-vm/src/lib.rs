@@ -62,8 +62,8 @@ use tokio::sync::watch;
 pub use crate::accel::{Accel, AccelChoice, AccelDecision, HostFacts};
 use crate::image::{ImageError, ImageTools};
 use crate::qemu::{BootMode, Memory, QemuPlan};
-use crate::sandbox::{DiskInfo, SlotGuard};
 pub use crate::sandbox::{BootPath, VmSandbox};
+use crate::sandbox::{DiskInfo, SlotGuard};
 use crate::snapshot::{AWAITING_CONFIG, Qmp, SnapshotFiles};
 use crate::vmm::{Identity, Launch, Tail};
 

@@ -186,7 +186,6 @@ impl VmSandbox {
     }
 }
 
-
 /// Paths of the agent's host-only routes (the server's proxy refuses them from outside).
 const FSFREEZE: &str = "/fsfreeze";
 const FSTHAW: &str = "/fsthaw";
@@ -238,7 +237,15 @@ async fn run_confined(
         return Ok(());
     }
     let text = String::from_utf8_lossy(&err);
-    let tail: String = text.trim().chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: String = text
+        .trim()
+        .chars()
+        .rev()
+        .take(400)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     Err(format!("{} failed ({status}): {tail}", program.display()))
 }
 
@@ -323,7 +330,9 @@ impl VmSandbox {
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
-            Err(_) => Err(format!("the agent did not answer {path} within {timeout:?}")),
+            Err(_) => Err(format!(
+                "the agent did not answer {path} within {timeout:?}"
+            )),
         }
     }
 
@@ -502,9 +511,7 @@ impl SandboxHandle for VmSandbox {
             WORK_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let top = work.join("top.qcow2");
-        let finished = self
-            .snapshot_into(dest, &work, &top, was_paused)
-            .await;
+        let finished = self.snapshot_into(dest, &work, &top, was_paused).await;
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&work)).await;
         match finished {
             Ok((stopped, bytes)) => {
@@ -561,6 +568,46 @@ mod tests {
         assert_eq!(http_status(b"HTTP/1.0 409 Conflict\r\nx: y"), Some(409));
         assert_eq!(http_status(b"SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(http_status(b""), None);
+    }
+
+    /// The flattening `qemu-img` runs as the VMM's uid: a root-only file (what a hostile
+    /// overlay header could name as its backing file) is out of its reach.
+    #[tokio::test]
+    async fn qemu_img_runs_confined() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: switching uids needs root");
+            return;
+        }
+        let qemu_img = Path::new("qemu-img");
+        if std::process::Command::new(qemu_img)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipping: qemu-img is not installed");
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tmp");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let secret = tmp.path().join("secret.raw");
+        std::fs::write(&secret, vec![0u8; 4096]).expect("write");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let args = vec!["info".to_string(), secret.to_string_lossy().into_owned()];
+        run_confined(qemu_img, args.clone(), None)
+            .await
+            .expect("root can read it");
+        let nobody = Identity {
+            uid: 65534,
+            gid: 65534,
+            groups: Vec::new(),
+        };
+        let err = run_confined(qemu_img, args, Some(nobody))
+            .await
+            .expect_err("the confined uid cannot");
+        assert!(err.contains("ermission denied"), "{err}");
     }
 
     #[test]
