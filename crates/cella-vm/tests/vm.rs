@@ -827,6 +827,13 @@ async fn filesystem_snapshots() {
         .expect("create");
     let restored_create = t.elapsed();
     assert_eq!(a2.boot_path(), BootPath::Restored);
+    // What a sandbox that changed nothing snapshots to (the boot's own writes).
+    let l0 = new_layer("l0");
+    a2.snapshot_filesystem(&l0).await.expect("snapshot");
+    eprintln!(
+        "snapshot of an unchanged clone: layer {} bytes",
+        file_len(&l0.join("disk.qcow2"))
+    );
     a2.destroy().await.expect("destroy");
     // No sync: the snapshot itself must get the guest's dirty pages onto the disk.
     let out = run(
@@ -1034,7 +1041,30 @@ async fn filesystem_snapshots() {
         .await
         .expect("cold create");
     let cold_create = t.elapsed();
+    assert_eq!(d.boot_path(), BootPath::Cold);
+    // The third chain shape: a cold-booted sandbox's overlay sits right on the image.
+    run(
+        d.as_ref(),
+        "/bin/sh",
+        &["-c", "echo from-cold > /root/cold.txt"],
+    )
+    .await;
+    let l3 = new_layer("l3");
+    d.snapshot_filesystem(&l3)
+        .await
+        .expect("snapshot a cold-booted sandbox");
     d.destroy().await.expect("destroy");
+    assert_eq!(backing_chain(&l3.join("disk.qcow2")).len(), 2);
+    let mut on_l3 = root_spec(&env, &format!("{base}e"));
+    on_l3.template.layers = vec![l3.clone()];
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let e = cold
+        .create_vm(on_l3, events)
+        .await
+        .expect("create from the cold sandbox's layer");
+    let out = run(e.as_ref(), "/bin/cat", &["/root/cold.txt"]).await;
+    assert_eq!(out.trim(), "from-cold");
+    e.destroy().await.expect("destroy");
     eprintln!(
         "accel {:?}: first create (image + golden VM built) {first_create:?}, create restored \
          {restored_create:?}, cold from the template {cold_create:?}, cold from a layer \
