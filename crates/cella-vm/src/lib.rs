@@ -25,7 +25,8 @@
 //!
 //! The server reaches the guest only through [`SandboxHandle::dial`]: a socket created inside
 //! the sandbox's namespace connects to 169.254.0.21. Accelerator choice is in [`accel`], the
-//! command line in [`qemu`], images in [`image`], the VMM process in [`vmm`].
+//! command line in [`qemu`], images in [`image`], the VMM process in [`vmm`], golden-VM
+//! snapshots in [`snapshot`], filesystem snapshot layers in [`layer`].
 //!
 //! [`SandboxHandle::dial`]: cella_core::driver::SandboxHandle::dial
 
