@@ -1201,6 +1201,7 @@ impl VmDriver {
                 qemu_img: cfg.qemu_img.clone(),
                 gid: cfg.run_as.map(|r| r.gid),
                 agent_timeout: self.ready_timeout(),
+                virtual_size: l.disk_size,
             },
             lifecycle: tokio::sync::Mutex::new(()),
         });

@@ -67,6 +67,8 @@ pub(crate) struct DiskInfo {
     pub(crate) gid: Option<u32>,
     /// How long the agent may take to answer a freeze or thaw.
     pub(crate) agent_timeout: Duration,
+    /// Virtual size the overlay was created with.
+    pub(crate) virtual_size: u64,
 }
 
 /// A VM sandbox.
@@ -209,12 +211,16 @@ fn copy_from_fd(src: &std::fs::File, dst: &mut std::fs::File) -> io::Result<u64>
     }
 }
 
-/// Run `qemu-img` confined like a VMM (as `identity`, no new privileges); its stderr tail on
-/// failure.
+/// How long flattening a disk copy may take.
+const FLATTEN_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Run `qemu-img` confined like a VMM (as `identity`, no new privileges), killed after
+/// `deadline`; its stderr tail on failure.
 async fn run_confined(
     program: &Path,
     args: Vec<String>,
     identity: Option<Identity>,
+    deadline: Duration,
 ) -> Result<(), String> {
     let started = crate::vmm::spawn(Launch {
         program: program.to_path_buf(),
@@ -226,13 +232,23 @@ async fn run_confined(
     .map_err(|e| format!("starting {}: {e}", program.display()))?;
     let mut child = started.child;
     let mut err = Vec::new();
-    if let Some(mut stderr) = started.stderr {
-        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut err).await;
-    }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| format!("waiting for {}: {e}", program.display()))?;
+    let work = async {
+        if let Some(mut stderr) = started.stderr {
+            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut err).await;
+        }
+        child.wait().await
+    };
+    let status = match tokio::time::timeout(deadline, work).await {
+        Ok(r) => r.map_err(|e| format!("waiting for {}: {e}", program.display()))?,
+        Err(_) => {
+            let _ = pidfd_kill(&started.pidfd);
+            let _ = child.wait().await;
+            return Err(format!(
+                "{} did not finish within {deadline:?}",
+                program.display()
+            ));
+        }
+    };
     if status.success() {
         return Ok(());
     }
@@ -384,7 +400,18 @@ impl VmSandbox {
         }
         let args = layer::rebase_args(&self.disk.base, top)
             .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
-        run_confined(&self.disk.qemu_img, args, identity)
+        // The copy's header is the VMM's: check it describes the disk the host made.
+        let size = layer::qcow2_virtual_size(top).map_err(|source| DriverError::Io {
+            context: format!("reading {}", top.display()),
+            source,
+        })?;
+        if size != self.disk.virtual_size {
+            return Err(DriverError::Setup(format!(
+                "the disk overlay claims {size} bytes, it was made with {}",
+                self.disk.virtual_size
+            )));
+        }
+        run_confined(&self.disk.qemu_img, args, identity, FLATTEN_DEADLINE)
             .await
             .map_err(|e| DriverError::Setup(format!("flattening the disk copy: {e}")))?;
         let info = self.disk.clone();
@@ -596,7 +623,8 @@ mod tests {
         std::fs::write(&secret, vec![0u8; 4096]).expect("write");
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let args = vec!["info".to_string(), secret.to_string_lossy().into_owned()];
-        run_confined(qemu_img, args.clone(), None)
+        let t = Duration::from_secs(60);
+        run_confined(qemu_img, args.clone(), None, t)
             .await
             .expect("root can read it");
         let nobody = Identity {
@@ -604,7 +632,7 @@ mod tests {
             gid: 65534,
             groups: Vec::new(),
         };
-        let err = run_confined(qemu_img, args, Some(nobody))
+        let err = run_confined(qemu_img, args, Some(nobody), t)
             .await
             .expect_err("the confined uid cannot");
         assert!(err.contains("ermission denied"), "{err}");
