@@ -4,7 +4,8 @@
 //! the journal-less ext4 images, metadata mid-update) that only the guest can put on the disk.
 //! Before the VM driver copies the disk for a filesystem snapshot it asks the agent to freeze
 //! `/` (`FIFREEZE`: sync, flush the virtual disk, block every new write), then stops the VM,
-//! copies, and thaws. These are envd's host-only routes: the server's proxy refuses them from
+//! copies, and thaws. Free blocks are trimmed first, so that deleted files do not travel
+//! with the snapshot. These are envd's host-only routes: the server's proxy refuses them from
 //! outside, and they need the access token. Only a sandboxed agent (`--control-fd`) serves
 //! them; a standalone agent on a host must never freeze the host's filesystem.
 //!
@@ -27,6 +28,40 @@ use crate::state::AgentRef;
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 /// `_IOWR('X', 120, int)`.
 const FITHAW: libc::c_ulong = 0xC004_5878;
+/// `_IOWR('X', 121, struct fstrim_range)`.
+const FITRIM: libc::c_ulong = 0xC018_5879;
+
+/// `struct fstrim_range`.
+#[repr(C)]
+struct FstrimRange {
+    start: u64,
+    len: u64,
+    minlen: u64,
+}
+
+/// Discard the filesystem's free blocks, so the virtual disk drops what deleted files held
+/// (QEMU turns a discard into a zero cluster) and a snapshot does not carry them. Best
+/// effort: a disk without discard support just keeps them.
+fn trim(root: &std::path::Path) {
+    let r = std::fs::File::open(root).and_then(|dir| {
+        let mut range = FstrimRange {
+            start: 0,
+            len: u64::MAX,
+            minlen: 0,
+        };
+        // SAFETY: FITRIM reads and updates one fstrim_range; the fd is open.
+        let r = unsafe { libc::ioctl(dir.as_raw_fd(), FITRIM, &mut range) };
+        if r == 0 {
+            Ok(range.len)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    });
+    match r {
+        Ok(bytes) => tracing::debug!(bytes, "trimmed the root filesystem"),
+        Err(e) => tracing::debug!("not trimming the root filesystem: {e}"),
+    }
+}
 
 /// How long a freeze may last before the agent thaws by itself.
 const WATCHDOG: Duration = Duration::from_secs(120);
@@ -61,7 +96,7 @@ fn blocking_failed(e: tokio::task::JoinError) -> HttpError {
     )
 }
 
-/// Freeze the root filesystem: every dirty page is on the disk when this answers 204.
+/// Trim, then freeze the root filesystem: every dirty page is on the disk when this answers 204.
 /// Freezing a frozen filesystem answers 409.
 pub async fn fsfreeze(State(agent): State<AgentRef>) -> Response {
     let root = match root_of(&agent) {
@@ -71,6 +106,7 @@ pub async fn fsfreeze(State(agent): State<AgentRef>) -> Response {
     let r = tokio::task::spawn_blocking(move || {
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
+        trim(&root);
         ioctl_root(&root, FIFREEZE).map(|()| root)
     })
     .await;

@@ -141,19 +141,34 @@ pub fn qcow2_virtual_size(path: &Path) -> io::Result<u64> {
 /// copy of a sandbox's overlay, so its header is the VMM's to write: the driver runs this as
 /// the sandbox's own unprivileged uid, which can open no backing file the VMM could not.
 pub fn rebase_args(base: &Path, top: &Path) -> Result<Vec<String>, ImageError> {
-    let utf8 = |p: &Path| {
-        p.to_str()
-            .map(str::to_string)
-            .ok_or_else(|| ImageError::Io {
-                context: format!("{} is not UTF-8", p.display()),
-                source: io::Error::from(io::ErrorKind::InvalidInput),
-            })
-    };
     Ok(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"]
         .into_iter()
         .map(str::to_string)
         .chain([utf8(base)?, utf8(top)?])
         .collect())
+}
+
+/// Arguments of `qemu-img` that write the depth-1 `top` compactly to `out` (same backing):
+/// only referenced clusters, none of the holes that discards or leaks left in the copy of a
+/// live overlay. Zero clusters stay zero clusters (they hide the image's data). Run confined,
+/// like [`rebase_args`].
+pub fn compact_args(base: &Path, top: &Path, out: &Path) -> Result<Vec<String>, ImageError> {
+    Ok([
+        "convert", "-q", "-f", "qcow2", "-O", "qcow2", "-F", "raw", "-B",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .chain([utf8(base)?, utf8(top)?, utf8(out)?])
+    .collect())
+}
+
+fn utf8(p: &Path) -> Result<String, ImageError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| ImageError::Io {
+            context: format!("{} is not UTF-8", p.display()),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })
 }
 
 /// Write the layer `dest` from `top` (already flattened onto `meta.base`): a fresh root-owned
@@ -368,8 +383,18 @@ mod tests {
         std::fs::copy(&top, &copy).expect("copy");
         run_tool(Command::new("qemu-img").args(rebase_args(&base, &copy).expect("args")))
             .expect("rebase");
-        let bytes = finish_layer(&copy, &dest, &meta(&base), None).expect("finish");
-        assert_eq!(bytes, std::fs::metadata(&copy).expect("stat").len());
+        // A hole in the middle: what a discard leaves in a live overlay.
+        qemu_io(&copy, "write -P 0x44 0 64k");
+        qemu_io(&copy, "discard 0 64k");
+        let flat = tmp.path().join("flat.qcow2");
+        run_tool(Command::new("qemu-img").args(compact_args(&base, &copy, &flat).expect("args")))
+            .expect("compact");
+        let bytes = finish_layer(&flat, &dest, &meta(&base), None).expect("finish");
+        assert_eq!(bytes, std::fs::metadata(&flat).expect("stat").len());
+        assert!(
+            bytes < std::fs::metadata(&copy).expect("stat").len(),
+            "compacted: {bytes}"
+        );
         assert_eq!(read_layer(&dest), Ok(meta(&base)));
         let disk = dest.join(LAYER_DISK);
         let out = Command::new("qemu-img")
@@ -397,6 +422,7 @@ mod tests {
         .expect("render");
         let got = std::fs::read(&rendered).expect("read");
         let mut want = raw.clone();
+        want[..64 << 10].fill(0); // discarded: zeros, not the image's "BASE"
         want[(1 << 20)..(1 << 20) + (64 << 10)].fill(0x41);
         want[(2 << 20)..(2 << 20) + (64 << 10)].fill(0x43);
         want[(2 << 20)..(2 << 20) + (4 << 10)].fill(0x42);

@@ -353,7 +353,7 @@ impl VmSandbox {
     }
 
     /// The snapshot after the checks: copy (quiesced) into `work`, put a paused sandbox back
-    /// to sleep, flatten the copy as the VMM's uid, write the layer. Returns how long the VM
+    /// to sleep, flatten and compact the copy as the VMM's uid, write the layer. Returns how long the VM
     /// was stopped and the layer's size.
     async fn snapshot_into(
         &self,
@@ -390,14 +390,29 @@ impl VmSandbox {
         };
         let stopped = copied?;
         repaused?;
-        if let Some(idn) = &identity {
-            std::os::unix::fs::chown(top, Some(idn.uid), Some(idn.gid)).map_err(|source| {
-                DriverError::Io {
-                    context: format!("chown {}", top.display()),
-                    source,
+        // qemu-img (as the VMM's uid) writes only these two files; the directory is root's.
+        let flat = work.join("flat.qcow2");
+        let (t, f, idn) = (top.to_path_buf(), flat.clone(), identity.clone());
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&f)?;
+            if let Some(idn) = &idn {
+                for p in [&t, &f] {
+                    std::os::unix::fs::chown(p, Some(idn.uid), Some(idn.gid))?;
                 }
-            })?;
-        }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("work task failed: {e}")))?
+        .map_err(|source| DriverError::Io {
+            context: format!("preparing {}", work.display()),
+            source,
+        })?;
         let args = layer::rebase_args(&self.disk.base, top)
             .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
         // The copy's header is the VMM's: check it describes the disk the host made.
@@ -411,11 +426,21 @@ impl VmSandbox {
                 self.disk.virtual_size
             )));
         }
+        run_confined(
+            &self.disk.qemu_img,
+            args,
+            identity.clone(),
+            FLATTEN_DEADLINE,
+        )
+        .await
+        .map_err(|e| DriverError::Setup(format!("flattening the disk copy: {e}")))?;
+        let args = layer::compact_args(&self.disk.base, top, &flat)
+            .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
         run_confined(&self.disk.qemu_img, args, identity, FLATTEN_DEADLINE)
             .await
-            .map_err(|e| DriverError::Setup(format!("flattening the disk copy: {e}")))?;
+            .map_err(|e| DriverError::Setup(format!("compacting the disk copy: {e}")))?;
         let info = self.disk.clone();
-        let (top, dest) = (top.to_path_buf(), dest.to_path_buf());
+        let (top, dest) = (flat, dest.to_path_buf());
         let bytes = tokio::task::spawn_blocking(move || -> Result<u64, DriverError> {
             let virtual_size =
                 layer::qcow2_virtual_size(&top).map_err(|source| DriverError::Io {

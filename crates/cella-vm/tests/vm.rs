@@ -835,6 +835,16 @@ async fn filesystem_snapshots() {
         file_len(&l0.join("disk.qcow2"))
     );
     a2.destroy().await.expect("destroy");
+    // 8 MiB on the disk, then deleted: the snapshot trims it away instead of carrying it.
+    run(
+        a.as_ref(),
+        "/bin/sh",
+        &[
+            "-c",
+            "head -c 8388608 /dev/urandom > /var/tmp/garbage && sync && rm /var/tmp/garbage && sync",
+        ],
+    )
+    .await;
     // No sync: the snapshot itself must get the guest's dirty pages onto the disk.
     let out = run(
         a.as_ref(),
@@ -857,6 +867,11 @@ async fn filesystem_snapshots() {
     let l1_disk = l1.join("disk.qcow2");
     let l1_size = file_len(&l1_disk);
     eprintln!("snapshot of a small change: {snap_time:?}, layer {l1_size} bytes");
+    let l0_size = file_len(&l0.join("disk.qcow2"));
+    assert!(
+        l1_size < l0_size + (4 << 20),
+        "the deleted 8 MiB must not be in the layer: {l1_size} vs {l0_size} unchanged"
+    );
     let names: Vec<String> = std::fs::read_dir(&l1)
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
