@@ -18,6 +18,7 @@ mod fs;
 mod host_state;
 mod http;
 mod process;
+mod quiesce;
 mod reaper;
 mod rpc;
 mod spawn;
@@ -209,6 +210,7 @@ async fn run(args: Args) -> Result<()> {
                 default_workdir: cfg.default_workdir,
                 users_root: PathBuf::from("/"),
                 proc_root: PathBuf::from("/"),
+                quiesce_root: Some(PathBuf::from("/")),
             };
             (
                 settings,
@@ -233,6 +235,8 @@ async fn run(args: Args) -> Result<()> {
                 default_workdir: args.workdir.unwrap_or_default(),
                 users_root: PathBuf::from("/"),
                 proc_root: PathBuf::from("/"),
+                // Standalone on a host: never freeze the host's filesystem.
+                quiesce_root: None,
             };
             let start = args.start.map(|cmd| StartCommand {
                 cmd,

@@ -30,6 +30,8 @@ pub struct Settings {
     pub users_root: PathBuf,
     /// Root of `/proc` for metrics (`/` in production).
     pub proc_root: PathBuf,
+    /// Filesystem that `/fsfreeze` freezes (`/` in a sandbox); `None`: the routes are off.
+    pub quiesce_root: Option<PathBuf>,
 }
 
 /// Sends audit events to the host without ever blocking.

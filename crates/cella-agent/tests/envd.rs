@@ -242,6 +242,35 @@ async fn health_envs_and_auth() {
     assert!(m["disk_total"].as_u64().unwrap_or(0) > 0);
 }
 
+/// `/fsfreeze` is for a VM host only: a standalone agent (on a host, maybe as root) must never
+/// freeze the filesystem it runs on, and without the token nobody gets that far.
+#[tokio::test]
+async fn filesystem_freeze_is_off_outside_a_sandbox() {
+    let a = start_agent();
+    for path in ["/fsfreeze", "/fsthaw"] {
+        let r = a
+            .http
+            .post(format!("{}{path}", a.base))
+            .send()
+            .await
+            .expect("freeze");
+        assert_eq!(r.status().as_u16(), 401, "{path} needs the token");
+        let r = a
+            .http
+            .post(format!("{}{path}", a.base))
+            .header("X-Access-Token", TOKEN)
+            .send()
+            .await
+            .expect("freeze");
+        assert_eq!(r.status().as_u16(), 404, "{path} is off in standalone mode");
+        let body: Value = r.json().await.expect("json");
+        assert!(
+            body["message"].as_str().unwrap_or_default().contains("off"),
+            "{body}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn run_command_output_exit_code_env_and_cwd() {
     let a = start_agent();

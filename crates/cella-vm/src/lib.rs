@@ -25,12 +25,14 @@
 //!
 //! The server reaches the guest only through [`SandboxHandle::dial`]: a socket created inside
 //! the sandbox's namespace connects to 169.254.0.21. Accelerator choice is in [`accel`], the
-//! command line in [`qemu`], images in [`image`], the VMM process in [`vmm`].
+//! command line in [`qemu`], images in [`image`], the VMM process in [`vmm`], golden-VM
+//! snapshots in [`snapshot`], filesystem snapshot layers in [`layer`].
 //!
 //! [`SandboxHandle::dial`]: cella_core::driver::SandboxHandle::dial
 
 pub mod accel;
 pub mod image;
+pub mod layer;
 pub mod net;
 pub mod qemu;
 pub mod sandbox;
@@ -61,8 +63,8 @@ use tokio::sync::watch;
 pub use crate::accel::{Accel, AccelChoice, AccelDecision, HostFacts};
 use crate::image::{ImageError, ImageTools};
 use crate::qemu::{BootMode, Memory, QemuPlan};
-use crate::sandbox::SlotGuard;
 pub use crate::sandbox::{BootPath, VmSandbox};
+use crate::sandbox::{DiskInfo, SlotGuard};
 use crate::snapshot::{AWAITING_CONFIG, Qmp, SnapshotFiles};
 use crate::vmm::{Identity, Launch, Tail};
 
@@ -765,6 +767,30 @@ struct VmLaunch {
     /// Start with `-incoming defer` (a clone).
     incoming: bool,
     boot: BootPath,
+    /// A snapshot layer's disk to hard-link (or copy) to `backing` first.
+    backing_source: Option<PathBuf>,
+    /// What a filesystem snapshot of this VM starts from.
+    snap: SnapSource,
+}
+
+/// The parts of a VM's [`DiskInfo`] that come from its request.
+struct SnapSource {
+    /// The raw template image at the bottom of the disk chain.
+    base: PathBuf,
+    template: String,
+    build_id: String,
+    access_token: String,
+}
+
+impl SnapSource {
+    fn of(spec: &SandboxSpec, base: &Path) -> SnapSource {
+        SnapSource {
+            base: base.to_path_buf(),
+            template: spec.template.name.clone(),
+            build_id: spec.template.build_id.clone(),
+            access_token: spec.access_token.clone(),
+        }
+    }
 }
 
 struct Launched {
@@ -784,11 +810,23 @@ enum RestoreError {
     Failed(String),
 }
 
+/// The backing file of a cold-booted VM's overlay.
+struct Backing {
+    path: PathBuf,
+    format: &'static str,
+    /// A snapshot layer's disk, linked to `path` first.
+    source: Option<PathBuf>,
+    /// The raw template image at the bottom of the chain.
+    base: PathBuf,
+}
+
 /// A complete snapshot and its key.
 #[derive(Debug, Clone)]
 struct Snapshot {
     key: String,
     files: SnapshotFiles,
+    /// The template image under the golden disk.
+    image: PathBuf,
 }
 
 impl VmDriver {
@@ -802,6 +840,9 @@ impl VmDriver {
         validate_id(&spec.id)?;
         validate_limits(&spec.limits)?;
         let t0 = Instant::now();
+        if let Some(newest) = spec.template.layers.first() {
+            return self.create_from_layer(&spec, newest, events, t0).await;
+        }
         let (image, image_size) = self.image_for(&spec).await?;
         let disk_size = image_size.saturating_add(spec.limits.disk_mb.saturating_mul(1 << 20));
         if self.inner.config.snapshots {
@@ -821,7 +862,57 @@ impl VmDriver {
                 }
             }
         }
-        self.cold_boot(&spec, &image, disk_size, events, t0).await
+        let backing = Backing {
+            path: image.clone(),
+            format: "raw",
+            source: None,
+            base: image,
+        };
+        self.cold_boot(&spec, backing, disk_size, events, t0).await
+    }
+
+    /// A sandbox on a filesystem snapshot: its overlay is backed by the newest layer's disk
+    /// (flattened onto the template image, so older layers are not read) and it boots cold
+    /// (a golden VM's page cache would not match that disk).
+    async fn create_from_layer(
+        &self,
+        spec: &SandboxSpec,
+        newest: &Path,
+        events: EventSink,
+        t0: Instant,
+    ) -> Result<Arc<VmSandbox>, DriverError> {
+        let dir = newest.to_path_buf();
+        let meta = tokio::task::spawn_blocking(move || layer::read_layer(&dir))
+            .await
+            .map_err(|e| DriverError::Setup(format!("layer task failed: {e}")))?
+            .map_err(DriverError::Setup)?;
+        if (meta.template.as_str(), meta.build_id.as_str())
+            != (spec.template.name.as_str(), spec.template.build_id.as_str())
+        {
+            return Err(DriverError::Setup(format!(
+                "snapshot layer {} is of template {} build {}, not {} build {}",
+                newest.display(),
+                meta.template,
+                meta.build_id,
+                spec.template.name,
+                spec.template.build_id
+            )));
+        }
+        let base_size = std::fs::metadata(&meta.base)
+            .map_err(io_err(format!("inspecting {}", meta.base.display())))?
+            .len();
+        // Never smaller than the snapshotted disk: its filesystem was grown to fill it.
+        let disk_size = base_size
+            .saturating_add(spec.limits.disk_mb.saturating_mul(1 << 20))
+            .max(meta.virtual_size);
+        let dir = self.inner.config.data_dir.join("sandboxes").join(&spec.id);
+        let backing = Backing {
+            path: dir.join("layer.qcow2"),
+            format: "qcow2",
+            source: Some(newest.join(layer::LAYER_DISK)),
+            base: meta.base,
+        };
+        self.cold_boot(spec, backing, disk_size, events, t0).await
     }
 
     fn agent_config(&self, spec: &SandboxSpec) -> AgentConfig {
@@ -866,6 +957,7 @@ impl VmDriver {
         struct Prepared {
             net: net::GuestNet,
             cgroup_procs: Vec<std::fs::File>,
+            overlay: std::fs::File,
         }
         let prepared = {
             let inner = inner.clone();
@@ -874,6 +966,7 @@ impl VmDriver {
             let identity = identity.clone();
             let backing = l.backing.clone();
             let backing_fmt = l.backing_fmt;
+            let backing_source = l.backing_source.clone();
             let disk = l.disk.clone();
             let disk_size = l.disk_size;
             let golden_ram = match &l.memory {
@@ -903,8 +996,23 @@ impl VmDriver {
                     mkfs_ext4: cfg.mkfs_ext4.clone(),
                     qemu_img: cfg.qemu_img.clone(),
                 };
+                // Stays root-owned and read-only for QEMU (a link shares the layer's inode).
+                if let Some(src) = &backing_source {
+                    layer::link_or_copy(src, &backing).map_err(|e| {
+                        undo_dir(io_err(format!(
+                            "linking snapshot layer {} into the sandbox",
+                            src.display()
+                        ))(e))
+                    })?;
+                }
                 image::create_overlay(&tools, &backing, backing_fmt, &disk, disk_size)
                     .map_err(|e| undo_dir(setup_err(e)))?;
+                // Opened before the VMM's uid owns the directory (snapshots read it).
+                let overlay = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&disk)
+                    .map_err(|e| undo_dir(io_err(format!("opening {}", disk.display()))(e)))?;
                 let mut owned = vec![dir.clone(), disk.clone()];
                 if let Some(ram) = &golden_ram {
                     std::fs::OpenOptions::new()
@@ -941,7 +1049,11 @@ impl VmDriver {
                 let net = net::create_guest_net().map_err(|e| {
                     undo_all(io_err("creating the VM's network namespace and tap")(e))
                 })?;
-                Ok(Prepared { net, cgroup_procs })
+                Ok(Prepared {
+                    net,
+                    cgroup_procs,
+                    overlay,
+                })
             })
             .await
             .map_err(|e| DriverError::Setup(format!("setup task failed: {e}")))??
@@ -1008,6 +1120,10 @@ impl VmDriver {
             incoming: l.incoming,
             tsc_khz: inner.tsc_khz,
         };
+        let snap_identity = identity.clone().map(|i| Identity {
+            groups: Vec::new(),
+            ..i
+        });
         let launched = vmm::spawn(Launch {
             program: cfg.qemu.clone(),
             args: plan.args(),
@@ -1074,6 +1190,20 @@ impl VmDriver {
             stderr: stderr_tail,
             slot: Mutex::new(slot),
             boot: l.boot,
+            disk: DiskInfo {
+                overlay: Arc::new(prepared.overlay),
+                work_root: cfg.data_dir.join("sandboxes"),
+                identity: snap_identity,
+                base: l.snap.base,
+                template: l.snap.template,
+                build_id: l.snap.build_id,
+                access_token: l.snap.access_token,
+                qemu_img: cfg.qemu_img.clone(),
+                gid: cfg.run_as.map(|r| r.gid),
+                agent_timeout: self.ready_timeout(),
+                virtual_size: l.disk_size,
+            },
+            lifecycle: tokio::sync::Mutex::new(()),
         });
         Ok(Launched {
             sandbox,
@@ -1125,20 +1255,21 @@ impl VmDriver {
     async fn cold_boot(
         &self,
         spec: &SandboxSpec,
-        image: &Path,
+        backing: Backing,
         disk_size: u64,
         events: EventSink,
         t0: Instant,
     ) -> Result<Arc<VmSandbox>, DriverError> {
         let id = spec.id.clone();
         let dir = self.inner.config.data_dir.join("sandboxes").join(&id);
+        let layered = backing.source.is_some();
         let launched = self
             .launch(VmLaunch {
                 name: id.clone(),
                 disk: dir.join("disk.qcow2"),
                 dir,
-                backing: image.to_path_buf(),
-                backing_fmt: "raw",
+                backing: backing.path,
+                backing_fmt: backing.format,
                 disk_size,
                 limits: spec.limits,
                 memory: LaunchMemory::Anonymous,
@@ -1146,6 +1277,8 @@ impl VmDriver {
                 stream: None,
                 incoming: false,
                 boot: BootPath::Cold,
+                backing_source: backing.source,
+                snap: SnapSource::of(spec, &backing.base),
             })
             .await?;
         let sandbox = launched.sandbox;
@@ -1172,6 +1305,7 @@ impl VmDriver {
                     sandbox = %id,
                     accel = ?self.inner.decision.accel,
                     boot = "cold",
+                    layered,
                     init_ms = boot_at.map(|d| d.as_millis() as u64),
                     ready_ms = t0.elapsed().as_millis() as u64,
                     "VM ready"
@@ -1214,6 +1348,8 @@ impl VmDriver {
                 stream: Some(OwnedFd::from(state)),
                 incoming: true,
                 boot: BootPath::Restored,
+                backing_source: None,
+                snap: SnapSource::of(spec, &snap.image),
             })
             .await
             .map_err(|e| RestoreError::Launch(error_chain(&e)))?;
@@ -1313,6 +1449,7 @@ impl VmDriver {
         let snap = Snapshot {
             key: key.clone(),
             files,
+            image: image.to_path_buf(),
         };
         if snap.files.complete() {
             return Ok(snap);
@@ -1377,6 +1514,13 @@ impl VmDriver {
                 stream: None,
                 incoming: false,
                 boot: BootPath::Cold,
+                backing_source: None,
+                snap: SnapSource {
+                    base: image.to_path_buf(),
+                    template: String::new(),
+                    build_id: String::new(),
+                    access_token: String::new(),
+                },
             })
             .await
             .map_err(|e| format!("starting the golden VM: {}", error_chain(&e)))?;

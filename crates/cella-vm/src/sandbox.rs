@@ -2,18 +2,20 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cella_api::Isolation;
 use cella_core::driver::{DriverError, ExitInfo, SandboxHandle, SandboxStats};
 use cella_jail::cgroup::Cgroups;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::vmm::{Tail, pidfd_kill};
+use crate::layer::{self, LayerMeta};
+use crate::vmm::{Identity, Launch, Tail, pidfd_kill};
 
 /// How long teardown waits for the killed VMM to be reaped.
 const REAP_DEADLINE: Duration = Duration::from_secs(10);
@@ -42,6 +44,33 @@ pub enum BootPath {
     Restored,
 }
 
+/// What a filesystem snapshot of a sandbox needs to know about its disk.
+#[derive(Debug, Clone)]
+pub(crate) struct DiskInfo {
+    /// The sandbox's qcow2 overlay, opened by the host when it was created: its directory
+    /// belongs to the VMM's uid, so the path may point elsewhere by now.
+    pub(crate) overlay: Arc<std::fs::File>,
+    /// Where snapshot work directories go (`<data>/sandboxes`, root's; reaped at start).
+    pub(crate) work_root: PathBuf,
+    /// The VMM's identity: `qemu-img` runs as it on the copy of the overlay.
+    pub(crate) identity: Option<Identity>,
+    /// The raw template image at the bottom of the overlay's backing chain.
+    pub(crate) base: PathBuf,
+    /// Template name and build ID (recorded in the layer).
+    pub(crate) template: String,
+    pub(crate) build_id: String,
+    /// The agent's access token (for `/fsfreeze`, `/fsthaw`).
+    pub(crate) access_token: String,
+    /// `qemu-img`.
+    pub(crate) qemu_img: PathBuf,
+    /// Group of layer files (QEMU's), root-owned.
+    pub(crate) gid: Option<u32>,
+    /// How long the agent may take to answer a freeze or thaw.
+    pub(crate) agent_timeout: Duration,
+    /// Virtual size the overlay was created with.
+    pub(crate) virtual_size: u64,
+}
+
 /// A VM sandbox.
 pub struct VmSandbox {
     pub(crate) id: String,
@@ -57,6 +86,9 @@ pub struct VmSandbox {
     pub(crate) stderr: Tail,
     pub(crate) slot: Mutex<Option<SlotGuard>>,
     pub(crate) boot: BootPath,
+    pub(crate) disk: DiskInfo,
+    /// Serialises pause, resume and filesystem snapshots.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -156,6 +188,315 @@ impl VmSandbox {
     }
 }
 
+/// Paths of the agent's host-only routes (the server's proxy refuses them from outside).
+const FSFREEZE: &str = "/fsfreeze";
+const FSTHAW: &str = "/fsthaw";
+/// Makes snapshot work directory names unique.
+static WORK_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Copy all of `src` (from offset 0, whatever its file position) to `dst`.
+fn copy_from_fd(src: &std::fs::File, dst: &mut std::fs::File) -> io::Result<u64> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = src.read_at(&mut buf, off)?;
+        if n == 0 {
+            dst.flush()?;
+            return Ok(off);
+        }
+        dst.write_all(buf.get(..n).unwrap_or_default())?;
+        off += n as u64;
+    }
+}
+
+/// How long flattening a disk copy may take.
+const FLATTEN_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Run `qemu-img` confined like a VMM (as `identity`, no new privileges), killed after
+/// `deadline`; its stderr tail on failure.
+async fn run_confined(
+    program: &Path,
+    args: Vec<String>,
+    identity: Option<Identity>,
+    deadline: Duration,
+) -> Result<(), String> {
+    let started = crate::vmm::spawn(Launch {
+        program: program.to_path_buf(),
+        args,
+        inherit: Vec::new(),
+        cgroup_procs: Vec::new(),
+        identity,
+    })
+    .map_err(|e| format!("starting {}: {e}", program.display()))?;
+    let mut child = started.child;
+    let mut err = Vec::new();
+    let work = async {
+        if let Some(mut stderr) = started.stderr {
+            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut err).await;
+        }
+        child.wait().await
+    };
+    let status = match tokio::time::timeout(deadline, work).await {
+        Ok(r) => r.map_err(|e| format!("waiting for {}: {e}", program.display()))?,
+        Err(_) => {
+            let _ = pidfd_kill(&started.pidfd);
+            let _ = child.wait().await;
+            return Err(format!(
+                "{} did not finish within {deadline:?}",
+                program.display()
+            ));
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&err);
+    let tail: String = text
+        .trim()
+        .chars()
+        .rev()
+        .take(400)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Err(format!("{} failed ({status}): {tail}", program.display()))
+}
+
+/// `dest` must be an existing, empty, absolute directory.
+fn check_dest(dest: &Path) -> Result<(), DriverError> {
+    if !dest.is_absolute() {
+        return Err(DriverError::Setup(format!(
+            "snapshot destination {} is not an absolute path",
+            dest.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(dest).map_err(|source| DriverError::Io {
+        context: format!("opening the snapshot destination {}", dest.display()),
+        source,
+    })?;
+    if entries.next().is_some() {
+        return Err(DriverError::Setup(format!(
+            "snapshot destination {} is not empty",
+            dest.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The status code of an HTTP/1.1 response head.
+fn http_status(head: &[u8]) -> Option<u16> {
+    let line = head.split(|b| *b == b'\n').next()?;
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
+impl VmSandbox {
+    /// `POST path` to the agent with the access token; the response's status code (and the
+    /// start of its body when it is not a success).
+    async fn agent_post(&self, path: &str) -> Result<(), String> {
+        let token = &self.disk.access_token;
+        if token.bytes().any(|b| b.is_ascii_control()) {
+            return Err("the access token contains control characters".into());
+        }
+        let timeout = self.disk.agent_timeout;
+        let work = async {
+            let mut s = self
+                .dial(cella_proto::envd::ENVD_PORT)
+                .await
+                .map_err(|e| format!("dialing the agent: {e}"))?;
+            let req = format!(
+                "POST {path} HTTP/1.1\r\nHost: sandbox\r\n{}: {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                cella_proto::envd::ACCESS_TOKEN_HEADER
+            );
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| format!("writing to the agent: {e}"))?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            loop {
+                let n = s
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("reading the agent's answer: {e}"))?;
+                if n == 0 || buf.len() > 8192 {
+                    break;
+                }
+                buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+            match http_status(&buf) {
+                Some(204) | Some(200) => Ok(()),
+                Some(code) => {
+                    let body = buf
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .and_then(|i| buf.get(i + 4..))
+                        .unwrap_or_default();
+                    let body: String = String::from_utf8_lossy(body).chars().take(300).collect();
+                    Err(format!("the agent answered {path} with {code}: {body}"))
+                }
+                None => Err(format!("the agent's answer to {path} is not HTTP")),
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the agent did not answer {path} within {timeout:?}"
+            )),
+        }
+    }
+
+    /// The snapshot after the checks: copy (quiesced) into `work`, put a paused sandbox back
+    /// to sleep, flatten and compact the copy as the VMM's uid, write the layer. Returns how long the VM
+    /// was stopped and the layer's size.
+    async fn snapshot_into(
+        &self,
+        dest: &Path,
+        work: &Path,
+        top: &Path,
+        was_paused: bool,
+    ) -> Result<(Duration, u64), DriverError> {
+        let identity = self.disk.identity.clone();
+        let (w, t) = (work.to_path_buf(), top.to_path_buf());
+        let file = tokio::task::spawn_blocking(move || -> io::Result<std::fs::File> {
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new().mode(0o711).create(&w)?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&t)
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("work task failed: {e}")))?
+        .map_err(|source| DriverError::Io {
+            context: format!("creating {}", top.display()),
+            source,
+        });
+        let copied = match file {
+            Ok(f) => self.quiesced_copy(f).await,
+            Err(e) => Err(e),
+        };
+        let repaused = if was_paused {
+            cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await
+        } else {
+            Ok(())
+        };
+        let stopped = copied?;
+        repaused?;
+        // qemu-img (as the VMM's uid) writes only these two files; the directory is root's.
+        let flat = work.join("flat.qcow2");
+        let (t, f, idn) = (top.to_path_buf(), flat.clone(), identity.clone());
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&f)?;
+            if let Some(idn) = &idn {
+                for p in [&t, &f] {
+                    std::os::unix::fs::chown(p, Some(idn.uid), Some(idn.gid))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("work task failed: {e}")))?
+        .map_err(|source| DriverError::Io {
+            context: format!("preparing {}", work.display()),
+            source,
+        })?;
+        let args = layer::rebase_args(&self.disk.base, top)
+            .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
+        // The copy's header is the VMM's: check it describes the disk the host made.
+        let size = layer::qcow2_virtual_size(top).map_err(|source| DriverError::Io {
+            context: format!("reading {}", top.display()),
+            source,
+        })?;
+        if size != self.disk.virtual_size {
+            return Err(DriverError::Setup(format!(
+                "the disk overlay claims {size} bytes, it was made with {}",
+                self.disk.virtual_size
+            )));
+        }
+        run_confined(
+            &self.disk.qemu_img,
+            args,
+            identity.clone(),
+            FLATTEN_DEADLINE,
+        )
+        .await
+        .map_err(|e| DriverError::Setup(format!("flattening the disk copy: {e}")))?;
+        let args = layer::compact_args(&self.disk.base, top, &flat)
+            .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
+        run_confined(&self.disk.qemu_img, args, identity, FLATTEN_DEADLINE)
+            .await
+            .map_err(|e| DriverError::Setup(format!("compacting the disk copy: {e}")))?;
+        let info = self.disk.clone();
+        let (top, dest) = (flat, dest.to_path_buf());
+        let bytes = tokio::task::spawn_blocking(move || -> Result<u64, DriverError> {
+            let virtual_size =
+                layer::qcow2_virtual_size(&top).map_err(|source| DriverError::Io {
+                    context: format!("reading {}", top.display()),
+                    source,
+                })?;
+            let meta = LayerMeta {
+                base: info.base.clone(),
+                virtual_size,
+                template: info.template.clone(),
+                build_id: info.build_id.clone(),
+            };
+            layer::finish_layer(&top, &dest, &meta, info.gid)
+                .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("layer task failed: {e}")))??;
+        Ok((stopped, bytes))
+    }
+
+    /// Freeze the guest's filesystem, stop the VM, copy its overlay to `top`, let the VM
+    /// run and thaw the filesystem. The VM must be running. Returns how long it was stopped.
+    async fn quiesced_copy(&self, top: std::fs::File) -> Result<Duration, DriverError> {
+        self.agent_post(FSFREEZE)
+            .await
+            .map_err(|e| DriverError::Setup(format!("freezing the guest's filesystem: {e}")))?;
+        let stopped_at = Instant::now();
+        let copied = match cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await {
+            Ok(()) => {
+                let src = self.disk.overlay.clone();
+                let mut dst = top;
+                let copied = tokio::task::spawn_blocking(move || {
+                    copy_from_fd(&src, &mut dst)
+                        .and_then(|_| dst.sync_all())
+                        .map_err(|source| DriverError::Io {
+                            context: "copying the sandbox's disk overlay".into(),
+                            source,
+                        })
+                })
+                .await
+                .map_err(|e| DriverError::Setup(format!("copy task failed: {e}")))
+                .and_then(|r| r);
+                let thawed = cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await;
+                copied.and(thawed)
+            }
+            Err(e) => Err(e),
+        };
+        let stopped = stopped_at.elapsed();
+        let fs_thawed = self
+            .agent_post(FSTHAW)
+            .await
+            .map_err(|e| DriverError::Setup(format!("thawing the guest's filesystem: {e}")));
+        copied.and(fs_thawed).map(|()| stopped)
+    }
+}
+
 #[async_trait]
 impl SandboxHandle for VmSandbox {
     fn id(&self) -> &str {
@@ -185,11 +526,63 @@ impl SandboxHandle for VmSandbox {
     /// Pause = freeze the VMM's cgroup (QEMU's vCPU and I/O threads stop; guest RAM stays
     /// resident), the same call as the jail's. The guest's clock jumps on resume.
     async fn pause(&self) -> Result<(), DriverError> {
+        let _life = self.lifecycle.lock().await;
         cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await
     }
 
     async fn resume(&self) -> Result<(), DriverError> {
+        let _life = self.lifecycle.lock().await;
         cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await
+    }
+
+    /// The guest agent freezes `/` (every dirty page reaches the virtual disk), the VMM's
+    /// cgroup is frozen while its qcow2 overlay is copied (milliseconds: only what the
+    /// sandbox wrote), then both thaw; the copy is flattened onto the template image outside
+    /// that window (see [`crate::layer`]). A paused sandbox runs for that short window (its
+    /// guest must flush) and is paused again before this returns.
+    async fn snapshot_filesystem(&self, dest: &Path) -> Result<(), DriverError> {
+        check_dest(dest)?;
+        let _life = self.lifecycle.lock().await;
+        if self.exit_rx.borrow().is_some() {
+            return Err(DriverError::Setup(format!(
+                "sandbox {} is not running",
+                self.id
+            )));
+        }
+        let t0 = Instant::now();
+        let was_paused = self
+            .cgroups
+            .is_frozen(&self.id)
+            .map_err(|e| cella_jail::sandbox::freeze_error(&self.id, e))?;
+        if was_paused {
+            cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await?;
+        }
+        let work = self.disk.work_root.join(format!(
+            ".snap-{}-{}",
+            self.id,
+            WORK_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let top = work.join("top.qcow2");
+        let finished = self.snapshot_into(dest, &work, &top, was_paused).await;
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&work)).await;
+        match finished {
+            Ok((stopped, bytes)) => {
+                tracing::info!(
+                    sandbox = %self.id,
+                    paused = was_paused,
+                    stopped_ms = stopped.as_millis() as u64,
+                    total_ms = t0.elapsed().as_millis() as u64,
+                    layer_bytes = bytes,
+                    "filesystem snapshot"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let dest = dest.to_path_buf();
+                let _ = tokio::task::spawn_blocking(move || layer::clear_dir(&dest)).await;
+                Err(e)
+            }
+        }
     }
 
     async fn wait_exit(&self) -> ExitInfo {
@@ -214,5 +607,70 @@ impl SandboxHandle for VmSandbox {
         self.teardown().await?;
         *done = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(http_status(b"HTTP/1.1 204 No Content\r\n\r\n"), Some(204));
+        assert_eq!(http_status(b"HTTP/1.0 409 Conflict\r\nx: y"), Some(409));
+        assert_eq!(http_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(http_status(b""), None);
+    }
+
+    /// The flattening `qemu-img` runs as the VMM's uid: a root-only file (what a hostile
+    /// overlay header could name as its backing file) is out of its reach.
+    #[tokio::test]
+    async fn qemu_img_runs_confined() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: switching uids needs root");
+            return;
+        }
+        let qemu_img = Path::new("qemu-img");
+        if std::process::Command::new(qemu_img)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipping: qemu-img is not installed");
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tmp");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let secret = tmp.path().join("secret.raw");
+        std::fs::write(&secret, vec![0u8; 4096]).expect("write");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let args = vec!["info".to_string(), secret.to_string_lossy().into_owned()];
+        let t = Duration::from_secs(60);
+        run_confined(qemu_img, args.clone(), None, t)
+            .await
+            .expect("root can read it");
+        let nobody = Identity {
+            uid: 65534,
+            gid: 65534,
+            groups: Vec::new(),
+        };
+        let err = run_confined(qemu_img, args, Some(nobody), t)
+            .await
+            .expect_err("the confined uid cannot");
+        assert!(err.contains("ermission denied"), "{err}");
+    }
+
+    #[test]
+    fn destinations_must_be_empty_absolute_dirs() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        check_dest(tmp.path()).expect("empty dir");
+        assert!(check_dest(Path::new("rel")).is_err());
+        assert!(check_dest(&tmp.path().join("missing")).is_err());
+        std::fs::write(tmp.path().join("x"), b"").expect("write");
+        let err = check_dest(tmp.path()).expect_err("not empty");
+        assert!(err.to_string().contains("not empty"), "{err}");
     }
 }

@@ -742,3 +742,349 @@ async fn snapshot_clones() {
     assert_eq!(std::fs::read_dir(&snapshots).expect("ls").count(), 2);
     assert_eq!(net_namespaces_we_hold(), 0);
 }
+
+/// A spec whose commands run as root (they delete template files).
+fn root_spec(env: &Env, id: &str) -> SandboxSpec {
+    let mut s = spec(env, id);
+    s.template.default_user = "root".into();
+    s
+}
+
+/// Size of a file in bytes (0 if missing).
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The backing chain of a qcow2 file, top first (`qemu-img info --backing-chain`).
+fn backing_chain(p: &Path) -> Vec<String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(p)
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_snapshots() {
+    let _serial = SERIAL.lock().await;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("cella_vm=info")),
+        )
+        .with_test_writer()
+        .try_init();
+    let Some(env) = environment() else { return };
+    let tmp = tempfile::Builder::new()
+        .prefix("cella-vm-test")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .expect("chmod");
+    let data = tmp.path().join("data");
+    let mut config = VmConfig::new(data.clone(), env.assets.clone(), env.agent.clone());
+    config.snapshots = true;
+    let driver = VmDriver::new(config).await.expect("driver");
+    driver.reap_orphans().await.expect("reap");
+    let layers = tmp.path().join("layers");
+    std::fs::create_dir(&layers).expect("mkdir");
+    let new_layer = |name: &str| {
+        let d = layers.join(name);
+        std::fs::create_dir(&d).expect("mkdir layer");
+        d
+    };
+    let base = format!("vmfs{}", std::process::id());
+
+    // Source: a golden clone (its disk chain is overlay -> golden disk -> image).
+    let (events, _rx_a) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let a = driver
+        .create_vm(root_spec(&env, &format!("{base}a")), events)
+        .await
+        .expect("create the source");
+    let first_create = t.elapsed();
+    assert_eq!(a.boot_path(), BootPath::Restored);
+    // A normal create once the image and the golden snapshot exist.
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let a2 = driver
+        .create_vm(root_spec(&env, &format!("{base}n")), events)
+        .await
+        .expect("create");
+    let restored_create = t.elapsed();
+    assert_eq!(a2.boot_path(), BootPath::Restored);
+    // What a sandbox that changed nothing snapshots to (the boot's own writes).
+    let l0 = new_layer("l0");
+    a2.snapshot_filesystem(&l0).await.expect("snapshot");
+    eprintln!(
+        "snapshot of an unchanged clone: layer {} bytes",
+        file_len(&l0.join("disk.qcow2"))
+    );
+    a2.destroy().await.expect("destroy");
+    // 8 MiB on the disk, then deleted: the snapshot trims it away instead of carrying it.
+    run(
+        a.as_ref(),
+        "/bin/sh",
+        &[
+            "-c",
+            "head -c 8388608 /dev/urandom > /var/tmp/garbage && sync && rm /var/tmp/garbage && sync",
+        ],
+    )
+    .await;
+    // No sync: the snapshot itself must get the guest's dirty pages onto the disk.
+    let out = run(
+        a.as_ref(),
+        "/bin/sh",
+        &[
+            "-c",
+            "echo snapshot-me > /home/user/kept.txt && mkdir -p /opt/made && \
+             head -c 65536 /dev/urandom > /opt/made/blob && md5sum /opt/made/blob && \
+             rm /etc/issue.net && echo done",
+        ],
+    )
+    .await;
+    assert!(out.trim().ends_with("done"), "{out}");
+    let blob_md5 = out.split_whitespace().next().expect("md5").to_string();
+
+    let l1 = new_layer("l1");
+    let t = Instant::now();
+    a.snapshot_filesystem(&l1).await.expect("snapshot");
+    let snap_time = t.elapsed();
+    let l1_disk = l1.join("disk.qcow2");
+    let l1_size = file_len(&l1_disk);
+    eprintln!("snapshot of a small change: {snap_time:?}, layer {l1_size} bytes");
+    let l0_size = file_len(&l0.join("disk.qcow2"));
+    assert!(
+        l1_size < l0_size + (4 << 20),
+        "the deleted 8 MiB must not be in the layer: {l1_size} vs {l0_size} unchanged"
+    );
+    let names: Vec<String> = std::fs::read_dir(&l1)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["disk.qcow2", "layer.json"],
+        "nothing half-made left"
+    );
+    let chain = backing_chain(&l1_disk);
+    assert_eq!(
+        chain.len(),
+        2,
+        "layer -> image only, never the golden disk: {chain:?}"
+    );
+    assert!(chain[1].contains("/images/"), "{chain:?}");
+
+    // The source keeps running and answering; what it writes now is not in the layer.
+    let out = run(
+        a.as_ref(),
+        "/bin/sh",
+        &[
+            "-c",
+            "cat /home/user/kept.txt && echo later > /home/user/later.txt",
+        ],
+    )
+    .await;
+    assert_eq!(out.trim(), "snapshot-me");
+    assert!(
+        !driver
+            .cgroups()
+            .is_frozen(&format!("{base}a"))
+            .expect("state")
+    );
+
+    // Into a directory that is not empty: refused, and the directory is left alone.
+    let err = a
+        .snapshot_filesystem(&l1)
+        .await
+        .expect_err("non-empty destination");
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert_eq!(std::fs::read_dir(&l1).expect("ls").count(), 2);
+
+    // A sandbox on the layer sees exactly the snapshotted files, and boots cold.
+    let mut on_l1 = root_spec(&env, &format!("{base}b"));
+    on_l1.template.layers = vec![l1.clone()];
+    let (events, _rx_b) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let b = driver
+        .create_vm(on_l1.clone(), events)
+        .await
+        .expect("create from the layer");
+    let layered_create = t.elapsed();
+    assert_eq!(b.boot_path(), BootPath::Cold);
+    let check = "cat /home/user/kept.txt; md5sum /opt/made/blob; \
+                 test -e /etc/issue.net && echo issue-present || echo issue-gone; \
+                 test -e /home/user/later.txt && echo later-present || echo later-gone; \
+                 test -e /etc/issue && echo template-kept; hostname";
+    let out = run(b.as_ref(), "/bin/sh", &["-c", check]).await;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    assert_eq!(lines[0], "snapshot-me", "{out}");
+    assert!(lines[1].starts_with(&blob_md5), "{out}");
+    assert_eq!(
+        lines[2], "issue-gone",
+        "a deleted template file stays deleted: {out}"
+    );
+    assert_eq!(lines[3], "later-gone", "written after the snapshot: {out}");
+    assert_eq!(lines[4], "template-kept", "{out}");
+    assert_eq!(lines[5], format!("{base}b"), "{out}");
+
+    // A nested snapshot of a paused sandbox: it stays paused, and the new layer is again one
+    // qcow2 on the image (it does not need l1).
+    run(
+        b.as_ref(),
+        "/bin/sh",
+        &[
+            "-c",
+            "echo second > /home/user/second.txt && rm /home/user/kept.txt",
+        ],
+    )
+    .await;
+    b.pause().await.expect("pause");
+    let l2 = new_layer("l2");
+    let t = Instant::now();
+    b.snapshot_filesystem(&l2)
+        .await
+        .expect("snapshot a paused sandbox");
+    let paused_snap_time = t.elapsed();
+    assert!(
+        driver
+            .cgroups()
+            .is_frozen(&format!("{base}b"))
+            .expect("state"),
+        "a paused sandbox stays paused"
+    );
+    b.resume().await.expect("resume");
+    let out = run(b.as_ref(), "/bin/cat", &["/home/user/second.txt"]).await;
+    assert_eq!(
+        out.trim(),
+        "second",
+        "the paused sandbox answers after resume"
+    );
+    let chain = backing_chain(&l2.join("disk.qcow2"));
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    eprintln!(
+        "nested snapshot of a paused sandbox: {paused_snap_time:?}, layer {} bytes",
+        file_len(&l2.join("disk.qcow2"))
+    );
+
+    // The newest layer is all a create needs: not l1, not the golden snapshot.
+    a.destroy().await.expect("destroy");
+    b.destroy().await.expect("destroy");
+    std::fs::remove_dir_all(&l1).expect("rm l1");
+    for e in std::fs::read_dir(data.join("snapshots")).expect("ls") {
+        std::fs::remove_dir_all(e.expect("entry").path()).expect("rm golden snapshot");
+    }
+    let mut on_l2 = root_spec(&env, &format!("{base}c"));
+    on_l2.template.layers = vec![l2.clone(), l1.clone()];
+    on_l2.limits.disk_mb = 256; // smaller than the snapshotted disk: its size wins
+    let (events, _rx_c) = tokio::sync::mpsc::unbounded_channel();
+    let c = driver
+        .create_vm(on_l2, events)
+        .await
+        .expect("create from the nested layer");
+    let out = run(
+        c.as_ref(),
+        "/bin/sh",
+        &[
+            "-c",
+            "cat /home/user/second.txt; test -e /home/user/kept.txt && echo kept || echo no-kept; \
+             md5sum /opt/made/blob; test -e /etc/issue.net && echo issue || echo no-issue",
+        ],
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines[0], "second");
+    assert_eq!(lines[1], "no-kept");
+    assert!(lines[2].starts_with(&blob_md5), "{out}");
+    assert_eq!(lines[3], "no-issue");
+    c.destroy().await.expect("destroy");
+
+    // Bad layers fail with a setup error that names the problem, and leave nothing behind.
+    let mut missing = root_spec(&env, &format!("{base}m"));
+    missing.template.layers = vec![layers.join("nope")];
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = driver
+        .create_vm(missing, events)
+        .await
+        .expect_err("missing layer");
+    assert!(
+        matches!(err, cella_core::driver::DriverError::Setup(_)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("layer.json"), "{err}");
+    let mut other = root_spec(&env, &format!("{base}o"));
+    other.template.build_id = "0000000000000000".into();
+    other.template.layers = vec![l2.clone()];
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = driver
+        .create_vm(other, events)
+        .await
+        .expect_err("layer of another build");
+    assert!(err.to_string().contains("not base build"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(data.join("sandboxes"))
+        .expect("ls")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(net_namespaces_we_hold(), 0);
+
+    // For comparison: a normal cold boot of the template (no layer, no golden snapshot).
+    let mut config = VmConfig::new(data.clone(), env.assets.clone(), env.agent.clone());
+    config.snapshots = false;
+    let cold = VmDriver::new(config).await.expect("cold driver");
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    let d = cold
+        .create_vm(root_spec(&env, &format!("{base}d")), events)
+        .await
+        .expect("cold create");
+    let cold_create = t.elapsed();
+    assert_eq!(d.boot_path(), BootPath::Cold);
+    // The third chain shape: a cold-booted sandbox's overlay sits right on the image.
+    run(
+        d.as_ref(),
+        "/bin/sh",
+        &["-c", "echo from-cold > /root/cold.txt"],
+    )
+    .await;
+    let l3 = new_layer("l3");
+    d.snapshot_filesystem(&l3)
+        .await
+        .expect("snapshot a cold-booted sandbox");
+    d.destroy().await.expect("destroy");
+    assert_eq!(backing_chain(&l3.join("disk.qcow2")).len(), 2);
+    let mut on_l3 = root_spec(&env, &format!("{base}e"));
+    on_l3.template.layers = vec![l3.clone()];
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let e = cold
+        .create_vm(on_l3, events)
+        .await
+        .expect("create from the cold sandbox's layer");
+    let out = run(e.as_ref(), "/bin/cat", &["/root/cold.txt"]).await;
+    assert_eq!(out.trim(), "from-cold");
+    e.destroy().await.expect("destroy");
+    eprintln!(
+        "accel {:?}: first create (image + golden VM built) {first_create:?}, create restored \
+         {restored_create:?}, cold from the template {cold_create:?}, cold from a layer \
+         {layered_create:?}",
+        driver.accel().accel
+    );
+    assert_eq!(net_namespaces_we_hold(), 0);
+}
