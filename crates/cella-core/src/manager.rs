@@ -24,7 +24,7 @@
 //! outlive a restart; memory-paused ones die with a crashed server.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -161,10 +161,17 @@ impl Default for ManagerConfig {
     }
 }
 
+/// Source of [`LiveSandbox::incarnation`].
+static INCARNATIONS: AtomicU64 = AtomicU64::new(1);
+
 /// A live sandbox as the manager tracks it.
 pub struct LiveSandbox {
     /// Driver handle (dial, stats, destroy).
     pub handle: Arc<dyn SandboxHandle>,
+    /// Unique per registry entry, also across entries of one ID (a sandbox resumed from disk
+    /// is a new one): pooled connections into a sandbox are keyed by it, so none outlives
+    /// the incarnation it was made to.
+    pub incarnation: u64,
     /// Owning API key ID.
     pub owner: String,
     /// Template name.
@@ -679,6 +686,7 @@ impl Manager {
         let attached_policy = egress.as_ref().map(|_| policy.clone());
         let now = now_ms();
         let live = Arc::new(LiveSandbox {
+            incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
             handle: handle.clone(),
             owner: owner.to_string(),
             template_id: template_id.clone(),
@@ -2051,6 +2059,7 @@ fn dormant_entry(store: &SnapshotStore, rec: &PausedRecord, max_pids: u64) -> Op
     image.layers = store.layers(&meta);
     let (auto_pause, auto_resume) = lifecycle_of(&rec.request).unwrap_or((false, false));
     Some(LiveSandbox {
+        incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
         handle: Arc::new(OnDisk {
             id: rec.id.clone(),
             isolation: rec.isolation,

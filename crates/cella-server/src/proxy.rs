@@ -193,17 +193,30 @@ impl tower::Service<Uri> for SandboxConnector {
         let manager = self.manager.clone();
         let grace = self.grace;
         Box::pin(async move {
-            let id = uri.host().ok_or(DialError::BadTarget)?.to_string();
+            let (id, incarnation) = parse_upstream(uri.host().ok_or(DialError::BadTarget)?)
+                .ok_or(DialError::BadTarget)?;
             let port = uri.port_u16().ok_or(DialError::BadTarget)?;
             let live = manager
-                .route(&id)
-                .filter(|l| !l.is_paused())
+                .route(id)
+                .filter(|l| !l.is_paused() && l.incarnation == incarnation)
                 .ok_or(DialError::NotFound)?;
             let stream = dial_with_grace(&live, port, grace).await?;
             let _ = stream.set_nodelay(true);
             Ok(TokioIo::new(stream))
         })
     }
+}
+
+/// The host of upstream URIs, `<sandbox id>.g<incarnation>`: the connection pool's key, so
+/// that an idle connection to an earlier incarnation of the same ID (a sandbox paused to disk
+/// and started again; a dead microVM does not reset its connections) is never reused.
+fn upstream_host(live: &cella_core::manager::LiveSandbox) -> String {
+    format!("{}.g{}", live.handle.id(), live.incarnation)
+}
+
+fn parse_upstream(host: &str) -> Option<(&str, u64)> {
+    let (id, g) = host.split_once(".g")?;
+    Some((id, g.parse().ok()?))
 }
 
 /// A young sandbox may not have opened its ports yet (a template's start command, such as the
@@ -280,9 +293,15 @@ impl ProxyClient {
         {
             return resp;
         }
-        if live.is_paused() && self.manager.route_running(&sandbox_id).await.is_none() {
-            return paused(&sandbox_id);
-        }
+        let live = if live.is_paused() {
+            match self.manager.route_running(&sandbox_id).await {
+                Some(l) => l,
+                None => return paused(&sandbox_id),
+            }
+        } else {
+            live
+        };
+        let upstream = upstream_host(&live);
         drop(live);
         if port == ENVD_PORT && signature_expired(req.uri(), cella_core::store::now_ms() / 1000) {
             // The host's clock decides: a guest clock (a microVM under emulation) may lag.
@@ -302,7 +321,7 @@ impl ProxyClient {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let Ok(uri) = format!("http://{sandbox_id}:{port}{path}").parse::<Uri>() else {
+        let Ok(uri) = format!("http://{upstream}:{port}{path}").parse::<Uri>() else {
             return proxy_error(StatusCode::BAD_REQUEST, &sandbox_id, Some(port), "bad path");
         };
         parts.uri = uri;
@@ -326,7 +345,10 @@ impl ProxyClient {
     pub async fn agent_disk_used(&self, sandbox_id: &str) -> Option<u64> {
         let live = self.manager.route(sandbox_id).filter(|l| !l.is_paused())?;
         let req = Request::builder()
-            .uri(format!("http://{sandbox_id}:{ENVD_PORT}/metrics"))
+            .uri(format!(
+                "http://{}:{ENVD_PORT}/metrics",
+                upstream_host(&live)
+            ))
             .header(header::HOST, "localhost")
             .header(cella_api::HEADER_ACCESS_TOKEN, live.access_token.as_str())
             .body(Body::empty())
@@ -389,11 +411,14 @@ impl ProxyClient {
     /// Whether the sandbox's agent answers `GET /health` within a second (a paused or hung
     /// agent does not).
     pub async fn agent_healthy(&self, sandbox_id: &str) -> bool {
-        if self.manager.route(sandbox_id).is_none_or(|l| l.is_paused()) {
+        let Some(live) = self.manager.route(sandbox_id).filter(|l| !l.is_paused()) else {
             return false;
-        }
+        };
         let Ok(req) = Request::builder()
-            .uri(format!("http://{sandbox_id}:{ENVD_PORT}/health"))
+            .uri(format!(
+                "http://{}:{ENVD_PORT}/health",
+                upstream_host(&live)
+            ))
             .header(header::HOST, "localhost")
             .body(Body::empty())
         else {

@@ -1303,7 +1303,9 @@ async fn snapshot_routes_have_e2bs_shapes() {
         v,
         json!({"snapshotID": "s1:default", "names": ["s1:default"]})
     );
-    // an empty body is allowed (the JS SDK sends `{}`, curl may send nothing)
+    // an empty body is allowed (the JS SDK sends `{}`, curl may send nothing); a later
+    // millisecond, so that "newest first" is defined
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let (s, v) = h.call("POST", &snaps, Some(&h.key), None).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let unnamed = v["snapshotID"].as_str().expect("id").to_string();
