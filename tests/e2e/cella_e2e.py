@@ -532,3 +532,22 @@ def sdk_env(server):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def private_server(prefix: str, extra_args=("--build", "")):
+    """A started `cella serve` of its own (temp data dir, its own key) for tests that stop,
+    crash or reconfigure a server; killed and removed afterwards. Depend on the session
+    `server` fixture too, so that `base` is built on a fresh host."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"cella-e2e-{prefix}-"))
+    tmp.chmod(0o711)  # sandbox users (mapped uids) must be able to traverse it
+    srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log", extra_args=list(extra_args))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill9()
+        shutil.rmtree(tmp, ignore_errors=True)

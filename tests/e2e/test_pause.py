@@ -314,17 +314,9 @@ def test_filesystem_pause_frees_the_sandbox_and_connect_cold_starts_it(server):
 def test_a_paused_sandbox_outlives_a_server_restart(server):
     """A paused sandbox is written to disk when the server stops and is paused again after it
     starts: connect brings it back with its files (its processes end with the old server)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from cella_e2e import private_server, sdk_env
 
-    from cella_e2e import Server, sdk_env
-
-    tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-pause-restart-"))
-    tmp.chmod(0o711)
-    srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log", extra_args=["--build", ""])
-    srv.start()
-    try:
+    with private_server("pause-restart") as srv:
         with sdk_env(srv):
             paused = Sandbox.create(template="base", timeout=120, metadata={"keep": "yes"})
             running = Sandbox.create(template="base", timeout=120)
@@ -344,9 +336,6 @@ def test_a_paused_sandbox_outlives_a_server_restart(server):
             del running
             back.kill()
         assert srv.stop() == 0
-    finally:
-        srv.kill9()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ids_list(paginator) -> list:

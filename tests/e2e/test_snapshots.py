@@ -9,17 +9,14 @@ running, list/delete behave as the SDK expects, other API keys see nothing, and 
 fork's or a deleted snapshot's layer stays on the host once unused."""
 
 import os
-import shutil
 import subprocess
-import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import InvalidArgumentException, NotFoundException, SandboxException
 
-from cella_e2e import CELLA, Server, sdk_env, wait_until
+from cella_e2e import CELLA, private_server, sdk_env, wait_until
 
 
 def _snapshot_dirs(server) -> set:
@@ -204,12 +201,7 @@ def test_fork_starts_copies_that_diverge(server):
 def test_snapshots_survive_a_server_restart_and_a_crash(server):
     """Unlike a pause, a snapshot is on disk: after a clean restart and after a kill -9 it still
     starts sandboxes; the fork snapshot and the interrupted state of the crashed run are gone."""
-    # (the session server has built `base` on a fresh host)
-    tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-snap-"))
-    tmp.chmod(0o711)
-    srv = Server(data_dir=tmp / "data", log_path=tmp / "server.log", extra_args=["--build", ""])
-    srv.start()
-    try:
+    with private_server("snap") as srv:
         with sdk_env(srv):
             src = Sandbox.create(template="base", timeout=120)
             src.files.write("/home/user/kept.txt", "across restarts\n")
@@ -234,6 +226,3 @@ def test_snapshots_survive_a_server_restart_and_a_crash(server):
             new.kill()
             wait_until(lambda: not _snapshot_dirs(srv), timeout=20, what="the deleted snapshot to go")
         assert srv.stop() == 0
-    finally:
-        srv.kill9()
-        shutil.rmtree(tmp, ignore_errors=True)
