@@ -156,6 +156,27 @@ def test_traffic_access_token(server):
         sbx.kill()
 
 
+def test_mask_request_host_and_refused_egress_proxy_features(server):
+    # network.mask_request_host: the sandbox's servers see that Host (with ${PORT} filled in)
+    sbx = Sandbox.create(template="base", timeout=120, network={"mask_request_host": "${PORT}-myapp.example.com"})
+    try:
+        start_web(sbx)
+        r = httpx.get(f"{server.url}/hello", headers={"Host": sbx.get_host(8080)})
+        assert r.status_code == 200 and "host=8080-myapp.example.com" in r.text, r.text
+    finally:
+        sbx.kill()
+    # features cella does not have are refused at create, not silently dropped
+    with pytest.raises(Exception) as e:
+        Sandbox.create(
+            template="base", timeout=60,
+            network={"rules": {"api.example.com": [{"transform": {"headers": {"X-Key": "secret"}}}]}},
+        )
+    assert "network.rules" in str(e.value)
+    with pytest.raises(Exception) as e:
+        Sandbox.create(template="base", timeout=60, network={"egress_proxy": {"address": "proxy.example.com:1080"}})
+    assert "network.egressProxy" in str(e.value)
+
+
 def test_signed_urls_gzip_and_metadata(server):
     sbx = Sandbox.create(template="base", timeout=120, secure=True)
     try:

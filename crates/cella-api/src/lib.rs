@@ -141,10 +141,16 @@ pub struct NewSandbox {
     /// cella extension: isolation driver to use (`jail`, `vm`); default is the server's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
-    /// Network settings (`SandboxNetworkConfig`): `allowPublicTraffic`, `allowOut`, `denyOut`;
-    /// other fields are ignored.
+    /// Network settings (`SandboxNetworkConfig`): `allowPublicTraffic`, `allowOut`, `denyOut`,
+    /// `maskRequestHost`; the egress-proxy fields are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// Workload identity tokens: refused (400), cella has no IAM token service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam: Option<Unsupported>,
+    /// Volumes to mount: refused (400), cella has no volume service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<Unsupported>,
 }
 
 /// The part of E2B's `SandboxNetworkConfig` cella acts on.
@@ -162,6 +168,40 @@ pub struct NetworkConfig {
     /// Denied egress destinations: CIDRs or IPv4 addresses only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny_out: Option<Vec<String>>,
+    /// `Host` header requests through the proxy reach the sandbox's ports with (`${PORT}` is
+    /// replaced by the port); default: the request's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// Per-host request transforms of E2B's egress proxy: refused (400), cella has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Unsupported>,
+    /// An upstream proxy for egress: refused (400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<Unsupported>,
+    /// Ports the proxy should reach over HTTPS: refused (400) when not empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_ports: Option<Unsupported>,
+}
+
+/// A JSON value cella accepts only to refuse it with a clear error: a field of a feature it
+/// does not have (silently ignoring it would give the caller something else than asked for).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Unsupported(pub serde_json::Value);
+
+// JSON parsed by serde_json holds no NaN, so equality is reflexive.
+impl Eq for Unsupported {}
+
+impl Unsupported {
+    /// `null`, `{}` or `[]`: nothing asked for.
+    pub fn is_empty(&self) -> bool {
+        match &self.0 {
+            serde_json::Value::Null => true,
+            serde_json::Value::Object(m) => m.is_empty(),
+            serde_json::Value::Array(a) => a.is_empty(),
+            _ => false,
+        }
+    }
 }
 
 /// `PUT /sandboxes/{id}/network` body (`SandboxNetworkUpdateConfig`): replaces the egress
@@ -182,6 +222,12 @@ pub struct NetworkUpdate {
         skip_serializing_if = "Option::is_none"
     )]
     pub allow_internet_access: Option<bool>,
+    /// Per-host request transforms: refused (400), as at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Unsupported>,
+    /// An upstream proxy for egress: refused (400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<Unsupported>,
 }
 
 /// `autoResume` of a create request (`SandboxAutoResumeConfig`).

@@ -123,9 +123,9 @@ impl EgressArgs {
     fn create_fields(&self) -> (Option<NetworkConfig>, Option<bool>) {
         let network =
             (!self.allow_out.is_empty() || !self.deny_out.is_empty()).then(|| NetworkConfig {
-                allow_public_traffic: None,
                 allow_out: non_empty(&self.allow_out),
                 deny_out: non_empty(&self.deny_out),
+                ..NetworkConfig::default()
             });
         (network, self.no_internet.then_some(false))
     }
@@ -136,6 +136,7 @@ impl EgressArgs {
             allow_out: non_empty(&self.allow_out),
             deny_out: non_empty(&self.deny_out),
             allow_internet_access: self.no_internet.then_some(false),
+            ..NetworkUpdate::default()
         }
     }
 }
@@ -790,9 +791,8 @@ mod tests {
         assert_eq!(
             network,
             Some(NetworkConfig {
-                allow_public_traffic: None,
-                allow_out: None,
                 deny_out: Some(vec!["0.0.0.0/0".into()]),
+                ..NetworkConfig::default()
             })
         );
     }

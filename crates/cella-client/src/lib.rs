@@ -673,6 +673,7 @@ mod tests {
             allow_out: Some(vec!["1.1.1.1".into()]),
             deny_out: Some(vec!["0.0.0.0/0".into()]),
             allow_internet_access: Some(false),
+            ..NetworkUpdate::default()
         };
         c.update_network("iabc", &upd).await.expect("update");
         let req = req.await.expect("server");

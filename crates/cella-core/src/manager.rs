@@ -279,14 +279,26 @@ impl LiveSandbox {
 
     fn network_info(&self) -> Option<cella_api::NetworkConfig> {
         let policy = self.egress();
-        if self.traffic_access_token.is_none() && policy.is_none() {
+        let mask = self.mask_request_host().map(str::to_string);
+        if self.traffic_access_token.is_none() && policy.is_none() && mask.is_none() {
             return None;
         }
         Some(cella_api::NetworkConfig {
             allow_public_traffic: self.traffic_access_token.as_ref().map(|_| false),
             allow_out: policy.as_ref().map(EgressPolicy::allow_out),
             deny_out: policy.as_ref().map(EgressPolicy::deny_out),
+            mask_request_host: mask,
+            ..Default::default()
         })
+    }
+
+    /// The `Host` the proxy gives requests to the sandbox's ports (`${PORT}` not yet
+    /// replaced), when the create asked for one (`network.maskRequestHost`).
+    pub fn mask_request_host(&self) -> Option<&str> {
+        self.request
+            .network
+            .as_ref()
+            .and_then(|n| n.mask_request_host.as_deref())
     }
 
     fn listed(&self) -> ListedSandbox {
@@ -538,6 +550,7 @@ impl Manager {
             });
         }
         let (auto_pause, auto_resume) = lifecycle_of(&req)?;
+        refuse_unsupported(&req)?;
         let metadata = req.metadata.unwrap_or_default();
         validate_map(&metadata, "metadata")?;
         let env_vars = req.env_vars.unwrap_or_default();
@@ -1373,6 +1386,7 @@ impl Manager {
         id: &str,
         req: cella_api::NetworkUpdate,
     ) -> Result<(), ManagerError> {
+        refuse_egress_proxy(req.rules.as_ref(), req.egress_proxy.as_ref(), "")?;
         let live = self.get_live(Some(owner), id)?;
         if live.on_disk.is_some() {
             return Err(ManagerError::WrongState {
@@ -2239,6 +2253,85 @@ fn lifecycle_of(req: &NewSandbox) -> Result<(bool, bool), ManagerError> {
         }
     }
     Ok((auto_pause, auto_resume))
+}
+
+/// Fields of E2B features cella does not have are refused, never silently dropped: the
+/// caller would get a sandbox other than the one asked for. `maskRequestHost` is checked.
+fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
+    let refuse = |field: &'static str, what: &str| {
+        Err(ManagerError::InvalidField {
+            field,
+            message: format!("{what} is not supported by this cella server"),
+        })
+    };
+    if req.iam.as_ref().is_some_and(|v| !v.is_empty()) {
+        return refuse("iam", "workload identity (IAM tokens)");
+    }
+    if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
+        return refuse("volumeMounts", "mounting volumes");
+    }
+    if let Some(n) = &req.network {
+        refuse_egress_proxy(n.rules.as_ref(), n.egress_proxy.as_ref(), "network.")?;
+        if n.https_ports.as_ref().is_some_and(|v| !v.is_empty()) {
+            return refuse(
+                "network.httpsPorts",
+                "reaching sandbox ports over HTTPS (the proxy speaks plain HTTP to them)",
+            );
+        }
+        if let Some(mask) = &n.mask_request_host
+            && !is_valid_host_mask(mask)
+        {
+            return Err(ManagerError::InvalidField {
+                field: "network.maskRequestHost",
+                message: "must be a host name (letters, digits, '.', '-', '_', ':', and \
+                          ${PORT}), at most 253 characters"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `rules` / `egressProxy` of a create (`prefix` "network.") or a network update ("").
+fn refuse_egress_proxy(
+    rules: Option<&cella_api::Unsupported>,
+    proxy: Option<&cella_api::Unsupported>,
+    prefix: &'static str,
+) -> Result<(), ManagerError> {
+    let field = |f: &'static str| -> &'static str {
+        match (prefix, f) {
+            ("network.", "rules") => "network.rules",
+            ("network.", _) => "network.egressProxy",
+            (_, "rules") => "rules",
+            _ => "egressProxy",
+        }
+    };
+    if rules.is_some_and(|v| !v.is_empty()) {
+        return Err(ManagerError::InvalidField {
+            field: field("rules"),
+            message: "per-host request transforms are not supported by this cella server (it \
+                      has no egress proxy that rewrites requests)"
+                .into(),
+        });
+    }
+    if proxy.is_some_and(|v| !v.is_empty()) {
+        return Err(ManagerError::InvalidField {
+            field: field("egressProxy"),
+            message: "an upstream egress proxy is not supported by this cella server".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A `maskRequestHost`: a host (and port) with `${PORT}` placeholders, nothing that could
+/// break the header.
+fn is_valid_host_mask(mask: &str) -> bool {
+    let plain = mask.replace("${PORT}", "1");
+    !plain.is_empty()
+        && plain.len() <= 253
+        && plain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
 }
 
 fn validate_timeout(t: u64, field: &'static str) -> Result<u64, ManagerError> {

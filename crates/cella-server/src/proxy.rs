@@ -214,6 +214,16 @@ fn upstream_host(live: &cella_core::manager::LiveSandbox) -> String {
     format!("{}.g{}", live.handle.id(), live.incarnation)
 }
 
+/// `network.maskRequestHost` for `port`: what the sandbox's servers see as `Host` (never
+/// applied to the agent's port).
+fn host_mask(live: &cella_core::manager::LiveSandbox, port: u16) -> Option<HeaderValue> {
+    if port == ENVD_PORT {
+        return None;
+    }
+    let mask = live.mask_request_host()?;
+    HeaderValue::from_str(&mask.replace("${PORT}", &port.to_string())).ok()
+}
+
 fn parse_upstream(host: &str) -> Option<(&str, u64)> {
     let (id, g) = host.split_once(".g")?;
     Some((id, g.parse().ok()?))
@@ -302,6 +312,7 @@ impl ProxyClient {
             live
         };
         let upstream = upstream_host(&live);
+        let host_mask = host_mask(&live, port);
         drop(live);
         if port == ENVD_PORT && signature_expired(req.uri(), cella_core::store::now_ms() / 1000) {
             // The host's clock decides: a guest clock (a microVM under emulation) may lag.
@@ -327,6 +338,9 @@ impl ProxyClient {
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         strip_request_headers(&mut parts.headers);
+        if let Some(h) = host_mask {
+            parts.headers.insert(header::HOST, h);
+        }
         let out = Request::from_parts(parts, body);
         match self.client.request(out).await {
             Ok(resp) => {
@@ -463,6 +477,9 @@ impl ProxyClient {
         parts.headers.remove(HEADER_TRAFFIC_ACCESS_TOKEN);
         parts.headers.remove(HEADER_SANDBOX_ID);
         parts.headers.remove(HEADER_SANDBOX_PORT);
+        if let Some(h) = host_mask(&live, port) {
+            parts.headers.insert(header::HOST, h);
+        }
         let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(r) => r,
             Err(_) => return port_closed(sandbox_id, port),

@@ -1438,3 +1438,69 @@ async fn snapshot_routes_have_e2bs_shapes() {
     let (s, _) = h.call("GET", "/snapshots", Some(&h.key), None).await;
     assert_eq!(s, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn features_cella_lacks_are_refused_not_ignored() {
+    let h = harness().await;
+    for (body, field) in [
+        (
+            json!({"templateID": "base", "iam": {"tokens": {"aws": {"audience": "sts", "tokenType": "JWT-SVID"}}}}),
+            "iam",
+        ),
+        (
+            json!({"templateID": "base", "volumeMounts": [{"name": "v", "path": "/data"}]}),
+            "volumeMounts",
+        ),
+        (
+            json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"transform": {"headers": {"x": "y"}}}]}}}),
+            "network.rules",
+        ),
+        (
+            json!({"templateID": "base", "network": {"egressProxy": {"address": "proxy:1080"}}}),
+            "network.egressProxy",
+        ),
+        (
+            json!({"templateID": "base", "network": {"httpsPorts": [443]}}),
+            "network.httpsPorts",
+        ),
+        (
+            json!({"templateID": "base", "network": {"maskRequestHost": "bad host\r\nx: y"}}),
+            "network.maskRequestHost",
+        ),
+    ] {
+        let (s, v) = h
+            .call("POST", "/v2/sandboxes", Some(&h.key), Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| m.contains(field)),
+            "{body}: {v}"
+        );
+    }
+    assert_eq!(h.driver.created(), 0, "nothing was started");
+    // empty values ask for nothing
+    let v = h
+        .create(json!({"templateID": "base", "volumeMounts": [], "network": {"rules": {}, "httpsPorts": [], "maskRequestHost": "${PORT}-app.example.com"}}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let (_, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(
+        info["network"]["maskRequestHost"],
+        "${PORT}-app.example.com"
+    );
+    let (s, v) = h
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&h.key),
+            Some(json!({"rules": {"x.example": [{}]}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().is_some_and(|m| m.contains("rules")),
+        "{v}"
+    );
+}
