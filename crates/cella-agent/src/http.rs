@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::files::HttpError;
 use crate::state::AgentRef;
-use crate::{files, fs, process, quiesce, rpc, watch};
+use crate::{files, fs, netcfg, process, quiesce, rpc, watch};
 
 /// Build the router.
 pub fn app(agent: AgentRef) -> Router {
@@ -24,6 +24,7 @@ pub fn app(agent: AgentRef) -> Router {
         .route("/metrics", get(metrics))
         .route("/fsfreeze", post(quiesce::fsfreeze))
         .route("/fsthaw", post(quiesce::fsthaw))
+        .route("/egress", post(netcfg::egress))
         .route("/files", get(files::download).post(files::upload))
         .route("/files/compose", post(files::compose))
         .route("/process.Process/Start", post(process::start))

@@ -17,6 +17,7 @@ mod files;
 mod fs;
 mod host_state;
 mod http;
+mod netcfg;
 mod process;
 mod quiesce;
 mod reaper;
@@ -210,7 +211,7 @@ async fn run(args: Args) -> Result<()> {
                 default_workdir: cfg.default_workdir,
                 users_root: PathBuf::from("/"),
                 proc_root: PathBuf::from("/"),
-                quiesce_root: Some(PathBuf::from("/")),
+                system_root: Some(PathBuf::from("/")),
             };
             (
                 settings,
@@ -236,7 +237,7 @@ async fn run(args: Args) -> Result<()> {
                 users_root: PathBuf::from("/"),
                 proc_root: PathBuf::from("/"),
                 // Standalone on a host: never freeze the host's filesystem.
-                quiesce_root: None,
+                system_root: None,
             };
             let start = args.start.map(|cmd| StartCommand {
                 cmd,

@@ -84,7 +84,7 @@ fn ioctl_root(root: &std::path::Path, request: libc::c_ulong) -> std::io::Result
 fn root_of(agent: &AgentRef) -> Result<PathBuf, HttpError> {
     agent
         .settings
-        .quiesce_root
+        .system_root
         .clone()
         .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, "filesystem freezing is off"))
 }

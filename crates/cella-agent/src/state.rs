@@ -30,8 +30,10 @@ pub struct Settings {
     pub users_root: PathBuf,
     /// Root of `/proc` for metrics (`/` in production).
     pub proc_root: PathBuf,
-    /// Filesystem that `/fsfreeze` freezes (`/` in a sandbox); `None`: the routes are off.
-    pub quiesce_root: Option<PathBuf>,
+    /// Root of the system this agent manages (`/` in a sandbox): the filesystem `/fsfreeze`
+    /// freezes and where `/egress` writes `etc/resolv.conf`. `None` (a standalone agent on a
+    /// host): those host-only routes are off, so they never touch the host.
+    pub system_root: Option<PathBuf>,
 }
 
 /// Sends audit events to the host without ever blocking.

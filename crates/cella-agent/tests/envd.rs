@@ -242,12 +242,17 @@ async fn health_envs_and_auth() {
     assert!(m["disk_total"].as_u64().unwrap_or(0) > 0);
 }
 
-/// `/fsfreeze` is for a VM host only: a standalone agent (on a host, maybe as root) must never
-/// freeze the filesystem it runs on, and without the token nobody gets that far.
+/// `/fsfreeze` and `/egress` are for a VM host only: a standalone agent (on a host, maybe as
+/// root) must never freeze the filesystem it runs on or change its routes and resolver, and
+/// without the token nobody gets that far.
 #[tokio::test]
-async fn filesystem_freeze_is_off_outside_a_sandbox() {
+async fn host_only_system_routes_are_off_outside_a_sandbox() {
     let a = start_agent();
-    for path in ["/fsfreeze", "/fsthaw"] {
+    for path in [
+        "/fsfreeze",
+        "/fsthaw",
+        "/egress?gateway=192.0.2.1&nameserver=192.0.2.2",
+    ] {
         let r = a
             .http
             .post(format!("{}{path}", a.base))

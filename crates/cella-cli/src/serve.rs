@@ -72,6 +72,16 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 /// Run the server until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // The libraries report what they cannot return (a failed cleanup, a dropped audit
+    // record) through `tracing`; without a subscriber those warnings would vanish.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     if !running_as_root() {
         bail!("cella serve must run as root (it creates namespaces, cgroups and mounts)");
     }

@@ -271,7 +271,10 @@ pub trait SandboxHandle: Send + Sync + 'static {
         ))
     }
 
-    /// Point the sandbox's `/etc/resolv.conf` at `nameserver`.
+    /// Prepare the sandbox for the interface that egress adds to its [`Self::netns_path`]:
+    /// point its `/etc/resolv.conf` at `nameserver` (the host end of that interface), and
+    /// whatever else its driver needs so traffic reaches the interface (a microVM: the guest's
+    /// route and its namespace's forwarding). Called once, before the interface exists.
     async fn set_nameserver(&self, nameserver: std::net::Ipv4Addr) -> Result<(), DriverError> {
         let _ = nameserver;
         Err(DriverError::Unavailable(

@@ -44,6 +44,7 @@ const INTERNAL_ENVD_ROUTES: &[&str] = &[
     "/collapse",
     "/fsfreeze",
     "/fsthaw",
+    "/egress",
 ];
 
 /// Where a proxied request goes.

@@ -1013,7 +1013,7 @@ async fn no_egress_requested_means_no_interface_and_failed_attach_leaves_nothing
 
 #[tokio::test]
 async fn driver_without_egress_refuses_a_create_that_wants_egress() {
-    // A driver that cannot do egress (as the vm driver today) on a server with egress.
+    // A driver that cannot do egress on a server with egress.
     let egress = cella_core::fake::FakeEgress::new();
     let h = harness_with(FakeDriver::new(), Some(egress.clone()));
     let (s, v) = h

@@ -1720,6 +1720,12 @@ impl Driver for VmDriver {
         Ok(sb)
     }
 
+    /// The guest's link ends in a namespace of its own, where egress adds the sandbox's
+    /// interface; the namespace forwards to it (see [`SandboxHandle::set_nameserver`]).
+    fn supports_egress(&self) -> bool {
+        true
+    }
+
     async fn reap_orphans(&self) -> Result<ReapReport, DriverError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || -> Result<ReapReport, DriverError> {

@@ -224,6 +224,71 @@ pub async fn dial(netns: std::sync::Arc<OwnedFd>, port: u16) -> io::Result<tokio
         .await
 }
 
+/// nftables table a VM's namespace gets when it is given outbound network.
+const EGRESS_TABLE: &str = "cella_vm";
+
+/// The namespace-side rules of a VM with outbound network: the guest's new connections (from
+/// its own address only) may leave by `eth0`, masqueraded to the sandbox's address, and only
+/// their replies come back. The host's per-sandbox rules then see this sandbox's address,
+/// exactly as for a jail.
+pub fn egress_rules() -> String {
+    let [a, b, c, d] = GUEST_IP;
+    format!(
+        "table ip {EGRESS_TABLE} {{\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tct state invalid drop\n\
+         \t\tct state established,related accept\n\
+         \t\tiifname \"{TAP_NAME}\" oifname \"eth0\" ip saddr {a}.{b}.{c}.{d} ct state new accept\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname \"eth0\" masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+fn egress_in(netns: &OwnedFd) -> io::Result<()> {
+    use std::io::Write;
+    // SAFETY: setns on a namespace descriptor we hold; affects only this dedicated thread,
+    // which ends right after (its child inherits the namespace).
+    check(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    // /proc/sys/net is the namespace of the thread that opens it.
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("running nft: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(egress_rules().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "nft failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Let the VM's namespace forward the guest's traffic out of the `eth0` the host side of
+/// egress adds: IPv4 forwarding on and [`egress_rules`], in that namespace only. Blocking
+/// (spawns and joins a thread).
+pub fn enable_egress(netns: &std::sync::Arc<OwnedFd>) -> io::Result<()> {
+    let netns = netns.clone();
+    std::thread::Builder::new()
+        .name("cella-vm-egress".into())
+        .spawn(move || egress_in(&netns))?
+        .join()
+        .map_err(|_| io::Error::other("egress setup thread panicked"))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +336,21 @@ mod tests {
             KEEPALIVE_INTERVAL_S
         );
         assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT), KEEPALIVE_PROBES);
+    }
+
+    #[test]
+    fn egress_rules_forward_only_the_guests_new_connections() {
+        let r = egress_rules();
+        assert!(r.contains("policy drop;"), "{r}");
+        assert!(
+            r.contains(
+                "iifname \"tap0\" oifname \"eth0\" ip saddr 169.254.0.21 ct state new accept"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("oifname \"eth0\" masquerade"), "{r}");
+        // Nothing from eth0 is accepted unless it belongs to a connection the guest opened.
+        assert!(!r.contains("iifname \"eth0\""), "{r}");
     }
 
     #[test]

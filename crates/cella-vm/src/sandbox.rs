@@ -1,7 +1,8 @@
 //! A live VM sandbox: dialing into its network namespace, its exit, and teardown.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -191,6 +192,7 @@ impl VmSandbox {
 /// Paths of the agent's host-only routes (the server's proxy refuses them from outside).
 const FSFREEZE: &str = "/fsfreeze";
 const FSTHAW: &str = "/fsthaw";
+const EGRESS: &str = "/egress";
 /// Makes snapshot work directory names unique.
 static WORK_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -515,6 +517,51 @@ impl SandboxHandle for VmSandbox {
             .clone()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "sandbox destroyed"))?;
         crate::net::dial(netns, port).await
+    }
+
+    /// The VM's namespace (where its tap lives) through the server's own descriptor table:
+    /// valid while the sandbox holds the descriptor. Egress adds the sandbox's `eth0` there.
+    fn netns_path(&self) -> Option<PathBuf> {
+        let ns = self.netns.lock().ok()?.clone()?;
+        Some(PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            ns.as_raw_fd()
+        )))
+    }
+
+    /// Prepare the VM for outbound network: its namespace forwards and masquerades the
+    /// guest's connections ([`crate::net::enable_egress`]), and the guest agent routes via the
+    /// host end of the link and points `/etc/resolv.conf` at `nameserver`.
+    async fn set_nameserver(&self, nameserver: Ipv4Addr) -> Result<(), DriverError> {
+        let netns = self
+            .netns
+            .lock()
+            .map_err(|_| DriverError::Setup("sandbox state poisoned".into()))?
+            .clone()
+            .ok_or_else(|| DriverError::Setup(format!("sandbox {} is gone", self.id)))?;
+        let t0 = Instant::now();
+        tokio::task::spawn_blocking(move || crate::net::enable_egress(&netns))
+            .await
+            .map_err(|e| DriverError::Setup(format!("egress task failed: {e}")))?
+            .map_err(|source| DriverError::Io {
+                context: "letting the VM's namespace forward its traffic".into(),
+                source,
+            })?;
+        let netns_ms = t0.elapsed().as_millis() as u64;
+        let [a, b, c, d] = crate::qemu::HOST_IP;
+        self.agent_post(&format!(
+            "{EGRESS}?gateway={a}.{b}.{c}.{d}&nameserver={nameserver}"
+        ))
+        .await
+        .map_err(DriverError::Setup)?;
+        tracing::debug!(
+            sandbox = %self.id,
+            netns_ms,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "egress prepared"
+        );
+        Ok(())
     }
 
     fn stats(&self) -> Result<SandboxStats, DriverError> {

@@ -124,7 +124,7 @@ test('E2B 502 bodies: sandbox not found, port not open; internal routes refused'
       port: 9999,
       code: 502,
     })
-    for (const path of ['/init', '/upgrade', '/freeze', '/unfreeze', '/collapse', '/fsfreeze', '/fsthaw']) {
+    for (const path of ['/init', '/upgrade', '/freeze', '/unfreeze', '/collapse', '/fsfreeze', '/fsthaw', '/egress']) {
       const r = await rawRequest({ method: 'POST', path, headers: { 'E2b-Sandbox-Id': sbx.sandboxId } })
       assert.equal(r.status, 404, `${path} must be refused through the proxy`)
     }
