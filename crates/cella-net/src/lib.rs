@@ -6,8 +6,8 @@
 //! default gateway and DNS resolver. The host masquerades the pool out of whatever interface
 //! routes the destination (or only `--egress-interface`), and one nftables table per server
 //! instance decides what may pass (see [`nft`]). Domains in `allowOut` work through the DNS
-//! forwarder ([`dns`]): it answers only allowed names and adds their addresses to the
-//! sandbox's set.
+//! forwarder ([`dns`], UDP and TCP): it answers only allowed names and adds their addresses
+//! to the sandbox's set.
 //!
 //! Why the root namespace and not a router namespace: the host is already the sandbox's
 //! upstream (it runs the proxy and DNS forwarder), the nftables input hook covers "the host
@@ -331,6 +331,16 @@ impl Egress for HostNet {
                 )));
             }
         };
+        let tcp = match tokio::net::TcpListener::bind((att.host, 53)).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.undo(&att, true).await;
+                return Err(EgressError::Setup(format!(
+                    "binding the TCP resolver on {}:53: {e}",
+                    att.host
+                )));
+            }
+        };
         let shared = Arc::new(RwLock::new(policy.clone()));
         let rules = self.rules.clone();
         let index = att.index;
@@ -351,7 +361,7 @@ impl Egress for HostNet {
             learn,
             store: self.cfg.store.clone(),
         });
-        let task = tokio::spawn(fwd.run(socket));
+        let task = tokio::spawn(fwd.serve(socket, tcp));
         let orphan = {
             let mut st = self.lock()?;
             match st.sandboxes.get_mut(sandbox_id) {

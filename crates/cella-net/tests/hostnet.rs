@@ -1,8 +1,8 @@
 //! `HostNet` against the real kernel (root, `ip`, `nft`, `python3`; skips otherwise): attach a
 //! network namespace, resolve through the forwarder from inside it (an allowed name is
 //! forwarded to a local fake upstream and its address learned into the sandbox's set, another
-//! name is refused without asking upstream), replace the rules, release, shut down — and
-//! nothing remains.
+//! name is refused without asking upstream; the same over TCP, asked upstream over TCP),
+//! replace the rules, release, shut down — and nothing remains.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -62,6 +62,22 @@ fn query_bytes(name: &str) -> String {
         .collect()
 }
 
+/// Send a query over TCP from inside `ns` to `server`:53; returns the response code and the
+/// last answer's address (`-` without answers).
+fn ask_tcp_from(ns: &str, server: Ipv4Addr, name: &str) -> String {
+    let script = format!(
+        "import socket,struct\nq=bytes.fromhex('{}')\n\
+         s=socket.create_connection(('{server}',53),5)\ns.sendall(struct.pack('>H',len(q))+q)\n\
+         def rx(n):\n b=b''\n while len(b)<n:\n  c=s.recv(n-len(b))\n  assert c,'eof'\n  b+=c\n return b\n\
+         d=rx(struct.unpack('>H',rx(2))[0])\n\
+         print(d[3]&15, socket.inet_ntoa(d[-4:]) if d[7] else '-')\n",
+        query_bytes(name)
+    );
+    let (ok, out) = sh(&["ip", "netns", "exec", ns, "python3", "-c", &script]);
+    assert!(ok, "TCP query from the namespace failed: {out}");
+    out.trim().to_string()
+}
+
 /// Send a query from inside `ns` to `server`:53 and return the reply's response code.
 fn ask_from(ns: &str, server: Ipv4Addr, name: &str) -> String {
     let script = format!(
@@ -85,6 +101,42 @@ async fn attach_resolve_update_release() {
         .await
         .expect("bind");
     let upstream_addr = upstream.local_addr().expect("addr");
+    // The same port over TCP answers with 198.51.100.11, so a TCP path shows in the answer.
+    let upstream_tcp = tokio::net::TcpListener::bind(upstream_addr)
+        .await
+        .expect("bind tcp");
+    let asked_tcp = Arc::new(AtomicUsize::new(0));
+    let asked_tcp2 = asked_tcp.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream_tcp.accept().await {
+            let asked = asked_tcp2.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(raw)) =
+                    cella_net::dns::read_frame(&mut s, cella_net::dns::MAX_TCP_MESSAGE).await
+                {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    let Ok(q) = Message::from_vec(&raw) else {
+                        return;
+                    };
+                    let mut r = Message::new();
+                    r.set_id(q.id());
+                    r.set_message_type(MessageType::Response);
+                    for query in q.queries() {
+                        r.add_query(query.clone());
+                        r.add_answer(Record::from_rdata(
+                            query.name().clone(),
+                            30,
+                            RData::A(Ipv4Addr::new(198, 51, 100, 11).into()),
+                        ));
+                    }
+                    let Ok(bytes) = r.to_vec() else { return };
+                    if cella_net::dns::write_frame(&mut s, &bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
     let asked = Arc::new(AtomicUsize::new(0));
     let asked2 = asked.clone();
     tokio::spawn(async move {
@@ -181,6 +233,16 @@ async fn attach_resolve_update_release() {
         1,
         "a refused name is never forwarded"
     );
+    // Over TCP: the same verdicts, asked upstream over TCP, learned the same way.
+    assert_eq!(
+        ask_tcp_from(&ns, resolver, "allowed.test"),
+        "0 198.51.100.11"
+    );
+    assert_eq!(asked_tcp.load(Ordering::SeqCst), 1);
+    let (_, set) = sh(&["nft", "list", "set", "inet", &table, "sb0_dns"]);
+    assert!(set.contains("198.51.100.11"), "{set}");
+    assert_eq!(ask_tcp_from(&ns, resolver, "other.test"), "5 -");
+    assert_eq!(asked_tcp.load(Ordering::SeqCst), 1);
     store.flush_audit();
     let dns: Vec<(String, String)> = store
         .query_audit(&AuditQuery {
