@@ -234,12 +234,7 @@ impl EgressPolicy {
         }
         for entry in allow {
             let e = entry.trim();
-            if looks_like_ipv6(e) {
-                return Err(PolicyError::new(
-                    allow_field,
-                    format!("{e:?}: IPv6 egress is not supported (cella blocks all IPv6)"),
-                ));
-            }
+            refuse_ipv6(allow_field, e)?;
             if e.bytes().next().is_some_and(|b| b.is_ascii_digit()) && is_ipish(e) {
                 let net = Ipv4Cidr::parse(e).map_err(|m| PolicyError::new(allow_field, m))?;
                 push_unique(&mut p.allow_cidrs, net);
@@ -295,12 +290,7 @@ impl EgressPolicy {
         let mut servers = Vec::with_capacity(list.len());
         for entry in list {
             let e = entry.trim();
-            if looks_like_ipv6(e) {
-                return Err(PolicyError::new(
-                    field,
-                    format!("{e:?}: IPv6 egress is not supported (cella blocks all IPv6)"),
-                ));
-            }
+            refuse_ipv6(field, e)?;
             let ip: Ipv4Addr = e.parse().map_err(|_| {
                 PolicyError::new(
                     field,
@@ -389,6 +379,16 @@ fn push_unique(v: &mut Vec<Ipv4Cidr>, net: Ipv4Cidr) {
 
 fn looks_like_ipv6(s: &str) -> bool {
     s.contains(':')
+}
+
+fn refuse_ipv6(field: &'static str, entry: &str) -> Result<(), PolicyError> {
+    if looks_like_ipv6(entry) {
+        return Err(PolicyError::new(
+            field,
+            format!("{entry:?}: IPv6 egress is not supported (cella blocks all IPv6)"),
+        ));
+    }
+    Ok(())
 }
 
 fn is_ipish(s: &str) -> bool {

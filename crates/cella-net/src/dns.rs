@@ -204,6 +204,15 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, msg: &[u8]) -> std::i
     w.flush().await
 }
 
+/// Bind a sandbox's resolver sockets: UDP and TCP on `host`, port 53.
+pub async fn bind(host: Ipv4Addr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let udp = UdpSocket::bind((host, 53)).await?;
+    let tcp = TcpListener::bind((host, 53))
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("TCP: {e}")))?;
+    Ok((udp, tcp))
+}
+
 impl Forwarder {
     /// Serve the sandbox's UDP socket and TCP listener until the task is aborted (dropping
     /// it also ends every open TCP connection).

@@ -321,22 +321,12 @@ impl Egress for HostNet {
             self.undo(&att, false).await;
             return Err(EgressError::Setup(e));
         }
-        let socket = match tokio::net::UdpSocket::bind((att.host, 53)).await {
+        let (socket, tcp) = match dns::bind(att.host).await {
             Ok(s) => s,
             Err(e) => {
                 self.undo(&att, true).await;
                 return Err(EgressError::Setup(format!(
                     "binding the resolver on {}:53: {e}",
-                    att.host
-                )));
-            }
-        };
-        let tcp = match tokio::net::TcpListener::bind((att.host, 53)).await {
-            Ok(l) => l,
-            Err(e) => {
-                self.undo(&att, true).await;
-                return Err(EgressError::Setup(format!(
-                    "binding the TCP resolver on {}:53: {e}",
                     att.host
                 )));
             }

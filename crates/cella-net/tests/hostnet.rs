@@ -62,6 +62,23 @@ fn query_bytes(name: &str) -> String {
         .collect()
 }
 
+/// The fake upstream's answer to `raw`: every question gets one A record, `addr`.
+fn reply(raw: &[u8], addr: Ipv4Addr) -> Option<Vec<u8>> {
+    let q = Message::from_vec(raw).ok()?;
+    let mut r = Message::new();
+    r.set_id(q.id());
+    r.set_message_type(MessageType::Response);
+    for query in q.queries() {
+        r.add_query(query.clone());
+        r.add_answer(Record::from_rdata(
+            query.name().clone(),
+            30,
+            RData::A(addr.into()),
+        ));
+    }
+    r.to_vec().ok()
+}
+
 /// Send a query over TCP from inside `ns` to `server`:53; returns the response code and the
 /// last answer's address (`-` without answers).
 fn ask_tcp_from(ns: &str, server: Ipv4Addr, name: &str) -> String {
@@ -115,21 +132,9 @@ async fn attach_resolve_update_release() {
                     cella_net::dns::read_frame(&mut s, cella_net::dns::MAX_TCP_MESSAGE).await
                 {
                     asked.fetch_add(1, Ordering::SeqCst);
-                    let Ok(q) = Message::from_vec(&raw) else {
+                    let Some(bytes) = reply(&raw, Ipv4Addr::new(198, 51, 100, 11)) else {
                         return;
                     };
-                    let mut r = Message::new();
-                    r.set_id(q.id());
-                    r.set_message_type(MessageType::Response);
-                    for query in q.queries() {
-                        r.add_query(query.clone());
-                        r.add_answer(Record::from_rdata(
-                            query.name().clone(),
-                            30,
-                            RData::A(Ipv4Addr::new(198, 51, 100, 11).into()),
-                        ));
-                    }
-                    let Ok(bytes) = r.to_vec() else { return };
                     if cella_net::dns::write_frame(&mut s, &bytes).await.is_err() {
                         return;
                     }
@@ -143,21 +148,7 @@ async fn attach_resolve_update_release() {
         let mut buf = [0u8; 4096];
         while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
             asked2.fetch_add(1, Ordering::SeqCst);
-            let Ok(q) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            let mut r = Message::new();
-            r.set_id(q.id());
-            r.set_message_type(MessageType::Response);
-            for query in q.queries() {
-                r.add_query(query.clone());
-                r.add_answer(Record::from_rdata(
-                    query.name().clone(),
-                    30,
-                    RData::A(Ipv4Addr::new(198, 51, 100, 10).into()),
-                ));
-            }
-            if let Ok(bytes) = r.to_vec() {
+            if let Some(bytes) = reply(&buf[..n], Ipv4Addr::new(198, 51, 100, 10)) {
                 let _ = upstream.send_to(&bytes, from).await;
             }
         }
