@@ -7,8 +7,9 @@
 //! same typed rules. `dnsServers` (default `8.8.8.8`) only opens the firewall to those
 //! servers, and only when `allowOut` names a domain: a sandbox that may reach named domains
 //! may also talk to its own resolvers, as on E2B; cella's `/etc/resolv.conf` still names
-//! cella's forwarder, which is what makes the domains resolve. Enforcement lives behind [`Egress`] (the `cella-net` crate), injected
-//! into the manager so the core stays free of netlink, nftables and sockets.
+//! cella's forwarder, which is what makes the domains resolve. Enforcement lives behind
+//! [`Egress`] (the `cella-net` crate), injected into the manager so the core stays free of
+//! netlink, nftables and sockets.
 
 use std::fmt;
 use std::net::Ipv4Addr;

@@ -28,7 +28,8 @@ use std::net::Ipv4Addr;
 
 use cella_core::egress::{EgressPolicy, Ipv4Cidr};
 
-/// Destinations denied unless a sandbox's `allowOut` names a CIDR inside them.
+/// Destinations denied unless a sandbox's `allowOut` names a CIDR inside them (or an open
+/// `dnsServers` entry one address).
 pub const BLOCKED: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
