@@ -428,14 +428,19 @@ socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer(("0.0.0.0", 80), H).serve_forever()
 """
 
+# The fake resolver answers over UDP and TCP (RFC 7766 framing). BIG_NAME has 40 A records,
+# more than a 512-byte datagram holds: over UDP it is truncated (TC, no answers), over TCP
+# whole.
+BIG_NAME = "big.test"
+BIG_ADDRS = [f"198.51.100.{100 + k}" for k in range(40)]
+
 _FAKE_DNS = r"""
-import socket, struct, sys, json
+import socket, struct, sys, json, threading
 names = json.loads(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 53))
-while True:
-    data, peer = s.recvfrom(4096)
-    if len(data) < 12: continue
+big_name, big_addrs = sys.argv[3], json.loads(sys.argv[4])
+
+def reply(data, tcp):
+    if len(data) < 12: return None
     qid, flags, qd = struct.unpack(">HHH", data[:6])
     i, labels = 12, []
     while i < len(data) and data[i]:
@@ -443,13 +448,49 @@ while True:
     i += 1
     question = data[12:i+4]
     qtype = struct.unpack(">H", data[i:i+2])[0] if i + 2 <= len(data) else 0
-    ip = names.get(".".join(labels).lower())
-    answers = b""
-    rcode = 0 if ip else 3
-    if ip and qtype == 1:
-        answers = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
-    head = struct.pack(">HHHHHH", qid, 0x8180 | rcode, 1, 1 if answers else 0, 0, 0)
-    s.sendto(head + question + answers, peer)
+    name = ".".join(labels).lower()
+    ips = big_addrs if name == big_name else [names[name]] if name in names else []
+    rcode = 0 if ips else 3
+    tc = 0x0200 if len(ips) > 1 and not tcp else 0
+    answers = []
+    if qtype == 1 and not tc:
+        answers = [b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(ip) for ip in ips]
+    head = struct.pack(">HHHHHH", qid, 0x8180 | tc | rcode, 1, len(answers), 0, 0)
+    return head + question + b"".join(answers)
+
+def exactly(c, n):
+    b = b""
+    while len(b) < n:
+        part = c.recv(n - len(b))
+        if not part: return None
+        b += part
+    return b
+
+def conn(c):
+    with c:
+        while True:
+            n = exactly(c, 2)
+            data = n and exactly(c, struct.unpack(">H", n)[0])
+            if not data: return
+            r = reply(data, True)
+            if r is None: return
+            c.sendall(struct.pack(">H", len(r)) + r)
+
+def tcp():
+    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind((sys.argv[1], 53)); t.listen(64)
+    while True:
+        c, _ = t.accept()
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+
+threading.Thread(target=tcp, daemon=True).start()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    data, peer = s.recvfrom(4096)
+    r = reply(data, False)
+    if r is not None: s.sendto(r, peer)
 """
 
 
@@ -484,7 +525,10 @@ class FakeInternet:
             import json as _json
             self.procs.append(subprocess.Popen(run + [_FAKE_HTTP], stdin=subprocess.DEVNULL))
             self.procs.append(
-                subprocess.Popen(run + [_FAKE_DNS, self.dns, _json.dumps(FAKE_NAMES)], stdin=subprocess.DEVNULL)
+                subprocess.Popen(
+                    run + [_FAKE_DNS, self.dns, _json.dumps(FAKE_NAMES), BIG_NAME, _json.dumps(BIG_ADDRS)],
+                    stdin=subprocess.DEVNULL,
+                )
             )
             wait_until(self._http_up, timeout=10, what="fake internet HTTP server")
         except Exception:

@@ -23,7 +23,18 @@ from pathlib import Path
 import pytest
 from e2b import Sandbox
 
-from cella_e2e import DRIVER, FakeInternet, HostSnapshot, Server, host_links, nft_table, sdk_env, wait_until
+from cella_e2e import (
+    BIG_ADDRS,
+    BIG_NAME,
+    DRIVER,
+    FakeInternet,
+    HostSnapshot,
+    Server,
+    host_links,
+    nft_table,
+    sdk_env,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +211,133 @@ def test_update_network_changes_running_rules(egress):
         with pytest.raises(Exception) as e:
             sbx.update_network({"deny_out": ["example.com"]})
         assert "denyOut" in str(e.value), e.value
+
+
+_DNS_ASK = r"""
+import socket, struct, sys
+server, name, tcp = sys.argv[1], sys.argv[2], sys.argv[3] == "tcp"
+q = struct.pack(">HHHHHH", 4242, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+try:
+    if tcp:
+        s = socket.create_connection((server, 53), 3)
+        s.sendall(struct.pack(">H", len(q)) + q)
+        def rx(n):
+            b = b""
+            while len(b) < n:
+                c = s.recv(n - len(b))
+                if not c: raise OSError("closed")
+                b += c
+            return b
+        d = rx(struct.unpack(">H", rx(2))[0])
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        s.sendto(q, (server, 53))
+        d = s.recv(4096)
+except OSError as e:
+    print("failed", type(e).__name__); sys.exit()
+ips = [socket.inet_ntoa(d[i:i + 4]) for i in range(len(d) - 4, 11, -16)][: struct.unpack(">H", d[6:8])[0]]
+print("rcode=%d tc=%d" % (d[3] & 15, d[2] >> 1 & 1), " ".join(sorted(ips)))
+"""
+
+
+def dns_ask(sbx: Sandbox, server: str, name: str, transport: str = "udp") -> str:
+    """A raw DNS A query from inside the sandbox: `rcode=N tc=N <addresses>` or `failed ...`."""
+    sbx.files.write("/tmp/dns_ask.py", _DNS_ASK)
+    r = sbx.commands.run(f"python3 /tmp/dns_ask.py {server} {name} {transport}", timeout=30)
+    return r.stdout.strip()
+
+
+def nameserver(sbx: Sandbox) -> str:
+    resolv = sbx.files.read("/etc/resolv.conf")
+    return next(l.split()[1] for l in resolv.splitlines() if l.startswith("nameserver"))
+
+
+def test_dns_servers_open_the_firewall_only_with_a_domain(egress, fake):
+    """E2B's `dns_servers`: with a domain in `allow_out`, all traffic to those addresses is
+    allowed (not only port 53); omitted means 8.8.8.8 (unreachable here), `[]` none; no
+    effect without a domain; `update_network` replaces it. /etc/resolv.conf stays cella's.
+    The fake resolver (UDP 53) and the fake web server (TCP 80) are otherwise denied."""
+    deny_all = {"deny_out": ["0.0.0.0/0"]}
+    with Sandbox.create(
+        template="base",
+        timeout=120,
+        network={"allow_out": ["allowed.test"], **deny_all, "dns_servers": [fake.dns, "203.0.113.10"]},
+    ) as sbx:
+        assert "nameserver 10." in sbx.files.read("/etc/resolv.conf")
+        # Direct DNS to the listed server (UDP), and any port of the other one (TCP 80).
+        assert dns_ask(sbx, fake.dns, "other.test").startswith("rcode=0"), "listed resolver reachable"
+        ok, out = curl(sbx, "http://203.0.113.10/")
+        assert ok and "hello from 203.0.113.10" in out, out
+        # Names still go through cella's forwarder, with its verdicts.
+        assert curl(sbx, "http://allowed.test/")[0]
+        assert not curl(sbx, "http://other.test/")[0]
+        assert sbx.get_info().network["dns_servers"] == [fake.dns, "203.0.113.10"]
+
+        # Omitted in an update: back to 8.8.8.8, so both are closed again.
+        sbx.update_network({"allow_out": ["allowed.test"], **deny_all})
+        assert dns_ask(sbx, fake.dns, "other.test").startswith("failed"), "resolver closed again"
+        assert not curl(sbx, "http://203.0.113.10/")[0]
+        assert sbx.get_info().network["dns_servers"] == ["8.8.8.8"]
+        assert curl(sbx, "http://allowed.test/")[0], "the domain still works"
+
+        # No domain in allow_out: the list has no effect.
+        sbx.update_network({"allow_out": ["198.51.100.10"], **deny_all, "dns_servers": ["203.0.113.10"]})
+        assert not curl(sbx, "http://203.0.113.10/")[0]
+        assert curl(sbx, "http://198.51.100.10/")[0]
+        # With a domain again: open; [] closes.
+        sbx.update_network({"allow_out": ["allowed.test"], **deny_all, "dns_servers": ["203.0.113.10"]})
+        assert curl(sbx, "http://203.0.113.10/")[0]
+        sbx.update_network({"allow_out": ["allowed.test"], **deny_all, "dns_servers": []})
+        assert not curl(sbx, "http://203.0.113.10/")[0]
+        assert sbx.get_info().network["dns_servers"] == []
+
+        with pytest.raises(Exception) as e:
+            sbx.update_network({"allow_out": ["allowed.test"], "dns_servers": ["203.0.113.0/24"]})
+        assert "dnsServers" in str(e.value), e.value
+        policy = audit(egress, sbx.sandbox_id, "net.policy")
+        assert [p["detail"]["dnsServers"] for p in policy][:2] == [
+            [fake.dns, "203.0.113.10"], ["8.8.8.8"]
+        ], policy
+    with pytest.raises(Exception) as e:
+        Sandbox.create(template="base", timeout=30, network={"allow_out": ["allowed.test"], "dns_servers": ["dns.google"]})
+    assert "network.dnsServers" in str(e.value), e.value
+
+
+def test_dns_over_tcp_is_answered_with_the_same_verdicts(egress):
+    """Cella's forwarder answers TCP on the sandbox's nameserver: allowed names are asked
+    upstream and learned, others refused, both audited with `transport: tcp`. A name whose
+    answer does not fit a datagram works through the system resolver: the forwarder asks
+    upstream again over TCP, returns the truncated answer to the 512-byte UDP client, and
+    the client's TCP retry gets it whole."""
+    with Sandbox.create(
+        template="base",
+        timeout=120,
+        network={"allow_out": ["allowed.test", BIG_NAME], "deny_out": ["0.0.0.0/0"]},
+    ) as sbx:
+        ns = nameserver(sbx)
+        assert dns_ask(sbx, ns, "allowed.test", "tcp") == "rcode=0 tc=0 198.51.100.10"
+        assert dns_ask(sbx, ns, "other.test", "tcp") == "rcode=5 tc=0"
+        assert curl(sbx, "http://198.51.100.10/")[0], "the TCP answer's address was learned"
+        assert dns_ask(sbx, ns, BIG_NAME, "udp") == "rcode=0 tc=1", "too big for 512 bytes: truncated"
+        assert dns_ask(sbx, ns, BIG_NAME, "tcp") == "rcode=0 tc=0 " + " ".join(sorted(BIG_ADDRS))
+        r = sbx.commands.run(
+            f"python3 -c \"import socket; print(len({{a[4][0] for a in socket.getaddrinfo('{BIG_NAME}', 80, socket.AF_INET)}}))\"",
+            timeout=30,
+        )
+        assert r.stdout.strip() == str(len(BIG_ADDRS)), (r.stdout, r.stderr)
+        dns = audit(egress, sbx.sandbox_id, "net.dns")
+        seen = {(e["detail"]["name"], e["detail"]["verdict"], e["detail"].get("transport")) for e in dns}
+        for want in (
+            ("allowed.test", "allowed", "tcp"),
+            ("other.test", "refused", "tcp"),
+            (BIG_NAME, "allowed", "udp"),
+            (BIG_NAME, "allowed", "tcp"),
+        ):
+            assert want in seen, (want, dns)
+        # The host end takes TCP on port 53 only.
+        assert not curl(sbx, f"http://{ns}:80/")[0]
 
 
 def test_cli_network_and_create_flags(egress):

@@ -142,7 +142,7 @@ pub struct NewSandbox {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
     /// Network settings (`SandboxNetworkConfig`): `allowPublicTraffic`, `allowOut`, `denyOut`,
-    /// `maskRequestHost`; the egress-proxy fields are refused.
+    /// `dnsServers`, `maskRequestHost`; the egress-proxy fields are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
     /// Workload identity tokens: refused (400), cella has no IAM token service.
@@ -168,6 +168,11 @@ pub struct NetworkConfig {
     /// Denied egress destinations: CIDRs or IPv4 addresses only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny_out: Option<Vec<String>>,
+    /// IPv4 addresses all traffic may reach when `allowOut` names a domain (at most 10;
+    /// omitted: `8.8.8.8`; `[]`: none). Only opens the firewall; the sandbox still resolves
+    /// through cella's forwarder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
     /// `Host` header requests through the proxy reach the sandbox's ports with (`${PORT}` is
     /// replaced by the port); default: the request's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,6 +220,9 @@ pub struct NetworkUpdate {
     /// See [`NetworkConfig::deny_out`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny_out: Option<Vec<String>>,
+    /// See [`NetworkConfig::dns_servers`]; omitted resets it to `8.8.8.8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
     /// `false` adds `0.0.0.0/0` to `denyOut` (E2B's snake_case name here too).
     #[serde(
         default,
@@ -612,12 +620,21 @@ mod tests {
         let net = parsed.network.expect("network");
         assert_eq!(net.allow_out, Some(vec!["a.test".to_string()]));
         assert_eq!(net.deny_out, Some(vec!["0.0.0.0/0".to_string()]));
-        let upd: NetworkUpdate =
-            serde_json::from_str(r#"{"allowOut":["1.1.1.1"],"allow_internet_access":true}"#)
-                .expect("parse");
+        assert_eq!(
+            net.dns_servers,
+            Some(vec![]),
+            "[] is kept apart from omitted"
+        );
+        let upd: NetworkUpdate = serde_json::from_str(
+            r#"{"allowOut":["1.1.1.1"],"allow_internet_access":true,"dnsServers":["1.1.1.1"]}"#,
+        )
+        .expect("parse");
         assert_eq!(upd.allow_out, Some(vec!["1.1.1.1".to_string()]));
         assert_eq!(upd.allow_internet_access, Some(true));
         assert_eq!(upd.deny_out, None);
+        assert_eq!(upd.dns_servers, Some(vec!["1.1.1.1".to_string()]));
+        let none: NetworkUpdate = serde_json::from_str("{}").expect("parse");
+        assert_eq!(none.dns_servers, None);
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub egress_interface: Option<String>,
     /// Upstream DNS resolver for sandboxes (`IP` or `IP:port`, repeatable; default: the
-    /// nameservers of the host's /etc/resolv.conf).
+    /// nameservers of the host's /etc/resolv.conf). Asked over UDP, and over TCP for
+    /// sandboxes' TCP queries and truncated answers.
     #[arg(long)]
     pub dns_upstream: Vec<String>,
     /// How long a paused sandbox is kept before it is killed (its memory stays resident on

@@ -4,8 +4,12 @@
 //! (CIDRs or IPs only); `allow_internet_access = false` is `denyOut = ["0.0.0.0/0"]`; a domain
 //! in `allowOut` only restricts anything when `denyOut` denies the rest. The policy is parsed
 //! and validated here, once, so the REST layer, the firewall and the DNS forwarder all see the
-//! same typed rules. Enforcement lives behind [`Egress`] (the `cella-net` crate), injected
-//! into the manager so the core stays free of netlink, nftables and sockets.
+//! same typed rules. `dnsServers` (default `8.8.8.8`) only opens the firewall to those
+//! servers, and only when `allowOut` names a domain: a sandbox that may reach named domains
+//! may also talk to its own resolvers, as on E2B; cella's `/etc/resolv.conf` still names
+//! cella's forwarder, which is what makes the domains resolve. Enforcement lives behind
+//! [`Egress`] (the `cella-net` crate), injected into the manager so the core stays free of
+//! netlink, nftables and sockets.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -15,6 +19,12 @@ use async_trait::async_trait;
 
 /// Most entries accepted in `allowOut` or `denyOut`.
 pub const MAX_RULES: usize = 256;
+
+/// Most entries accepted in `dnsServers` (E2B's limit).
+pub const MAX_DNS_SERVERS: usize = 10;
+
+/// The DNS server allowed when `dnsServers` is omitted (E2B's default).
+pub const DEFAULT_DNS_SERVER: Ipv4Addr = Ipv4Addr::new(8, 8, 8, 8);
 
 /// `0.0.0.0/0`, E2B's `ALL_TRAFFIC`.
 pub const ALL_TRAFFIC: Ipv4Cidr = Ipv4Cidr {
@@ -169,7 +179,7 @@ fn is_hostname(s: &str) -> bool {
 }
 
 /// The outbound rules of one sandbox with egress.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressPolicy {
     /// Networks always allowed.
     pub allow_cidrs: Vec<Ipv4Cidr>,
@@ -177,6 +187,21 @@ pub struct EgressPolicy {
     pub allow_domains: Vec<DomainPattern>,
     /// Networks denied unless allowed.
     pub deny_cidrs: Vec<Ipv4Cidr>,
+    /// `dnsServers`: addresses all traffic may reach when `allow_domains` is not empty (see
+    /// [`EgressPolicy::open_dns_servers`]); `[8.8.8.8]` unless the request named others.
+    pub dns_servers: Vec<Ipv4Addr>,
+}
+
+impl Default for EgressPolicy {
+    /// Everything allowed; `dnsServers` at E2B's default.
+    fn default() -> EgressPolicy {
+        EgressPolicy {
+            allow_cidrs: Vec::new(),
+            allow_domains: Vec::new(),
+            deny_cidrs: Vec::new(),
+            dns_servers: vec![DEFAULT_DNS_SERVER],
+        }
+    }
 }
 
 impl EgressPolicy {
@@ -210,12 +235,7 @@ impl EgressPolicy {
         }
         for entry in allow {
             let e = entry.trim();
-            if looks_like_ipv6(e) {
-                return Err(PolicyError::new(
-                    allow_field,
-                    format!("{e:?}: IPv6 egress is not supported (cella blocks all IPv6)"),
-                ));
-            }
+            refuse_ipv6(allow_field, e)?;
             if e.bytes().next().is_some_and(|b| b.is_ascii_digit()) && is_ipish(e) {
                 let net = Ipv4Cidr::parse(e).map_err(|m| PolicyError::new(allow_field, m))?;
                 push_unique(&mut p.allow_cidrs, net);
@@ -244,6 +264,69 @@ impl EgressPolicy {
             push_unique(&mut p.deny_cidrs, ALL_TRAFFIC);
         }
         Ok(p)
+    }
+
+    /// Replace `dnsServers` (`None`: E2B's default, `8.8.8.8`; `[]`: none). Each entry must
+    /// be a unicast IPv4 address; at most [`MAX_DNS_SERVERS`].
+    pub fn with_dns_servers(
+        mut self,
+        dns_servers: Option<&[String]>,
+        field_prefix: &'static str,
+    ) -> Result<EgressPolicy, PolicyError> {
+        let field = if field_prefix.is_empty() {
+            "dnsServers"
+        } else {
+            "network.dnsServers"
+        };
+        let Some(list) = dns_servers else {
+            self.dns_servers = vec![DEFAULT_DNS_SERVER];
+            return Ok(self);
+        };
+        if list.len() > MAX_DNS_SERVERS {
+            return Err(PolicyError::new(
+                field,
+                format!("at most {MAX_DNS_SERVERS} entries"),
+            ));
+        }
+        let mut servers = Vec::with_capacity(list.len());
+        for entry in list {
+            let e = entry.trim();
+            refuse_ipv6(field, e)?;
+            let ip: Ipv4Addr = e.parse().map_err(|_| {
+                PolicyError::new(
+                    field,
+                    format!("{e:?} is not an IPv4 address (dnsServers takes addresses, not CIDRs or names)"),
+                )
+            })?;
+            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+                return Err(PolicyError::new(
+                    field,
+                    format!("{e:?} is not a unicast address"),
+                ));
+            }
+            if !servers.contains(&ip) {
+                servers.push(ip);
+            }
+        }
+        self.dns_servers = servers;
+        Ok(self)
+    }
+
+    /// The `dnsServers` the firewall opens: all of them when `allowOut` names a domain, none
+    /// otherwise (E2B: "with no domain in allow_out it has no effect"). An entry counts as
+    /// an explicit allow, so it opens even an always-blocked range (e.g. a resolver on the
+    /// LAN) for that one address, like an `allowOut` CIDR inside the range would.
+    pub fn open_dns_servers(&self) -> &[Ipv4Addr] {
+        if self.allow_domains.is_empty() {
+            &[]
+        } else {
+            &self.dns_servers
+        }
+    }
+
+    /// `dnsServers` as E2B reports it.
+    pub fn dns_servers_out(&self) -> Vec<String> {
+        self.dns_servers.iter().map(ToString::to_string).collect()
     }
 
     /// Whether everything not explicitly allowed is denied (`0.0.0.0/0` in `denyOut`).
@@ -284,7 +367,8 @@ impl EgressPolicy {
 
     /// JSON for the audit log.
     pub fn audit_json(&self) -> serde_json::Value {
-        serde_json::json!({ "allowOut": self.allow_out(), "denyOut": self.deny_out() })
+        serde_json::json!({ "allowOut": self.allow_out(), "denyOut": self.deny_out(),
+            "dnsServers": self.dns_servers_out() })
     }
 }
 
@@ -296,6 +380,16 @@ fn push_unique(v: &mut Vec<Ipv4Cidr>, net: Ipv4Cidr) {
 
 fn looks_like_ipv6(s: &str) -> bool {
     s.contains(':')
+}
+
+fn refuse_ipv6(field: &'static str, entry: &str) -> Result<(), PolicyError> {
+    if looks_like_ipv6(entry) {
+        return Err(PolicyError::new(
+            field,
+            format!("{entry:?}: IPv6 egress is not supported (cella blocks all IPv6)"),
+        ));
+    }
+    Ok(())
 }
 
 fn is_ipish(s: &str) -> bool {
@@ -470,5 +564,87 @@ mod tests {
         assert!(EgressPolicy::from_request(None, None, Some(&many), "").is_err());
         // IPv6 deny rules are accepted (IPv6 is always denied).
         assert!(EgressPolicy::from_request(None, None, Some(&s(&["::/0"])), "").is_ok());
+    }
+
+    #[test]
+    fn dns_servers_follow_e2b_semantics() {
+        let with_domain = || {
+            EgressPolicy::from_request(
+                None,
+                Some(&s(&["allowed.test"])),
+                Some(&s(&["0.0.0.0/0"])),
+                "network.",
+            )
+            .expect("valid")
+        };
+        // Omitted: 8.8.8.8, and the same as the default policy's.
+        let p = with_domain()
+            .with_dns_servers(None, "network.")
+            .expect("valid");
+        assert_eq!(p.dns_servers, vec![DEFAULT_DNS_SERVER]);
+        assert_eq!(p.open_dns_servers(), &[DEFAULT_DNS_SERVER]);
+        assert_eq!(
+            EgressPolicy::from_request(None, None, None, "").expect("valid"),
+            EgressPolicy::default()
+        );
+        // A list replaces the default; duplicates and spaces are dropped; [] is none.
+        let p = with_domain()
+            .with_dns_servers(Some(&s(&["1.1.1.1", " 10.0.0.53", "1.1.1.1"])), "")
+            .expect("valid");
+        assert_eq!(p.dns_servers_out(), s(&["1.1.1.1", "10.0.0.53"]));
+        assert_eq!(p.open_dns_servers().len(), 2);
+        let none = with_domain()
+            .with_dns_servers(Some(&[]), "")
+            .expect("valid");
+        assert!(none.dns_servers.is_empty() && none.open_dns_servers().is_empty());
+        // No domain in allowOut: kept and reported, but nothing is opened.
+        let cidr_only = EgressPolicy::from_request(None, Some(&s(&["1.2.3.4"])), None, "")
+            .expect("valid")
+            .with_dns_servers(Some(&s(&["1.1.1.1"])), "")
+            .expect("valid");
+        assert_eq!(cidr_only.dns_servers_out(), s(&["1.1.1.1"]));
+        assert!(cidr_only.open_dns_servers().is_empty());
+        assert_eq!(
+            cidr_only.audit_json()["dnsServers"],
+            serde_json::json!(["1.1.1.1"])
+        );
+    }
+
+    #[test]
+    fn bad_dns_servers_name_their_field() {
+        let base = || EgressPolicy::default();
+        for bad in [
+            "1.1.1.0/24",
+            "dns.google",
+            "1.1.1",
+            "",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+        ] {
+            let e = base()
+                .with_dns_servers(Some(&s(&[bad])), "network.")
+                .expect_err(bad);
+            assert_eq!(e.field, "network.dnsServers", "{bad:?}");
+            let e = base()
+                .with_dns_servers(Some(&s(&[bad])), "")
+                .expect_err(bad);
+            assert_eq!(e.field, "dnsServers", "{bad:?}");
+        }
+        let e = base()
+            .with_dns_servers(Some(&s(&["2001:4860:4860::8888"])), "")
+            .expect_err("ipv6");
+        assert!(e.message.contains("IPv6"), "{e}");
+        let ten: Vec<String> = (1..=MAX_DNS_SERVERS)
+            .map(|i| format!("9.9.9.{i}"))
+            .collect();
+        assert!(base().with_dns_servers(Some(&ten), "").is_ok());
+        let eleven: Vec<String> = (1..=MAX_DNS_SERVERS + 1)
+            .map(|i| format!("9.9.9.{i}"))
+            .collect();
+        let e = base()
+            .with_dns_servers(Some(&eleven), "")
+            .expect_err("too many");
+        assert!(e.message.contains("at most 10"), "{e}");
     }
 }

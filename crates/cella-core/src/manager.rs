@@ -287,6 +287,7 @@ impl LiveSandbox {
             allow_public_traffic: self.traffic_access_token.as_ref().map(|_| false),
             allow_out: policy.as_ref().map(EgressPolicy::allow_out),
             deny_out: policy.as_ref().map(EgressPolicy::deny_out),
+            dns_servers: policy.as_ref().map(EgressPolicy::dns_servers_out),
             mask_request_host: mask,
             ..Default::default()
         })
@@ -577,6 +578,7 @@ impl Manager {
             network.deny_out.as_deref(),
             "network.",
         )
+        .and_then(|p| p.with_dns_servers(network.dns_servers.as_deref(), "network."))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
             message: e.message,
@@ -767,7 +769,8 @@ impl Manager {
             kind: "net.policy".into(),
             detail: match &attached_policy {
                 Some(p) => serde_json::json!({ "change": "create", "egress": true,
-                    "allowOut": p.allow_out(), "denyOut": p.deny_out() }),
+                    "allowOut": p.allow_out(), "denyOut": p.deny_out(),
+                    "dnsServers": p.dns_servers_out() }),
                 None => serde_json::json!({ "change": "create", "egress": false,
                     "reason": if self.egress.is_some() { "request allows no egress" }
                               else { "server runs with --egress none" } }),
@@ -1400,6 +1403,7 @@ impl Manager {
             req.deny_out.as_deref(),
             "",
         )
+        .and_then(|p| p.with_dns_servers(req.dns_servers.as_deref(), ""))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
             message: e.message,
@@ -1423,7 +1427,8 @@ impl Manager {
             sandbox_id: Some(id.to_string()),
             kind: "net.policy".into(),
             detail: serde_json::json!({ "change": "update", "egress": true,
-                "allowOut": policy.allow_out(), "denyOut": policy.deny_out() }),
+                "allowOut": policy.allow_out(), "denyOut": policy.deny_out(),
+                "dnsServers": policy.dns_servers_out() }),
         });
         Ok(())
     }
@@ -2045,6 +2050,7 @@ fn paused_record(live: &LiveSandbox, snapshot: &str, end_at_ms: i64) -> PausedRe
         let net = request.network.get_or_insert_with(Default::default);
         net.allow_out = Some(p.allow_out());
         net.deny_out = Some(p.deny_out());
+        net.dns_servers = Some(p.dns_servers_out());
     }
     PausedRecord {
         id: live.handle.id().to_string(),

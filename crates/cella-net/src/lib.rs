@@ -6,8 +6,8 @@
 //! default gateway and DNS resolver. The host masquerades the pool out of whatever interface
 //! routes the destination (or only `--egress-interface`), and one nftables table per server
 //! instance decides what may pass (see [`nft`]). Domains in `allowOut` work through the DNS
-//! forwarder ([`dns`]): it answers only allowed names and adds their addresses to the
-//! sandbox's set.
+//! forwarder ([`dns`], UDP and TCP): it answers only allowed names and adds their addresses
+//! to the sandbox's set.
 //!
 //! Why the root namespace and not a router namespace: the host is already the sandbox's
 //! upstream (it runs the proxy and DNS forwarder), the nftables input hook covers "the host
@@ -321,7 +321,7 @@ impl Egress for HostNet {
             self.undo(&att, false).await;
             return Err(EgressError::Setup(e));
         }
-        let socket = match tokio::net::UdpSocket::bind((att.host, 53)).await {
+        let (socket, tcp) = match dns::bind(att.host).await {
             Ok(s) => s,
             Err(e) => {
                 self.undo(&att, true).await;
@@ -351,7 +351,7 @@ impl Egress for HostNet {
             learn,
             store: self.cfg.store.clone(),
         });
-        let task = tokio::spawn(fwd.run(socket));
+        let task = tokio::spawn(fwd.serve(socket, tcp));
         let orphan = {
             let mut st = self.lock()?;
             match st.sandboxes.get_mut(sandbox_id) {
@@ -398,21 +398,25 @@ impl Egress for HostNet {
         let entry = {
             let mut st = self.lock()?;
             let entry = st.sandboxes.remove(sandbox_id);
-            if let Some(e) = &entry {
-                st.pool.free(e.slot.index);
-                if let Ok(mut m) = self.slots.lock() {
-                    m.remove(&e.slot.index);
-                }
+            if let Some(e) = &entry
+                && let Ok(mut m) = self.slots.lock()
+            {
+                m.remove(&e.slot.index);
             }
             entry
         };
-        if let Some(Entry {
-            attached: Some(a), ..
-        }) = entry
-        {
+        let Some(entry) = entry else {
+            return Ok(());
+        };
+        if let Some(a) = entry.attached {
+            // The slot is free for the next sandbox only once its resolver sockets are
+            // closed (awaiting the aborted task drops them) and its interface is gone;
+            // otherwise the next attach on this slot fails to bind `<host end>:53`.
             a.dns.abort();
+            let _ = a.dns.await;
             self.undo(&a.att, true).await;
         }
+        self.lock()?.pool.free(entry.slot.index);
         Ok(())
     }
 }

@@ -10,22 +10,26 @@
 //! 3. (with `--egress-interface`) leaving by another interface: drop;
 //! 4. another sandbox (the pool): drop, whatever the rules say;
 //! 5. allowed CIDRs that lie *inside* an always-blocked range: accept (the only way to reach
-//!    a private range is to name it);
+//!    a private range is to name it; an open `dnsServers` entry counts as naming its /32);
 //! 6. always-blocked ranges (loopback, link-local with 169.254.169.254, RFC 1918, CGNAT,
 //!    multicast, reserved): drop;
-//! 7. other allowed CIDRs, then addresses learned from allowed domains: accept;
+//! 7. other allowed CIDRs (with the open `dnsServers`), then addresses learned from allowed
+//!    domains: accept;
 //! 8. denied CIDRs: drop;
 //! 9. accept.
 //!
-//! Traffic from a sandbox to the host itself (the input hook) is dropped except DNS to the
-//! sandbox's own resolver address; new connections *into* sandbox interfaces are dropped.
+//! Traffic from a sandbox to the host itself (the input hook) is dropped except DNS (UDP and
+//! TCP port 53) to the sandbox's own resolver address; new connections *into* sandbox
+//! interfaces are dropped. `dnsServers` entries cannot open the host or another sandbox: the
+//! host is the input hook, and the pool is dropped before any allow rule.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use cella_core::egress::{EgressPolicy, Ipv4Cidr};
 
-/// Destinations denied unless a sandbox's `allowOut` names a CIDR inside them.
+/// Destinations denied unless a sandbox's `allowOut` names a CIDR inside them (or an open
+/// `dnsServers` entry one address).
 pub const BLOCKED: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
@@ -92,6 +96,7 @@ impl Ruleset {
              \t}}\n\
              \tchain from_sandbox {{\n\
              \t\tudp dport 53 iifname . ip daddr @resolvers accept\n\
+             \t\ttcp dport 53 iifname . ip daddr @resolvers accept\n\
              \t\tcounter drop\n\
              \t}}\n\
              \tchain forward {{\n\
@@ -232,10 +237,24 @@ impl Ruleset {
             .iter()
             .filter_map(|b| Ipv4Cidr::parse(b).ok())
             .collect();
-        let (private, public): (Vec<Ipv4Cidr>, Vec<Ipv4Cidr>) = policy
-            .allow_cidrs
-            .iter()
-            .partition(|c| blocked.iter().any(|b| b.contains_net(c)));
+        let is_private = |c: &Ipv4Cidr| blocked.iter().any(|b| b.contains_net(c));
+        let (mut private, mut public): (Vec<Ipv4Cidr>, Vec<Ipv4Cidr>) =
+            policy.allow_cidrs.iter().partition(|c| is_private(c));
+        // Open dnsServers are explicit allows of one address; one a CIDR of the same set
+        // covers already is skipped (no overlapping elements in one interval set).
+        for ip in policy.open_dns_servers() {
+            let Some(one) = Ipv4Cidr::new(*ip, 32) else {
+                continue;
+            };
+            let set = if is_private(&one) {
+                &mut private
+            } else {
+                &mut public
+            };
+            if !set.iter().any(|c| c.contains_net(&one)) {
+                set.push(one);
+            }
+        }
         let mut s = String::new();
         for (set, items) in [
             ("allow_priv", private),
@@ -302,7 +321,10 @@ mod tests {
             s.contains("169.254.0.0/16") && s.contains("10.0.0.0/8") && s.contains("224.0.0.0/4")
         );
         assert!(s.contains("iifname \"cn0123ab*\" jump from_sandbox"));
-        assert!(s.contains("udp dport 53 iifname . ip daddr @resolvers accept\n\t\tcounter drop"));
+        assert!(s.contains(
+            "udp dport 53 iifname . ip daddr @resolvers accept\n\t\t\
+             tcp dport 53 iifname . ip daddr @resolvers accept\n\t\tcounter drop"
+        ));
         assert!(
             s.contains("oifname \"cn0123ab*\" counter drop"),
             "no new connections into sandboxes"
@@ -341,6 +363,49 @@ mod tests {
             s.trim_end().lines().all(|l| !l.contains("{  }")),
             "no empty element lists"
         );
+    }
+
+    #[test]
+    fn open_dns_servers_are_explicit_allows_of_one_address() {
+        let with = |allow: &[&str], servers: Option<&[&str]>| {
+            let s: Option<Vec<String>> = servers.map(|v| v.iter().map(|x| x.to_string()).collect());
+            policy(allow, &["0.0.0.0/0"])
+                .with_dns_servers(s.as_deref(), "")
+                .expect("servers")
+        };
+        // Default with a domain: 8.8.8.8 opens (public set).
+        let s = rs().update(3, &with(&["allowed.test"], None));
+        assert!(
+            s.contains("add element inet cella_i0123 sb3_allow { 8.8.8.8/32 }"),
+            "{s}"
+        );
+        // A resolver in a blocked range counts as naming it; one inside an allowed CIDR is
+        // not repeated.
+        let s = rs().update(
+            3,
+            &with(
+                &["allowed.test", "1.1.0.0/16"],
+                Some(&["1.1.1.1", "192.168.1.53", "9.9.9.9"]),
+            ),
+        );
+        assert!(s.contains("sb3_allow_priv { 192.168.1.53/32 }"), "{s}");
+        assert!(s.contains("sb3_allow { 1.1.0.0/16, 9.9.9.9/32 }"), "{s}");
+        // [] opens none; without a domain in allowOut they have no effect.
+        let s = rs().update(3, &with(&["allowed.test"], Some(&[])));
+        assert!(!s.contains("add element inet cella_i0123 sb3_allow"), "{s}");
+        let s = rs().update(3, &with(&["1.2.3.4"], Some(&["1.1.1.1"])));
+        assert!(!s.contains("1.1.1.1"), "{s}");
+        assert!(s.contains("sb3_allow { 1.2.3.4/32 }"), "{s}");
+        // 0.0.0.0/0 does not open a private resolver; the entry itself does.
+        let s = rs().attach(
+            &att(),
+            &with(
+                &["allowed.test", "0.0.0.0/0"],
+                Some(&["10.9.9.9", "1.1.1.1"]),
+            ),
+        );
+        assert!(s.contains("sb3_allow_priv { 10.9.9.9/32 }"), "{s}");
+        assert!(s.contains("sb3_allow { 0.0.0.0/0 }"), "{s}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! `HostNet` against the real kernel (root, `ip`, `nft`, `python3`; skips otherwise): attach a
 //! network namespace, resolve through the forwarder from inside it (an allowed name is
 //! forwarded to a local fake upstream and its address learned into the sandbox's set, another
-//! name is refused without asking upstream), replace the rules, release, shut down — and
-//! nothing remains.
+//! name is refused without asking upstream; the same over TCP, asked upstream over TCP),
+//! replace the rules, release, shut down — and nothing remains.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -62,6 +62,39 @@ fn query_bytes(name: &str) -> String {
         .collect()
 }
 
+/// The fake upstream's answer to `raw`: every question gets one A record, `addr`.
+fn reply(raw: &[u8], addr: Ipv4Addr) -> Option<Vec<u8>> {
+    let q = Message::from_vec(raw).ok()?;
+    let mut r = Message::new();
+    r.set_id(q.id());
+    r.set_message_type(MessageType::Response);
+    for query in q.queries() {
+        r.add_query(query.clone());
+        r.add_answer(Record::from_rdata(
+            query.name().clone(),
+            30,
+            RData::A(addr.into()),
+        ));
+    }
+    r.to_vec().ok()
+}
+
+/// Send a query over TCP from inside `ns` to `server`:53; returns the response code and the
+/// last answer's address (`-` without answers).
+fn ask_tcp_from(ns: &str, server: Ipv4Addr, name: &str) -> String {
+    let script = format!(
+        "import socket,struct\nq=bytes.fromhex('{}')\n\
+         s=socket.create_connection(('{server}',53),5)\ns.sendall(struct.pack('>H',len(q))+q)\n\
+         def rx(n):\n b=b''\n while len(b)<n:\n  c=s.recv(n-len(b))\n  assert c,'eof'\n  b+=c\n return b\n\
+         d=rx(struct.unpack('>H',rx(2))[0])\n\
+         print(d[3]&15, socket.inet_ntoa(d[-4:]) if d[7] else '-')\n",
+        query_bytes(name)
+    );
+    let (ok, out) = sh(&["ip", "netns", "exec", ns, "python3", "-c", &script]);
+    assert!(ok, "TCP query from the namespace failed: {out}");
+    out.trim().to_string()
+}
+
 /// Send a query from inside `ns` to `server`:53 and return the reply's response code.
 fn ask_from(ns: &str, server: Ipv4Addr, name: &str) -> String {
     let script = format!(
@@ -85,27 +118,37 @@ async fn attach_resolve_update_release() {
         .await
         .expect("bind");
     let upstream_addr = upstream.local_addr().expect("addr");
+    // The same port over TCP answers with 198.51.100.11, so a TCP path shows in the answer.
+    let upstream_tcp = tokio::net::TcpListener::bind(upstream_addr)
+        .await
+        .expect("bind tcp");
+    let asked_tcp = Arc::new(AtomicUsize::new(0));
+    let asked_tcp2 = asked_tcp.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream_tcp.accept().await {
+            let asked = asked_tcp2.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(raw)) =
+                    cella_net::dns::read_frame(&mut s, cella_net::dns::MAX_TCP_MESSAGE).await
+                {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    let Some(bytes) = reply(&raw, Ipv4Addr::new(198, 51, 100, 11)) else {
+                        return;
+                    };
+                    if cella_net::dns::write_frame(&mut s, &bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
     let asked = Arc::new(AtomicUsize::new(0));
     let asked2 = asked.clone();
     tokio::spawn(async move {
         let mut buf = [0u8; 4096];
         while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
             asked2.fetch_add(1, Ordering::SeqCst);
-            let Ok(q) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            let mut r = Message::new();
-            r.set_id(q.id());
-            r.set_message_type(MessageType::Response);
-            for query in q.queries() {
-                r.add_query(query.clone());
-                r.add_answer(Record::from_rdata(
-                    query.name().clone(),
-                    30,
-                    RData::A(Ipv4Addr::new(198, 51, 100, 10).into()),
-                ));
-            }
-            if let Ok(bytes) = r.to_vec() {
+            if let Some(bytes) = reply(&buf[..n], Ipv4Addr::new(198, 51, 100, 10)) {
                 let _ = upstream.send_to(&bytes, from).await;
             }
         }
@@ -181,6 +224,16 @@ async fn attach_resolve_update_release() {
         1,
         "a refused name is never forwarded"
     );
+    // Over TCP: the same verdicts, asked upstream over TCP, learned the same way.
+    assert_eq!(
+        ask_tcp_from(&ns, resolver, "allowed.test"),
+        "0 198.51.100.11"
+    );
+    assert_eq!(asked_tcp.load(Ordering::SeqCst), 1);
+    let (_, set) = sh(&["nft", "list", "set", "inet", &table, "sb0_dns"]);
+    assert!(set.contains("198.51.100.11"), "{set}");
+    assert_eq!(ask_tcp_from(&ns, resolver, "other.test"), "5 -");
+    assert_eq!(asked_tcp.load(Ordering::SeqCst), 1);
     store.flush_audit();
     let dns: Vec<(String, String)> = store
         .query_audit(&AuditQuery {
@@ -214,7 +267,28 @@ async fn attach_resolve_update_release() {
     assert!(!set.contains("198.51.100.10"), "{set}");
     assert_eq!(ask_from(&ns, resolver, "other.test"), "0");
 
-    net.release("sbxone").await.expect("release");
+    // A sandbox created while another is being released never gets the slot (the same
+    // interface name and resolver address) before the release has finished with it.
+    let mut releasing = Box::pin(net.release("sbxone"));
+    assert!(
+        futures_poll_once(releasing.as_mut()).is_none(),
+        "release waits for the resolver and the interface"
+    );
+    let other = net.reserve("sbxtwo").expect("reserve during release");
+    assert_ne!(other, resolver, "a slot in release was handed out again");
+    releasing.await.expect("release");
+    net.release("sbxtwo").await.expect("release unattached");
+    // Once released, the slot is reused, and attaching on it works (the resolver's port is free).
+    assert_eq!(net.reserve("sbxthree").expect("reserve"), resolver);
+    net.attach(
+        "sbxthree",
+        std::path::Path::new(&format!("/run/netns/{ns}")),
+        &EgressPolicy::default(),
+    )
+    .await
+    .expect("attach on a released slot");
+    assert_eq!(ask_from(&ns, resolver, "other.test"), "0");
+    net.release("sbxthree").await.expect("release");
     net.release("sbxone").await.expect("release is idempotent");
     assert!(
         !std::path::Path::new("/sys/class/net")
@@ -229,6 +303,16 @@ async fn attach_resolve_update_release() {
     net.shutdown().await;
     let (exists, _) = sh(&["nft", "list", "table", "inet", &table]);
     assert!(!exists, "table removed at shutdown");
+}
+
+/// Poll a future once: `Some` if it completed right away.
+fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match f.poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Commands run when dropped (best effort), so a failing test leaves nothing on the host.

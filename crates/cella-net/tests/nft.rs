@@ -81,6 +81,7 @@ fn scripts_apply_and_clean_up() {
         Some(&a(&["0.0.0.0/0"])),
         "",
     )
+    .and_then(|p| p.with_dns_servers(Some(&a(&["10.9.9.9", "1.1.1.1", "198.51.100.53"])), ""))
     .expect("policy");
     nft(&rs.create()).expect("create");
     nft(&rs.create()).expect("create again replaces");
@@ -88,6 +89,15 @@ fn scripts_apply_and_clean_up() {
     let listed = list(&rs.table).expect("listed");
     assert!(listed.contains("\"cntest007\" : jump sb7"), "{listed}");
     assert!(listed.contains("10.1.0.0/16"), "{listed}");
+    // Open dnsServers: a private one in the private allow set, a public one in the other.
+    assert!(
+        listed.contains("10.9.9.9") && listed.contains("1.1.1.1"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("tcp dport 53 iifname . ip daddr @resolvers accept"),
+        "{listed}"
+    );
     nft(&rs.update(7, &EgressPolicy::default())).expect("update to empty");
     nft(&rs.update(7, &policy)).expect("update");
     nft(&rs

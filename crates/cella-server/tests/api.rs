@@ -876,6 +876,25 @@ async fn egress_none_server_gives_no_network_and_says_so() {
 #[tokio::test]
 async fn egress_policy_is_attached_reported_and_replaced() {
     let (h, egress) = egress_harness().await;
+    for servers in [json!(["1.1.1.1/32"]), json!(["::1"]), json!([1])] {
+        let (s, v) = h
+            .call(
+                "POST",
+                "/v2/sandboxes",
+                Some(&h.key),
+                Some(json!({"templateID": "base",
+                    "network": {"allowOut": ["allowed.test"], "dnsServers": servers}})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{servers}: {v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("network.dnsServers")),
+            "{servers}: {v}"
+        );
+    }
+    assert_eq!(egress.reserved(), 0, "nothing attached for a bad request");
     let v = h
         .create(json!({"templateID": "base",
             "network": {"allowOut": ["allowed.test", "198.51.100.0/24"], "denyOut": ["0.0.0.0/0"]}}))
@@ -893,6 +912,34 @@ async fn egress_policy_is_attached_reported_and_replaced() {
         json!(["198.51.100.0/24", "allowed.test"])
     );
     assert_eq!(info["network"]["denyOut"], json!(["0.0.0.0/0"]));
+    assert_eq!(
+        info["network"]["dnsServers"],
+        json!(["8.8.8.8"]),
+        "omitted: E2B's default"
+    );
+
+    // dnsServers: replaced by the update, reset to the default when omitted.
+    let (s, v) = h
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&h.key),
+            Some(
+                json!({"allowOut": ["allowed.test"], "denyOut": ["0.0.0.0/0"],
+                "dnsServers": ["1.1.1.1", "192.168.1.53"]}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let p = egress.attached(&id).expect("attached");
+    assert_eq!(p.open_dns_servers().len(), 2);
+    let (_, info) = h
+        .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
+        .await;
+    assert_eq!(
+        info["network"]["dnsServers"],
+        json!(["1.1.1.1", "192.168.1.53"])
+    );
 
     // Replace: omitted fields are cleared.
     let (s, v) = h
@@ -906,16 +953,29 @@ async fn egress_policy_is_attached_reported_and_replaced() {
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let p = egress.attached(&id).expect("attached");
     assert!(p.allow_domains.is_empty() && !p.denies_all());
+    assert_eq!(p.dns_servers_out(), vec!["8.8.8.8".to_string()]);
     let (_, info) = h
         .call("GET", &format!("/sandboxes/{id}"), Some(&h.key), None)
         .await;
     assert_eq!(info["allowInternetAccess"], true, "{info}");
+    assert_eq!(info["network"]["dnsServers"], json!(["8.8.8.8"]));
 
     // Bad input: 400 naming the field; the rules stay.
     for (body, field) in [
         (json!({"denyOut": ["example.com"]}), "denyOut"),
         (json!({"allowOut": ["10.0.0.1/8"]}), "allowOut"),
         (json!({"allowOut": "x"}), "allowOut"),
+        (json!({"dnsServers": ["1.1.1.0/24"]}), "dnsServers"),
+        (json!({"dnsServers": ["dns.google"]}), "dnsServers"),
+        (
+            json!({"dnsServers": ["2001:4860:4860::8888"]}),
+            "dnsServers",
+        ),
+        (
+            json!({"dnsServers": (1..=11).map(|i| format!("9.9.9.{i}")).collect::<Vec<_>>()}),
+            "dnsServers",
+        ),
+        (json!({"dnsServers": "1.1.1.1"}), "dnsServers"),
     ] {
         let (s, v) = h
             .call(
@@ -965,9 +1025,22 @@ async fn egress_policy_is_attached_reported_and_replaced() {
         .expect("audit")
         .into_iter()
         .filter(|e| e.kind == "net.policy")
-        .map(|e| e.detail["change"].as_str().unwrap_or_default().to_string())
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.detail["change"].as_str().unwrap_or_default(),
+                e.detail["dnsServers"]
+            )
+        })
         .collect();
-    assert_eq!(kinds, vec!["create", "update"]);
+    assert_eq!(
+        kinds,
+        vec![
+            r#"create ["8.8.8.8"]"#,
+            r#"update ["1.1.1.1","192.168.1.53"]"#,
+            r#"update ["8.8.8.8"]"#
+        ]
+    );
 
     // Kill releases the attachment.
     let (s, _) = h
