@@ -5,6 +5,7 @@ watch event type, and the failure cases the SDK must map to its exceptions. The 
 run through the JS SDK in tests/compat-js."""
 
 import gzip
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -175,6 +176,74 @@ def test_mask_request_host_and_refused_egress_proxy_features(server):
     with pytest.raises(Exception) as e:
         Sandbox.create(template="base", timeout=60, network={"egress_proxy": {"address": "proxy.example.com:1080"}})
     assert "network.egressProxy" in str(e.value)
+
+
+TLS_WEB_PY = r"""
+import http.server, ssl, sys, threading
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"tls={self.server.tls} path={self.path} host={self.headers.get('Host')}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+def serve(port, tls):
+    srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), H)
+    srv.tls = tls
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain("/home/user/c.pem", "/home/user/k.pem")
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    srv.serve_forever()
+
+for port, tls in ((8443, True), (8444, True), (8445, False)):
+    threading.Thread(target=serve, args=(port, tls), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def test_https_ports_reach_tls_servers_with_self_signed_certificates(server, tmp_path):
+    """network.https_ports: the proxy speaks TLS to those ports (a self-signed certificate is
+    fine, as on E2B); other ports stay plain HTTP; a listed port without TLS is a clear 502."""
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=self-signed.test"],
+        check=True, capture_output=True,
+    )
+    sbx = Sandbox.create(template="base", timeout=120, network={"https_ports": [8443, 8445]})
+    try:
+        sbx.files.write("/home/user/k.pem", key.read_text())
+        sbx.files.write("/home/user/c.pem", cert.read_text())
+        sbx.files.write("/home/user/tls_web.py", TLS_WEB_PY)
+        sbx.commands.run("python3 /home/user/tls_web.py", background=True)
+        wait_until(
+            lambda: sbx.commands.run(
+                "bash -c '(echo > /dev/tcp/127.0.0.1/8445) 2>/dev/null && echo up || echo down'"
+            ).stdout.strip() == "up",
+            30, 0.2, "servers in the sandbox",
+        )
+        r = httpx.get(f"{server.url}/x?y=1", headers={"Host": sbx.get_host(8443)})
+        assert r.status_code == 200 and r.text.startswith("tls=True path=/x?y=1"), r.text
+        # A TLS port that is not listed gets plain HTTP, which its server cannot answer.
+        r = httpx.get(f"{server.url}/", headers={"Host": sbx.get_host(8444)})
+        assert r.status_code == 502, r.text
+        # A listed port whose server speaks plain HTTP: 502 naming httpsPorts.
+        r = httpx.get(f"{server.url}/", headers={"Host": sbx.get_host(8445)})
+        assert r.status_code == 502 and "httpsPorts" in r.json()["message"], r.text
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": server.key}) as c:
+            info = c.get(f"/sandboxes/{sbx.sandbox_id}").json()
+        assert info["network"]["httpsPorts"] == [8443, 8445], info
+    finally:
+        sbx.kill()
+    with pytest.raises(Exception) as e:
+        Sandbox.create(template="base", timeout=60, network={"https_ports": [49983]})
+    assert "network.httpsPorts" in str(e.value)
 
 
 def test_signed_urls_gzip_and_metadata(server):

@@ -183,9 +183,10 @@ pub struct NetworkConfig {
     /// An upstream proxy for egress: refused (400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<Unsupported>,
-    /// Ports the proxy should reach over HTTPS: refused (400) when not empty.
+    /// Sandbox ports whose servers speak HTTPS: the proxy reaches them over TLS (their
+    /// certificates are not verified, so self-signed ones work). Not the agent's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub https_ports: Option<Unsupported>,
+    pub https_ports: Option<Vec<i64>>,
 }
 
 /// A JSON value cella accepts only to refuse it with a clear error: a field of a feature it

@@ -280,7 +280,12 @@ impl LiveSandbox {
     fn network_info(&self) -> Option<cella_api::NetworkConfig> {
         let policy = self.egress();
         let mask = self.mask_request_host().map(str::to_string);
-        if self.traffic_access_token.is_none() && policy.is_none() && mask.is_none() {
+        let https: Vec<i64> = self.https_ports().into_iter().map(i64::from).collect();
+        if self.traffic_access_token.is_none()
+            && policy.is_none()
+            && mask.is_none()
+            && https.is_empty()
+        {
             return None;
         }
         Some(cella_api::NetworkConfig {
@@ -289,8 +294,27 @@ impl LiveSandbox {
             deny_out: policy.as_ref().map(EgressPolicy::deny_out),
             dns_servers: policy.as_ref().map(EgressPolicy::dns_servers_out),
             mask_request_host: mask,
+            https_ports: (!https.is_empty()).then_some(https),
             ..Default::default()
         })
+    }
+
+    /// Whether the proxy reaches `port` over TLS (`network.httpsPorts`).
+    pub fn is_https_port(&self, port: u16) -> bool {
+        self.https_ports().contains(&port)
+    }
+
+    fn https_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .request
+            .network
+            .as_ref()
+            .and_then(|n| n.https_ports.as_ref())
+            .map(|v| v.iter().filter_map(|p| u16::try_from(*p).ok()).collect())
+            .unwrap_or_default();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
     }
 
     /// The `Host` the proxy gives requests to the sandbox's ports (`${PORT}` not yet
@@ -2262,7 +2286,8 @@ fn lifecycle_of(req: &NewSandbox) -> Result<(bool, bool), ManagerError> {
 }
 
 /// Fields of E2B features cella does not have are refused, never silently dropped: the
-/// caller would get a sandbox other than the one asked for. `maskRequestHost` is checked.
+/// caller would get a sandbox other than the one asked for. `maskRequestHost` and
+/// `httpsPorts` are checked.
 fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
     let refuse = |field: &'static str, what: &str| {
         Err(ManagerError::InvalidField {
@@ -2278,11 +2303,8 @@ fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
     }
     if let Some(n) = &req.network {
         refuse_egress_proxy(n.rules.as_ref(), n.egress_proxy.as_ref(), "network.")?;
-        if n.https_ports.as_ref().is_some_and(|v| !v.is_empty()) {
-            return refuse(
-                "network.httpsPorts",
-                "reaching sandbox ports over HTTPS (the proxy speaks plain HTTP to them)",
-            );
+        if let Some(ports) = &n.https_ports {
+            validate_https_ports(ports)?;
         }
         if let Some(mask) = &n.mask_request_host
             && !is_valid_host_mask(mask)
@@ -2293,6 +2315,33 @@ fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
                           ${PORT}), at most 253 characters"
                     .into(),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Most `network.httpsPorts` entries.
+pub const MAX_HTTPS_PORTS: usize = 64;
+
+/// `network.httpsPorts`: ports 1-65535, not the agent's, at most [`MAX_HTTPS_PORTS`].
+fn validate_https_ports(ports: &[i64]) -> Result<(), ManagerError> {
+    let bad = |message: String| {
+        Err(ManagerError::InvalidField {
+            field: "network.httpsPorts",
+            message,
+        })
+    };
+    if ports.len() > MAX_HTTPS_PORTS {
+        return bad(format!("at most {MAX_HTTPS_PORTS} ports"));
+    }
+    for &p in ports {
+        if !(1..=65_535).contains(&p) {
+            return bad(format!("{p} is not a port (1-65535)"));
+        }
+        if p == i64::from(cella_proto::envd::ENVD_PORT) {
+            return bad(format!(
+                "{p} is the sandbox agent's port, which is always plain HTTP"
+            ));
         }
     }
     Ok(())

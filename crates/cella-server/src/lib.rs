@@ -8,6 +8,7 @@
 pub mod error;
 pub mod proxy;
 pub mod rest;
+pub mod upstream;
 
 use std::sync::Arc;
 

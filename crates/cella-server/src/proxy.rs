@@ -34,6 +34,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::AppState;
+use crate::upstream::{self, Upstream};
 
 /// envd routes that only the host may call; refused through the proxy.
 const INTERNAL_ENVD_ROUTES: &[&str] = &[
@@ -151,6 +152,16 @@ fn paused(id: &str) -> Response {
     (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
 }
 
+/// 502 for a port in `httpsPorts` whose server does not speak TLS (or fails the handshake).
+fn tls_failed(id: &str, port: u16, e: &std::io::Error) -> Response {
+    proxy_error(
+        StatusCode::BAD_GATEWAY,
+        id,
+        Some(port),
+        &format!("The sandbox port is listed in httpsPorts but its TLS handshake failed: {e}"),
+    )
+}
+
 fn port_closed(id: &str, port: u16) -> Response {
     proxy_error(
         StatusCode::BAD_GATEWAY,
@@ -179,10 +190,13 @@ pub enum DialError {
     /// Nothing listens on the port.
     #[error("port is not open")]
     Connect(#[source] std::io::Error),
+    /// A port in `httpsPorts` did not complete a TLS handshake.
+    #[error("TLS handshake with the sandbox port failed")]
+    Tls(#[source] std::io::Error),
 }
 
 impl tower::Service<Uri> for SandboxConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
+    type Response = Upstream;
     type Error = DialError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
 
@@ -203,7 +217,9 @@ impl tower::Service<Uri> for SandboxConnector {
                 .ok_or(DialError::NotFound)?;
             let stream = dial_with_grace(&live, port, grace).await?;
             let _ = stream.set_nodelay(true);
-            Ok(TokioIo::new(stream))
+            let tls = tls_name(&live, port);
+            drop(live);
+            upstream::connect(stream, tls).await.map_err(DialError::Tls)
         })
     }
 }
@@ -223,6 +239,20 @@ fn host_mask(live: &cella_core::manager::LiveSandbox, port: u16) -> Option<Heade
     }
     let mask = live.mask_request_host()?;
     HeaderValue::from_str(&mask.replace("${PORT}", &port.to_string())).ok()
+}
+
+/// The TLS server name for `port` when it is in the sandbox's `httpsPorts`; `None`: plain.
+fn tls_name(
+    live: &cella_core::manager::LiveSandbox,
+    port: u16,
+) -> Option<rustls::pki_types::ServerName<'static>> {
+    if port == ENVD_PORT || !live.is_https_port(port) {
+        return None;
+    }
+    let mask = host_mask(live, port);
+    Some(upstream::server_name(
+        mask.as_ref().and_then(|h| h.to_str().ok()),
+    ))
 }
 
 fn parse_upstream(host: &str) -> Option<(&str, u64)> {
@@ -406,6 +436,7 @@ impl ProxyClient {
             if let Some(d) = err.downcast_ref::<DialError>() {
                 return match d {
                     DialError::NotFound => not_found(sandbox_id),
+                    DialError::Tls(e) => tls_failed(sandbox_id, port, e),
                     _ => port_closed(sandbox_id, port),
                 };
             }
@@ -459,8 +490,11 @@ impl ProxyClient {
             Ok(s) => s,
             Err(_) => return port_closed(sandbox_id, port),
         };
-        let Ok((mut sender, conn)) =
-            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await
+        let stream = match upstream::connect(stream, tls_name(&live, port)).await {
+            Ok(s) => s,
+            Err(e) => return tls_failed(sandbox_id, port, &e),
+        };
+        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<_, Body>(stream).await
         else {
             return port_closed(sandbox_id, port);
         };

@@ -1533,8 +1533,20 @@ async fn features_cella_lacks_are_refused_not_ignored() {
             "network.egressProxy",
         ),
         (
-            json!({"templateID": "base", "network": {"httpsPorts": [443]}}),
+            json!({"templateID": "base", "network": {"httpsPorts": [49983]}}),
             "network.httpsPorts",
+        ),
+        (
+            json!({"templateID": "base", "network": {"httpsPorts": [0]}}),
+            "network.httpsPorts",
+        ),
+        (
+            json!({"templateID": "base", "network": {"httpsPorts": [70000]}}),
+            "network.httpsPorts",
+        ),
+        (
+            json!({"templateID": "base", "network": {"httpsPorts": ["443"]}}),
+            "httpsPorts",
         ),
         (
             json!({"templateID": "base", "network": {"maskRequestHost": "bad host\r\nx: y"}}),
@@ -1562,6 +1574,24 @@ async fn features_cella_lacks_are_refused_not_ignored() {
     assert_eq!(
         info["network"]["maskRequestHost"],
         "${PORT}-app.example.com"
+    );
+    assert!(info["network"].get("httpsPorts").is_none(), "{info}");
+    // httpsPorts is kept (sorted, once each) and reported
+    let v = h
+        .create(json!({"templateID": "base", "network": {"httpsPorts": [8443, 3000, 8443]}}))
+        .await;
+    let (_, https) = h
+        .call(
+            "GET",
+            &format!("/sandboxes/{}", v["sandboxID"].as_str().expect("id")),
+            Some(&h.key),
+            None,
+        )
+        .await;
+    assert_eq!(
+        https["network"]["httpsPorts"],
+        json!([3000, 8443]),
+        "{https}"
     );
     let (s, v) = h
         .call(
