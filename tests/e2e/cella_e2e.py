@@ -332,6 +332,10 @@ def _data_files(data_dir: Path) -> set:
             # sandbox of a template and kept by design (half-built `.tmp-*` ones count).
             if rel.startswith("vm/images/") and not rel.startswith("vm/images/.tmp-"):
                 continue
+            # So are its golden VMs (memory snapshots its clones start from), made once per
+            # image by the first sandbox on a data dir.
+            if rel.startswith("vm/snapshots/") and not rel.startswith("vm/snapshots/.tmp-"):
+                continue
             out.add(rel)
     return out
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import socketserver
 import tempfile
@@ -425,12 +426,16 @@ def test_kill_removes_interface_and_rules(egress):
     during = own_links(egress)
     assert len(during - before) == 1, (before, during)
     table = nft_table(egress.table) or ""
-    chains_during = table.count("chain sb")
+    # One sandbox = chains sbN (forward), sbN_pre (tunnel) and sbN_dst (verdicts), 4 sets.
+    sandbox_chains = lambda t: len(re.findall(r"chain sb\d+ \{", t))
+    chains_during = sandbox_chains(table)
     assert chains_during >= 1, table
+    assert table.count("chain sb") == 3 * chains_during, table
     sbx.kill()
     wait_until(lambda: own_links(egress) == before, timeout=10, what="interface removal")
     table = nft_table(egress.table) or ""
-    assert table.count("chain sb") == chains_during - 1, table
+    assert sandbox_chains(table) == chains_during - 1, table
+    assert table.count("chain sb") == 3 * (chains_during - 1), table
     assert table.count("set sb") == 4 * (chains_during - 1), table
     # The whole host (processes, cgroups, netns, mounts, files, links) is as before.
     last = {}
@@ -495,3 +500,213 @@ def test_crashed_server_leaves_nothing_after_restart(server, fake):
         srv.kill9()
         force_cleanup(table, prefix)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Socks5:
+    """A SOCKS5 proxy on the host's end of the fake internet (198.51.100.1), as a user's own
+    proxy would be: no-auth or RFC 1929 credentials, CONNECT by IPv4 address or by name
+    (resolved with the fake internet's names). Records every CONNECT as (kind, host, port)."""
+
+    def __init__(self, creds: tuple | None = None, tls: tuple | None = None):
+        import socket
+        import ssl
+
+        self.creds = creds
+        self.tls = None
+        if tls:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(*tls)
+        self.seen: list = []
+        self.sock = socket.socket()
+        self.sock.bind(("198.51.100.1", 0))
+        self.sock.listen(64)
+        self.address = f"198.51.100.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _rx(c, n: int) -> bytes:
+        b = b""
+        while len(b) < n:
+            chunk = c.recv(n - len(b))
+            if not chunk:
+                raise EOFError
+            b += chunk
+        return b
+
+    def _serve(self, c):
+        import socket
+        import struct
+
+        from cella_e2e import FAKE_NAMES
+
+        try:
+            if self.tls:
+                c = self.tls.wrap_socket(c, server_side=True)
+            ver, n = self._rx(c, 2)
+            methods = self._rx(c, n)
+            want = 2 if self.creds else 0
+            if ver != 5 or want not in methods:
+                c.sendall(b"\x05\xff")
+                return
+            c.sendall(bytes([5, want]))
+            if self.creds:
+                _, ul = self._rx(c, 2)
+                user = self._rx(c, ul).decode()
+                (pl,) = self._rx(c, 1)
+                pw = self._rx(c, pl).decode()
+                ok = (user, pw) == self.creds
+                c.sendall(b"\x01\x00" if ok else b"\x01\x01")
+                if not ok:
+                    return
+            _, cmd, _, atyp = self._rx(c, 4)
+            if atyp == 1:
+                host, kind = socket.inet_ntoa(self._rx(c, 4)), "ip"
+            elif atyp == 3:
+                (ln,) = self._rx(c, 1)
+                host, kind = self._rx(c, ln).decode(), "name"
+            else:
+                return
+            (port,) = struct.unpack(">H", self._rx(c, 2))
+            self.seen.append((kind, host, port))
+            try:
+                up = socket.create_connection((FAKE_NAMES.get(host, host), port), timeout=5)
+            except OSError:
+                c.sendall(b"\x05\x05\x00\x01" + bytes(6))
+                return
+            c.sendall(b"\x05\x00\x00\x01" + bytes(6))
+
+            def pipe(a, b):
+                try:
+                    while data := a.recv(65536):
+                        b.sendall(data)
+                    b.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+            threading.Thread(target=pipe, args=(up, c), daemon=True).start()
+            pipe(c, up)
+        except (EOFError, OSError, ValueError):
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_egress_proxy_tunnels_tcp_after_the_rules_and_fails_closed(egress, fake):
+    proxy = Socks5()
+    via = {"address": proxy.address}
+    try:
+        with Sandbox.create(template="base", timeout=120, network={"egress_proxy": via}) as sbx:
+            ok, out = curl(sbx, "http://198.51.100.10/")
+            assert ok and "hello from 198.51.100.10" in out, out
+            assert ("ip", "198.51.100.10", 80) in proxy.seen, proxy.seen
+            # DNS (UDP) is not tunneled; names resolve as usual, the connection is tunneled.
+            ok, out = curl(sbx, "http://other.test/")
+            assert ok and "hello from 203.0.113.10" in out, out
+            assert ("ip", "203.0.113.10", 80) in proxy.seen, proxy.seen
+            with egress.api() as c:
+                info = c.get(f"/sandboxes/{sbx.sandbox_id}").json()
+            assert info["network"]["egressProxy"] == {"address": proxy.address}, info
+
+            # The rules apply first: a denied destination never reaches the proxy.
+            sbx.update_network({"deny_out": ["203.0.113.0/24"], "egress_proxy": via})
+            before = len(proxy.seen)
+            assert not curl(sbx, "http://203.0.113.10/")[0]
+            assert all(s[1] != "203.0.113.10" for s in proxy.seen[before:]), proxy.seen
+
+            # A flow allowed by a domain goes to the proxy by name (remote DNS).
+            sbx.update_network({"allow_out": ["allowed.test"], "deny_out": ["0.0.0.0/0"], "egress_proxy": via})
+            ok, out = curl(sbx, "http://allowed.test/")
+            assert ok and "hello from 198.51.100.10" in out, out
+            assert ("name", "allowed.test", 80) in proxy.seen, proxy.seen
+
+            # Fails closed: a proxy that does not answer means no connection, never a direct one.
+            sbx.update_network({"egress_proxy": {"address": "198.51.100.1:9"}})
+            ok, out = curl(sbx, "http://198.51.100.10/")
+            assert not ok, out
+            failed = audit(egress, sbx.sandbox_id, "net.proxy")
+            assert failed and failed[0]["detail"]["dst"] == "198.51.100.10", failed
+
+            # An update without it stops tunneling: direct again, the proxy sees nothing.
+            sbx.update_network({})
+            before = len(proxy.seen)
+            ok, out = curl(sbx, "http://198.51.100.10/")
+            assert ok, out
+            assert len(proxy.seen) == before, proxy.seen
+    finally:
+        proxy.close()
+
+
+def test_egress_proxy_credentials_and_validation(egress, fake):
+    proxy = Socks5(creds=("agent", "s3cret"))
+    try:
+        good = {"address": proxy.address, "username": "agent", "password": "s3cret"}
+        with Sandbox.create(template="base", timeout=120, network={"egress_proxy": good}) as sbx:
+            ok, out = curl(sbx, "http://198.51.100.10/")
+            assert ok, out
+            with egress.api() as c:
+                info = c.get(f"/sandboxes/{sbx.sandbox_id}").json()
+            # The password is never returned.
+            assert info["network"]["egressProxy"] == {"address": proxy.address, "username": "agent"}, info
+            sbx.update_network({"egress_proxy": {**good, "password": "wrong"}})
+            assert not curl(sbx, "http://198.51.100.10/")[0]
+    finally:
+        proxy.close()
+    for bad in (
+        {"address": "10.1.2.3:1080"},  # a private range: sandbox traffic may never go there
+        {"address": "127.0.0.1:1080"},
+        {"address": "no-port.example"},
+        {"address": "[2001:db8::1]:1080"},
+        {"address": "198.51.100.1:1080", "password": "without-user"},
+    ):
+        with pytest.raises(Exception) as e:
+            Sandbox.create(template="base", timeout=60, network={"egress_proxy": bad})
+        assert "network.egressProxy" in str(e.value), (bad, e.value)
+
+
+def test_egress_proxy_over_tls_verifies_the_proxy(egress, fake, tmp_path):
+    """tls: the SOCKS5 negotiation runs inside TLS; the proxy's certificate is verified
+    against `ca_cert` for `server_name`, and a mismatch fails closed."""
+    import subprocess
+
+    # A private CA and a proxy certificate it signed for proxy.test.
+    t = str(tmp_path)
+    for cmd in (
+        f"openssl req -x509 -newkey rsa:2048 -nodes -keyout {t}/ca.key -out {t}/ca.pem -days 1 -subj /CN=test-ca",
+        f"openssl req -newkey rsa:2048 -nodes -keyout {t}/k.pem -out {t}/p.csr -subj /CN=proxy.test",
+        f"openssl x509 -req -in {t}/p.csr -CA {t}/ca.pem -CAkey {t}/ca.key -CAcreateserial -days 1 "
+        f"-out {t}/c.pem -extfile {t}/ext.cnf",
+    ):
+        (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:proxy.test\nbasicConstraints=CA:FALSE\n")
+        subprocess.run(cmd.split(), check=True, capture_output=True)
+    proxy = Socks5(tls=(f"{t}/c.pem", f"{t}/k.pem"))
+    try:
+        ca = (tmp_path / "ca.pem").read_text()
+        tls = {"address": proxy.address, "tls": {"server_name": "proxy.test", "ca_cert": ca}}
+        with Sandbox.create(template="base", timeout=120, network={"egress_proxy": tls}) as sbx:
+            ok, out = curl(sbx, "http://198.51.100.10/")
+            assert ok and "hello from 198.51.100.10" in out, (out, audit(egress, sbx.sandbox_id, "net.proxy"))
+            assert ("ip", "198.51.100.10", 80) in proxy.seen, proxy.seen
+            with egress.api() as c:
+                info = c.get(f"/sandboxes/{sbx.sandbox_id}").json()
+            assert info["network"]["egressProxy"]["tls"] == {"enabled": True, "serverName": "proxy.test"}, info
+            # The wrong name: the certificate does not verify, nothing is sent.
+            before = len(proxy.seen)
+            sbx.update_network({"egress_proxy": {"address": proxy.address, "tls": {"server_name": "other.test", "ca_cert": ca}}})
+            assert not curl(sbx, "http://198.51.100.10/")[0]
+            # The system trust store does not know this self-signed proxy either.
+            sbx.update_network({"egress_proxy": {"address": proxy.address, "tls": True}})
+            assert not curl(sbx, "http://198.51.100.10/")[0]
+            assert len(proxy.seen) == before, proxy.seen
+    finally:
+        proxy.close()

@@ -180,9 +180,10 @@ pub struct NetworkConfig {
     /// Per-host request transforms of E2B's egress proxy: refused (400), cella has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Unsupported>,
-    /// An upstream proxy for egress: refused (400).
+    /// A SOCKS5 proxy the sandbox's outbound TCP is tunneled through (after the allow/deny
+    /// rules), on the host; the sandbox does not see it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress_proxy: Option<Unsupported>,
+    pub egress_proxy: Option<EgressProxyConfig>,
     /// Sandbox ports whose servers speak HTTPS: the proxy reaches them over TLS (their
     /// certificates are not verified, so self-signed ones work). Not the agent's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -234,9 +235,42 @@ pub struct NetworkUpdate {
     /// Per-host request transforms: refused (400), as at create.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Unsupported>,
-    /// An upstream proxy for egress: refused (400).
+    /// See [`NetworkConfig::egress_proxy`]; omitted stops tunneling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress_proxy: Option<Unsupported>,
+    pub egress_proxy: Option<EgressProxyConfig>,
+}
+
+/// `network.egressProxy` (`SandboxEgressProxyConfig`). In responses `password` and
+/// `tls.caCert` are never set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressProxyConfig {
+    /// `host:port` of the SOCKS5 proxy (a name or an IPv4 address).
+    pub address: String,
+    /// RFC 1929 user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// RFC 1929 password (only with `username`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// TLS to the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EgressProxyTls>,
+}
+
+/// `network.egressProxy.tls`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressProxyTls {
+    /// Whether TLS is on (when false no other field may be set).
+    pub enabled: bool,
+    /// Name the proxy's certificate is verified against and sent as SNI (default: the
+    /// address's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM certificates that replace the system trust store for this proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 /// `autoResume` of a create request (`SandboxAutoResumeConfig`).

@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// sandboxes' TCP queries and truncated answers.
     #[arg(long)]
     pub dns_upstream: Vec<String>,
+    /// Let a sandbox's `network.egressProxy` (SOCKS5) be on a private, loopback or other
+    /// internal address (by default refused, like any sandbox traffic there).
+    #[arg(long)]
+    pub egress_proxy_private: bool,
     /// How long a paused sandbox is kept before it is killed (its memory stays resident on
     /// this host while paused), e.g. 30m, 24h.
     #[arg(long, env = "CELLA_PAUSED_TTL", default_value = "24h", value_parser = parse_duration)]
@@ -206,6 +210,7 @@ async fn start_egress(
         proc_root: PathBuf::from("/proc"),
         sys_root: PathBuf::from("/sys"),
         store: store.clone(),
+        proxy_allow_private: args.egress_proxy_private,
     })
     .await
     .context("starting sandbox egress (--egress allowed)")?;

@@ -190,6 +190,177 @@ pub struct EgressPolicy {
     /// `dnsServers`: addresses all traffic may reach when `allow_domains` is not empty (see
     /// [`EgressPolicy::open_dns_servers`]); `[8.8.8.8]` unless the request named others.
     pub dns_servers: Vec<Ipv4Addr>,
+    /// `egressProxy`: the SOCKS5 proxy outbound TCP is tunneled through (after the rules).
+    pub proxy: Option<EgressProxy>,
+}
+
+/// Longest `egressProxy.username` / `password` (RFC 1929: one length byte).
+pub const MAX_PROXY_CREDENTIAL: usize = 255;
+/// Longest `egressProxy.tls.caCert`.
+pub const MAX_PROXY_CA_PEM: usize = 8192;
+
+/// A validated `egressProxy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressProxy {
+    /// Host: a DNS name (re-resolved at every dial) or an IPv4 literal.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// RFC 1929 credentials.
+    pub credentials: Option<(String, String)>,
+    /// TLS to the proxy.
+    pub tls: Option<EgressProxyTls>,
+}
+
+/// TLS settings of an [`EgressProxy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressProxyTls {
+    /// Name verified and sent as SNI.
+    pub server_name: String,
+    /// Whether `server_name` was given (not derived from the address).
+    pub server_name_set: bool,
+    /// PEM roots replacing the system trust store.
+    pub ca_pem: Option<String>,
+}
+
+impl EgressProxy {
+    /// Validate E2B's `egressProxy` object (`field` names it in errors).
+    pub fn from_request(
+        cfg: &cella_api::EgressProxyConfig,
+        field: &'static str,
+    ) -> Result<EgressProxy, PolicyError> {
+        let bad = |m: String| PolicyError::new(field, m);
+        let address = cfg.address.trim();
+        if address.starts_with('[') {
+            return Err(bad(format!(
+                "{address:?}: IPv6 proxy addresses are not supported (cella egress is IPv4)"
+            )));
+        }
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| bad(format!("{address:?} must be host:port")))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad(format!("{address:?}: the port must be 1-65535")))?;
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if !(is_ipv4_literal(&host) || is_dns_name(&host)) {
+            return Err(bad(format!(
+                "{address:?}: the host must be a name or an IPv4 address"
+            )));
+        }
+        let credentials = match (&cfg.username, &cfg.password) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(bad("password needs a username".into())),
+            (Some(u), p) => {
+                let p = p.clone().unwrap_or_default();
+                if u.is_empty() || u.len() > MAX_PROXY_CREDENTIAL || p.len() > MAX_PROXY_CREDENTIAL
+                {
+                    return Err(bad(format!(
+                        "username must be 1-{MAX_PROXY_CREDENTIAL} bytes and password at most \
+                         {MAX_PROXY_CREDENTIAL}"
+                    )));
+                }
+                Some((u.clone(), p))
+            }
+        };
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) if !t.enabled => {
+                if t.server_name.is_some() || t.ca_cert.is_some() {
+                    return Err(bad(
+                        "tls: with enabled=false no other field may be set".into()
+                    ));
+                }
+                None
+            }
+            Some(t) => {
+                let (server_name, set) = match &t.server_name {
+                    Some(n) => {
+                        let n = n.trim_end_matches('.').to_ascii_lowercase();
+                        if !(is_dns_name(&n) || is_ipv4_literal(&n)) {
+                            return Err(bad(format!("tls.serverName {n:?} is not a host name")));
+                        }
+                        (n, true)
+                    }
+                    None => (host.clone(), false),
+                };
+                if let Some(pem) = &t.ca_cert
+                    && (pem.len() > MAX_PROXY_CA_PEM
+                        || !pem.contains("-----BEGIN CERTIFICATE-----"))
+                {
+                    return Err(bad(format!(
+                        "tls.caCert must be PEM certificates, at most {MAX_PROXY_CA_PEM} bytes"
+                    )));
+                }
+                Some(EgressProxyTls {
+                    server_name,
+                    server_name_set: set,
+                    ca_pem: t.ca_cert.clone(),
+                })
+            }
+        };
+        Ok(EgressProxy {
+            host,
+            port,
+            credentials,
+            tls,
+        })
+    }
+
+    /// `host:port`.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The request that gives this proxy again (secrets included: for the 0600 record of a
+    /// sandbox paused to disk, never for a response).
+    pub fn to_request(&self) -> cella_api::EgressProxyConfig {
+        cella_api::EgressProxyConfig {
+            address: self.address(),
+            username: self.credentials.as_ref().map(|(u, _)| u.clone()),
+            password: self.credentials.as_ref().map(|(_, p)| p.clone()),
+            tls: self.tls.as_ref().map(|t| cella_api::EgressProxyTls {
+                enabled: true,
+                server_name: t.server_name_set.then(|| t.server_name.clone()),
+                ca_cert: t.ca_pem.clone(),
+            }),
+        }
+    }
+
+    /// As E2B reports it: no password, no CA certificates.
+    pub fn to_info(&self) -> cella_api::EgressProxyConfig {
+        cella_api::EgressProxyConfig {
+            address: self.address(),
+            username: self.credentials.as_ref().map(|(u, _)| u.clone()),
+            password: None,
+            tls: self.tls.as_ref().map(|t| cella_api::EgressProxyTls {
+                enabled: true,
+                server_name: t.server_name_set.then(|| t.server_name.clone()),
+                ca_cert: None,
+            }),
+        }
+    }
+}
+
+fn is_ipv4_literal(s: &str) -> bool {
+    s.parse::<Ipv4Addr>().is_ok()
+}
+
+/// A DNS host name: labels of letters, digits, '-' and '_', 1-63 bytes each, ≤ 253 in all.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && !is_ipish(s)
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 impl Default for EgressPolicy {
@@ -200,6 +371,7 @@ impl Default for EgressPolicy {
             allow_domains: Vec::new(),
             deny_cidrs: Vec::new(),
             dns_servers: vec![DEFAULT_DNS_SERVER],
+            proxy: None,
         }
     }
 }
@@ -312,6 +484,23 @@ impl EgressPolicy {
         Ok(self)
     }
 
+    /// Replace `egressProxy` (`None`: no tunneling).
+    pub fn with_egress_proxy(
+        mut self,
+        proxy: Option<&cella_api::EgressProxyConfig>,
+        field_prefix: &'static str,
+    ) -> Result<EgressPolicy, PolicyError> {
+        let field = if field_prefix.is_empty() {
+            "egressProxy"
+        } else {
+            "network.egressProxy"
+        };
+        self.proxy = proxy
+            .map(|p| EgressProxy::from_request(p, field))
+            .transpose()?;
+        Ok(self)
+    }
+
     /// The `dnsServers` the firewall opens: all of them when `allowOut` names a domain, none
     /// otherwise (E2B: "with no domain in allow_out it has no effect"). An entry counts as
     /// an explicit allow, so it opens even an always-blocked range (e.g. a resolver on the
@@ -367,8 +556,12 @@ impl EgressPolicy {
 
     /// JSON for the audit log.
     pub fn audit_json(&self) -> serde_json::Value {
-        serde_json::json!({ "allowOut": self.allow_out(), "denyOut": self.deny_out(),
-            "dnsServers": self.dns_servers_out() })
+        let mut v = serde_json::json!({ "allowOut": self.allow_out(), "denyOut": self.deny_out(),
+            "dnsServers": self.dns_servers_out() });
+        if let Some(p) = &self.proxy {
+            v["egressProxy"] = serde_json::to_value(p.to_info()).unwrap_or_default();
+        }
+        v
     }
 }
 
@@ -448,6 +641,13 @@ pub trait Egress: Send + Sync + 'static {
 
     /// Replace the sandbox's rules atomically.
     async fn update(&self, sandbox_id: &str, policy: &EgressPolicy) -> Result<(), EgressError>;
+
+    /// Check that an `egressProxy` may be used before any sandbox depends on it: its address
+    /// resolves, and not into a range sandboxes may never reach. `Err` is the reason (a 400).
+    async fn check_proxy(&self, proxy: &EgressProxy) -> Result<(), String> {
+        let _ = proxy;
+        Ok(())
+    }
 
     /// Remove everything of the sandbox's attachment and free its slot. Idempotent.
     async fn release(&self, sandbox_id: &str) -> Result<(), EgressError>;
@@ -646,5 +846,100 @@ mod tests {
             .with_dns_servers(Some(&eleven), "")
             .expect_err("too many");
         assert!(e.message.contains("at most 10"), "{e}");
+    }
+
+    #[test]
+    fn egress_proxy_is_validated_and_reported_without_secrets() {
+        let cfg = |address: &str| cella_api::EgressProxyConfig {
+            address: address.into(),
+            ..Default::default()
+        };
+        let p = EgressProxy::from_request(
+            &cella_api::EgressProxyConfig {
+                address: "Proxy.Example.com.:1080".into(),
+                username: Some("u".into()),
+                password: Some("p".into()),
+                tls: Some(cella_api::EgressProxyTls {
+                    enabled: true,
+                    server_name: None,
+                    ca_cert: Some("-----BEGIN CERTIFICATE-----\nx\n".into()),
+                }),
+            },
+            "egressProxy",
+        )
+        .expect("valid");
+        assert_eq!((p.host.as_str(), p.port), ("proxy.example.com", 1080));
+        assert_eq!(
+            p.tls.as_ref().map(|t| t.server_name.as_str()),
+            Some("proxy.example.com")
+        );
+        let info = p.to_info();
+        assert_eq!(info.password, None);
+        assert_eq!(info.tls.as_ref().and_then(|t| t.ca_cert.clone()), None);
+        assert_eq!(
+            p.to_request().password.as_deref(),
+            Some("p"),
+            "kept for a paused record"
+        );
+        assert!(EgressProxy::from_request(&cfg("198.51.100.1:9"), "f").is_ok());
+        for bad in [
+            "proxy",
+            "proxy:0",
+            "proxy:70000",
+            "[::1]:1080",
+            "bad host:1",
+            ":1080",
+            "-x.test:1",
+        ] {
+            let e = EgressProxy::from_request(&cfg(bad), "network.egressProxy").expect_err(bad);
+            assert_eq!(e.field, "network.egressProxy");
+        }
+        let no_user = cella_api::EgressProxyConfig {
+            password: Some("p".into()),
+            ..cfg("proxy:1")
+        };
+        assert!(EgressProxy::from_request(&no_user, "f").is_err());
+        let long = cella_api::EgressProxyConfig {
+            username: Some("u".repeat(256)),
+            ..cfg("proxy:1")
+        };
+        assert!(EgressProxy::from_request(&long, "f").is_err());
+        let off_with_fields = cella_api::EgressProxyConfig {
+            tls: Some(cella_api::EgressProxyTls {
+                enabled: false,
+                server_name: Some("x.test".into()),
+                ca_cert: None,
+            }),
+            ..cfg("proxy:1")
+        };
+        assert!(EgressProxy::from_request(&off_with_fields, "f").is_err());
+        let not_pem = cella_api::EgressProxyConfig {
+            tls: Some(cella_api::EgressProxyTls {
+                enabled: true,
+                server_name: None,
+                ca_cert: Some("hello".into()),
+            }),
+            ..cfg("proxy:1")
+        };
+        assert!(EgressProxy::from_request(&not_pem, "f").is_err());
+        // In the policy: omitted means none; the audit never carries the password.
+        let pol = EgressPolicy::default()
+            .with_egress_proxy(
+                Some(&cella_api::EgressProxyConfig {
+                    username: Some("u".into()),
+                    password: Some("secret".into()),
+                    ..cfg("proxy:1")
+                }),
+                "",
+            )
+            .expect("policy");
+        assert!(!pol.audit_json().to_string().contains("secret"));
+        assert!(
+            EgressPolicy::default()
+                .with_egress_proxy(None, "")
+                .expect("none")
+                .proxy
+                .is_none()
+        );
     }
 }

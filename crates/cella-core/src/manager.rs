@@ -293,6 +293,10 @@ impl LiveSandbox {
             allow_out: policy.as_ref().map(EgressPolicy::allow_out),
             deny_out: policy.as_ref().map(EgressPolicy::deny_out),
             dns_servers: policy.as_ref().map(EgressPolicy::dns_servers_out),
+            egress_proxy: policy
+                .as_ref()
+                .and_then(|p| p.proxy.as_ref())
+                .map(crate::egress::EgressProxy::to_info),
             mask_request_host: mask,
             https_ports: (!https.is_empty()).then_some(https),
             ..Default::default()
@@ -603,10 +607,12 @@ impl Manager {
             "network.",
         )
         .and_then(|p| p.with_dns_servers(network.dns_servers.as_deref(), "network."))
+        .and_then(|p| p.with_egress_proxy(network.egress_proxy.as_ref(), "network."))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
             message: e.message,
         })?;
+        self.check_proxy(&policy, "network.egressProxy").await?;
         // Only a server with egress gives a sandbox a network, and only if it may reach
         // something: everything else keeps the lo-only netns (no cost at create).
         let egress = self.egress.clone().filter(|_| policy.reaches_anything());
@@ -792,9 +798,12 @@ impl Manager {
             sandbox_id: Some(id.clone()),
             kind: "net.policy".into(),
             detail: match &attached_policy {
-                Some(p) => serde_json::json!({ "change": "create", "egress": true,
-                    "allowOut": p.allow_out(), "denyOut": p.deny_out(),
-                    "dnsServers": p.dns_servers_out() }),
+                Some(p) => {
+                    let mut d = p.audit_json();
+                    d["change"] = "create".into();
+                    d["egress"] = true.into();
+                    d
+                }
                 None => serde_json::json!({ "change": "create", "egress": false,
                     "reason": if self.egress.is_some() { "request allows no egress" }
                               else { "server runs with --egress none" } }),
@@ -1406,6 +1415,22 @@ impl Manager {
         Ok(live.sandbox())
     }
 
+    /// An `egressProxy` is checked (resolved, not into a blocked range) before anything
+    /// depends on it, on a server with egress.
+    async fn check_proxy(
+        &self,
+        policy: &EgressPolicy,
+        field: &'static str,
+    ) -> Result<(), ManagerError> {
+        if let (Some(egress), Some(proxy)) = (&self.egress, &policy.proxy) {
+            egress
+                .check_proxy(proxy)
+                .await
+                .map_err(|message| ManagerError::InvalidField { field, message })?;
+        }
+        Ok(())
+    }
+
     /// Replace a running sandbox's egress rules (`PUT /sandboxes/{id}/network`).
     pub async fn update_network(
         &self,
@@ -1413,7 +1438,7 @@ impl Manager {
         id: &str,
         req: cella_api::NetworkUpdate,
     ) -> Result<(), ManagerError> {
-        refuse_egress_proxy(req.rules.as_ref(), req.egress_proxy.as_ref(), "")?;
+        refuse_rules(req.rules.as_ref(), "rules")?;
         let live = self.get_live(Some(owner), id)?;
         if live.on_disk.is_some() {
             return Err(ManagerError::WrongState {
@@ -1428,10 +1453,12 @@ impl Manager {
             "",
         )
         .and_then(|p| p.with_dns_servers(req.dns_servers.as_deref(), ""))
+        .and_then(|p| p.with_egress_proxy(req.egress_proxy.as_ref(), ""))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
             message: e.message,
         })?;
+        self.check_proxy(&policy, "egressProxy").await?;
         let Some(egress) = &self.egress else {
             return Err(ManagerError::Conflict(
                 "this server gives sandboxes no network (cella serve --egress none)".into(),
@@ -1450,9 +1477,12 @@ impl Manager {
             actor: owner.to_string(),
             sandbox_id: Some(id.to_string()),
             kind: "net.policy".into(),
-            detail: serde_json::json!({ "change": "update", "egress": true,
-                "allowOut": policy.allow_out(), "denyOut": policy.deny_out(),
-                "dnsServers": policy.dns_servers_out() }),
+            detail: {
+                let mut d = policy.audit_json();
+                d["change"] = "update".into();
+                d["egress"] = true.into();
+                d
+            },
         });
         Ok(())
     }
@@ -2075,6 +2105,7 @@ fn paused_record(live: &LiveSandbox, snapshot: &str, end_at_ms: i64) -> PausedRe
         net.allow_out = Some(p.allow_out());
         net.deny_out = Some(p.deny_out());
         net.dns_servers = Some(p.dns_servers_out());
+        net.egress_proxy = p.proxy.as_ref().map(crate::egress::EgressProxy::to_request);
     }
     PausedRecord {
         id: live.handle.id().to_string(),
@@ -2302,7 +2333,7 @@ fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
         return refuse("volumeMounts", "mounting volumes");
     }
     if let Some(n) = &req.network {
-        refuse_egress_proxy(n.rules.as_ref(), n.egress_proxy.as_ref(), "network.")?;
+        refuse_rules(n.rules.as_ref(), "network.rules")?;
         if let Some(ports) = &n.https_ports {
             validate_https_ports(ports)?;
         }
@@ -2347,32 +2378,18 @@ fn validate_https_ports(ports: &[i64]) -> Result<(), ManagerError> {
     Ok(())
 }
 
-/// `rules` / `egressProxy` of a create (`prefix` "network.") or a network update ("").
-fn refuse_egress_proxy(
+/// `rules` (E2B's per-host request transforms) of a create or a network update: refused
+/// when not empty (cella's egress proxy support tunnels, it does not rewrite requests).
+fn refuse_rules(
     rules: Option<&cella_api::Unsupported>,
-    proxy: Option<&cella_api::Unsupported>,
-    prefix: &'static str,
+    field: &'static str,
 ) -> Result<(), ManagerError> {
-    let field = |f: &'static str| -> &'static str {
-        match (prefix, f) {
-            ("network.", "rules") => "network.rules",
-            ("network.", _) => "network.egressProxy",
-            (_, "rules") => "rules",
-            _ => "egressProxy",
-        }
-    };
     if rules.is_some_and(|v| !v.is_empty()) {
         return Err(ManagerError::InvalidField {
-            field: field("rules"),
+            field,
             message: "per-host request transforms are not supported by this cella server (it \
                       has no egress proxy that rewrites requests)"
                 .into(),
-        });
-    }
-    if proxy.is_some_and(|v| !v.is_empty()) {
-        return Err(ManagerError::InvalidField {
-            field: field("egressProxy"),
-            message: "an upstream egress proxy is not supported by this cella server".into(),
         });
     }
     Ok(())

@@ -49,8 +49,11 @@ pub const MAX_TCP_CONNECTIONS: usize = 16;
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Adds learned addresses to the sandbox's firewall set.
-pub type Learn =
-    Arc<dyn Fn(Vec<(Ipv4Addr, u32)>) -> futures_like::BoxFuture<Result<(), String>> + Send + Sync>;
+pub type Learn = Arc<
+    dyn Fn(String, Vec<(Ipv4Addr, u32)>) -> futures_like::BoxFuture<Result<(), String>>
+        + Send
+        + Sync,
+>;
 
 /// A tiny boxed-future alias (no `futures` dependency needed).
 pub mod futures_like {
@@ -326,7 +329,7 @@ impl Forwarder {
                     let addrs = a_records(&resp);
                     if learn
                         && !addrs.is_empty()
-                        && let Err(e) = (self.learn)(addrs.clone()).await
+                        && let Err(e) = (self.learn)(name.clone(), addrs.clone()).await
                     {
                         tracing::warn!(sandbox = %self.sandbox_id, error = %e, "learning addresses failed");
                         self.audit(&name, &qtype, "error", serde_json::json!(e), transport);
@@ -698,7 +701,7 @@ mod tests {
     fn forwarder(up: &Upstream) -> (Arc<Forwarder>, Learned, Store) {
         let learned: Learned = Arc::default();
         let sink = learned.clone();
-        let learn: Learn = Arc::new(move |addrs| {
+        let learn: Learn = Arc::new(move |_name, addrs| {
             let sink = sink.clone();
             Box::pin(async move {
                 if let Ok(mut l) = sink.lock() {

@@ -23,6 +23,7 @@ pub mod dns;
 pub mod nflog;
 pub mod nft;
 pub mod pool;
+pub mod socks;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -30,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
-use cella_core::egress::{Egress, EgressError, EgressPolicy, Ipv4Cidr};
+use cella_core::egress::{Egress, EgressError, EgressPolicy, EgressProxy, Ipv4Cidr};
 use cella_core::store::Store;
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
@@ -58,6 +59,9 @@ pub struct NetConfig {
     pub sys_root: PathBuf,
     /// Audit log (DNS queries).
     pub store: Store,
+    /// Whether an `egressProxy` may resolve into the ranges sandboxes may never reach
+    /// (`--egress-proxy-private`: a proxy on the host's own network).
+    pub proxy_allow_private: bool,
 }
 
 /// Errors starting the host-side network.
@@ -331,11 +335,29 @@ impl Egress for HostNet {
                 )));
             }
         };
+        // Every attached sandbox has a tunnel listener; the firewall sends it connections
+        // only while the policy names an `egressProxy`.
+        let tunnel_listener =
+            match tokio::net::TcpListener::bind((att.host, socks::PROXY_PORT)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    self.undo(&att, true).await;
+                    return Err(EgressError::Setup(format!(
+                        "binding the egress tunnel on {}:{}: {e}",
+                        att.host,
+                        socks::PROXY_PORT
+                    )));
+                }
+            };
         let shared = Arc::new(RwLock::new(policy.clone()));
         let rules = self.rules.clone();
         let index = att.index;
-        let learn: dns::Learn = Arc::new(move |addrs| {
+        let names: socks::Names = Arc::default();
+        let learned_names = names.clone();
+        let learn: dns::Learn = Arc::new(move |name, addrs| {
             let rules = rules.clone();
+            let ips: Vec<Ipv4Addr> = addrs.iter().map(|(ip, _)| *ip).collect();
+            socks::remember(&learned_names, &name, &ips);
             Box::pin(async move {
                 match rules.learn(index, &addrs) {
                     Some(script) => run_nft("learning addresses", &script).await,
@@ -351,7 +373,16 @@ impl Egress for HostNet {
             learn,
             store: self.cfg.store.clone(),
         });
-        let task = tokio::spawn(fwd.serve(socket, tcp));
+        let tunnel = Arc::new(socks::Tunnel {
+            sandbox_id: sandbox_id.to_string(),
+            policy: shared.clone(),
+            names,
+            allow_private: self.cfg.proxy_allow_private,
+            store: self.cfg.store.clone(),
+        });
+        let task = tokio::spawn(async move {
+            tokio::join!(fwd.serve(socket, tcp), tunnel.serve(tunnel_listener));
+        });
         let orphan = {
             let mut st = self.lock()?;
             match st.sandboxes.get_mut(sandbox_id) {
@@ -376,22 +407,28 @@ impl Egress for HostNet {
     }
 
     async fn update(&self, sandbox_id: &str, policy: &EgressPolicy) -> Result<(), EgressError> {
-        let (index, shared) = {
+        let (att, shared) = {
             let st = self.lock()?;
             let a = st
                 .sandboxes
                 .get(sandbox_id)
                 .and_then(|e| e.attached.as_ref())
                 .ok_or_else(|| EgressError::NotAttached(sandbox_id.to_string()))?;
-            (a.att.index, a.policy.clone())
+            (a.att.clone(), a.policy.clone())
         };
-        run_nft("updating rules", &self.rules.update(index, policy))
+        run_nft("updating rules", &self.rules.update(&att, policy))
             .await
             .map_err(EgressError::Setup)?;
         if let Ok(mut p) = shared.write() {
             *p = policy.clone();
         }
         Ok(())
+    }
+
+    async fn check_proxy(&self, proxy: &EgressProxy) -> Result<(), String> {
+        socks::resolve(proxy, self.cfg.proxy_allow_private)
+            .await
+            .map(|_| ())
     }
 
     async fn release(&self, sandbox_id: &str) -> Result<(), EgressError> {

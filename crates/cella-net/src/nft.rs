@@ -90,6 +90,8 @@ impl Ruleset {
              \tset blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}\n\
              \tmap sandboxes {{ type ifname : verdict; }}\n\
              \tset resolvers {{ type ifname . ipv4_addr; }}\n\
+             \tmap proxied {{ type ifname : verdict; }}\n\
+             \tset proxied_if {{ type ifname; }}\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{p}*\" jump from_sandbox\n\
@@ -97,7 +99,16 @@ impl Ruleset {
              \tchain from_sandbox {{\n\
              \t\tudp dport 53 iifname . ip daddr @resolvers accept\n\
              \t\ttcp dport 53 iifname . ip daddr @resolvers accept\n\
+             \t\ttcp dport {proxy} iifname . ip daddr @resolvers accept\n\
              \t\tcounter drop\n\
+             \t}}\n\
+             \tchain prerouting {{\n\
+             \t\ttype filter hook prerouting priority -110; policy accept;\n\
+             \t\tiifname \"{p}*\" meta l4proto tcp fib daddr type != local iifname vmap @proxied\n\
+             \t}}\n\
+             \tchain tunnel {{\n\
+             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+             \t\tiifname \"{p}*\" meta l4proto tcp fib daddr type != local iifname @proxied_if redirect to :{proxy}\n\
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
@@ -115,6 +126,7 @@ impl Ruleset {
              \t}}\n\
              }}\n",
             blocked = BLOCKED.join(", "),
+            proxy = crate::socks::PROXY_PORT,
         )
     }
 
@@ -138,22 +150,35 @@ impl Ruleset {
             s,
             "add set inet {t} sb{n}_dns {{ type ipv4_addr; flags timeout; }}"
         );
+        let _ = writeln!(s, "add chain inet {t} sb{n}_dst");
         let _ = writeln!(s, "add chain inet {t} sb{n}");
+        let _ = writeln!(s, "add chain inet {t} sb{n}_pre");
         // Only the first packet of a flow gets past `established`: log it with the verdict.
         let log = |verdict: &str| match self.log_group {
             Some(g) => format!("log prefix \"sb{n} {verdict}\" group {g} "),
             None => String::new(),
         };
         let (allow, deny, blocked) = (log("allow"), log("deny"), log("blocked"));
-        let mut rule = |r: &str| {
-            let _ = writeln!(s, "add rule inet {t} sb{n} {r}");
-        };
-        rule("meta nfproto != ipv4 counter drop");
-        rule(&format!("ip saddr != {} counter drop", a.sandbox));
-        rule("ct state established,related accept");
-        if let Some(up) = &self.uplink {
-            rule(&format!("oifname != \"{up}\" {blocked}counter drop"));
+        // sb{n} (forward hook) and sb{n}_pre (prerouting: a tunneled sandbox's new TCP, before
+        // the redirect) share the source checks and jump to the same destination verdicts.
+        let main = format!("sb{n}");
+        for chain in [main.clone(), format!("sb{n}_pre")] {
+            let mut rule = |r: &str| {
+                let _ = writeln!(s, "add rule inet {t} {chain} {r}");
+            };
+            rule("meta nfproto != ipv4 counter drop");
+            rule(&format!("ip saddr != {} counter drop", a.sandbox));
+            rule("ct state established,related accept");
+            // Before routing there is no output interface; a tunneled connection leaves
+            // from the host itself.
+            if let Some(up) = self.uplink.as_ref().filter(|_| chain == main) {
+                rule(&format!("oifname != \"{up}\" {blocked}counter drop"));
+            }
+            rule(&format!("jump sb{n}_dst"));
         }
+        let mut rule = |r: &str| {
+            let _ = writeln!(s, "add rule inet {t} sb{n}_dst {r}");
+        };
         rule(&format!("ip daddr {} {blocked}counter drop", self.pool));
         rule(&format!("ip daddr @sb{n}_allow_priv {allow}accept"));
         rule(&format!("ip daddr @blocked {blocked}counter drop"));
@@ -172,13 +197,35 @@ impl Ruleset {
             "add element inet {t} resolvers {{ \"{}\" . {} }}",
             a.ifname, a.host
         );
+        s.push_str(&self.tunnel(a, policy.proxy.is_some()));
         s
     }
 
-    /// Replace a sandbox's rules (and forget learned addresses) in one transaction.
-    pub fn update(&self, index: u32, policy: &EgressPolicy) -> String {
+    /// Hook the sandbox's TCP into the tunnel (`on`) or out of it, whatever it was before:
+    /// adding an element and deleting it again in one transaction never fails.
+    fn tunnel(&self, a: &Attachment, on: bool) -> String {
         let t = &self.table;
-        let mut s = String::new();
+        let (n, ifname) = (a.index, &a.ifname);
+        let add = format!(
+            "add element inet {t} proxied {{ \"{ifname}\" : jump sb{n}_pre }}\n\
+             add element inet {t} proxied_if {{ \"{ifname}\" }}\n"
+        );
+        let del = format!(
+            "delete element inet {t} proxied {{ \"{ifname}\" }}\n\
+             delete element inet {t} proxied_if {{ \"{ifname}\" }}\n"
+        );
+        if on {
+            format!("{add}{del}{add}")
+        } else {
+            format!("{add}{del}")
+        }
+    }
+
+    /// Replace a sandbox's rules (and forget learned addresses) in one transaction.
+    pub fn update(&self, a: &Attachment, policy: &EgressPolicy) -> String {
+        let t = &self.table;
+        let index = a.index;
+        let mut s = self.tunnel(a, policy.proxy.is_some());
         for set in ["allow_priv", "allow", "deny", "dns"] {
             let _ = writeln!(s, "flush set inet {t} sb{index}_{set}");
         }
@@ -201,8 +248,14 @@ impl Ruleset {
             "delete element inet {t} resolvers {{ \"{}\" . {} }}",
             a.ifname, a.host
         );
-        let _ = writeln!(s, "flush chain inet {t} sb{n}");
-        let _ = writeln!(s, "delete chain inet {t} sb{n}");
+        s.push_str(&self.tunnel(a, false));
+        let chains = [format!("sb{n}"), format!("sb{n}_pre"), format!("sb{n}_dst")];
+        for chain in &chains {
+            let _ = writeln!(s, "flush chain inet {t} {chain}");
+        }
+        for chain in &chains {
+            let _ = writeln!(s, "delete chain inet {t} {chain}");
+        }
         for set in ["allow_priv", "allow", "deny", "dns"] {
             let _ = writeln!(s, "delete set inet {t} sb{n}_{set}");
         }
@@ -323,7 +376,17 @@ mod tests {
         assert!(s.contains("iifname \"cn0123ab*\" jump from_sandbox"));
         assert!(s.contains(
             "udp dport 53 iifname . ip daddr @resolvers accept\n\t\t\
-             tcp dport 53 iifname . ip daddr @resolvers accept\n\t\tcounter drop"
+             tcp dport 53 iifname . ip daddr @resolvers accept\n\t\t\
+             tcp dport 1080 iifname . ip daddr @resolvers accept\n\t\tcounter drop"
+        ));
+        // Tunneled TCP: judged before the redirect, redirected only when not for the host.
+        assert!(s.contains(
+            "type filter hook prerouting priority -110; policy accept;\n\t\t\
+             iifname \"cn0123ab*\" meta l4proto tcp fib daddr type != local iifname vmap @proxied"
+        ));
+        assert!(s.contains(
+            "iifname \"cn0123ab*\" meta l4proto tcp fib daddr type != local iifname @proxied_if \
+             redirect to :1080"
         ));
         assert!(
             s.contains("oifname \"cn0123ab*\" counter drop"),
@@ -374,7 +437,7 @@ mod tests {
                 .expect("servers")
         };
         // Default with a domain: 8.8.8.8 opens (public set).
-        let s = rs().update(3, &with(&["allowed.test"], None));
+        let s = rs().update(&att(), &with(&["allowed.test"], None));
         assert!(
             s.contains("add element inet cella_i0123 sb3_allow { 8.8.8.8/32 }"),
             "{s}"
@@ -382,7 +445,7 @@ mod tests {
         // A resolver in a blocked range counts as naming it; one inside an allowed CIDR is
         // not repeated.
         let s = rs().update(
-            3,
+            &att(),
             &with(
                 &["allowed.test", "1.1.0.0/16"],
                 Some(&["1.1.1.1", "192.168.1.53", "9.9.9.9"]),
@@ -391,9 +454,9 @@ mod tests {
         assert!(s.contains("sb3_allow_priv { 192.168.1.53/32 }"), "{s}");
         assert!(s.contains("sb3_allow { 1.1.0.0/16, 9.9.9.9/32 }"), "{s}");
         // [] opens none; without a domain in allowOut they have no effect.
-        let s = rs().update(3, &with(&["allowed.test"], Some(&[])));
+        let s = rs().update(&att(), &with(&["allowed.test"], Some(&[])));
         assert!(!s.contains("add element inet cella_i0123 sb3_allow"), "{s}");
-        let s = rs().update(3, &with(&["1.2.3.4"], Some(&["1.1.1.1"])));
+        let s = rs().update(&att(), &with(&["1.2.3.4"], Some(&["1.1.1.1"])));
         assert!(!s.contains("1.1.1.1"), "{s}");
         assert!(s.contains("sb3_allow { 1.2.3.4/32 }"), "{s}");
         // 0.0.0.0/0 does not open a private resolver; the entry itself does.
@@ -419,9 +482,9 @@ mod tests {
         );
         assert!(s.contains("ip daddr @blocked log prefix \"sb3 blocked\" group 77 counter drop"));
         assert!(s.contains("ip daddr @sb3_deny log prefix \"sb3 deny\" group 77 counter drop"));
-        assert!(
-            s.contains("add rule inet cella_i0123 sb3 log prefix \"sb3 allow\" group 77 accept")
-        );
+        assert!(s.contains(
+            "add rule inet cella_i0123 sb3_dst log prefix \"sb3 allow\" group 77 accept"
+        ));
         assert!(
             !s.contains("established,related log"),
             "established flows are not logged"
@@ -429,9 +492,70 @@ mod tests {
     }
 
     #[test]
+    fn forward_and_prerouting_chains_share_the_destination_verdicts() {
+        let s = rs().attach(&att(), &policy(&[], &["0.0.0.0/0"]));
+        for chain in ["sb3", "sb3_pre"] {
+            assert!(
+                s.contains(&format!("add rule inet cella_i0123 {chain} jump sb3_dst")),
+                "{s}"
+            );
+            assert!(
+                s.contains(&format!(
+                    "add rule inet cella_i0123 {chain} ip saddr != 10.245.0.14 counter drop"
+                )),
+                "{s}"
+            );
+        }
+        // The uplink is known only after routing: checked in the forward chain alone.
+        assert!(
+            s.contains("add rule inet cella_i0123 sb3 oifname != \"fake0\""),
+            "{s}"
+        );
+        assert!(!s.contains("sb3_pre oifname"), "{s}");
+        // Without a proxy the sandbox is hooked out of the tunnel.
+        assert!(
+            s.ends_with(
+                "add element inet cella_i0123 proxied { \"cn0123ab3\" : jump sb3_pre }\n\
+             add element inet cella_i0123 proxied_if { \"cn0123ab3\" }\n\
+             delete element inet cella_i0123 proxied { \"cn0123ab3\" }\n\
+             delete element inet cella_i0123 proxied_if { \"cn0123ab3\" }\n"
+            ),
+            "{s}"
+        );
+        let proxied = policy(&[], &[])
+            .with_egress_proxy(
+                Some(&cella_api::EgressProxyConfig {
+                    address: "198.51.100.1:1080".into(),
+                    ..Default::default()
+                }),
+                "",
+            )
+            .expect("proxy");
+        let s = rs().update(&att(), &proxied);
+        assert!(
+            s.starts_with(
+                "add element inet cella_i0123 proxied { \"cn0123ab3\" : jump sb3_pre }\n\
+             add element inet cella_i0123 proxied_if { \"cn0123ab3\" }\n\
+             delete element inet cella_i0123 proxied { \"cn0123ab3\" }\n\
+             delete element inet cella_i0123 proxied_if { \"cn0123ab3\" }\n\
+             add element inet cella_i0123 proxied { \"cn0123ab3\" : jump sb3_pre }\n\
+             add element inet cella_i0123 proxied_if { \"cn0123ab3\" }\n\
+             flush set"
+            ),
+            "{s}"
+        );
+        let d = rs().detach(&att());
+        assert!(
+            d.find("delete chain inet cella_i0123 sb3_pre")
+                < d.find("delete chain inet cella_i0123 sb3_dst"),
+            "{d}"
+        );
+    }
+
+    #[test]
     fn update_flushes_every_set_then_refills() {
-        let s = rs().update(3, &policy(&[], &["203.0.113.0/24"]));
-        let lines: Vec<&str> = s.lines().collect();
+        let s = rs().update(&att(), &policy(&[], &["203.0.113.0/24"]));
+        let lines: Vec<&str> = s.lines().filter(|l| !l.contains(" proxied")).collect();
         assert_eq!(lines.len(), 5, "{s}");
         assert!(
             lines[..4]

@@ -174,6 +174,7 @@ async fn attach_resolve_update_release() {
         proc_root: "/proc".into(),
         sys_root: "/sys".into(),
         store: store.clone(),
+        proxy_allow_private: true,
     })
     .await
     .expect("start");

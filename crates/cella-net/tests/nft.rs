@@ -98,8 +98,30 @@ fn scripts_apply_and_clean_up() {
         listed.contains("tcp dport 53 iifname . ip daddr @resolvers accept"),
         "{listed}"
     );
-    nft(&rs.update(7, &EgressPolicy::default())).expect("update to empty");
-    nft(&rs.update(7, &policy)).expect("update");
+    nft(&rs.update(&att, &EgressPolicy::default())).expect("update to empty");
+    nft(&rs.update(&att, &policy)).expect("update");
+    // The tunnel hook goes on and off in any order, and twice in a row.
+    let proxied = policy
+        .clone()
+        .with_egress_proxy(
+            Some(&cella_api::EgressProxyConfig {
+                address: "198.51.100.1:1080".into(),
+                ..Default::default()
+            }),
+            "",
+        )
+        .expect("proxy");
+    nft(&rs.update(&att, &proxied)).expect("tunnel on");
+    nft(&rs.update(&att, &proxied)).expect("tunnel on again");
+    let listed = list(&rs.table).expect("listed");
+    assert!(
+        listed.contains("\"cntest007\" : jump sb7_pre") && listed.contains("redirect to :1080"),
+        "{listed}"
+    );
+    nft(&rs.update(&att, &policy)).expect("tunnel off");
+    let listed = list(&rs.table).expect("listed");
+    assert!(!listed.contains("jump sb7_pre"), "{listed}");
+    nft(&rs.update(&att, &proxied)).expect("tunnel on for detach");
     nft(&rs
         .learn(7, &[(Ipv4Addr::new(198, 51, 100, 10), 60)])
         .expect("script"))

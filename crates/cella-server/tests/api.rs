@@ -1529,7 +1529,7 @@ async fn features_cella_lacks_are_refused_not_ignored() {
             "network.rules",
         ),
         (
-            json!({"templateID": "base", "network": {"egressProxy": {"address": "proxy:1080"}}}),
+            json!({"templateID": "base", "network": {"egressProxy": {"address": "proxy"}}}),
             "network.egressProxy",
         ),
         (
