@@ -18,9 +18,15 @@
 //! 8. denied CIDRs: drop;
 //! 9. accept.
 //!
+//! Rules 1-3 live in `sbN` (forward hook) and `sbN_pre`; 4-9 in `sbN_dst`, which both jump
+//! to. `sbN_pre` judges, in prerouting, the new TCP of a sandbox with an `egressProxy` (not
+//! rule 3: before routing there is no output interface); what it accepts is redirected to the
+//! tunnel listener on the sandbox's host end ([`crate::socks::PROXY_PORT`]), so the proxy only
+//! ever sees connections the rules allow.
+//!
 //! Traffic from a sandbox to the host itself (the input hook) is dropped except DNS (UDP and
-//! TCP port 53) to the sandbox's own resolver address; new connections *into* sandbox
-//! interfaces are dropped. `dnsServers` entries cannot open the host or another sandbox: the
+//! TCP port 53) and the tunnel port on the sandbox's own host end; new connections *into*
+//! sandbox interfaces are dropped. `dnsServers` entries cannot open the host or another sandbox: the
 //! host is the input hook, and the pool is dropped before any allow rule.
 
 use std::fmt::Write as _;
