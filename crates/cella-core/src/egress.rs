@@ -348,19 +348,9 @@ fn is_ipv4_literal(s: &str) -> bool {
     s.parse::<Ipv4Addr>().is_ok()
 }
 
-/// A DNS host name: labels of letters, digits, '-' and '_', 1-63 bytes each, ≤ 253 in all.
+/// A DNS host name (lowercase), not something that looks like an address.
 fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && !is_ipish(s)
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+    !is_ipish(s) && is_hostname(s)
 }
 
 impl Default for EgressPolicy {

@@ -216,6 +216,16 @@ fn socket_in_netns(netns: &OwnedFd, host: &OwnedFd) -> io::Result<std::net::TcpS
     made.map(std::net::TcpStream::from)
 }
 
+/// A path that opens `fd` through the server's own descriptor table: valid as long as the
+/// descriptor is open, and immune to pid reuse of whatever process it refers to.
+pub fn own_fd_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        fd.as_raw_fd()
+    ))
+}
+
 /// Replace `/etc/resolv.conf` inside the sandbox whose init is `pid` (pinned by `pidfd`),
 /// resolving `etc` inside the sandbox's root without following any symlink, and creating the
 /// file afresh (`O_EXCL`), owned by the sandbox's root.
@@ -561,13 +571,7 @@ impl SandboxHandle for JailSandbox {
 
     fn netns_path(&self) -> Option<PathBuf> {
         let ns = self.netns.lock().ok()?.clone()?;
-        // The server's own descriptor table: valid as long as the sandbox (which holds the
-        // fd) lives, and immune to pid reuse of the sandbox's init.
-        Some(PathBuf::from(format!(
-            "/proc/{}/fd/{}",
-            std::process::id(),
-            ns.as_raw_fd()
-        )))
+        Some(own_fd_path(ns.as_ref()))
     }
 
     async fn set_nameserver(&self, nameserver: Ipv4Addr) -> Result<(), DriverError> {

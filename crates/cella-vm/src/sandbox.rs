@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -523,11 +523,7 @@ impl SandboxHandle for VmSandbox {
     /// valid while the sandbox holds the descriptor. Egress adds the sandbox's `eth0` there.
     fn netns_path(&self) -> Option<PathBuf> {
         let ns = self.netns.lock().ok()?.clone()?;
-        Some(PathBuf::from(format!(
-            "/proc/{}/fd/{}",
-            std::process::id(),
-            ns.as_raw_fd()
-        )))
+        Some(cella_jail::sandbox::own_fd_path(ns.as_ref()))
     }
 
     /// Prepare the VM for outbound network: its namespace forwards and masquerades the
