@@ -173,6 +173,10 @@ def test_mask_request_host_and_refused_rules(server):
             network={"rules": {"api.example.com": [{"transform": {"headers": {"X-Key": "secret"}}}]}},
         )
     assert "network.rules" in str(e.value)
+    # MCP: no gateway; a clear 400 (the SDK would otherwise ask for the mcp-gateway template)
+    with pytest.raises(Exception) as e:
+        Sandbox.create(timeout=60, mcp={"github/owner/repo": {"runCmd": "npx server"}})
+    assert "mcp" in str(e.value) and "not supported" in str(e.value), e.value
     # egress_proxy is validated even where no sandbox gets a network (its tunnel is tested in
     # test_network.py)
     with pytest.raises(Exception) as e:

@@ -142,7 +142,7 @@ pub struct NewSandbox {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
     /// Network settings (`SandboxNetworkConfig`): `allowPublicTraffic`, `allowOut`, `denyOut`,
-    /// `dnsServers`, `maskRequestHost`; the egress-proxy fields are refused.
+    /// `dnsServers`, `maskRequestHost`, `httpsPorts`, `egressProxy`; `rules` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
     /// Workload identity tokens: refused (400), cella has no IAM token service.
@@ -151,6 +151,9 @@ pub struct NewSandbox {
     /// Volumes to mount: refused (400), cella has no volume service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Unsupported>,
+    /// MCP servers for E2B's MCP gateway: refused (400), cella has no gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<Unsupported>,
 }
 
 /// The part of E2B's `SandboxNetworkConfig` cella acts on.

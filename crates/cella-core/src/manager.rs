@@ -2332,6 +2332,12 @@ fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
     if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
         return refuse("volumeMounts", "mounting volumes");
     }
+    if req.mcp.as_ref().is_some_and(|v| !v.is_empty()) {
+        return refuse(
+            "mcp",
+            "E2B's MCP gateway (catalog MCP servers run from container images)",
+        );
+    }
     if let Some(n) = &req.network {
         refuse_rules(n.rules.as_ref(), "network.rules")?;
         if let Some(ports) = &n.https_ports {

@@ -1525,6 +1525,10 @@ async fn features_cella_lacks_are_refused_not_ignored() {
             "volumeMounts",
         ),
         (
+            json!({"templateID": "base", "mcp": {"github/o/r": {"runCmd": "x"}}}),
+            "mcp",
+        ),
+        (
             json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"transform": {"headers": {"x": "y"}}}]}}}),
             "network.rules",
         ),
