@@ -11,6 +11,9 @@
 //!
 //! A template's start command (the config's `start`, or `--start`) is spawned once the agent
 //! listens, as a tracked process tagged `start_cmd`.
+//!
+//! Started under the name `sudo` (the jail binds this binary over `/usr/bin/sudo`), it is the
+//! client of the agent's sudo broker instead ([`sudo`]).
 
 mod execaudit;
 mod files;
@@ -24,6 +27,7 @@ mod reaper;
 mod rpc;
 mod spawn;
 mod state;
+mod sudo;
 mod users;
 mod watch;
 
@@ -167,7 +171,19 @@ fn spawn_event_writer(mut out: std::fs::File, mut rx: tokio::sync::mpsc::Receive
     }
 }
 
+/// Whether we were started as `sudo` (multi-call binary).
+fn started_as_sudo(argv0: Option<&str>) -> bool {
+    argv0.and_then(|a| a.rsplit('/').next()) == Some("sudo")
+}
+
 fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if started_as_sudo(argv.first().map(String::as_str)) {
+        let code = sudo::shim::main(argv);
+        std::process::exit(code);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CELLA_AGENT_LOG")
@@ -193,6 +209,7 @@ async fn run(args: Args) -> Result<()> {
     // Install the SIGCHLD handler before anything can exit.
     tokio::spawn(reaper.clone().run());
 
+    let mut sudo_listener = None;
     let (settings, addr, control, start) = match args.control_fd {
         Some(fd) => {
             // SAFETY: the driver passes this fd to us; we take sole ownership of it.
@@ -204,6 +221,11 @@ async fn run(args: Args) -> Result<()> {
                 .context("writing to the control channel")?;
             let cfg = read_config_line(&mut file)?;
             host_state::adopt(&cfg);
+            // Sandboxed: bind the sudo broker's name before any sandbox process exists.
+            match sudo::broker::bind() {
+                Ok(l) => sudo_listener = Some(l),
+                Err(e) => tracing::warn!("sudo broker unavailable: {e}"),
+            }
             let settings = Settings {
                 token: cfg.access_token,
                 env_vars: cfg.env_vars,
@@ -278,6 +300,9 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let agent = Arc::new(Agent::new(settings, reaper, events));
+    if let Some(listener) = sudo_listener {
+        tokio::spawn(sudo::broker::serve(agent.clone(), listener));
+    }
     if let Some(start) = start {
         // After `ready` and while we already accept connections: the template's server
         // comes up next to envd, and a failure to start it never takes envd down.
@@ -331,6 +356,15 @@ mod tests {
         assert!(args(&["--bogus"]).is_err());
         assert!(args(&["--control-fd", "x"]).is_err());
         assert!(args(&["--listen"]).is_err());
+    }
+
+    #[test]
+    fn multi_call_name() {
+        assert!(started_as_sudo(Some("sudo")));
+        assert!(started_as_sudo(Some("/usr/bin/sudo")));
+        assert!(!started_as_sudo(Some("/.cella/agent")));
+        assert!(!started_as_sudo(Some("sudoedit")));
+        assert!(!started_as_sudo(None));
     }
 
     #[test]
