@@ -222,7 +222,7 @@ async fn run(args: Args) -> Result<()> {
             let cfg = read_config_line(&mut file)?;
             host_state::adopt(&cfg);
             // Sandboxed: bind the sudo broker's name before any sandbox process exists.
-            match sudo::broker::bind() {
+            match sudo::broker::bind(sudo::SOCKET_NAME) {
                 Ok(l) => sudo_listener = Some(l),
                 Err(e) => tracing::warn!("sudo broker unavailable: {e}"),
             }
@@ -301,7 +301,9 @@ async fn run(args: Args) -> Result<()> {
 
     let agent = Arc::new(Agent::new(settings, reaper, events));
     if let Some(listener) = sudo_listener {
-        tokio::spawn(sudo::broker::serve(agent.clone(), listener));
+        // Sandbox root (uid 0 of its user namespace) owns the policy files.
+        let sudoers = sudo::sudoers::Sudoers::new("/", 0);
+        tokio::spawn(sudo::broker::serve(agent.clone(), listener, sudoers));
     }
     if let Some(start) = start {
         // After `ready` and while we already accept connections: the template's server

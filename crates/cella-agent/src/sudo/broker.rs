@@ -32,17 +32,18 @@ const MAX_SESSIONS: usize = 64;
 /// Time for a client to send its descriptors and request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Bind the broker's abstract socket. Call before any sandbox process exists, so nothing
-/// else can have taken the name.
-pub fn bind() -> std::io::Result<std::os::unix::net::UnixListener> {
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(super::SOCKET_NAME)?;
+/// Bind the broker's abstract socket ([`super::SOCKET_NAME`] in a sandbox). Call before any
+/// sandbox process exists, so nothing else can have taken the name.
+pub fn bind(name: &[u8]) -> std::io::Result<std::os::unix::net::UnixListener> {
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
     let l = std::os::unix::net::UnixListener::bind_addr(&addr)?;
     l.set_nonblocking(true)?;
     Ok(l)
 }
 
-/// Accept sudo sessions forever.
-pub async fn serve(agent: AgentRef, listener: std::os::unix::net::UnixListener) {
+/// Accept sudo sessions forever, authorizing them against `sudoers`.
+pub async fn serve(agent: AgentRef, listener: std::os::unix::net::UnixListener, sudoers: Sudoers) {
+    let sudoers = Arc::new(sudoers);
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -61,11 +62,12 @@ pub async fn serve(agent: AgentRef, listener: std::os::unix::net::UnixListener) 
             }
         };
         let agent = agent.clone();
+        let sudoers = sudoers.clone();
         let permit = sessions.clone().try_acquire_owned();
         tokio::spawn(async move {
             let mut stream = stream;
             match permit {
-                Ok(_permit) => session(&agent, &mut stream).await,
+                Ok(_permit) => session(&agent, &sudoers, &mut stream).await,
                 Err(_) => {
                     let _ = reply(
                         &mut stream,
@@ -197,7 +199,9 @@ fn target_user(agent: &AgentRef, spec: Option<&str>) -> Result<User, String> {
     let spec = spec.unwrap_or("root");
     let name = match spec.strip_prefix('#') {
         Some(n) => {
-            let uid: u32 = n.parse().map_err(|_| format!("sudo: unknown user {spec}"))?;
+            let uid: u32 = n
+                .parse()
+                .map_err(|_| format!("sudo: unknown user {spec}"))?;
             agent
                 .users
                 .by_uid(uid)
@@ -260,7 +264,7 @@ fn spawn_error(program: &str, cwd: &str, e: &SpawnError) -> String {
     }
 }
 
-async fn session(agent: &AgentRef, stream: &mut UnixStream) {
+async fn session(agent: &AgentRef, sudoers: &Sudoers, stream: &mut UnixStream) {
     let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -282,7 +286,11 @@ async fn session(agent: &AgentRef, stream: &mut UnixStream) {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::debug!("sudo broker: bad request: {e}");
-            let _ = reply(stream, &error(format!("sudo: bad request to the broker: {e}"))).await;
+            let _ = reply(
+                stream,
+                &error(format!("sudo: bad request to the broker: {e}")),
+            )
+            .await;
             return;
         }
         Err(_) => {
@@ -313,7 +321,7 @@ async fn session(agent: &AgentRef, stream: &mut UnixStream) {
             .collect(),
     };
     let target = target_user(agent, req.user.as_deref());
-    let rules = Sudoers::new("/", 0).rules();
+    let rules = sudoers.rules();
     let host = hostname();
     let allowed = match &target {
         Ok(t) => sudoers::authorize(&rules, &ident, t.uid),
@@ -447,13 +455,321 @@ async fn run(
         }
     };
     let r = match status {
-        Some(ExitStatus {
-            code: Some(c), ..
-        }) => Reply::Exit(c),
+        Some(ExitStatus { code: Some(c), .. }) => Reply::Exit(c),
         Some(ExitStatus {
             signal: Some(s), ..
         }) => Reply::Signaled(s),
         _ => Reply::Exit(1),
     };
     let _ = reply(stream, &r).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{SocketAddr, UnixStream as StdStream};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::reaper::Reaper;
+    use crate::state::{Agent, EventSink, Settings};
+    use crate::sudo::shim::{read_reply, send_fds};
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    /// One test at a time: each fixture's reaper waits for any child of this process, so two
+    /// at once would take each other's exit statuses.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        name: Vec<u8>,
+        events: tokio::sync::mpsc::Receiver<AgentEvent>,
+    }
+
+    /// A broker on a unique abstract name, with its own passwd and sudoers.
+    fn fixture(sudoers: &str) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).expect("etc");
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/sh\n",
+        )
+        .expect("passwd");
+        std::fs::write(etc.join("group"), "root:x:0:\n").expect("group");
+        std::fs::write(etc.join("sudoers"), sudoers).expect("sudoers");
+        std::fs::set_permissions(etc.join("sudoers"), std::fs::Permissions::from_mode(0o440))
+            .expect("chmod");
+        let settings = Settings {
+            token: String::new(),
+            env_vars: BTreeMap::new(),
+            default_user: "root".into(),
+            default_workdir: String::new(),
+            users_root: dir.path().to_path_buf(),
+            proc_root: PathBuf::from("/"),
+            system_root: None,
+        };
+        let reaper = Reaper::new();
+        tokio::spawn(reaper.clone().run());
+        let (tx, events) = tokio::sync::mpsc::channel(64);
+        let agent = Arc::new(Agent::new(settings, reaper, EventSink::new(tx)));
+        let name = format!(
+            "cella-sudo-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+        .into_bytes();
+        let listener = bind(&name).expect("bind");
+        // SAFETY: getuid has no memory effects.
+        let me = unsafe { libc::getuid() };
+        tokio::spawn(serve(agent, listener, Sudoers::new(dir.path(), me)));
+        Fixture {
+            _dir: dir,
+            name,
+            events,
+        }
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    struct Client {
+        sock: StdStream,
+        stdin: Option<std::fs::File>,
+        stdout: std::fs::File,
+        stderr: std::fs::File,
+    }
+
+    /// Connect like the shim does, with fresh pipes as the command's streams.
+    fn start(name: &[u8], req: &Request) -> Client {
+        let addr = SocketAddr::from_abstract_name(name).expect("addr");
+        let mut sock = StdStream::connect_addr(&addr).expect("connect");
+        let (in_r, in_w) = pipe();
+        let (out_r, out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        send_fds(
+            &sock,
+            &[in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        )
+        .expect("send fds");
+        sock.write_all(&frame(req)).expect("request");
+        Client {
+            sock,
+            stdin: Some(in_w.into()),
+            stdout: out_r.into(),
+            stderr: err_r.into(),
+        }
+    }
+
+    fn sh(script: &str) -> Request {
+        Request {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: vec![
+                ("TERM".into(), "dumb".into()),
+                ("SECRET".into(), "x".into()),
+            ],
+            cwd: "/".into(),
+            ..Default::default()
+        }
+    }
+
+    fn am_root() -> bool {
+        // SAFETY: getuid has no memory effects.
+        let root = unsafe { libc::getuid() } == 0;
+        if !root {
+            eprintln!("skipping: running commands as another user needs root");
+        }
+        root
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_commands_with_the_callers_streams() {
+        let _serial = SERIAL.lock().await;
+        if !am_root() {
+            return;
+        }
+        let mut fx = fixture("");
+        let name = fx.name.clone();
+        let (reply, out, err) = tokio::task::spawn_blocking(move || {
+            let mut c = start(
+                &name,
+                &sh("read l; echo \"got $l $SUDO_USER $(id -u) ${SECRET:-none}\"; echo err >&2; exit 3"),
+            );
+            let mut input = c.stdin.take().expect("stdin");
+            input.write_all(b"line\n").expect("write");
+            drop(input);
+            let reply = read_reply(&mut c.sock).expect("reply");
+            let (mut out, mut err) = (String::new(), String::new());
+            c.stdout.read_to_string(&mut out).expect("stdout");
+            c.stderr.read_to_string(&mut err).expect("stderr");
+            (reply, out, err)
+        })
+        .await
+        .expect("client");
+        assert_eq!(reply, Reply::Exit(3));
+        assert_eq!(out, "got line root 0 none\n", "env_reset dropped SECRET");
+        assert_eq!(err, "err\n");
+        match fx.events.recv().await {
+            Some(AgentEvent::Sudo {
+                uid: 0,
+                target,
+                allowed: true,
+                argv,
+                ..
+            }) => {
+                assert_eq!(target, "root");
+                assert_eq!(argv[0], "sh");
+            }
+            other => panic!("expected a sudo audit event, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signals_errors_and_listing() {
+        let _serial = SERIAL.lock().await;
+        if !am_root() {
+            return;
+        }
+        let fx = fixture("root ALL=(ALL:ALL) NOPASSWD: ALL\n");
+        let name = fx.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = start(&name, &sh("kill -TERM $$"));
+            assert_eq!(read_reply(&mut c.sock).expect("reply"), Reply::Signaled(15));
+            // A forwarded signal reaches the command's group.
+            let mut c = start(
+                &name,
+                &sh("trap 'exit 42' USR1; echo ready; while :; do sleep 0.05; done"),
+            );
+            let mut buf = [0u8; 6];
+            c.stdout.read_exact(&mut buf).expect("ready");
+            c.sock
+                .write_all(&frame(&ShimMsg::Signal(libc::SIGUSR1)))
+                .expect("signal");
+            assert_eq!(read_reply(&mut c.sock).expect("reply"), Reply::Exit(42));
+            let mut c = start(
+                &name,
+                &Request {
+                    argv: vec!["definitely-not-a-command".into()],
+                    ..Default::default()
+                },
+            );
+            assert_eq!(
+                read_reply(&mut c.sock).expect("reply"),
+                error("sudo: definitely-not-a-command: command not found")
+            );
+            let mut c = start(
+                &name,
+                &Request {
+                    user: Some("ghost".into()),
+                    ..sh("true")
+                },
+            );
+            assert_eq!(
+                read_reply(&mut c.sock).expect("reply"),
+                error("sudo: unknown user ghost")
+            );
+            let mut c = start(
+                &name,
+                &Request {
+                    user: Some("#65534".into()),
+                    ..sh("id -u")
+                },
+            );
+            assert_eq!(read_reply(&mut c.sock).expect("reply"), Reply::Exit(0));
+            let mut out = String::new();
+            c.stdout.read_to_string(&mut out).expect("stdout");
+            assert_eq!(out, "65534\n");
+            let mut c = start(
+                &name,
+                &Request {
+                    mode: Mode::List,
+                    ..Default::default()
+                },
+            );
+            match read_reply(&mut c.sock).expect("reply") {
+                Reply::Output(text) => {
+                    assert!(text.contains("root ALL=(ALL:ALL) NOPASSWD: ALL"), "{text}")
+                }
+                other => panic!("expected a listing, got {other:?}"),
+            }
+        })
+        .await
+        .expect("client");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vanished_client_takes_its_command_with_it() {
+        let _serial = SERIAL.lock().await;
+        if !am_root() {
+            return;
+        }
+        let fx = fixture("");
+        let name = fx.name.clone();
+        let pid = tokio::task::spawn_blocking(move || {
+            let mut c = start(&name, &sh("echo $$; exec sleep 1000"));
+            let mut line = String::new();
+            let mut byte = [0u8; 1];
+            while c.stdout.read(&mut byte).expect("read") == 1 && byte[0] != b'\n' {
+                line.push(byte[0] as char);
+            }
+            drop(c);
+            line.parse::<i32>().expect("pid")
+        })
+        .await
+        .expect("client");
+        let gone = async {
+            // SAFETY: signal 0 only checks whether the process exists.
+            while unsafe { libc::kill(pid, 0) } == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("the command was not killed when its client went away");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_requests_get_an_error() {
+        let _serial = SERIAL.lock().await;
+        let fx = fixture("");
+        let name = fx.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let addr = SocketAddr::from_abstract_name(&name).expect("addr");
+            let mut sock = StdStream::connect_addr(&addr).expect("connect");
+            send_fds(&sock, &[0, 1, 2]).expect("fds");
+            sock.write_all(&[0, 0, 0, 3, b'{', b'x', b'}'])
+                .expect("garbage");
+            match read_reply(&mut sock).expect("reply") {
+                Reply::Error { message, code: 1 } => {
+                    assert!(message.starts_with("sudo: bad request"), "{message}")
+                }
+                other => panic!("expected an error, got {other:?}"),
+            }
+            // Too large a frame is refused without reading it.
+            let mut sock = StdStream::connect_addr(&addr).expect("connect");
+            send_fds(&sock, &[0, 1, 2]).expect("fds");
+            sock.write_all(&u32::MAX.to_be_bytes()).expect("len");
+            assert!(matches!(
+                read_reply(&mut sock),
+                Ok(Reply::Error { code: 1, .. })
+            ));
+            // Descriptors are mandatory.
+            let mut sock = StdStream::connect_addr(&addr).expect("connect");
+            sock.write_all(&frame(&Request::default())).expect("no fds");
+            assert!(matches!(
+                read_reply(&mut sock),
+                Ok(Reply::Error { code: 1, .. })
+            ));
+        })
+        .await
+        .expect("client");
+    }
 }

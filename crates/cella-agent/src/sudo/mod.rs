@@ -149,8 +149,10 @@ pub struct EnvUser {
 
 /// Whether `env_reset` keeps a variable of the caller's environment.
 fn kept_by_default(k: &str) -> bool {
-    matches!(k, "TERM" | "DISPLAY" | "COLORS" | "LANG" | "LANGUAGE" | "XAUTHORITY")
-        || k.starts_with("LC_")
+    matches!(
+        k,
+        "TERM" | "DISPLAY" | "COLORS" | "LANG" | "LANGUAGE" | "XAUTHORITY"
+    ) || k.starts_with("LC_")
 }
 
 /// The command's environment, like sudo with `env_reset` and `secure_path`: kept variables of
@@ -251,7 +253,12 @@ mod tests {
             env: caller_env(),
             ..Default::default()
         };
-        let e = build_env(&req, &user("user", 1000, "/home/user"), &user("root", 0, "/root"), "/usr/bin/env");
+        let e = build_env(
+            &req,
+            &user("user", 1000, "/home/user"),
+            &user("root", 0, "/root"),
+            "/usr/bin/env",
+        );
         assert_eq!(get(&e, "HOME"), Some("/root"));
         assert_eq!(get(&e, "PATH"), Some(SECURE_PATH));
         assert_eq!(get(&e, "TERM"), Some("xterm"));
@@ -297,18 +304,28 @@ mod tests {
         assert_eq!(get(&e, "HOME"), Some("/root"));
         let assigned = Request {
             env: caller_env(),
-            assignments: vec![("FOO".into(), "bar=baz".into()), ("PATH".into(), "/x".into())],
+            assignments: vec![
+                ("FOO".into(), "bar=baz".into()),
+                ("PATH".into(), "/x".into()),
+            ],
             ..Default::default()
         };
         let e = build_env(&assigned, &inv, &root, "x");
         assert_eq!(get(&e, "FOO"), Some("bar=baz"));
-        assert_eq!(get(&e, "PATH"), Some("/x"), "explicit assignments are applied last");
+        assert_eq!(
+            get(&e, "PATH"),
+            Some("/x"),
+            "explicit assignments are applied last"
+        );
     }
 
     #[test]
     fn join_escapes_like_sudo() {
         let v = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-        assert_eq!(shell_join(&v(&["echo", "a b", "$HOME"])), "echo a\\ b $HOME");
+        assert_eq!(
+            shell_join(&v(&["echo", "a b", "$HOME"])),
+            "echo a\\ b $HOME"
+        );
         assert_eq!(shell_join(&v(&["ls", "-la", "/tmp"])), "ls -la \\/tmp");
         assert_eq!(shell_join(&[]), "");
     }

@@ -81,9 +81,8 @@ pub fn parse_args(args: &[String]) -> Result<Action, String> {
                                 Preserve::Vars(n) => n,
                                 _ => Vec::new(),
                             };
-                            names.extend(
-                                v.split(',').filter(|s| !s.is_empty()).map(str::to_string),
-                            );
+                            names
+                                .extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
                             Preserve::Vars(names)
                         }
                         None => Preserve::All,
@@ -113,9 +112,9 @@ pub fn parse_args(args: &[String]) -> Result<Action, String> {
                     let rest = &cluster[pos + 1..];
                     let v = if rest.is_empty() {
                         i += 1;
-                        args.get(i).cloned().ok_or_else(|| {
-                            "sudo: option requires an argument -- 'u'".to_string()
-                        })?
+                        args.get(i)
+                            .cloned()
+                            .ok_or_else(|| "sudo: option requires an argument -- 'u'".to_string())?
                     } else {
                         rest.to_string()
                     };
@@ -238,7 +237,12 @@ fn send_stdio(sock: &UnixStream) -> std::io::Result<()> {
         .enumerate()
         .map(|(n, s)| s.as_ref().map_or(n as RawFd, |f| f.as_raw_fd()))
         .collect();
-    let payload = std::mem::size_of_val(fds.as_slice());
+    send_fds(sock, &fds)
+}
+
+/// Send one byte carrying these descriptors (`SCM_RIGHTS`).
+pub(super) fn send_fds(sock: &UnixStream, fds: &[RawFd]) -> std::io::Result<()> {
+    let payload = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
     let mut cbuf = vec![0u64; space.div_ceil(8)];
@@ -260,11 +264,7 @@ fn send_stdio(sock: &UnixStream) -> std::io::Result<()> {
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
-        std::ptr::copy_nonoverlapping(
-            fds.as_ptr().cast::<u8>(),
-            libc::CMSG_DATA(cmsg),
-            payload,
-        );
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), payload);
     }
     loop {
         // SAFETY: msg points to live buffers for the duration of the call.
@@ -280,7 +280,7 @@ fn send_stdio(sock: &UnixStream) -> std::io::Result<()> {
     }
 }
 
-fn read_reply(sock: &mut UnixStream) -> std::io::Result<Reply> {
+pub(super) fn read_reply(sock: &mut UnixStream) -> std::io::Result<Reply> {
     let mut len = [0u8; 4];
     sock.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
@@ -405,14 +405,21 @@ mod tests {
     #[test]
     fn commands_and_options() {
         let r = req(&["id", "-u"]);
-        assert_eq!(r.argv, ["id", "-u"], "options after the command are the command's");
+        assert_eq!(
+            r.argv,
+            ["id", "-u"],
+            "options after the command are the command's"
+        );
         assert_eq!((r.user.as_deref(), r.mode), (None, Mode::Run));
         let r = req(&["-u", "nobody", "id", "-un"]);
         assert_eq!(r.user.as_deref(), Some("nobody"));
         assert_eq!(r.argv, ["id", "-un"]);
         assert_eq!(req(&["-unobody", "true"]).user.as_deref(), Some("nobody"));
         assert_eq!(req(&["--user=bob", "true"]).user.as_deref(), Some("bob"));
-        assert_eq!(req(&["--user", "#1000", "true"]).user.as_deref(), Some("#1000"));
+        assert_eq!(
+            req(&["--user", "#1000", "true"]).user.as_deref(),
+            Some("#1000")
+        );
         let r = req(&["-nEHu", "bob", "--", "-weird"]);
         assert_eq!(
             (r.preserve.clone(), r.set_home, r.user.as_deref()),
@@ -431,14 +438,21 @@ mod tests {
             vec![("FOO".into(), "1".into()), ("_B2".into(), "x=y".into())]
         );
         assert_eq!(r.argv, ["env", "C=3"]);
-        assert_eq!(req(&["1X=2"]).argv, ["1X=2"], "not a valid name: the command");
+        assert_eq!(
+            req(&["1X=2"]).argv,
+            ["1X=2"],
+            "not a valid name: the command"
+        );
         let r = req(&["-i"]);
         assert!(r.login && r.argv.is_empty());
         let r = req(&["-s", "echo", "hi"]);
         assert!(r.shell);
         assert_eq!(r.argv, ["echo", "hi"]);
         assert_eq!(req(&["-l"]).mode, Mode::List);
-        assert!(req(&["-k", "true"]).argv == ["true"], "-k with a command runs it");
+        assert!(
+            req(&["-k", "true"]).argv == ["true"],
+            "-k with a command runs it"
+        );
     }
 
     #[test]

@@ -228,11 +228,7 @@ const NEUTRAL_TAGS: [&str; 9] = [
 fn parse_rule(line: &str) -> Option<Rule> {
     let (left, right) = line.split_once('=')?;
     // "alice, bob ALL" → "alice,bob ALL"
-    let left: String = left
-        .split(',')
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(",");
+    let left: String = left.split(',').map(str::trim).collect::<Vec<_>>().join(",");
     let mut words = left.split_whitespace();
     let (users, hosts) = (words.next()?, words.next()?);
     if words.next().is_some() {
@@ -454,7 +450,10 @@ mod tests {
         ] {
             let r = one(ok).unwrap_or_else(|| panic!("{ok:?} should parse"));
             assert_eq!(r.runas, RunAs::Any, "{ok}");
-            assert!(r.principals.contains(&Principal::User("user".into())), "{ok}");
+            assert!(
+                r.principals.contains(&Principal::User("user".into())),
+                "{ok}"
+            );
         }
         let root_only = one("user ALL=(root) NOPASSWD: ALL").expect("root");
         assert_eq!(root_only.runas, RunAs::Root);
@@ -473,9 +472,7 @@ mod tests {
             vec![Principal::Uid(1000)]
         );
         assert_eq!(
-            one("%#27 ALL=(ALL) NOPASSWD: ALL")
-                .expect("gid")
-                .principals,
+            one("%#27 ALL=(ALL) NOPASSWD: ALL").expect("gid").principals,
             vec![Principal::Gid(27)]
         );
     }
@@ -483,27 +480,27 @@ mod tests {
     #[test]
     fn anything_else_never_allows() {
         for bad in [
-            "user ALL=(ALL:ALL) ALL",                        // needs a password
-            "user ALL=(ALL) NOPASSWD: ALL, !/bin/sh",        // restricted
-            "user ALL=(ALL) NOPASSWD: /usr/bin/apt",         // one command
-            "user ALL=(ALL) NOPASSWD: PASSWD: ALL",          // last tag wins
-            "user ALL=(ALL) NOEXEC: NOPASSWD: ALL",          // restriction we cannot enforce
-            "user ALL=(ALL) NOPASSWD: NOSETENV: ALL",        // ditto
-            "user ALL=(bob) NOPASSWD: ALL",                  // other runas
-            "user ALL=(:ALL) NOPASSWD: ALL",                 // group only
-            "user ALL=(ALL:wheel) NOPASSWD: ALL",            // odd group
-            "user sandbox=(ALL) NOPASSWD: ALL",              // host we do not match
-            "user ALL,!sandbox=(ALL) NOPASSWD: ALL",         // negated host
-            "ALL,!user ALL=(ALL) NOPASSWD: ALL",             // negated user
-            "ADMINS ALL=(ALL) NOPASSWD: ALL",                // alias, unresolved
-            "+netgroup ALL=(ALL) NOPASSWD: ALL",             // netgroup
-            "\"user\" ALL=(ALL) NOPASSWD: ALL",              // quoting
-            "Defaults:user !authenticate",                   // defaults ignored
-            "User_Alias ADMINS = user",                      // aliases ignored
-            "Cmnd_Alias ALLCMD = ALL",                       // ditto
+            "user ALL=(ALL:ALL) ALL",                           // needs a password
+            "user ALL=(ALL) NOPASSWD: ALL, !/bin/sh",           // restricted
+            "user ALL=(ALL) NOPASSWD: /usr/bin/apt",            // one command
+            "user ALL=(ALL) NOPASSWD: PASSWD: ALL",             // last tag wins
+            "user ALL=(ALL) NOEXEC: NOPASSWD: ALL",             // restriction we cannot enforce
+            "user ALL=(ALL) NOPASSWD: NOSETENV: ALL",           // ditto
+            "user ALL=(bob) NOPASSWD: ALL",                     // other runas
+            "user ALL=(:ALL) NOPASSWD: ALL",                    // group only
+            "user ALL=(ALL:wheel) NOPASSWD: ALL",               // odd group
+            "user sandbox=(ALL) NOPASSWD: ALL",                 // host we do not match
+            "user ALL,!sandbox=(ALL) NOPASSWD: ALL",            // negated host
+            "ALL,!user ALL=(ALL) NOPASSWD: ALL",                // negated user
+            "ADMINS ALL=(ALL) NOPASSWD: ALL",                   // alias, unresolved
+            "+netgroup ALL=(ALL) NOPASSWD: ALL",                // netgroup
+            "\"user\" ALL=(ALL) NOPASSWD: ALL",                 // quoting
+            "Defaults:user !authenticate",                      // defaults ignored
+            "User_Alias ADMINS = user",                         // aliases ignored
+            "Cmnd_Alias ALLCMD = ALL",                          // ditto
             "user ALL=(ALL) NOPASSWD: ALL : other = (ALL) ALL", // host sections
-            "# user ALL=(ALL) NOPASSWD: ALL",                // comment
-            "user ALL=(ALL NOPASSWD: ALL",                   // unbalanced
+            "# user ALL=(ALL) NOPASSWD: ALL",                   // comment
+            "user ALL=(ALL NOPASSWD: ALL",                      // unbalanced
             "garbage",
             "",
         ] {
@@ -549,9 +546,16 @@ mod tests {
         assert!(authorize(&rules, &who("user", 1000, &[]), 0));
         assert!(authorize(&rules, &who("user", 1000, &[]), 65534));
         assert!(authorize(&rules, &who("carol", 1001, &[(50, "admin")]), 0));
-        assert!(!authorize(&rules, &who("carol", 1001, &[(50, "admin")]), 1000));
+        assert!(!authorize(
+            &rules,
+            &who("carol", 1001, &[(50, "admin")]),
+            1000
+        ));
         assert!(!authorize(&rules, &who("bob", 1002, &[(1002, "bob")]), 0));
-        assert!(authorize(&[], &who("root", 0, &[]), 1000), "root always may");
+        assert!(
+            authorize(&[], &who("root", 0, &[]), 1000),
+            "root always may"
+        );
         assert_eq!(rules_for(&rules, &who("bob", 1002, &[])).len(), 0);
         assert_eq!(rules_for(&rules, &who("user", 1000, &[])).len(), 1);
     }
@@ -576,10 +580,30 @@ mod tests {
             0o440,
         );
         write(root, "etc/extra", "carol ALL=(ALL) NOPASSWD: ALL\n", 0o440);
-        write(root, "etc/sudoers.d/user", "user ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440);
-        write(root, "etc/sudoers.d/bob~", "bob ALL=(ALL) NOPASSWD: ALL\n", 0o440);
-        write(root, "etc/sudoers.d/bob.bak", "bob ALL=(ALL) NOPASSWD: ALL\n", 0o440);
-        write(root, "etc/sudoers.d/dave", "dave ALL=(ALL) NOPASSWD: ALL\n", 0o666);
+        write(
+            root,
+            "etc/sudoers.d/user",
+            "user ALL=(ALL:ALL) NOPASSWD: ALL\n",
+            0o440,
+        );
+        write(
+            root,
+            "etc/sudoers.d/bob~",
+            "bob ALL=(ALL) NOPASSWD: ALL\n",
+            0o440,
+        );
+        write(
+            root,
+            "etc/sudoers.d/bob.bak",
+            "bob ALL=(ALL) NOPASSWD: ALL\n",
+            0o440,
+        );
+        write(
+            root,
+            "etc/sudoers.d/dave",
+            "dave ALL=(ALL) NOPASSWD: ALL\n",
+            0o666,
+        );
         let rules = Sudoers::new(root, me).rules();
         let names: Vec<&Principal> = rules.iter().flat_map(|r| &r.principals).collect();
         assert_eq!(
@@ -590,7 +614,10 @@ mod tests {
             ],
             "sudoers.d read once, relative include followed, backups and writable files skipped"
         );
-        assert!(Sudoers::new(root, me.wrapping_add(1)).rules().is_empty(), "wrong owner");
+        assert!(
+            Sudoers::new(root, me.wrapping_add(1)).rules().is_empty(),
+            "wrong owner"
+        );
         assert!(Sudoers::new("/nonexistent-root", 0).rules().is_empty());
     }
 
@@ -600,8 +627,18 @@ mod tests {
         // SAFETY: getuid has no memory effects.
         let me = unsafe { libc::getuid() };
         write(d.path(), "etc/sudoers", "@include /etc/a\n", 0o440);
-        write(d.path(), "etc/a", "@include /etc/sudoers\n@include b\n", 0o440);
-        write(d.path(), "etc/b", "@include a\nuser ALL=(ALL) NOPASSWD: ALL\n", 0o440);
+        write(
+            d.path(),
+            "etc/a",
+            "@include /etc/sudoers\n@include b\n",
+            0o440,
+        );
+        write(
+            d.path(),
+            "etc/b",
+            "@include a\nuser ALL=(ALL) NOPASSWD: ALL\n",
+            0o440,
+        );
         assert_eq!(Sudoers::new(d.path(), me).rules().len(), 1);
     }
 }
