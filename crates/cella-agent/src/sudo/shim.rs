@@ -105,8 +105,7 @@ pub fn parse_args(args: &[String]) -> Result<Action, String> {
         let Some(cluster) = arg.strip_prefix('-').filter(|c| !c.is_empty()) else {
             break;
         };
-        let mut chars = cluster.char_indices();
-        while let Some((pos, c)) = chars.next() {
+        for (pos, c) in cluster.char_indices() {
             match c {
                 'u' => {
                     let rest = &cluster[pos + 1..];
@@ -477,8 +476,12 @@ mod tests {
         );
         assert!(parse(&["-u"]).is_err());
         assert!(parse(&["--user"]).is_err());
-        assert!(parse(&[]).unwrap_err().starts_with("usage: sudo"));
-        assert!(parse(&["-E"]).unwrap_err().starts_with("usage: sudo"));
+        assert!(parse(&[]).expect_err("usage").starts_with("usage: sudo"));
+        assert!(
+            parse(&["-E"])
+                .expect_err("usage")
+                .starts_with("usage: sudo")
+        );
         assert!(parse(&["-i", "-s"]).is_err());
     }
 }
