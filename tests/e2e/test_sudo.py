@@ -66,6 +66,24 @@ def test_sudo_environment(sandbox):
     assert sandbox.commands.run("sudo pwd", cwd="/tmp").stdout == "/tmp\n"
 
 
+def test_sudo_login_shell_listing_and_pipelines(sandbox):
+    assert sandbox.commands.run("sudo -i pwd").stdout == "/root\n"
+    assert sandbox.commands.run("sudo -i sh -c 'echo $HOME'").stdout == "/root\n"
+    assert sandbox.commands.run("sudo -s whoami").stdout == "root\n"
+    r = sandbox.commands.run("echo piped | sudo tee /etc/e2e-tee >/dev/null && cat /etc/e2e-tee")
+    assert r.stdout == "piped\n"
+    assert sandbox.commands.run("sudo -V").stdout.startswith("Sudo version")
+    listed = sandbox.commands.run("sudo -l").stdout
+    assert "User user may run the following commands" in listed, listed
+    assert "NOPASSWD: ALL" in listed, listed
+    # No credentials are cached, so these succeed without doing anything.
+    sandbox.commands.run("sudo -k && sudo -v -n")
+    # A working directory the target cannot enter is only a warning, as with sudo.
+    sandbox.commands.run("mkdir -p /tmp/private && chmod 700 /tmp/private")
+    r = sandbox.commands.run("sudo -u nobody id -un", cwd="/tmp/private")
+    assert r.stdout == "nobody\n"
+
+
 def test_user_without_a_rule_is_refused(sandbox):
     # -M: no home directory, so bob's commands name a cwd.
     sandbox.commands.run("sudo useradd -M bob")
@@ -126,8 +144,10 @@ def test_sudo_is_audited_and_explains_refusals(server, sandbox):
     with pytest.raises(CommandExitException) as exc:
         sandbox.commands.run("sudo -g root true")
     assert exc.value.stderr == "sudo: unsupported option -g (cella's jail sudo)\n"
-    listed = sandbox.commands.run("sudo -l").stdout
-    assert "user ALL=(ALL:ALL) NOPASSWD: ALL" in listed
+    assert "user ALL=(ALL:ALL) NOPASSWD: ALL" in sandbox.commands.run("sudo -l").stdout
+    with pytest.raises(CommandExitException) as exc:
+        sandbox.commands.run("sudoedit /etc/motd")
+    assert "sudoedit is not supported" in exc.value.stderr
 
     def records():
         with server.api() as api:

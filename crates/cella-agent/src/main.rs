@@ -171,18 +171,29 @@ fn spawn_event_writer(mut out: std::fs::File, mut rx: tokio::sync::mpsc::Receive
     }
 }
 
-/// Whether we were started as `sudo` (multi-call binary).
-fn started_as_sudo(argv0: Option<&str>) -> bool {
-    argv0.and_then(|a| a.rsplit('/').next()) == Some("sudo")
+/// The name we were started under, when it is one of the multi-call names (`sudo`, and
+/// `sudoedit`, which Debian links to sudo).
+fn multi_call_name(argv0: Option<&str>) -> Option<&'static str> {
+    match argv0.and_then(|a| a.rsplit('/').next()) {
+        Some("sudo") => Some("sudo"),
+        Some("sudoedit") => Some("sudoedit"),
+        _ => None,
+    }
 }
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    if started_as_sudo(argv.first().map(String::as_str)) {
-        let code = sudo::shim::main(argv);
-        std::process::exit(code);
+    match multi_call_name(argv.first().map(String::as_str)) {
+        Some("sudo") => std::process::exit(sudo::shim::main(argv)),
+        Some(_) => {
+            eprintln!(
+                "sudo: sudoedit is not supported (cella's jail sudo); use sudo with an editor"
+            );
+            std::process::exit(1);
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -361,12 +372,13 @@ mod tests {
     }
 
     #[test]
-    fn multi_call_name() {
-        assert!(started_as_sudo(Some("sudo")));
-        assert!(started_as_sudo(Some("/usr/bin/sudo")));
-        assert!(!started_as_sudo(Some("/.cella/agent")));
-        assert!(!started_as_sudo(Some("sudoedit")));
-        assert!(!started_as_sudo(None));
+    fn multi_call_names() {
+        assert_eq!(multi_call_name(Some("sudo")), Some("sudo"));
+        assert_eq!(multi_call_name(Some("/usr/bin/sudo")), Some("sudo"));
+        assert_eq!(multi_call_name(Some("/usr/bin/sudoedit")), Some("sudoedit"));
+        assert_eq!(multi_call_name(Some("/.cella/agent")), None);
+        assert_eq!(multi_call_name(Some("sudo-x")), None);
+        assert_eq!(multi_call_name(None), None);
     }
 
     #[test]

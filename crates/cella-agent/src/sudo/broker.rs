@@ -370,6 +370,29 @@ async fn session(agent: &AgentRef, sudoers: &Sudoers, stream: &mut UnixStream) {
     run(agent, stream, &req, &invoker, &target, fds).await;
 }
 
+/// Start the command (blocking). Like sudo, a working directory the target cannot enter is a
+/// warning on the command's stderr, not an error (except for `-i`, whose directory is the
+/// point): the command starts in `/` instead.
+fn spawn_command(
+    mut spec: SpawnSpec,
+    fds: [OwnedFd; 3],
+    login: bool,
+) -> Result<spawn::Spawned, SpawnError> {
+    let first = spawn::spawn(&spec);
+    let retry = match &first {
+        Err(e @ SpawnError::Child { step, .. }) if step.starts_with("chdir") && !login => {
+            Some(format!("{}\n", spawn_error(&spec.program, &spec.cwd, e)))
+        }
+        _ => None,
+    };
+    let Some(warning) = retry else { return first };
+    if let Ok(dup) = fds[2].try_clone() {
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(dup), warning.as_bytes());
+    }
+    spec.cwd = "/".into();
+    spawn::spawn(&spec)
+}
+
 async fn run(
     agent: &AgentRef,
     stream: &mut UnixStream,
@@ -414,12 +437,8 @@ async fn run(
             stderr: fds[2].as_raw_fd(),
         },
     };
-    let spawned = tokio::task::spawn_blocking(move || {
-        let r = spawn::spawn(&spec);
-        drop(fds);
-        r
-    })
-    .await;
+    let login = req.login;
+    let spawned = tokio::task::spawn_blocking(move || spawn_command(spec, fds, login)).await;
     let pid = match spawned {
         Ok(Ok(s)) => s.pid,
         Ok(Err(e)) => {
@@ -687,6 +706,23 @@ mod tests {
             let mut out = String::new();
             c.stdout.read_to_string(&mut out).expect("stdout");
             assert_eq!(out, "65534\n");
+            // An unusable working directory is a warning; the command runs in /.
+            let mut c = start(
+                &name,
+                &Request {
+                    cwd: "/nonexistent-cwd".into(),
+                    ..sh("pwd")
+                },
+            );
+            assert_eq!(read_reply(&mut c.sock).expect("reply"), Reply::Exit(0));
+            let (mut out, mut err) = (String::new(), String::new());
+            c.stdout.read_to_string(&mut out).expect("stdout");
+            c.stderr.read_to_string(&mut err).expect("stderr");
+            assert_eq!(out, "/\n");
+            assert!(
+                err.starts_with("sudo: unable to change directory to /nonexistent-cwd"),
+                "{err}"
+            );
             let mut c = start(
                 &name,
                 &Request {
