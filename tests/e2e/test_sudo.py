@@ -126,9 +126,15 @@ def test_sudo_in_a_pty(sandbox):
             what="sleep under sudo in the PTY",
         )
         sandbox.pty.send_stdin(handle.pid, b"\x03")
+        wait_until(
+            lambda: sandbox.commands.run(SLEEPERS, user="root").stdout.strip() == "0",
+            timeout=20,
+            interval=0.2,
+            what="sleep ended by ^C",
+        )
+        # Typed only now: a real sudo relays input typed while its command runs to that command.
         sandbox.pty.send_stdin(handle.pid, b"echo alive-$((2+3))\n")
         reader.wait_for("alive-5")
-        assert sandbox.commands.run(SLEEPERS, user="root").stdout.strip() == "0"
     finally:
         sandbox.pty.kill(handle.pid)
 
