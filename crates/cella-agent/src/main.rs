@@ -11,6 +11,9 @@
 //!
 //! A template's start command (the config's `start`, or `--start`) is spawned once the agent
 //! listens, as a tracked process tagged `start_cmd`.
+//!
+//! Started under the name `sudo` (the jail binds this binary over `/usr/bin/sudo`), it is the
+//! client of the agent's sudo broker instead ([`sudo`]).
 
 mod execaudit;
 mod files;
@@ -24,6 +27,7 @@ mod reaper;
 mod rpc;
 mod spawn;
 mod state;
+mod sudo;
 mod users;
 mod watch;
 
@@ -167,7 +171,30 @@ fn spawn_event_writer(mut out: std::fs::File, mut rx: tokio::sync::mpsc::Receive
     }
 }
 
+/// The name we were started under, when it is one of the multi-call names (`sudo`, and
+/// `sudoedit`, which Debian links to sudo).
+fn multi_call_name(argv0: Option<&str>) -> Option<&'static str> {
+    match argv0.and_then(|a| a.rsplit('/').next()) {
+        Some("sudo") => Some("sudo"),
+        Some("sudoedit") => Some("sudoedit"),
+        _ => None,
+    }
+}
+
 fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    match multi_call_name(argv.first().map(String::as_str)) {
+        Some("sudo") => std::process::exit(sudo::shim::main(argv)),
+        Some(_) => {
+            eprintln!(
+                "sudo: sudoedit is not supported (cella's jail sudo); use sudo with an editor"
+            );
+            std::process::exit(1);
+        }
+        None => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CELLA_AGENT_LOG")
@@ -193,6 +220,7 @@ async fn run(args: Args) -> Result<()> {
     // Install the SIGCHLD handler before anything can exit.
     tokio::spawn(reaper.clone().run());
 
+    let mut sudo_listener = None;
     let (settings, addr, control, start) = match args.control_fd {
         Some(fd) => {
             // SAFETY: the driver passes this fd to us; we take sole ownership of it.
@@ -204,6 +232,11 @@ async fn run(args: Args) -> Result<()> {
                 .context("writing to the control channel")?;
             let cfg = read_config_line(&mut file)?;
             host_state::adopt(&cfg);
+            // Sandboxed: bind the sudo broker's name before any sandbox process exists.
+            match sudo::broker::bind(sudo::SOCKET_NAME) {
+                Ok(l) => sudo_listener = Some(l),
+                Err(e) => tracing::warn!("sudo broker unavailable: {e}"),
+            }
             let settings = Settings {
                 token: cfg.access_token,
                 env_vars: cfg.env_vars,
@@ -278,6 +311,11 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let agent = Arc::new(Agent::new(settings, reaper, events));
+    if let Some(listener) = sudo_listener {
+        // Sandbox root (uid 0 of its user namespace) owns the policy files.
+        let sudoers = sudo::sudoers::Sudoers::new("/", 0);
+        tokio::spawn(sudo::broker::serve(agent.clone(), listener, sudoers));
+    }
     if let Some(start) = start {
         // After `ready` and while we already accept connections: the template's server
         // comes up next to envd, and a failure to start it never takes envd down.
@@ -331,6 +369,16 @@ mod tests {
         assert!(args(&["--bogus"]).is_err());
         assert!(args(&["--control-fd", "x"]).is_err());
         assert!(args(&["--listen"]).is_err());
+    }
+
+    #[test]
+    fn multi_call_names() {
+        assert_eq!(multi_call_name(Some("sudo")), Some("sudo"));
+        assert_eq!(multi_call_name(Some("/usr/bin/sudo")), Some("sudo"));
+        assert_eq!(multi_call_name(Some("/usr/bin/sudoedit")), Some("sudoedit"));
+        assert_eq!(multi_call_name(Some("/.cella/agent")), None);
+        assert_eq!(multi_call_name(Some("sudo-x")), None);
+        assert_eq!(multi_call_name(None), None);
     }
 
     #[test]

@@ -30,6 +30,16 @@ pub enum StdioMode {
         /// Rows.
         rows: u16,
     },
+    /// These descriptors (kept open by the caller until `spawn` returns) as 0, 1 and 2; the
+    /// parent gets no ends (the sudo broker passes a client's own streams through).
+    Given {
+        /// Becomes stdin.
+        stdin: RawFd,
+        /// Becomes stdout.
+        stdout: RawFd,
+        /// Becomes stderr.
+        stderr: RawFd,
+    },
 }
 
 /// Credentials to switch to in the child.
@@ -165,6 +175,17 @@ fn open_pty(cols: u16, rows: u16) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     Ok((m, s))
 }
 
+/// A close-on-exec duplicate of a descriptor the caller keeps open.
+fn dup_cloexec(fd: RawFd) -> Result<OwnedFd, SpawnError> {
+    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor; failure is checked.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(last_err("duplicate a standard stream"));
+    }
+    // SAFETY: `new` was just returned by fcntl and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 fn open_dev_null() -> Result<OwnedFd, SpawnError> {
     // SAFETY: the path is a valid NUL-terminated string.
     let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
@@ -262,6 +283,16 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
             parent.pty = Some(m);
             (s, s2, s3, true)
         }
+        StdioMode::Given {
+            stdin,
+            stdout,
+            stderr,
+        } => (
+            dup_cloexec(stdin)?,
+            dup_cloexec(stdout)?,
+            dup_cloexec(stderr)?,
+            false,
+        ),
     };
     let (err_r, err_w) = pipe()?;
     let (fd_in, fd_out, fd_err, fd_errpipe) = (

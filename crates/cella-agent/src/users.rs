@@ -211,6 +211,11 @@ impl NameCache {
             .unwrap_or_else(|| uid.to_string())
     }
 
+    /// Group name, when the group exists.
+    pub fn known_group(&self, gid: u32) -> Option<&str> {
+        self.groups.get(&gid).map(String::as_str)
+    }
+
     /// Group name (numeric when unknown).
     pub fn group(&self, gid: u32) -> String {
         self.groups
@@ -267,6 +272,8 @@ mod tests {
         assert_eq!(c.user(0), "root");
         assert_eq!(c.group(999), "docker");
         assert_eq!(c.group(1), "1");
+        assert_eq!(c.known_group(27), Some("sudo"));
+        assert_eq!(c.known_group(1), None);
     }
 
     #[test]

@@ -71,6 +71,9 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// Where the agent binary appears inside the sandbox.
 pub const AGENT_IN_SANDBOX: &str = "/.cella/agent";
 
+/// The template's `sudo`, replaced by the agent's sudo shim when present.
+pub const SUDO_IN_SANDBOX: &std::ffi::CStr = c"/usr/bin/sudo";
+
 /// Capabilities removed from the bounding set before exec: the agent and everything it
 /// starts can never hold them, even as root inside the sandbox. `CAP_NET_ADMIN` goes too:
 /// the child brings `lo` up itself, and without it the sandbox cannot reach netfilter or
@@ -126,6 +129,7 @@ enum Step {
     AgentReadonly,
     PivotRoot,
     DetachOldRoot,
+    SudoShim,
     Hostname,
     Loopback,
     NoNewPrivs,
@@ -136,7 +140,7 @@ enum Step {
 }
 
 /// Human names of [`Step`], indexed by its code.
-const STEP_NAMES: [&str; 31] = [
+const STEP_NAMES: [&str; 32] = [
     "unknown",
     "moving file descriptors",
     "waiting for the parent",
@@ -161,6 +165,7 @@ const STEP_NAMES: [&str; 31] = [
     "making the agent read-only",
     "pivot_root",
     "detaching the old root",
+    "binding the sudo shim over /usr/bin/sudo",
     "sethostname",
     "bringing up lo",
     "no_new_privs",
@@ -1018,6 +1023,41 @@ unsafe fn child_main(plan: &ChildPlan) -> ! {
         }
         if libc::chdir(c"/".as_ptr()) != 0 {
             fail(err, Step::DetachOldRoot)
+        }
+
+        // sudo cannot elevate under no_new_privs: when the template has a sudo, the agent
+        // binary takes its place (read-only, in this mount namespace only: the template and
+        // the writable layer never see it), and runs as the client of the agent's broker.
+        // After pivot_root, so a symlinked /usr/bin/sudo resolves inside the sandbox.
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::stat(SUDO_IN_SANDBOX.as_ptr(), &mut st) == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+        {
+            if libc::mount(
+                c"/.cella/agent".as_ptr(),
+                SUDO_IN_SANDBOX.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                fail(err, Step::SudoShim)
+            }
+            if libc::mount(
+                std::ptr::null(),
+                SUDO_IN_SANDBOX.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | plan.agent_ro_flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                fail(err, Step::SudoShim)
+            }
         }
 
         let host = plan.hostname.as_bytes();

@@ -823,6 +823,40 @@ async fn sandboxes_cannot_see_each_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sudo_shim_replaces_only_an_existing_sudo() {
+    let Some(env) = env() else { return };
+    // A template without sudo stays without it.
+    let id = unique_id("nosudo");
+    let (sb, _ev) = create(&env, &id, small_limits()).await;
+    let (out, code) = run(&sb, "test -e /usr/bin/sudo && echo present || echo absent").await;
+    assert_eq!((out.trim(), code), ("absent", 0));
+    sb.destroy().await.expect("destroy");
+    // With one, the sandbox sees the agent there, read-only; the template keeps its file.
+    std::fs::create_dir_all(env.rootfs.join("usr/bin")).expect("mkdir");
+    write_exec(
+        &env.rootfs.join("usr/bin/sudo"),
+        "#!/bin/sh\necho real sudo\n",
+    );
+    lchown_tree(&env.rootfs);
+    let id = unique_id("sudo");
+    let (sb, _ev) = create(&env, &id, small_limits()).await;
+    let (out, code) = run(
+        &sb,
+        "cmp /usr/bin/sudo /.cella/agent && echo same; (echo x > /usr/bin/sudo) 2>/dev/null || echo refused; \
+         rm -f /usr/bin/sudo 2>/dev/null || echo busy; grep -c ' /usr/bin/sudo ro,' /proc/self/mountinfo",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, ["same", "refused", "busy", "1"], "{out}");
+    assert_eq!(
+        std::fs::read_to_string(env.rootfs.join("usr/bin/sudo")).expect("template sudo"),
+        "#!/bin/sh\necho real sudo\n"
+    );
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_agent_fails_cleanly() {
     let Some(env) = env_with_agent("#!/bin/sh\necho dying >&2\nexit 3\n") else {
         return;

@@ -174,6 +174,21 @@ pub enum AgentEvent {
         /// How many were left out.
         count: u64,
     },
+    /// A sandbox process asked the agent's sudo broker to run a command (jail sandboxes).
+    Sudo {
+        /// PID inside the sandbox of the asking process (`sudo` itself).
+        pid: u32,
+        /// Its uid inside the sandbox (from the kernel, `SO_PEERCRED`).
+        uid: u32,
+        /// Its user name.
+        user: String,
+        /// The user the command was to run as.
+        target: String,
+        /// The command line asked for (empty for a login shell or `-l`).
+        argv: Vec<String>,
+        /// Whether sudoers granted it.
+        allowed: bool,
+    },
 }
 
 impl AgentEvent {
@@ -201,6 +216,7 @@ impl AgentEvent {
             AgentEvent::FsRemove { .. } => "fs.remove",
             AgentEvent::FsRename { .. } => "fs.rename",
             AgentEvent::FsSuppressed { .. } => "fs.suppressed",
+            AgentEvent::Sudo { .. } => "sudo",
         }
     }
 
