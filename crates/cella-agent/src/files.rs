@@ -521,11 +521,14 @@ async fn upload_inner(
             let (p, m) = (path.clone(), meta.clone());
             let _ = tokio::task::spawn_blocking(move || set_metadata(&p, &m)).await;
         }
-        agent.events.emit(AgentEvent::FileWrite {
-            path: path.display().to_string(),
-            size,
-            user: user.name.clone(),
-        });
+        agent
+            .events
+            .emit_flushed(AgentEvent::FileWrite {
+                path: path.display().to_string(),
+                size,
+                user: user.name.clone(),
+            })
+            .await;
         out.push(WriteInfo {
             name: path
                 .file_name()
@@ -579,11 +582,14 @@ async fn compose_inner(agent: &AgentRef, body: Body) -> Result<WriteInfo, HttpEr
     let size = tokio::task::spawn_blocking(move || compose_files(&sources, &d2, owner))
         .await
         .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    agent.events.emit(AgentEvent::FileWrite {
-        path: dest.display().to_string(),
-        size,
-        user: user.name.clone(),
-    });
+    agent
+        .events
+        .emit_flushed(AgentEvent::FileWrite {
+            path: dest.display().to_string(),
+            size,
+            user: user.name.clone(),
+        })
+        .await;
     Ok(WriteInfo {
         name: dest
             .file_name()

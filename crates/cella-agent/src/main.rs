@@ -156,7 +156,11 @@ fn loopback_up() {
 
 /// Write audit events to the control fd from a dedicated thread, so a host that stops reading
 /// blocks only that thread; the channel in front of it drops events when full.
-fn spawn_event_writer(mut out: std::fs::File, mut rx: tokio::sync::mpsc::Receiver<AgentEvent>) {
+fn spawn_event_writer(
+    mut out: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<AgentEvent>,
+    written: tokio::sync::watch::Sender<u64>,
+) {
     let spawned = std::thread::Builder::new()
         .name("control-writer".into())
         .spawn(move || {
@@ -164,6 +168,7 @@ fn spawn_event_writer(mut out: std::fs::File, mut rx: tokio::sync::mpsc::Receive
                 if out.write_all(&ev.to_line()).is_err() {
                     break;
                 }
+                written.send_modify(|n| *n += 1);
             }
         });
     if let Err(e) = spawned {
@@ -293,8 +298,9 @@ async fn run(args: Args) -> Result<()> {
     let events = match control {
         Some(file) => {
             let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
-            spawn_event_writer(file, rx);
-            let sink = EventSink::new(tx);
+            let (written_tx, written_rx) = tokio::sync::watch::channel(0u64);
+            spawn_event_writer(file, rx, written_tx);
+            let sink = EventSink::tracked(tx, written_rx);
             sink.emit(AgentEvent::Ready {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             });

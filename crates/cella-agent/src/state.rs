@@ -40,24 +40,67 @@ pub struct Settings {
 #[derive(Debug, Clone, Default)]
 pub struct EventSink {
     tx: Option<tokio::sync::mpsc::Sender<AgentEvent>>,
+    /// Events queued so far (under the lock, so the count matches the channel's order).
+    queued: Arc<std::sync::Mutex<u64>>,
+    /// Events the writer has put on the control channel (absent: not tracked).
+    written: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
+/// Longest [`EventSink::emit_flushed`] waits for the writer.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl EventSink {
-    /// A sink feeding a channel.
+    /// A sink feeding a channel (untracked: [`EventSink::emit_flushed`] does not wait).
+    #[cfg(test)]
     pub fn new(tx: tokio::sync::mpsc::Sender<AgentEvent>) -> Self {
-        EventSink { tx: Some(tx) }
+        EventSink {
+            tx: Some(tx),
+            ..EventSink::default()
+        }
+    }
+
+    /// A sink whose writer reports each event it wrote in `written`, so that
+    /// [`EventSink::emit_flushed`] can wait for it.
+    pub fn tracked(
+        tx: tokio::sync::mpsc::Sender<AgentEvent>,
+        written: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
+        EventSink {
+            tx: Some(tx),
+            queued: Arc::default(),
+            written: Some(written),
+        }
+    }
+
+    /// Queue an event; `Some(n)`: it is the n-th queued. Dropped if the host is not keeping up.
+    fn queue(&self, event: AgentEvent) -> Option<u64> {
+        let Some(tx) = &self.tx else {
+            tracing::debug!(?event, "audit event");
+            return None;
+        };
+        let mut queued = self.queued.lock().ok()?;
+        if tx.try_send(event).is_err() {
+            tracing::debug!("control channel full, audit event dropped");
+            return None;
+        }
+        *queued += 1;
+        Some(*queued)
     }
 
     /// Queue an event; dropped if the host is not keeping up.
     pub fn emit(&self, event: AgentEvent) {
-        match &self.tx {
-            Some(tx) => {
-                if tx.try_send(event).is_err() {
-                    tracing::debug!("control channel full, audit event dropped");
-                }
-            }
-            None => tracing::debug!(?event, "audit event"),
-        }
+        let _ = self.queue(event);
+    }
+
+    /// Queue an event and wait (at most [`FLUSH_WAIT`]) until it is on the control channel:
+    /// for records of what the API itself did (a file written), which must not be lost when
+    /// the sandbox is killed right after the answer.
+    pub async fn emit_flushed(&self, event: AgentEvent) {
+        let (Some(n), Some(written)) = (self.queue(event), self.written.clone()) else {
+            return;
+        };
+        let mut written = written;
+        let _ = tokio::time::timeout(FLUSH_WAIT, written.wait_for(|w| *w >= n)).await;
     }
 }
 
@@ -217,6 +260,41 @@ pub fn resolve_path(path: &str, home: &str, default: Option<&str>) -> Result<Pat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn emit_flushed_waits_until_the_writer_wrote_the_event() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let (written_tx, written_rx) = tokio::sync::watch::channel(0u64);
+        let sink = EventSink::tracked(tx, written_rx);
+        sink.emit(AgentEvent::Ready {
+            version: "x".into(),
+        });
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d2 = done.clone();
+        let writer = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(_ev) = rx.recv().await {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                n += 1;
+                if n == 2 {
+                    d2.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                written_tx.send_modify(|w| *w += 1);
+            }
+        });
+        sink.emit_flushed(AgentEvent::FileWrite {
+            path: "/x".into(),
+            size: 1,
+            user: "user".into(),
+        })
+        .await;
+        assert!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            "returned before the second event was written"
+        );
+        drop(sink);
+        let _ = writer.await;
+    }
     use axum::http::HeaderValue;
 
     #[test]
