@@ -762,6 +762,55 @@ unsafe fn make_file(path: &std::ffi::CStr, mode: libc::mode_t) -> bool {
     }
 }
 
+/// Why a read-only bind failed.
+enum BindFailed {
+    /// The bind itself.
+    Bind,
+    /// Making it read-only.
+    Remount,
+}
+
+/// Bind `src` over `dst`, then make it read-only, no setuid, no devices, plus `extra` flags
+/// (no allocation: runs in the child).
+///
+/// # Safety
+/// Child-only.
+unsafe fn bind_readonly(
+    src: &std::ffi::CStr,
+    dst: &std::ffi::CStr,
+    extra: libc::c_ulong,
+) -> Result<(), BindFailed> {
+    // SAFETY: both paths are NUL-terminated; the null pointers are allowed for a bind.
+    unsafe {
+        if libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(BindFailed::Bind);
+        }
+        if libc::mount(
+            std::ptr::null(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | extra,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(BindFailed::Remount);
+        }
+    }
+    Ok(())
+}
+
 /// Move `fd` to a number ≥ 10 (so dup2 onto 0..3 cannot clobber it), close-on-exec.
 ///
 /// # Safety
@@ -981,30 +1030,10 @@ unsafe fn child_main(plan: &ChildPlan) -> ! {
         if !make_file(c".cella/agent", 0o755) {
             fail(err, Step::AgentMountpoint)
         }
-        if libc::mount(
-            plan.agent.as_ptr(),
-            c".cella/agent".as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) != 0
-        {
-            fail(err, Step::AgentBind)
-        }
-        if libc::mount(
-            std::ptr::null(),
-            c".cella/agent".as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | plan.agent_ro_flags,
-            std::ptr::null(),
-        ) != 0
-        {
-            fail(err, Step::AgentReadonly)
+        match bind_readonly(&plan.agent, c".cella/agent", plan.agent_ro_flags) {
+            Ok(()) => {}
+            Err(BindFailed::Bind) => fail(err, Step::AgentBind),
+            Err(BindFailed::Remount) => fail(err, Step::AgentReadonly),
         }
         // sysfs is optional (the kernel refuses it in some configurations); read-only.
         libc::mount(
@@ -1032,32 +1061,9 @@ unsafe fn child_main(plan: &ChildPlan) -> ! {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::stat(SUDO_IN_SANDBOX.as_ptr(), &mut st) == 0
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && bind_readonly(c"/.cella/agent", SUDO_IN_SANDBOX, plan.agent_ro_flags).is_err()
         {
-            if libc::mount(
-                c"/.cella/agent".as_ptr(),
-                SUDO_IN_SANDBOX.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ) != 0
-            {
-                fail(err, Step::SudoShim)
-            }
-            if libc::mount(
-                std::ptr::null(),
-                SUDO_IN_SANDBOX.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND
-                    | libc::MS_REMOUNT
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | plan.agent_ro_flags,
-                std::ptr::null(),
-            ) != 0
-            {
-                fail(err, Step::SudoShim)
-            }
+            fail(err, Step::SudoShim)
         }
 
         let host = plan.hostname.as_bytes();
