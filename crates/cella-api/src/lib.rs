@@ -142,7 +142,7 @@ pub struct NewSandbox {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
     /// Network settings (`SandboxNetworkConfig`): `allowPublicTraffic`, `allowOut`, `denyOut`,
-    /// `dnsServers`, `maskRequestHost`, `httpsPorts`, `egressProxy`; `rules` is refused.
+    /// `dnsServers`, `maskRequestHost`, `httpsPorts`, `egressProxy`, `rules`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
     /// Workload identity tokens: refused (400), cella has no IAM token service.
@@ -180,9 +180,10 @@ pub struct NetworkConfig {
     /// replaced by the port); default: the request's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_request_host: Option<String>,
-    /// Per-host request transforms of E2B's egress proxy: refused (400), cella has none.
+    /// Per-host request transforms (`SandboxNetworkConfigRules`): headers set on the
+    /// sandbox's outbound HTTP/HTTPS requests to those hosts, outside the sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rules: Option<Unsupported>,
+    pub rules: Option<NetworkRules>,
     /// A SOCKS5 proxy the sandbox's outbound TCP is tunneled through (after the allow/deny
     /// rules), on the host; the sandbox does not see it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +192,29 @@ pub struct NetworkConfig {
     /// certificates are not verified, so self-signed ones work). Not the agent's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https_ports: Option<Vec<i64>>,
+}
+
+/// `network.rules`: a host (a name, `*.name`, an IPv4 address or CIDR) mapped to the rules
+/// applied, in order, to the sandbox's outbound requests to it.
+pub type NetworkRules = std::collections::BTreeMap<String, Vec<NetworkRule>>;
+
+/// One per-host rule (`SandboxNetworkRule`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkRule {
+    /// What is changed in a matching request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<NetworkTransform>,
+}
+
+/// `SandboxNetworkTransform`: headers set (overriding the request's own) on a matching
+/// request. In responses the values are never returned (they are usually credentials).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkTransform {
+    /// Header name to value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A JSON value cella accepts only to refuse it with a clear error: a field of a feature it
@@ -235,9 +259,9 @@ pub struct NetworkUpdate {
         skip_serializing_if = "Option::is_none"
     )]
     pub allow_internet_access: Option<bool>,
-    /// Per-host request transforms: refused (400), as at create.
+    /// See [`NetworkConfig::rules`]; omitted removes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rules: Option<Unsupported>,
+    pub rules: Option<NetworkRules>,
     /// See [`NetworkConfig::egress_proxy`]; omitted stops tunneling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<EgressProxyConfig>,

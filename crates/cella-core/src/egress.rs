@@ -140,6 +140,11 @@ impl DomainPattern {
         Ok(DomainPattern { name, wildcard })
     }
 
+    /// Whether this is a `*.name` pattern.
+    pub fn is_wildcard(&self) -> bool {
+        self.wildcard
+    }
+
     /// Whether a queried name (any case, trailing dot allowed) matches.
     pub fn matches(&self, qname: &str) -> bool {
         let q = qname.trim_end_matches('.');
@@ -192,6 +197,259 @@ pub struct EgressPolicy {
     pub dns_servers: Vec<Ipv4Addr>,
     /// `egressProxy`: the SOCKS5 proxy outbound TCP is tunneled through (after the rules).
     pub proxy: Option<EgressProxy>,
+    /// `rules`: headers set on outbound HTTP/HTTPS requests to some hosts.
+    pub rules: TransformRules,
+}
+
+impl EgressPolicy {
+    /// Whether new TCP connections go through the host's tunnel listener (a proxy, or
+    /// requests to rewrite).
+    pub fn tunnels(&self) -> bool {
+        self.proxy.is_some() || !self.rules.is_empty()
+    }
+}
+
+/// Most hosts in `rules` (E2B's limit).
+pub const MAX_RULE_HOSTS: usize = 10;
+/// Most headers in one rule (E2B's limit).
+pub const MAX_RULE_HEADERS: usize = 20;
+/// Longest header value accepted in a rule.
+pub const MAX_RULE_HEADER_VALUE: usize = 8192;
+
+/// Headers a rule may not set: they frame the message or the connection, so setting them
+/// would break (or smuggle) requests rather than add a credential.
+const FORBIDDEN_RULE_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "expect",
+];
+
+/// What a rule's host key matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleTarget {
+    /// A name or `*.name`, matched against the request's TLS server name or `Host`.
+    Domain(DomainPattern),
+    /// An address or network, matched against the connection's destination.
+    Cidr(Ipv4Cidr),
+}
+
+/// The validated rules of one host key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRules {
+    /// The key as given (reported back).
+    pub key: String,
+    /// What it matches.
+    pub target: RuleTarget,
+    /// Its rules in order; each is the headers it sets (names lowercase).
+    pub rules: Vec<Vec<(String, String)>>,
+}
+
+/// E2B's `network.rules`, validated: per host, headers the egress proxy sets (replacing the
+/// request's own) on matching requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransformRules {
+    hosts: Vec<HostRules>,
+}
+
+impl TransformRules {
+    /// Validate a request's `rules` (`field` names it in errors).
+    pub fn from_request(
+        rules: Option<&cella_api::NetworkRules>,
+        field: &'static str,
+    ) -> Result<TransformRules, PolicyError> {
+        let Some(rules) = rules else {
+            return Ok(TransformRules::default());
+        };
+        let bad = |m: String| PolicyError::new(field, m);
+        if rules.len() > MAX_RULE_HOSTS {
+            return Err(bad(format!("at most {MAX_RULE_HOSTS} hosts")));
+        }
+        let mut hosts = Vec::with_capacity(rules.len());
+        for (key, list) in rules {
+            let k = key.trim();
+            if looks_like_ipv6(k) {
+                return Err(bad(format!(
+                    "{k:?}: IPv6 egress is not supported (cella blocks all IPv6)"
+                )));
+            }
+            let target = if k.bytes().next().is_some_and(|b| b.is_ascii_digit()) && is_ipish(k) {
+                RuleTarget::Cidr(Ipv4Cidr::parse(k).map_err(&bad)?)
+            } else {
+                RuleTarget::Domain(DomainPattern::parse(k).map_err(&bad)?)
+            };
+            let mut out = Vec::with_capacity(list.len());
+            for rule in list {
+                let headers = rule
+                    .transform
+                    .as_ref()
+                    .and_then(|t| t.headers.as_ref())
+                    .cloned()
+                    .unwrap_or_default();
+                if headers.len() > MAX_RULE_HEADERS {
+                    return Err(bad(format!(
+                        "{k}: at most {MAX_RULE_HEADERS} headers per rule"
+                    )));
+                }
+                let mut set = Vec::with_capacity(headers.len());
+                for (name, value) in headers {
+                    let lower = name.to_ascii_lowercase();
+                    if !is_header_name(&lower) {
+                        return Err(bad(format!("{k}: {name:?} is not an HTTP header name")));
+                    }
+                    if FORBIDDEN_RULE_HEADERS.contains(&lower.as_str())
+                        || lower.starts_with("proxy-")
+                    {
+                        return Err(bad(format!(
+                            "{k}: the {name} header frames the request and cannot be set"
+                        )));
+                    }
+                    if value.len() > MAX_RULE_HEADER_VALUE
+                        || value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+                    {
+                        return Err(bad(format!(
+                            "{k}: the value of {name} must be at most {MAX_RULE_HEADER_VALUE} \
+                             bytes without control characters"
+                        )));
+                    }
+                    if value.contains("${e2b.identity.") {
+                        return Err(PolicyError::new(
+                            "iam",
+                            format!(
+                                "{k}: the value of {name} holds a workload identity placeholder; \
+                                 IAM tokens are not supported by this cella server"
+                            ),
+                        ));
+                    }
+                    set.push((lower, value));
+                }
+                out.push(set);
+            }
+            hosts.push(HostRules {
+                key: k.to_string(),
+                target,
+                rules: out,
+            });
+        }
+        Ok(TransformRules { hosts })
+    }
+
+    /// No rule at all.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// The validated hosts.
+    pub fn hosts(&self) -> &[HostRules] {
+        &self.hosts
+    }
+
+    /// Whether any key could match a request to `host` (a TLS server name or `Host`) on a
+    /// connection to `ip`.
+    pub fn matches(&self, host: Option<&str>, ip: Ipv4Addr) -> bool {
+        self.hosts.iter().any(|h| h.target_matches(host, ip))
+    }
+
+    /// The headers to set on a request to `host` over a connection to `ip`: the rules of
+    /// every matching key, addresses first, then `*.` names, then exact names (so the most
+    /// specific key wins), each key's rules in order; a later value of a name replaces an
+    /// earlier one. Names are lowercase.
+    pub fn headers_for(&self, host: Option<&str>, ip: Ipv4Addr) -> Vec<(String, String)> {
+        let rank = |t: &RuleTarget| match t {
+            RuleTarget::Cidr(_) => 0,
+            RuleTarget::Domain(d) if d.is_wildcard() => 1,
+            RuleTarget::Domain(_) => 2,
+        };
+        let mut matching: Vec<&HostRules> = self
+            .hosts
+            .iter()
+            .filter(|h| h.target_matches(host, ip))
+            .collect();
+        matching.sort_by_key(|h| rank(&h.target));
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (name, value) in matching.iter().flat_map(|h| h.rules.iter().flatten()) {
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = value.clone(),
+                None => out.push((name.clone(), value.clone())),
+            }
+        }
+        out
+    }
+
+    /// The request that gives these rules again, values included (for the 0600 record of a
+    /// sandbox paused to disk, never for a response).
+    pub fn to_request(&self) -> Option<cella_api::NetworkRules> {
+        self.to_api(false)
+    }
+
+    /// As reported: hosts and header names, every value replaced by `"***"` (they are
+    /// usually credentials the sandbox's owner meant to keep out of it).
+    pub fn to_info(&self) -> Option<cella_api::NetworkRules> {
+        self.to_api(true)
+    }
+
+    fn to_api(&self, redact: bool) -> Option<cella_api::NetworkRules> {
+        if self.hosts.is_empty() {
+            return None;
+        }
+        let map = self
+            .hosts
+            .iter()
+            .map(|h| {
+                let rules = h
+                    .rules
+                    .iter()
+                    .map(|set| cella_api::NetworkRule {
+                        transform: Some(cella_api::NetworkTransform {
+                            headers: Some(
+                                set.iter()
+                                    .map(|(n, v)| {
+                                        let v = if redact { "***".into() } else { v.clone() };
+                                        (n.clone(), v)
+                                    })
+                                    .collect(),
+                            ),
+                        }),
+                    })
+                    .collect();
+                (h.key.clone(), rules)
+            })
+            .collect();
+        Some(map)
+    }
+
+    /// For the audit log: per host key, the header names it sets (never values).
+    pub fn audit_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for h in &self.hosts {
+            let names: Vec<&str> = h.rules.iter().flatten().map(|(n, _)| n.as_str()).collect();
+            m.insert(h.key.clone(), names.into());
+        }
+        m.into()
+    }
+}
+
+impl HostRules {
+    fn target_matches(&self, host: Option<&str>, ip: Ipv4Addr) -> bool {
+        match &self.target {
+            RuleTarget::Cidr(c) => c.contains(ip),
+            RuleTarget::Domain(d) => host.is_some_and(|h| d.matches(h)),
+        }
+    }
+}
+
+/// An RFC 9110 field name (token characters), lowercase.
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Longest `egressProxy.username` / `password` (RFC 1929: one length byte).
@@ -362,6 +620,7 @@ impl Default for EgressPolicy {
             deny_cidrs: Vec::new(),
             dns_servers: vec![DEFAULT_DNS_SERVER],
             proxy: None,
+            rules: TransformRules::default(),
         }
     }
 }
@@ -491,6 +750,21 @@ impl EgressPolicy {
         Ok(self)
     }
 
+    /// Replace `rules` (`None`: none).
+    pub fn with_rules(
+        mut self,
+        rules: Option<&cella_api::NetworkRules>,
+        field_prefix: &'static str,
+    ) -> Result<EgressPolicy, PolicyError> {
+        let field = if field_prefix.is_empty() {
+            "rules"
+        } else {
+            "network.rules"
+        };
+        self.rules = TransformRules::from_request(rules, field)?;
+        Ok(self)
+    }
+
     /// The `dnsServers` the firewall opens: all of them when `allowOut` names a domain, none
     /// otherwise (E2B: "with no domain in allow_out it has no effect"). An entry counts as
     /// an explicit allow, so it opens even an always-blocked range (e.g. a resolver on the
@@ -550,6 +824,9 @@ impl EgressPolicy {
             "dnsServers": self.dns_servers_out() });
         if let Some(p) = &self.proxy {
             v["egressProxy"] = serde_json::to_value(p.to_info()).unwrap_or_default();
+        }
+        if !self.rules.is_empty() {
+            v["rules"] = self.rules.audit_json();
         }
         v
     }

@@ -297,6 +297,7 @@ impl LiveSandbox {
                 .as_ref()
                 .and_then(|p| p.proxy.as_ref())
                 .map(crate::egress::EgressProxy::to_info),
+            rules: policy.as_ref().and_then(|p| p.rules.to_info()),
             mask_request_host: mask,
             https_ports: (!https.is_empty()).then_some(https),
             ..Default::default()
@@ -608,6 +609,7 @@ impl Manager {
         )
         .and_then(|p| p.with_dns_servers(network.dns_servers.as_deref(), "network."))
         .and_then(|p| p.with_egress_proxy(network.egress_proxy.as_ref(), "network."))
+        .and_then(|p| p.with_rules(network.rules.as_ref(), "network."))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
             message: e.message,
@@ -1438,7 +1440,6 @@ impl Manager {
         id: &str,
         req: cella_api::NetworkUpdate,
     ) -> Result<(), ManagerError> {
-        refuse_rules(req.rules.as_ref(), "rules")?;
         let live = self.get_live(Some(owner), id)?;
         if live.on_disk.is_some() {
             return Err(ManagerError::WrongState {
@@ -1454,6 +1455,7 @@ impl Manager {
         )
         .and_then(|p| p.with_dns_servers(req.dns_servers.as_deref(), ""))
         .and_then(|p| p.with_egress_proxy(req.egress_proxy.as_ref(), ""))
+        .and_then(|p| p.with_rules(req.rules.as_ref(), ""))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
             message: e.message,
@@ -2106,6 +2108,7 @@ fn paused_record(live: &LiveSandbox, snapshot: &str, end_at_ms: i64) -> PausedRe
         net.deny_out = Some(p.deny_out());
         net.dns_servers = Some(p.dns_servers_out());
         net.egress_proxy = p.proxy.as_ref().map(crate::egress::EgressProxy::to_request);
+        net.rules = p.rules.to_request();
     }
     PausedRecord {
         id: live.handle.id().to_string(),
@@ -2339,7 +2342,6 @@ fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
         );
     }
     if let Some(n) = &req.network {
-        refuse_rules(n.rules.as_ref(), "network.rules")?;
         if let Some(ports) = &n.https_ports {
             validate_https_ports(ports)?;
         }
@@ -2380,23 +2382,6 @@ fn validate_https_ports(ports: &[i64]) -> Result<(), ManagerError> {
                 "{p} is the sandbox agent's port, which is always plain HTTP"
             ));
         }
-    }
-    Ok(())
-}
-
-/// `rules` (E2B's per-host request transforms) of a create or a network update: refused
-/// when not empty (cella's egress proxy support tunnels, it does not rewrite requests).
-fn refuse_rules(
-    rules: Option<&cella_api::Unsupported>,
-    field: &'static str,
-) -> Result<(), ManagerError> {
-    if rules.is_some_and(|v| !v.is_empty()) {
-        return Err(ManagerError::InvalidField {
-            field,
-            message: "per-host request transforms are not supported by this cella server (it \
-                      has no egress proxy that rewrites requests)"
-                .into(),
-        });
     }
     Ok(())
 }
