@@ -418,6 +418,7 @@ FAKE_NAMES = {
     "allowed.test": "198.51.100.10",
     "www.allowed.test": "198.51.100.10",
     "other.test": "203.0.113.10",
+    "api.test": "198.51.100.10",
 }
 
 _FAKE_HTTP = r"""

@@ -52,7 +52,79 @@ def fake():
 
 
 @pytest.fixture(scope="module")
-def egress(server, fake):
+def test_ca():
+    """A private CA and certificates it signed: `api` for api.test/allowed.test, `other` for
+    other.test. The egress server trusts the CA for upstream servers (`--egress-upstream-ca`),
+    as a server behind a corporate CA would."""
+    import subprocess
+
+    d = Path(tempfile.mkdtemp(prefix="cella-e2e-ca-"))
+    run = lambda cmd: subprocess.run(cmd.split(), check=True, capture_output=True)  # noqa: E731
+    run(f"openssl req -x509 -newkey rsa:2048 -nodes -keyout {d}/ca.key -out {d}/ca.pem -days 2 -subj /CN=cella-e2e-upstream-ca")
+    for name, sans in (("api", "DNS:api.test,DNS:allowed.test"), ("other", "DNS:other.test")):
+        (d / f"{name}.cnf").write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\n")
+        run(f"openssl req -newkey rsa:2048 -nodes -keyout {d}/{name}.key -out {d}/{name}.csr -subj /CN={name}")
+        run(f"openssl x509 -req -in {d}/{name}.csr -CA {d}/ca.pem -CAkey {d}/ca.key -CAcreateserial "
+            f"-days 2 -out {d}/{name}.pem -extfile {d}/{name}.cnf")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# Echo servers on the fake internet: HTTPS on :443 (198.51.100.10 with the `api` certificate,
+# 203.0.113.10 with `other`) and plain HTTP on :8080 of both. They answer every request with
+# the headers they received, as JSON.
+_ECHO = r"""
+import http.server, socketserver, ssl, sys, json, threading
+certs = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def _do(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        out = json.dumps({"headers": {k.lower(): v for k, v in self.headers.items()},
+                          "auth": self.headers.get_all("authorization") or [],
+                          "bodyLen": len(body), "server": self.connection.getsockname()[0]}).encode()
+        self.send_response(200); self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out))); self.end_headers(); self.wfile.write(out)
+    do_GET = do_POST = do_PUT = _do
+    def log_message(self, *a): pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+def serve(addr, port, cert=None):
+    s = S((addr, port), H)
+    if cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(f"{certs}/{cert}.pem", f"{certs}/{cert}.key")
+        s.socket = ctx.wrap_socket(s.socket, server_side=True)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+serve("198.51.100.10", 443, "api"); serve("203.0.113.10", 443, "other")
+serve("198.51.100.10", 8080); serve("203.0.113.10", 8080)
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.fixture(scope="module")
+def echo(fake, test_ca):
+    import subprocess
+
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", fake.ns, "python3", "-c", _ECHO, str(test_ca)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert p.stdout.readline().strip() == "ready", "echo servers did not start"
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def egress(server, fake, test_ca):
     """A second server with egress allowed; the SDK points at it for this module's tests.
     It depends on the session server, which builds the `base` template on a fresh host."""
     tmp = Path(tempfile.mkdtemp(prefix="cella-e2e-net-"))
@@ -64,6 +136,7 @@ def egress(server, fake):
             "--egress", "allowed",
             "--dns-upstream", fake.dns,
             "--egress-interface", fake.host_if,
+            "--egress-upstream-ca", str(test_ca / "ca.pem"),
             "--build", "",
         ],
     )
@@ -710,3 +783,115 @@ def test_egress_proxy_over_tls_verifies_the_proxy(egress, fake, tmp_path):
             assert len(proxy.seen) == before, proxy.seen
     finally:
         proxy.close()
+
+
+def fetch(sbx: Sandbox, url: str, *args: str, timeout: int = 5) -> dict:
+    """`curl` in the sandbox; the echo server's JSON answer (AssertionError with curl's
+    output when it fails)."""
+    extra = " ".join(args)
+    r = sbx.commands.run(
+        f"curl -sS --max-time {timeout} {extra} {url}; echo \" rc=$?\"", timeout=timeout + 30
+    )
+    out = (r.stdout + r.stderr).strip()
+    assert out.endswith(" rc=0"), out
+    return json.loads(out[: -len(" rc=0")])
+
+
+SECRET = "Bearer sk-cella-e2e-0123456789"
+RULES = {"api.test": [{"transform": {"headers": {"Authorization": SECRET, "X-Trace": "on"}}}]}
+
+
+def test_rules_inject_headers_into_https_and_http_requests(egress, echo):
+    """network.rules: requests to api.test get the rule's headers (replacing the sandbox's
+    own), over HTTPS (cella's CA, trusted inside the sandbox, signs what the sandbox sees;
+    the real server's certificate is verified) and plain HTTP; the secret never enters the
+    sandbox and is never returned or audited."""
+    net = {"allow_out": ["api.test"], "deny_out": ["0.0.0.0/0"], "rules": RULES}
+    with Sandbox.create(template="base", timeout=120, network=net) as sbx:
+        got = fetch(sbx, "https://api.test/v1/models", "-H 'Authorization: Bearer fake'")
+        assert got["auth"] == [SECRET], got
+        assert got["headers"]["x-trace"] == "on", got
+        # Keep-alive: every request on one connection is rewritten.
+        r = sbx.commands.run(
+            "curl -sS --max-time 5 https://api.test/a https://api.test/b", timeout=30
+        )
+        assert r.stdout.count(SECRET) == 2, r.stdout
+        # A request body streams through.
+        got = fetch(sbx, "https://api.test/upload", "-X POST --data-binary @/usr/bin/curl")
+        size = int(sbx.commands.run("stat -c %s /usr/bin/curl").stdout)
+        assert got["bodyLen"] == size and got["auth"] == [SECRET], got
+        # Python's default TLS context (the system bundle) trusts it too.
+        py = sbx.commands.run(
+            "python3 -c \"import json,urllib.request as u;"
+            "print(json.load(u.urlopen('https://api.test/'))['auth'])\"",
+            timeout=30,
+        )
+        assert SECRET in py.stdout, (py.stdout, py.stderr)
+        # Plain HTTP to an address the sandbox resolved api.test to.
+        got = fetch(sbx, "http://api.test:8080/")
+        assert got["auth"] == [SECRET], got
+        # The secret is nowhere inside; the CA and its environment are.
+        env = sbx.commands.run("env; cat /etc/ssl/certs/ca-certificates.crt", timeout=30).stdout
+        assert SECRET.split()[1] not in env
+        assert "NODE_EXTRA_CA_CERTS=/usr/local/share/ca-certificates/cella-egress-ca.crt" in env
+        with egress.api() as c:
+            info = c.get(f"/sandboxes/{sbx.sandbox_id}").json()
+            records = c.get("/audit", params={"sandboxID": sbx.sandbox_id, "limit": 1000}).json()
+        assert info["network"]["rules"] == {
+            "api.test": [{"transform": {"headers": {"authorization": "***", "x-trace": "***"}}}]
+        }, info
+        assert SECRET.split()[1] not in json.dumps(info) + json.dumps(records)
+        seen = [r["detail"] for r in records if r["kind"] == "net.transform"]
+        assert any(d.get("host") == "api.test" and d.get("injected", 0) >= 1 for d in seen), seen
+
+        # update_network without rules: requests go through untouched.
+        sbx.update_network({"allow_out": ["api.test"], "deny_out": ["0.0.0.0/0"]})
+        got = fetch(sbx, "http://api.test:8080/", "-H 'Authorization: Bearer own'")
+        assert got["auth"] == ["Bearer own"], got
+
+
+def test_rules_match_only_their_host_and_fail_closed(egress, echo):
+    """Other hosts pass untouched; a Host header aimed at another address gets nothing; a
+    server without a valid certificate for the rule's host gets no request."""
+    with Sandbox.create(template="base", timeout=120, network={"rules": RULES}) as sbx:
+        # Another host over HTTPS: the sandbox talks to the real server (its own
+        # certificate, which only -k accepts here), nothing is added.
+        got = fetch(sbx, "https://other.test/", "-k")
+        assert got["auth"] == [] and "x-trace" not in got["headers"], got
+        assert fetch(sbx, "http://other.test:8080/")["auth"] == []
+        # `Host: api.test` sent to an address api.test does not resolve to: no secret.
+        fetch(sbx, "http://api.test:8080/")  # resolves (and learns) api.test
+        got = fetch(sbx, "http://203.0.113.10:8080/", "-H 'Host: api.test'")
+        assert got["auth"] == [], got
+        # SNI api.test to a server that cannot prove it is api.test: the connection fails.
+        r = sbx.commands.run(
+            "curl -sS --max-time 5 --resolve api.test:443:203.0.113.10 https://api.test/; "
+            "echo \" rc=$?\"", timeout=30
+        )
+        assert not r.stdout.strip().endswith(" rc=0"), r.stdout
+        assert SECRET not in r.stdout
+        failed = [a["detail"] for a in audit(egress, sbx.sandbox_id, "net.transform")
+                  if a["detail"].get("verdict") == "failed"]
+        assert failed and failed[0]["dst"] == "203.0.113.10", failed
+
+
+def test_rules_added_later_and_validation(egress, echo):
+    with Sandbox.create(template="base", timeout=120) as sbx:
+        sbx.update_network({"rules": RULES})
+        # The CA is trusted from then on (curl reads the bundle per process).
+        got = fetch(sbx, "https://api.test/")
+        assert got["auth"] == [SECRET], got
+        with pytest.raises(Exception) as e:
+            sbx.update_network({"rules": {"api.test": [{"transform": {"headers": {"Host": "x"}}}]}})
+        assert "rules" in str(e.value), e.value
+    for bad, field in (
+        ({f"h{i}.test": [] for i in range(11)}, "network.rules"),
+        ({"api.test": [{"transform": {"headers": {"Content-Length": "1"}}}]}, "network.rules"),
+        ({"api.test": [{"transform": {"headers": {"bad name": "1"}}}]}, "network.rules"),
+        ({"api.test": [{"transform": {"headers": {"X": "a\r\nInjected: 1"}}}]}, "network.rules"),
+        ({"2001:db8::/32": []}, "network.rules"),
+        ({"api.test": [{"transform": {"headers": {"X": "${e2b.identity.tokens.aws}"}}}]}, "iam"),
+    ):
+        with pytest.raises(Exception) as e:
+            Sandbox.create(template="base", timeout=60, network={"rules": bad})
+        assert field in str(e.value), (bad, e.value)

@@ -25,6 +25,7 @@ pub fn app(agent: AgentRef) -> Router {
         .route("/fsfreeze", post(quiesce::fsfreeze))
         .route("/fsthaw", post(quiesce::fsthaw))
         .route("/egress", post(netcfg::egress))
+        .route("/trust", post(netcfg::trust))
         .route("/files", get(files::download).post(files::upload))
         .route("/files/compose", post(files::compose))
         .route("/process.Process/Start", post(process::start))

@@ -8,6 +8,13 @@
 //! boundary (code in the guest is root and could do the same); the policy is enforced on the
 //! host, after the namespace's NAT. Like `/fsfreeze`, the proxy refuses the route from outside,
 //! it needs the access token, and only a sandboxed agent serves it.
+//!
+//! `POST /trust` (body: a PEM certificate) makes the sandbox trust cella's egress CA, which
+//! signs the certificates of the hosts whose requests `network.rules` rewrites. The agent does
+//! it from inside, for both drivers, so no host process ever resolves a path in the
+//! sandbox's filesystem: the CA gets its own file under `/usr/local/share/ca-certificates`
+//! (kept by `update-ca-certificates`) and is appended to the system bundle that OpenSSL,
+//! curl, git and Debian's Python use.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -37,11 +44,17 @@ pub fn resolv_conf(nameserver: Ipv4Addr) -> String {
 }
 
 /// Replace `<root>/etc/resolv.conf` by a new regular file (a symlink there is replaced, never
-/// followed): written to a temporary name in the same directory, then renamed over it.
+/// followed).
 pub fn write_resolv_conf(root: &Path, content: &str) -> std::io::Result<()> {
-    let etc = root.join("etc");
-    std::fs::create_dir_all(&etc)?;
-    let tmp = etc.join(".resolv.conf.cella");
+    replace_file(&root.join("etc"), "resolv.conf", content.as_bytes())
+}
+
+/// Replace `dir/name` (created with its parents if missing) by a new regular file, mode
+/// 0644: written to a temporary name in the same directory, then renamed over it, so a
+/// symlink there is replaced, never followed.
+fn replace_file(dir: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.cella"));
     let _ = std::fs::remove_file(&tmp);
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -51,9 +64,88 @@ pub fn write_resolv_conf(root: &Path, content: &str) -> std::io::Result<()> {
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
-        f.write_all(content.as_bytes())?;
+        f.write_all(content)?;
     }
-    std::fs::rename(&tmp, etc.join("resolv.conf"))
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// The egress CA's own file, under the sandbox's root.
+pub const CA_DIR: &str = "usr/local/share/ca-certificates";
+/// Its name there.
+pub const CA_NAME: &str = "cella-egress-ca.crt";
+/// The system bundle the CA is appended to.
+pub const BUNDLE_DIR: &str = "etc/ssl/certs";
+/// Its name.
+pub const BUNDLE_NAME: &str = "ca-certificates.crt";
+/// Largest `/trust` body.
+const MAX_CA_PEM: usize = 16 * 1024;
+/// Largest bundle read back (Debian's is ~220 KiB).
+const MAX_BUNDLE: u64 = 16 * 1024 * 1024;
+
+/// Trust `pem` (one PEM certificate) under `root`: its own file, and appended to the system
+/// bundle unless it is in there already (the bundle is created when missing). Idempotent.
+pub fn install_ca(root: &Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Read;
+    let pem = format!("{}\n", pem.trim_end());
+    replace_file(&root.join(CA_DIR), CA_NAME, pem.as_bytes())?;
+    let dir = root.join(BUNDLE_DIR);
+    let mut bundle = Vec::new();
+    match std::fs::File::open(dir.join(BUNDLE_NAME)) {
+        Ok(f) => {
+            f.take(MAX_BUNDLE + 1).read_to_end(&mut bundle)?;
+            if bundle.len() as u64 > MAX_BUNDLE {
+                return Err(std::io::Error::other("the system CA bundle is too large"));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let body = pem.trim_end().as_bytes();
+    if bundle.windows(body.len()).any(|w| w == body) {
+        return Ok(());
+    }
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(pem.as_bytes());
+    replace_file(&dir, BUNDLE_NAME, &bundle)
+}
+
+/// `POST /trust`: trust the PEM certificate in the body (the egress CA); 204.
+pub async fn trust(State(agent): State<AgentRef>, body: axum::body::Bytes) -> Response {
+    let Some(root) = agent.settings.system_root.clone() else {
+        return HttpError::new(StatusCode::NOT_FOUND, "network configuration is off")
+            .into_response();
+    };
+    let pem = match std::str::from_utf8(&body) {
+        Ok(p)
+            if p.len() <= MAX_CA_PEM
+                && p.trim_start().starts_with("-----BEGIN CERTIFICATE-----")
+                && p.trim_end().ends_with("-----END CERTIFICATE-----") =>
+        {
+            p.to_string()
+        }
+        _ => {
+            return HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "the body must be one PEM certificate, at most 16 KiB",
+            )
+            .into_response();
+        }
+    };
+    match tokio::task::spawn_blocking(move || install_ca(&root, &pem)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("installing the egress CA: {e}"),
+        )
+        .into_response(),
+        Err(e) => HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("trust task: {e}"),
+        )
+        .into_response(),
+    }
 }
 
 fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
@@ -185,6 +277,54 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep");
         assert!(!etc.join(".resolv.conf.cella").exists());
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+
+    #[test]
+    fn ca_is_appended_to_the_bundle_once_and_gets_its_own_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let certs = dir.path().join(BUNDLE_DIR);
+        std::fs::create_dir_all(&certs).expect("mkdir");
+        std::fs::write(certs.join(BUNDLE_NAME), "SYSTEM ROOTS").expect("write");
+        install_ca(dir.path(), PEM).expect("install");
+        install_ca(dir.path(), PEM).expect("install again");
+        let bundle = std::fs::read_to_string(certs.join(BUNDLE_NAME)).expect("read");
+        assert_eq!(bundle, format!("SYSTEM ROOTS\n{PEM}\n"));
+        let own = dir.path().join(CA_DIR).join(CA_NAME);
+        assert_eq!(
+            std::fs::read_to_string(own).expect("read"),
+            format!("{PEM}\n")
+        );
+    }
+
+    #[test]
+    fn ca_creates_a_missing_bundle_and_never_follows_a_symlinked_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        install_ca(dir.path(), PEM).expect("install");
+        let bundle = dir.path().join(BUNDLE_DIR).join(BUNDLE_NAME);
+        assert_eq!(
+            std::fs::read_to_string(&bundle).expect("read"),
+            format!("{PEM}\n")
+        );
+        // A bundle that is a symlink to elsewhere: read through (it is the sandbox's own
+        // file), but replaced by a regular file, the target untouched.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "OTHER").expect("write");
+        std::fs::remove_file(&bundle).expect("rm");
+        std::os::unix::fs::symlink(&outside, &bundle).expect("symlink");
+        install_ca(dir.path(), PEM).expect("install");
+        assert!(
+            std::fs::symlink_metadata(&bundle)
+                .expect("stat")
+                .file_type()
+                .is_file()
+        );
+        assert_eq!(std::fs::read_to_string(&outside).expect("read"), "OTHER");
+        assert_eq!(
+            std::fs::read_to_string(&bundle).expect("read"),
+            format!("OTHER\n{PEM}\n")
+        );
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// internal address (by default refused, like any sandbox traffic there).
     #[arg(long)]
     pub egress_proxy_private: bool,
+    /// Extra CA certificates (a PEM file) trusted, besides the system store, for the servers
+    /// that `network.rules` requests are forwarded to (e.g. a corporate CA).
+    #[arg(long)]
+    pub egress_upstream_ca: Option<PathBuf>,
     /// How long a paused sandbox is kept before it is killed (its memory stays resident on
     /// this host while paused), e.g. 30m, 24h.
     #[arg(long, env = "CELLA_PAUSED_TTL", default_value = "24h", value_parser = parse_duration)]
@@ -211,6 +215,14 @@ async fn start_egress(
         sys_root: PathBuf::from("/sys"),
         store: store.clone(),
         proxy_allow_private: args.egress_proxy_private,
+        ca_dir: data_dir.join("egress-ca"),
+        upstream_ca_pem: match &args.egress_upstream_ca {
+            Some(p) => Some(
+                std::fs::read(p)
+                    .with_context(|| format!("--egress-upstream-ca {}", p.display()))?,
+            ),
+            None => None,
+        },
     })
     .await
     .context("starting sandbox egress (--egress allowed)")?;

@@ -283,6 +283,82 @@ pub trait SandboxHandle: Send + Sync + 'static {
     }
 }
 
+/// `POST path` with `body` to the sandbox's agent (its envd port, through [`SandboxHandle::dial`])
+/// with the access token: `Ok` for a 200/204, else the status and the start of the body.
+/// For the agent's host-only routes (`/fsfreeze`, `/egress`, `/trust`, ...), which the proxy
+/// refuses from outside.
+pub async fn agent_post(
+    handle: &(impl SandboxHandle + ?Sized),
+    token: &str,
+    path: &str,
+    body: &[u8],
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if token.bytes().any(|b| b.is_ascii_control()) {
+        return Err("the access token contains control characters".into());
+    }
+    let work = async {
+        let mut s = handle
+            .dial(cella_proto::envd::ENVD_PORT)
+            .await
+            .map_err(|e| format!("dialing the agent: {e}"))?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: sandbox\r\n{}: {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            cella_proto::envd::ACCESS_TOKEN_HEADER,
+            body.len()
+        );
+        s.write_all(head.as_bytes())
+            .await
+            .map_err(|e| format!("writing to the agent: {e}"))?;
+        s.write_all(body)
+            .await
+            .map_err(|e| format!("writing to the agent: {e}"))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = s
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("reading the agent's answer: {e}"))?;
+            if n == 0 || buf.len() > 8192 {
+                break;
+            }
+            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        }
+        match http_status(&buf) {
+            Some(204) | Some(200) => Ok(()),
+            Some(code) => {
+                let body = buf
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .and_then(|i| buf.get(i + 4..))
+                    .unwrap_or_default();
+                let body: String = String::from_utf8_lossy(body).chars().take(300).collect();
+                Err(format!("the agent answered {path} with {code}: {body}"))
+            }
+            None => Err(format!("the agent's answer to {path} is not HTTP")),
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the agent did not answer {path} within {timeout:?}"
+        )),
+    }
+}
+
+/// The status code of an HTTP/1.x response head.
+fn http_status(head: &[u8]) -> Option<u16> {
+    let line = head.split(|b| *b == b'\n').next()?;
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
 /// First host UID/GID that sandbox IDs map to: inside 0..[`SANDBOX_ID_COUNT`] is host
 /// `SANDBOX_ID_BASE`.. . Template root filesystems are stored shifted by this base, so that
 /// files owned by root inside a sandbox are never owned by root on the host.
@@ -290,3 +366,16 @@ pub const SANDBOX_ID_BASE: u32 = 100_000;
 
 /// Number of UIDs/GIDs mapped into a sandbox.
 pub const SANDBOX_ID_COUNT: u32 = 65_536;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(http_status(b"HTTP/1.1 204 No Content\r\n\r\n"), Some(204));
+        assert_eq!(http_status(b"HTTP/1.0 409 Conflict\r\nx: y"), Some(409));
+        assert_eq!(http_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(http_status(b""), None);
+    }
+}

@@ -916,9 +916,30 @@ pub trait Egress: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The PEM certificate of the CA that signs the certificates `rules` interception shows
+    /// the sandbox; a sandbox with rules must trust it. `None`: rules cannot be served.
+    fn interception_ca(&self) -> Option<String> {
+        None
+    }
+
     /// Remove everything of the sandbox's attachment and free its slot. Idempotent.
     async fn release(&self, sandbox_id: &str) -> Result<(), EgressError>;
 }
+
+/// Where a sandbox finds the interception CA (its own file) and the system bundle it is
+/// appended to (the agent's `/trust` writes both).
+pub const SANDBOX_CA_FILE: &str = "/usr/local/share/ca-certificates/cella-egress-ca.crt";
+/// The system CA bundle inside a sandbox.
+pub const SANDBOX_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Environment given to a sandbox created with `rules`, so runtimes with their own trust
+/// stores trust the interception CA too (Node reads extra CAs only at start; `requests` uses
+/// certifi's bundle otherwise). Variables the request sets win.
+pub const CA_ENV: &[(&str, &str)] = &[
+    ("NODE_EXTRA_CA_CERTS", SANDBOX_CA_FILE),
+    ("REQUESTS_CA_BUNDLE", SANDBOX_CA_BUNDLE),
+    ("SSL_CERT_FILE", SANDBOX_CA_BUNDLE),
+];
 
 #[cfg(test)]
 mod tests {

@@ -665,6 +665,11 @@ impl Manager {
         }
 
         let mut env = image.env.clone();
+        if !policy.rules.is_empty() && self.egress.is_some() {
+            for (k, v) in crate::egress::CA_ENV {
+                env.insert((*k).to_string(), (*v).to_string());
+            }
+        }
         env.extend(env_vars);
         let id = revival.map_or_else(new_sandbox_id, |r| r.id.clone());
         let access_token = revival.map_or_else(|| random_hex(32), |r| r.access_token.clone());
@@ -700,10 +705,12 @@ impl Manager {
         };
         let created = match driver.create(spec, self.events.clone()).await {
             Ok(h) => match (&egress, nameserver) {
-                (Some(e), Some(ns)) => attach_egress(e.as_ref(), &id, &h, ns, &policy)
-                    .await
-                    .map(|()| h.clone())
-                    .map_err(|err| (err, Some(h))),
+                (Some(e), Some(ns)) => {
+                    attach_egress(e.as_ref(), &id, &h, ns, &policy, &access_token)
+                        .await
+                        .map(|()| h.clone())
+                        .map_err(|err| (err, Some(h)))
+                }
                 _ => Ok(h),
             },
             Err(e) => Err((ManagerError::from(e), None)),
@@ -1470,6 +1477,10 @@ impl Manager {
             return Err(ManagerError::Conflict(format!(
                 "sandbox '{id}' was created without network access; its rules cannot be changed"
             )));
+        }
+        if !policy.rules.is_empty() {
+            trust_interception_ca(egress.as_ref(), live.handle.as_ref(), &live.access_token)
+                .await?;
         }
         egress.update(id, &policy).await?;
         if let Ok(mut p) = live.egress.lock() {
@@ -2252,6 +2263,7 @@ async fn attach_egress(
     handle: &Arc<dyn SandboxHandle>,
     nameserver: std::net::Ipv4Addr,
     policy: &EgressPolicy,
+    access_token: &str,
 ) -> Result<(), ManagerError> {
     let netns = handle.netns_path().ok_or_else(|| {
         ManagerError::Driver(DriverError::Unavailable(
@@ -2259,8 +2271,39 @@ async fn attach_egress(
         ))
     })?;
     handle.set_nameserver(nameserver).await?;
+    if !policy.rules.is_empty() {
+        trust_interception_ca(egress, handle.as_ref(), access_token).await?;
+    }
     egress.attach(id, &netns, policy).await?;
     Ok(())
+}
+
+/// How long the agent may take to install the interception CA (a microVM under TCG is slow
+/// on its first requests).
+const TRUST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Make the sandbox trust the CA that `rules` interception signs with (the agent's `/trust`).
+async fn trust_interception_ca(
+    egress: &dyn Egress,
+    handle: &dyn SandboxHandle,
+    access_token: &str,
+) -> Result<(), ManagerError> {
+    let pem = egress.interception_ca().ok_or_else(|| {
+        ManagerError::Conflict("this server cannot serve network rules (no interception CA)".into())
+    })?;
+    crate::driver::agent_post(
+        handle,
+        access_token,
+        "/trust",
+        pem.as_bytes(),
+        TRUST_TIMEOUT,
+    )
+    .await
+    .map_err(|e| {
+        ManagerError::Driver(DriverError::Setup(format!(
+            "making the sandbox trust the egress CA: {e}"
+        )))
+    })
 }
 
 async fn watch_exit(manager: std::sync::Weak<Manager>, id: String, handle: Arc<dyn SandboxHandle>) {

@@ -130,7 +130,9 @@ pub fn judge(msg: &Message, policy: &EgressPolicy) -> (String, String, Verdict) 
         name,
         qtype,
         Verdict::Forward {
-            learn: policy.restricts_domains(),
+            // Names are learned for the firewall (restricting domains) and for the tunnel
+            // (rules match a plain-HTTP request's Host only at an address learned for it).
+            learn: policy.restricts_domains() || !policy.rules.is_empty(),
         },
     )
 }

@@ -62,6 +62,10 @@ pub struct NetConfig {
     /// Whether an `egressProxy` may resolve into the ranges sandboxes may never reach
     /// (`--egress-proxy-private`: a proxy on the host's own network).
     pub proxy_allow_private: bool,
+    /// Where the interception CA of `network.rules` is kept (created on first start).
+    pub ca_dir: PathBuf,
+    /// Extra PEM roots trusted for the servers intercepted requests go to.
+    pub upstream_ca_pem: Option<Vec<u8>>,
 }
 
 /// Errors starting the host-side network.
@@ -354,11 +358,16 @@ impl Egress for HostNet {
         let index = att.index;
         let names: socks::Names = Arc::default();
         let learned_names = names.clone();
+        let learn_policy = shared.clone();
         let learn: dns::Learn = Arc::new(move |name, addrs| {
             let rules = rules.clone();
             let ips: Vec<Ipv4Addr> = addrs.iter().map(|(ip, _)| *ip).collect();
             socks::remember(&learned_names, &name, &ips);
+            let restricts = learn_policy.read().is_ok_and(|p| p.restricts_domains());
             Box::pin(async move {
+                if !restricts {
+                    return Ok(());
+                }
                 match rules.learn(index, &addrs) {
                     Some(script) => run_nft("learning addresses", &script).await,
                     None => Ok(()),

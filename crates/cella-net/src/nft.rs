@@ -203,7 +203,7 @@ impl Ruleset {
             "add element inet {t} resolvers {{ \"{}\" . {} }}",
             a.ifname, a.host
         );
-        s.push_str(&self.tunnel(a, policy.proxy.is_some()));
+        s.push_str(&self.tunnel(a, policy.tunnels()));
         s
     }
 
@@ -231,7 +231,7 @@ impl Ruleset {
     pub fn update(&self, a: &Attachment, policy: &EgressPolicy) -> String {
         let t = &self.table;
         let index = a.index;
-        let mut s = self.tunnel(a, policy.proxy.is_some());
+        let mut s = self.tunnel(a, policy.tunnels());
         for set in ["allow_priv", "allow", "deny", "dns"] {
             let _ = writeln!(s, "flush set inet {t} sb{index}_{set}");
         }

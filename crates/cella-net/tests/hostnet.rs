@@ -166,6 +166,7 @@ async fn attach_resolve_update_release() {
     ]]);
     let store = Store::open_in_memory().expect("store");
     let instance = format!("i{:012x}", u64::from(pid) | 0xabc0_0000_0000);
+    let ca_dir = tempfile::tempdir().expect("tmp");
     let (net, _) = HostNet::start(NetConfig {
         instance,
         pool: Ipv4Cidr::parse("10.247.0.0/24").expect("cidr"),
@@ -175,6 +176,8 @@ async fn attach_resolve_update_release() {
         sys_root: "/sys".into(),
         store: store.clone(),
         proxy_allow_private: true,
+        ca_dir: ca_dir.path().join("egress-ca"),
+        upstream_ca_pem: None,
     })
     .await
     .expect("start");

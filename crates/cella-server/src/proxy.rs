@@ -46,6 +46,7 @@ const INTERNAL_ENVD_ROUTES: &[&str] = &[
     "/fsfreeze",
     "/fsthaw",
     "/egress",
+    "/trust",
 ];
 
 /// Where a proxied request goes.

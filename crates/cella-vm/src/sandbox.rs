@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use cella_api::Isolation;
 use cella_core::driver::{DriverError, ExitInfo, SandboxHandle, SandboxStats};
 use cella_jail::cgroup::Cgroups;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -289,69 +289,17 @@ fn check_dest(dest: &Path) -> Result<(), DriverError> {
 }
 
 /// The status code of an HTTP/1.1 response head.
-fn http_status(head: &[u8]) -> Option<u16> {
-    let line = head.split(|b| *b == b'\n').next()?;
-    let text = std::str::from_utf8(line).ok()?;
-    let mut parts = text.split_whitespace();
-    if !parts.next()?.starts_with("HTTP/1.") {
-        return None;
-    }
-    parts.next()?.parse().ok()
-}
-
 impl VmSandbox {
-    /// `POST path` to the agent with the access token; the response's status code (and the
-    /// start of its body when it is not a success).
+    /// `POST path` to the agent with the access token (see [`cella_core::driver::agent_post`]).
     async fn agent_post(&self, path: &str) -> Result<(), String> {
-        let token = &self.disk.access_token;
-        if token.bytes().any(|b| b.is_ascii_control()) {
-            return Err("the access token contains control characters".into());
-        }
-        let timeout = self.disk.agent_timeout;
-        let work = async {
-            let mut s = self
-                .dial(cella_proto::envd::ENVD_PORT)
-                .await
-                .map_err(|e| format!("dialing the agent: {e}"))?;
-            let req = format!(
-                "POST {path} HTTP/1.1\r\nHost: sandbox\r\n{}: {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                cella_proto::envd::ACCESS_TOKEN_HEADER
-            );
-            s.write_all(req.as_bytes())
-                .await
-                .map_err(|e| format!("writing to the agent: {e}"))?;
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 1024];
-            loop {
-                let n = s
-                    .read(&mut chunk)
-                    .await
-                    .map_err(|e| format!("reading the agent's answer: {e}"))?;
-                if n == 0 || buf.len() > 8192 {
-                    break;
-                }
-                buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            }
-            match http_status(&buf) {
-                Some(204) | Some(200) => Ok(()),
-                Some(code) => {
-                    let body = buf
-                        .windows(4)
-                        .position(|w| w == b"\r\n\r\n")
-                        .and_then(|i| buf.get(i + 4..))
-                        .unwrap_or_default();
-                    let body: String = String::from_utf8_lossy(body).chars().take(300).collect();
-                    Err(format!("the agent answered {path} with {code}: {body}"))
-                }
-                None => Err(format!("the agent's answer to {path} is not HTTP")),
-            }
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "the agent did not answer {path} within {timeout:?}"
-            )),
-        }
+        cella_core::driver::agent_post(
+            self,
+            &self.disk.access_token,
+            path,
+            b"",
+            self.disk.agent_timeout,
+        )
+        .await
     }
 
     /// The snapshot after the checks: copy (quiesced) into `work`, put a paused sandbox back
@@ -656,14 +604,6 @@ impl SandboxHandle for VmSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(http_status(b"HTTP/1.1 204 No Content\r\n\r\n"), Some(204));
-        assert_eq!(http_status(b"HTTP/1.0 409 Conflict\r\nx: y"), Some(409));
-        assert_eq!(http_status(b"SSH-2.0-OpenSSH\r\n"), None);
-        assert_eq!(http_status(b""), None);
-    }
 
     /// The flattening `qemu-img` runs as the VMM's uid: a root-only file (what a hostile
     /// overlay header could name as its backing file) is out of its reach.
