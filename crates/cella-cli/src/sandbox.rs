@@ -92,13 +92,17 @@ pub struct CreateArgs {
     env: Vec<(String, String)>,
     #[command(flatten)]
     egress: EgressArgs,
+    /// A sandbox port whose server speaks HTTPS; the proxy reaches it over TLS (repeatable).
+    #[arg(long = "https-port", value_name = "PORT")]
+    https_ports: Vec<u16>,
     /// Print the full response as JSON instead of the ID.
     #[arg(long)]
     json: bool,
 }
 
-/// Egress rules, as E2B's `allowOut`/`denyOut`/`allow_internet_access`. They take effect only
-/// on a server started with `--egress allowed`.
+/// Egress rules, as E2B's `allowOut`/`denyOut`/`allow_internet_access`, `dnsServers`,
+/// `egressProxy` and `rules`. They take effect only on a server started with
+/// `--egress allowed`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct EgressArgs {
     /// Allow outbound traffic to a CIDR, an IPv4 address or a domain (`*.example.com` too);
@@ -111,33 +115,134 @@ pub struct EgressArgs {
     /// Deny the public internet (`0.0.0.0/0`) except what `--allow-out` allows.
     #[arg(long)]
     no_internet: bool,
+    /// A DNS server the sandbox may talk to when `--allow-out` names a domain (repeatable;
+    /// default 8.8.8.8).
+    #[arg(long = "dns-server", value_name = "IP")]
+    dns_servers: Vec<String>,
+    /// Tunnel outbound TCP through this SOCKS5 proxy: `host:port` or `user:password@host:port`.
+    #[arg(long, value_name = "PROXY")]
+    egress_proxy: Option<String>,
+    /// Set a header on the sandbox's HTTP/HTTPS requests to a host, outside the sandbox:
+    /// `HOST:NAME=VALUE` (repeatable; the value shows in the process list, see
+    /// `--header-env`).
+    #[arg(long = "header", value_name = "HOST:NAME=VALUE", value_parser = parse_header_rule)]
+    headers: Vec<(String, String, String)>,
+    /// Like `--header`, the value read from this CLI's environment variable:
+    /// `HOST:NAME=VAR` (repeatable).
+    #[arg(long = "header-env", value_name = "HOST:NAME=VAR", value_parser = parse_header_rule)]
+    header_envs: Vec<(String, String, String)>,
+}
+
+/// `HOST:NAME=VALUE` of `--header` / `--header-env`.
+fn parse_header_rule(s: &str) -> Result<(String, String, String), String> {
+    let (host, rest) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected HOST:NAME=VALUE"))?;
+    let (name, value) = rest
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected HOST:NAME=VALUE"))?;
+    if host.is_empty() || name.is_empty() {
+        return Err(format!("{s:?}: expected HOST:NAME=VALUE"));
+    }
+    Ok((host.to_string(), name.to_string(), value.to_string()))
 }
 
 impl EgressArgs {
     fn is_empty(&self) -> bool {
-        self.allow_out.is_empty() && self.deny_out.is_empty() && !self.no_internet
+        self.allow_out.is_empty()
+            && self.deny_out.is_empty()
+            && !self.no_internet
+            && self.dns_servers.is_empty()
+            && self.egress_proxy.is_none()
+            && self.headers.is_empty()
+            && self.header_envs.is_empty()
+    }
+
+    /// `network.rules` from `--header` and `--header-env` (one rule per host).
+    fn rules(&self) -> anyhow::Result<Option<cella_api::NetworkRules>> {
+        let mut by_host: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for (host, name, value) in &self.headers {
+            by_host
+                .entry(host.clone())
+                .or_default()
+                .insert(name.clone(), value.clone());
+        }
+        for (host, name, var) in &self.header_envs {
+            let value = std::env::var(var)
+                .with_context(|| format!("--header-env {host}:{name}={var}: ${var} is not set"))?;
+            by_host
+                .entry(host.clone())
+                .or_default()
+                .insert(name.clone(), value);
+        }
+        Ok((!by_host.is_empty()).then(|| {
+            by_host
+                .into_iter()
+                .map(|(host, headers)| {
+                    let rule = cella_api::NetworkRule {
+                        transform: Some(cella_api::NetworkTransform {
+                            headers: Some(headers),
+                        }),
+                    };
+                    (host, vec![rule])
+                })
+                .collect()
+        }))
+    }
+
+    /// `--egress-proxy` as E2B's `egressProxy`.
+    fn proxy(&self) -> Option<cella_api::EgressProxyConfig> {
+        let p = self.egress_proxy.as_ref()?;
+        let (creds, address) = match p.rsplit_once('@') {
+            Some((c, a)) => (Some(c), a),
+            None => (None, p.as_str()),
+        };
+        let (username, password) = match creds.map(|c| c.split_once(':').unwrap_or((c, ""))) {
+            Some((u, pw)) => (
+                Some(u.to_string()),
+                (!pw.is_empty()).then(|| pw.to_string()),
+            ),
+            None => (None, None),
+        };
+        Some(cella_api::EgressProxyConfig {
+            address: address.to_string(),
+            username,
+            password,
+            tls: None,
+        })
     }
 
     /// `network` and `allow_internet_access` of a create request (both absent when no flag
     /// was given, so the server's defaults apply).
-    fn create_fields(&self) -> (Option<NetworkConfig>, Option<bool>) {
-        let network =
-            (!self.allow_out.is_empty() || !self.deny_out.is_empty()).then(|| NetworkConfig {
-                allow_out: non_empty(&self.allow_out),
-                deny_out: non_empty(&self.deny_out),
-                ..NetworkConfig::default()
-            });
-        (network, self.no_internet.then_some(false))
+    fn create_fields(&self) -> anyhow::Result<(Option<NetworkConfig>, Option<bool>)> {
+        let rules = self.rules()?;
+        let proxy = self.proxy();
+        let any = !self.allow_out.is_empty()
+            || !self.deny_out.is_empty()
+            || !self.dns_servers.is_empty()
+            || proxy.is_some()
+            || rules.is_some();
+        let network = any.then(|| NetworkConfig {
+            allow_out: non_empty(&self.allow_out),
+            deny_out: non_empty(&self.deny_out),
+            dns_servers: non_empty(&self.dns_servers),
+            egress_proxy: proxy,
+            rules,
+            ..NetworkConfig::default()
+        });
+        Ok((network, self.no_internet.then_some(false)))
     }
 
     /// The `PUT /sandboxes/{id}/network` body: the rules given, everything else cleared.
-    fn update(&self) -> NetworkUpdate {
-        NetworkUpdate {
+    fn update(&self) -> anyhow::Result<NetworkUpdate> {
+        Ok(NetworkUpdate {
             allow_out: non_empty(&self.allow_out),
             deny_out: non_empty(&self.deny_out),
             allow_internet_access: self.no_internet.then_some(false),
-            ..NetworkUpdate::default()
-        }
+            dns_servers: non_empty(&self.dns_servers),
+            egress_proxy: self.proxy(),
+            rules: self.rules()?,
+        })
     }
 }
 
@@ -245,7 +350,8 @@ pub struct NetworkArgs {
     #[command(flatten)]
     egress: EgressArgs,
     /// Remove every rule (back to the server's default egress).
-    #[arg(long, conflicts_with_all = ["allow_out", "deny_out", "no_internet"])]
+    #[arg(long, conflicts_with_all = ["allow_out", "deny_out", "no_internet", "dns_servers",
+        "egress_proxy", "headers", "header_envs"])]
     clear: bool,
 }
 
@@ -437,7 +543,12 @@ pub async fn create(args: CreateArgs) -> anyhow::Result<u8> {
     let client = args.server.client()?;
     let metadata: BTreeMap<_, _> = args.metadata.into_iter().collect();
     let env: BTreeMap<_, _> = args.env.into_iter().collect();
-    let (network, allow_internet_access) = args.egress.create_fields();
+    let (mut network, allow_internet_access) = args.egress.create_fields()?;
+    if !args.https_ports.is_empty() {
+        network
+            .get_or_insert_with(NetworkConfig::default)
+            .https_ports = Some(args.https_ports.iter().map(|p| i64::from(*p)).collect());
+    }
     let req = NewSandbox {
         template_id: args.template,
         timeout: Some(args.timeout),
@@ -665,7 +776,7 @@ pub async fn network(args: NetworkArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
     client
-        .update_network(&args.id, &args.egress.update())
+        .update_network(&args.id, &args.egress.update()?)
         .await?;
     Ok(0)
 }
@@ -758,7 +869,37 @@ mod tests {
             allow_out: allow.iter().map(|s| (*s).to_owned()).collect(),
             deny_out: deny.iter().map(|s| (*s).to_owned()).collect(),
             no_internet,
+            ..EgressArgs::default()
         }
+    }
+
+    #[test]
+    fn dns_proxy_and_header_flags_map_to_e2b_fields() {
+        let e = EgressArgs {
+            dns_servers: vec!["1.1.1.1".into()],
+            egress_proxy: Some("agent:pw@proxy.example:1080".into()),
+            headers: vec![
+                parse_header_rule("api.example.com:Authorization=Bearer a=b").expect("parse"),
+            ],
+            ..EgressArgs::default()
+        };
+        assert!(!e.is_empty());
+        let (network, _) = e.create_fields().expect("fields");
+        assert_eq!(
+            serde_json::to_value(&network).expect("json"),
+            serde_json::json!({"dnsServers": ["1.1.1.1"],
+                "egressProxy": {"address": "proxy.example:1080", "username": "agent", "password": "pw"},
+                "rules": {"api.example.com": [{"transform": {"headers": {"Authorization": "Bearer a=b"}}}]}})
+        );
+        let u = serde_json::to_value(e.update().expect("update")).expect("json");
+        assert_eq!(u["egressProxy"]["address"], "proxy.example:1080");
+        assert!(parse_header_rule("no-colon").is_err());
+        assert!(parse_header_rule("host:no-equals").is_err());
+        let missing = EgressArgs {
+            header_envs: vec![("h".into(), "X".into(), "CELLA_TEST_SURELY_UNSET_VAR".into())],
+            ..EgressArgs::default()
+        };
+        assert!(missing.create_fields().is_err());
     }
 
     #[test]
@@ -766,19 +907,19 @@ mod tests {
         // No flag: nothing sent, the server's defaults apply.
         let none = egress(&[], &[], false);
         assert!(none.is_empty());
-        assert_eq!(none.create_fields(), (None, None));
-        assert_eq!(none.update(), NetworkUpdate::default());
+        assert_eq!(none.create_fields().expect("fields"), (None, None));
+        assert_eq!(none.update().expect("update"), NetworkUpdate::default());
 
         let e = egress(&["1.1.1.1", "*.pypi.org"], &["10.0.0.0/8"], true);
         assert!(!e.is_empty());
-        let (network, internet) = e.create_fields();
+        let (network, internet) = e.create_fields().expect("fields");
         assert_eq!(
             serde_json::to_value(&network).expect("json"),
             serde_json::json!({"allowOut": ["1.1.1.1", "*.pypi.org"], "denyOut": ["10.0.0.0/8"]})
         );
         assert_eq!(internet, Some(false));
         assert_eq!(
-            serde_json::to_value(e.update()).expect("json"),
+            serde_json::to_value(e.update().expect("update")).expect("json"),
             serde_json::json!({"allowOut": ["1.1.1.1", "*.pypi.org"], "denyOut": ["10.0.0.0/8"],
                 "allow_internet_access": false})
         );
@@ -786,8 +927,10 @@ mod tests {
         // Only --no-internet: no `network` object, just the flag.
         let e = egress(&[], &[], true);
         assert!(!e.is_empty());
-        assert_eq!(e.create_fields(), (None, Some(false)));
-        let (network, _) = egress(&[], &["0.0.0.0/0"], false).create_fields();
+        assert_eq!(e.create_fields().expect("fields"), (None, Some(false)));
+        let (network, _) = egress(&[], &["0.0.0.0/0"], false)
+            .create_fields()
+            .expect("fields");
         assert_eq!(
             network,
             Some(NetworkConfig {
