@@ -106,6 +106,8 @@ pub struct HostNet {
     state: Mutex<State>,
     slots: nflog::Slots,
     conn_audit: Result<nflog::Reader, String>,
+    /// `rules` interception (`None`: sandboxes cannot have rules on this server).
+    intercept: Option<Arc<socks::Interception>>,
 }
 
 struct State {
@@ -165,6 +167,24 @@ impl HostNet {
             log_group: conn_audit.is_ok().then_some(group),
         };
         let pool = Pool::new(cfg.pool).map_err(NetError::Config)?;
+        // A CA that exists but cannot be read is an error (never silently replaced: sandboxes
+        // paused to disk trust it); a missing system trust store only turns rules off.
+        let ca = crate::ca::EgressCa::load_or_create(&cfg.ca_dir)
+            .map_err(|e| NetError::Config(format!("the egress interception CA: {e}")))?;
+        let intercept = match crate::intercept::upstream_tls_config(cfg.upstream_ca_pem.as_deref())
+        {
+            Ok(upstream) => Some(Arc::new(socks::Interception {
+                ca: Arc::new(ca),
+                upstream,
+            })),
+            Err(e) if cfg.upstream_ca_pem.is_some() => {
+                return Err(NetError::Config(format!("--egress-upstream-ca: {e}")));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "network.rules are off: no trust store for upstream servers");
+                None
+            }
+        };
         let mut reaped = Reaped {
             table: run_nft("list table", &format!("list table inet {}\n", rules.table))
                 .await
@@ -207,6 +227,7 @@ impl HostNet {
             }),
             slots,
             conn_audit,
+            intercept,
         });
         Ok((net, reaped))
     }
@@ -340,7 +361,7 @@ impl Egress for HostNet {
             }
         };
         // Every attached sandbox has a tunnel listener; the firewall sends it connections
-        // only while the policy names an `egressProxy`.
+        // only while the policy names an `egressProxy` or `rules`.
         let tunnel_listener =
             match tokio::net::TcpListener::bind((att.host, socks::PROXY_PORT)).await {
                 Ok(l) => l,
@@ -388,6 +409,8 @@ impl Egress for HostNet {
             names,
             allow_private: self.cfg.proxy_allow_private,
             store: self.cfg.store.clone(),
+            intercept: self.intercept.clone(),
+            uplink: self.cfg.uplink.clone(),
         });
         let task = tokio::spawn(async move {
             tokio::join!(fwd.serve(socket, tcp), tunnel.serve(tunnel_listener));
@@ -432,6 +455,10 @@ impl Egress for HostNet {
             *p = policy.clone();
         }
         Ok(())
+    }
+
+    fn interception_ca(&self) -> Option<String> {
+        self.intercept.as_ref().map(|i| i.ca.cert_pem().to_string())
     }
 
     async fn check_proxy(&self, proxy: &EgressProxy) -> Result<(), String> {

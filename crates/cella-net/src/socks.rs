@@ -60,6 +60,19 @@ pub enum Target {
     Name(String, u16),
 }
 
+/// How long a tunneled connection of a sandbox with `rules` may take to send its first bytes
+/// before it is relayed as it is (a protocol where the server speaks first).
+const SNIFF_WAIT: Duration = Duration::from_millis(500);
+
+/// What `network.rules` interception needs: the CA that signs what the sandbox sees, and the
+/// trust store real servers are verified against.
+pub struct Interception {
+    /// The interception CA.
+    pub ca: Arc<crate::ca::EgressCa>,
+    /// Client configuration toward the real servers.
+    pub upstream: Arc<rustls::ClientConfig>,
+}
+
 /// One sandbox's tunnel listener.
 pub struct Tunnel {
     /// Sandbox ID (audit).
@@ -72,6 +85,10 @@ pub struct Tunnel {
     pub allow_private: bool,
     /// Audit log (failures).
     pub store: Store,
+    /// `rules` interception (`None`: a sandbox with rules gets its connections reset).
+    pub intercept: Option<Arc<Interception>>,
+    /// The only interface direct connections may leave by (`--egress-interface`).
+    pub uplink: Option<String>,
 }
 
 impl Tunnel {
@@ -107,7 +124,7 @@ impl Tunnel {
                 return;
             }
         };
-        let (proxy, target) = {
+        let (proxy, rules, target) = {
             let Ok(p) = self.policy.read() else {
                 reset(client);
                 return;
@@ -120,21 +137,162 @@ impl Tunnel {
                 Some(n) => Target::Name(n, dst.port()),
                 None => Target::Ip(dst),
             };
-            (p.proxy.clone(), target)
+            (p.proxy.clone(), p.rules.clone(), target)
         };
-        let Some(proxy) = proxy else {
-            // The proxy was removed by an update after the redirect: never go direct here.
+        let _ = client.set_nodelay(true);
+        if rules.is_empty() {
+            let Some(proxy) = proxy else {
+                // The proxy was removed by an update after the redirect: never go direct here.
+                reset(client);
+                return;
+            };
+            match self.dial(Some(&proxy), &target, dst).await {
+                Ok(mut upstream) => {
+                    let mut client = client;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(e) => self.failed(client, &proxy, &target, &e),
+            }
+            return;
+        }
+        self.intercept(client, dst, proxy, rules, target).await;
+    }
+
+    /// A connection of a sandbox with `rules`: rewritten when a rule matches what it sends
+    /// first (a TLS server name, or a plain HTTP `Host` at an address learned for it),
+    /// relayed as it is otherwise; through the proxy when the policy names one.
+    async fn intercept(
+        &self,
+        mut client: TcpStream,
+        dst: SocketAddrV4,
+        proxy: Option<EgressProxy>,
+        rules: cella_core::egress::TransformRules,
+        target: Target,
+    ) {
+        use crate::intercept::{Prefixed, Sniffed};
+        let Some(icpt) = self.intercept.clone() else {
             reset(client);
             return;
         };
-        let _ = client.set_nodelay(true);
-        match tokio::time::timeout(DIAL_TIMEOUT, open(&proxy, &target, self.allow_private)).await {
-            Ok(Ok(mut upstream)) => {
-                let mut client = client;
+        let ip = *dst.ip();
+        let mut first = Vec::new();
+        let sniffed = crate::intercept::sniff(&mut client, &mut first, SNIFF_WAIT).await;
+        let names = self.names.clone();
+        let learned = move |host: &str| {
+            names
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&ip).cloned())
+                .is_some_and(|n| n == host)
+        };
+        let (host, tls) = match sniffed {
+            Sniffed::Tls { server_name } => (server_name, true),
+            Sniffed::Http { host } => (host.filter(|h| learned(h)), false),
+            Sniffed::Other => (None, false),
+        };
+        let matched = !first.is_empty() && rules.matches(host.as_deref(), ip);
+        let mut upstream = match self.dial(proxy.as_ref(), &target, dst).await {
+            Ok(u) => u,
+            Err(e) => {
+                match &proxy {
+                    Some(p) => self.failed(client, p, &target, &e),
+                    None => reset(client),
+                }
+                return;
+            }
+        };
+        if !matched {
+            if upstream.write_all(&first).await.is_ok() {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
-            Ok(Err(e)) => self.failed(client, &proxy, &target, &e),
-            Err(_) => self.failed(client, &proxy, &target, "timed out"),
+            return;
+        }
+        let client = Prefixed::new(first, client);
+        let header_names: Vec<String> = rules
+            .headers_for(host.as_deref(), ip)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let outcome = if tls {
+            let name = match &host {
+                Some(h) => crate::ca::LeafName::Dns(h.clone()),
+                None => crate::ca::LeafName::Ip(ip),
+            };
+            // The real server proves the name first: a sandbox that sends a rule's name to
+            // an address of its choosing gets a reset, never the headers.
+            match crate::intercept::connect_tls(icpt.upstream.clone(), upstream, &name).await {
+                Err(e) => Err(e),
+                Ok(up) => match crate::intercept::accept_tls(&icpt.ca, client, name).await {
+                    Err(e) => Err(e),
+                    Ok(cl) => {
+                        let sni = host.clone();
+                        crate::intercept::serve_http1(cl, up, move |_| {
+                            rules.headers_for(sni.as_deref(), ip)
+                        })
+                        .await
+                    }
+                },
+            }
+        } else {
+            crate::intercept::serve_http1(client, upstream, move |h| {
+                rules.headers_for(h.filter(|h| learned(h)), ip)
+            })
+            .await
+        };
+        let mut detail = serde_json::json!({ "host": host, "dst": ip.to_string(),
+            "dport": dst.port(), "tls": tls, "headers": header_names });
+        match outcome {
+            Ok(served) => {
+                detail["verdict"] = "rewritten".into();
+                detail["requests"] = served.requests.into();
+                detail["injected"] = served.injected.into();
+                if let Some(e) = served.error {
+                    detail["error"] = e.into();
+                }
+            }
+            Err(e) => {
+                detail["verdict"] = "failed".into();
+                detail["error"] = e.into();
+            }
+        }
+        self.store.audit(NewAudit {
+            actor: "sandbox".into(),
+            sandbox_id: Some(self.sandbox_id.clone()),
+            kind: "net.transform".into(),
+            detail,
+        });
+    }
+
+    /// Open the connection to `target`: through `proxy`, or directly to `dst` (by the uplink
+    /// when one is pinned).
+    async fn dial(
+        &self,
+        proxy: Option<&EgressProxy>,
+        target: &Target,
+        dst: SocketAddrV4,
+    ) -> Result<Box<dyn Stream>, String> {
+        let work = async {
+            match proxy {
+                Some(p) => open(p, target, self.allow_private).await,
+                None => {
+                    let sock = tokio::net::TcpSocket::new_v4()
+                        .map_err(|e| format!("socket: {e}"))?;
+                    if let Some(dev) = &self.uplink {
+                        sock.bind_device(Some(dev.as_bytes()))
+                            .map_err(|e| format!("binding to {dev}: {e}"))?;
+                    }
+                    let s = sock
+                        .connect(dst.into())
+                        .await
+                        .map_err(|e| format!("connecting to {dst}: {e}"))?;
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::new(s) as Box<dyn Stream>)
+                }
+            }
+        };
+        match tokio::time::timeout(DIAL_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out".into()),
         }
     }
 
