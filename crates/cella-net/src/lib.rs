@@ -19,7 +19,9 @@
 //! util-linux, nftables): each change is one `nft -f` transaction, and everything is undone
 //! on release, on a failed attach, and at the next start after a crash.
 
+pub mod ca;
 pub mod dns;
+pub mod intercept;
 pub mod nflog;
 pub mod nft;
 pub mod pool;

@@ -430,7 +430,7 @@ fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String>
     }
 }
 
-fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+pub(crate) fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
