@@ -51,14 +51,11 @@ def fake():
         f.stop()
 
 
-@pytest.fixture(scope="module")
-def test_ca():
-    """A private CA and certificates it signed: `api` for api.test/allowed.test, `other` for
-    other.test. The egress server trusts the CA for upstream servers (`--egress-upstream-ca`),
-    as a server behind a corporate CA would."""
+def make_test_ca(d: Path) -> Path:
+    """Into `d`: a private CA (`ca.pem`) and certificates it signed, `api` for
+    api.test/allowed.test and `other` for other.test."""
     import subprocess
 
-    d = Path(tempfile.mkdtemp(prefix="cella-e2e-ca-"))
     run = lambda cmd: subprocess.run(cmd.split(), check=True, capture_output=True)  # noqa: E731
     run(f"openssl req -x509 -newkey rsa:2048 -nodes -keyout {d}/ca.key -out {d}/ca.pem -days 2 -subj /CN=cella-e2e-upstream-ca")
     for name, sans in (("api", "DNS:api.test,DNS:allowed.test"), ("other", "DNS:other.test")):
@@ -66,8 +63,16 @@ def test_ca():
         run(f"openssl req -newkey rsa:2048 -nodes -keyout {d}/{name}.key -out {d}/{name}.csr -subj /CN={name}")
         run(f"openssl x509 -req -in {d}/{name}.csr -CA {d}/ca.pem -CAkey {d}/ca.key -CAcreateserial "
             f"-days 2 -out {d}/{name}.pem -extfile {d}/{name}.cnf")
+    return d
+
+
+@pytest.fixture(scope="module")
+def test_ca():
+    """The egress server trusts this CA for upstream servers (`--egress-upstream-ca`), as a
+    server behind a corporate CA would."""
+    d = Path(tempfile.mkdtemp(prefix="cella-e2e-ca-"))
     try:
-        yield d
+        yield make_test_ca(d)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -815,7 +820,7 @@ def test_rules_inject_headers_into_https_and_http_requests(egress, echo):
         r = sbx.commands.run(
             "curl -sS --max-time 5 https://api.test/a https://api.test/b", timeout=30
         )
-        assert r.stdout.count(SECRET) == 2, r.stdout
+        assert r.stdout.count(f'"auth": ["{SECRET}"]') == 2, r.stdout
         # A request body streams through.
         got = fetch(sbx, "https://api.test/upload", "-X POST --data-binary @/usr/bin/curl")
         size = int(sbx.commands.run("stat -c %s /usr/bin/curl").stdout)

@@ -300,7 +300,6 @@ impl LiveSandbox {
             rules: policy.as_ref().and_then(|p| p.rules.to_info()),
             mask_request_host: mask,
             https_ports: (!https.is_empty()).then_some(https),
-            ..Default::default()
         })
     }
 
