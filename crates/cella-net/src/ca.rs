@@ -152,10 +152,13 @@ impl EgressCa {
         let fields = der::cert_fields(&cert_der)
             .ok_or_else(|| invalid(cert_path, "not an X.509 certificate"))?;
         if fields.spki != key.public_key_der().as_slice() {
-            return Err(invalid(cert_path, &format!("does not match {}", key_path.display())));
+            return Err(invalid(
+                cert_path,
+                &format!("does not match {}", key_path.display()),
+            ));
         }
-        let cn = der::common_name(fields.subject)
-            .ok_or_else(|| invalid(cert_path, "no common name"))?;
+        let cn =
+            der::common_name(fields.subject).ok_or_else(|| invalid(cert_path, "no common name"))?;
         // rcgen signs with an issuer Certificate: rebuild one with the stored subject and key
         // and check it reproduces the stored subject exactly (chains match by those bytes).
         let issuer = ca_params(&cn, SystemTime::now())?
@@ -203,7 +206,15 @@ impl EgressCa {
         let mut params = CertificateParams::default();
         let san = match name {
             LeafName::Dns(n) => {
-                SanType::DnsName(n.clone().try_into().map_err(|e: rcgen::Error| cert_err(e))?)
+                // rcgen takes any ASCII; a leaf is only for a real host name.
+                if n.contains('*') || rustls::pki_types::DnsName::try_from(n.as_str()).is_err() {
+                    return Err(CaError::Cert(format!("leaf for {n:?}: not a host name")));
+                }
+                SanType::DnsName(
+                    n.clone()
+                        .try_into()
+                        .map_err(|e: rcgen::Error| cert_err(e))?,
+                )
             }
             LeafName::Ip(ip) => SanType::IpAddress(IpAddr::V4(*ip)),
         };
@@ -225,9 +236,7 @@ impl EgressCa {
             .signed_by(&self.leaf_key, &self.issuer, &self.key)
             .map_err(cert_err)?;
         let chain = vec![leaf.der().clone(), self.cert_der.clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            self.leaf_key.serialize_der(),
-        ));
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -335,8 +344,11 @@ mod der {
         pub spki: &'a [u8],
     }
 
-    /// One TLV at the start of `b`: (tag, content, the whole TLV, the rest).
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8], &[u8])> {
+    /// (tag, content, the whole TLV, the rest).
+    type Tlv<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+    /// One TLV at the start of `b`.
+    fn tlv(b: &[u8]) -> Option<Tlv<'_>> {
         let tag = *b.first()?;
         let first = *b.get(1)?;
         let (len, hdr) = if first < 0x80 {
@@ -475,6 +487,9 @@ mod tests {
             .server_config(&LeafName::Ip(Ipv4Addr::new(192, 0, 2, 7)))
             .expect("ip leaf");
         assert!(!Arc::ptr_eq(&a, &ip));
-        assert!(ca.server_config(&LeafName::Dns("bad name\n".into())).is_err());
+        assert!(
+            ca.server_config(&LeafName::Dns("bad name\n".into()))
+                .is_err()
+        );
     }
 }

@@ -22,14 +22,14 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::IpAddr;
-use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -228,33 +228,27 @@ impl<'a> Reader<'a> {
 }
 
 mod tls {
-    use super::{Reader, Sniffed, SNIFF_CAP};
+    use super::{Reader, SNIFF_CAP, Sniffed};
 
     /// Largest TLS record fragment (2^14) plus the expansion TLS 1.2 allows.
     const MAX_RECORD: usize = 16384 + 2048;
 
     pub(super) fn classify(buf: &[u8]) -> Option<Sniffed> {
         let none = Some(Sniffed::Tls { server_name: None });
-        if let Some(&major) = buf.get(1) {
-            if major != 3 {
-                return Some(Sniffed::Other);
-            }
+        if buf.get(1).is_some_and(|&major| major != 3) {
+            return Some(Sniffed::Other);
         }
         // The handshake message may span records: join the fragments of complete records.
         let mut hs = Vec::new();
         let mut r = Reader(buf);
         loop {
-            let Some(header) = r.take(5) else {
-                return None;
-            };
+            let header = r.take(5)?;
             let (ctype, major) = (header[0], header[1]);
             let len = usize::from(header[3]) << 8 | usize::from(header[4]);
             if ctype != 0x16 || major != 3 || len == 0 || len > MAX_RECORD {
                 return none;
             }
-            let Some(fragment) = r.take(len) else {
-                return None;
-            };
+            let fragment = r.take(len)?;
             hs.extend_from_slice(fragment);
             if hs.len() >= 4 {
                 if hs[0] != 1 {
@@ -311,7 +305,7 @@ mod tls {
 }
 
 mod head {
-    use super::{is_tchar, normalize_host, Sniffed};
+    use super::{Sniffed, is_tchar, normalize_host};
 
     /// Longest method considered.
     const MAX_METHOD: usize = 32;
@@ -409,8 +403,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let server_name = match name {
-        LeafName::Dns(n) => ServerName::try_from(n.clone())
-            .map_err(|e| format!("TLS server name {n:?}: {e}"))?,
+        LeafName::Dns(n) => {
+            ServerName::try_from(n.clone()).map_err(|e| format!("TLS server name {n:?}: {e}"))?
+        }
         LeafName::Ip(ip) => ServerName::from(IpAddr::V4(*ip)),
     };
     let http11 = vec![b"http/1.1".to_vec()];
@@ -547,8 +542,10 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
         return true;
     }
     let connection_upgrade = req.headers().get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
     });
     connection_upgrade && req.headers().contains_key(UPGRADE)
 }
@@ -580,11 +577,10 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Option<&str>) -> Vec<(String, String)> + Send + Sync + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(
-        upstream,
-    ))
-    .await
-    .map_err(|e| format!("upstream HTTP/1.1: {e}"))?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(upstream))
+            .await
+            .map_err(|e| format!("upstream HTTP/1.1: {e}"))?;
     let fwd = Arc::new(Forwarder {
         upstream: Mutex::new(Some(sender)),
         headers,
@@ -602,10 +598,12 @@ where
     };
     let mut upstream_conn = pin!(conn.with_upgrades());
     let mut upstream_done = false;
-    let mut server = pin!(hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades());
+    let mut server = pin!(
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(client), service)
+            .with_upgrades()
+    );
     let result = loop {
         tokio::select! {
             r = server.as_mut() => break r,
@@ -641,3 +639,6 @@ where
         error: result.err().map(|e| e.to_string()),
     })
 }
+
+#[cfg(test)]
+mod tests;
