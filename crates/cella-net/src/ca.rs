@@ -132,8 +132,8 @@ impl EgressCa {
                 fs::read_to_string(&cert_path).map_err(io(&cert_path))?,
                 fs::read_to_string(&key_path).map_err(io(&key_path))?,
             ),
-            (true, false) => return Err(invalid(&key_path, "missing (the certificate exists)")),
-            (false, true) => return Err(invalid(&cert_path, "missing (the key exists)")),
+            (true, false) => return Err(half(&key_path, dir)),
+            (false, true) => return Err(half(&cert_path, dir)),
         };
         Self::from_pem(&cert_pem, &key_pem, &cert_path, &key_path)
     }
@@ -256,6 +256,17 @@ fn invalid(path: &Path, reason: &str) -> CaError {
     }
 }
 
+fn half(missing: &Path, dir: &Path) -> CaError {
+    invalid(
+        missing,
+        &format!(
+            "missing while the other CA file exists (remove {} to make a new CA, which \
+             sandboxes that trust the old one will not trust)",
+            dir.display()
+        ),
+    )
+}
+
 /// A new CA for host `host`: (certificate PEM, PKCS#8 key PEM).
 fn create(host: &str) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(|e| CaError::Cert(e.to_string()))?;
@@ -315,7 +326,9 @@ fn hostname() -> String {
 
 /// Write `data` to `path` with `mode` through a temporary file in the same directory.
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let io = |p: &Path| {
         let path = p.to_path_buf();
         move |source| CaError::Io { path, source }

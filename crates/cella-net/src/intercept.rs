@@ -521,6 +521,9 @@ where
             Ok(mut resp) => {
                 let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     || (connect && resp.status().is_success());
+                if !upgraded {
+                    self.upgrading.store(false, Ordering::Relaxed);
+                }
                 if let (true, Some(client)) = (upgraded, client_upgrade) {
                     let up = hyper::upgrade::on(&mut resp);
                     if let Ok(mut slot) = self.upgrade.lock() {
@@ -577,10 +580,12 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Option<&str>) -> Vec<(String, String)> + Send + Sync + 'static,
 {
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(upstream))
-            .await
-            .map_err(|e| format!("upstream HTTP/1.1: {e}"))?;
+    // Header case preserved both ways: the engine should be invisible except for the rules.
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake::<_, Incoming>(TokioIo::new(upstream))
+        .await
+        .map_err(|e| format!("upstream HTTP/1.1: {e}"))?;
     let fwd = Arc::new(Forwarder {
         upstream: Mutex::new(Some(sender)),
         headers,
@@ -601,6 +606,8 @@ where
     let mut server = pin!(
         hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
+            .half_close(true)
+            .preserve_header_case(true)
             .serve_connection(TokioIo::new(client), service)
             .with_upgrades()
     );

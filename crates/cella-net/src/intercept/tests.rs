@@ -632,3 +632,127 @@ async fn an_upstream_failure_is_a_502_and_ends_the_connection() {
     .await
     .expect("in time");
 }
+
+#[tokio::test]
+async fn an_upstream_closing_an_idle_connection_closes_the_clients() {
+    tokio::time::timeout(T, async {
+        // An upstream that answers one request (keep-alive) and then hangs up while idle.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let mut b = [0u8; 1024];
+            let _ = tcp.read(&mut b).await;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        let (client, mut sandbox) = tokio::io::duplex(64 * 1024);
+        let up = TcpStream::connect(addr).await.expect("connect");
+        let engine = tokio::spawn(serve_http1(client, up, rules));
+        sandbox
+            .write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .expect("write");
+        // EOF (not a 502) once the upstream is gone.
+        let mut resp = Vec::new();
+        sandbox.read_to_end(&mut resp).await.expect("read");
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.ends_with("\r\n\r\nok"), "{resp}");
+        let served = engine.await.expect("join").expect("served");
+        assert_eq!((served.requests, served.injected), (1, 1));
+        assert_eq!(served.error, None);
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn a_client_protocol_error_is_reported_with_the_counts() {
+    tokio::time::timeout(T, async {
+        let (addr, seen) = upstream(None).await;
+        let (client, mut sandbox) = tokio::io::duplex(64 * 1024);
+        let up = TcpStream::connect(addr).await.expect("connect");
+        let engine = tokio::spawn(serve_http1(client, up, rules));
+        sandbox
+            .write_all(b"GET /echo HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .expect("write");
+        let mut b = vec![0u8; 4096];
+        let n = sandbox.read(&mut b).await.expect("read");
+        assert!(b[..n].starts_with(b"HTTP/1.1 200"));
+        sandbox
+            .write_all(b"GET /echo HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut rest = Vec::new();
+        let _ = sandbox.read_to_end(&mut rest).await;
+        let served = engine.await.expect("join").expect("served");
+        assert_eq!((served.requests, served.injected), (1, 1));
+        assert!(served.error.is_some(), "{served:?}");
+        assert_eq!(seen.load(Ordering::Relaxed), 1);
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn header_case_is_kept_both_ways_and_the_rule_replaces_any_case() {
+    tokio::time::timeout(T, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tcp.read(&mut b).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
+                    _ => return,
+                }
+            }
+            let _ = head_tx.send(String::from_utf8_lossy(&head).into_owned());
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\nX-Resp-Case: 1\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        });
+        let (client, mut sandbox) = tokio::io::duplex(64 * 1024);
+        let up = TcpStream::connect(addr).await.expect("connect");
+        let engine = tokio::spawn(serve_http1(client, up, rules));
+        sandbox
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: API.test:80\r\nX-Custom-Case: v\r\n\
+                  AUTHORIZATION: Bearer sandbox\r\nauthorization: again\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let head = head_rx.await.expect("head");
+        assert!(head.contains("\r\nX-Custom-Case: v\r\n"), "{head}");
+        assert!(head.contains("Bearer secret\r\n"), "{head}");
+        assert_eq!(
+            head.to_ascii_lowercase().matches("authorization:").count(),
+            1,
+            "{head}"
+        );
+        assert!(
+            !head.contains("sandbox") && !head.contains("again"),
+            "{head}"
+        );
+        let mut b = vec![0u8; 4096];
+        let n = sandbox.read(&mut b).await.expect("read");
+        let resp = String::from_utf8_lossy(&b[..n]);
+        assert!(resp.contains("\r\nX-Resp-Case: 1\r\n"), "{resp}");
+        drop(sandbox);
+        let served = engine.await.expect("join").expect("served");
+        assert_eq!((served.requests, served.injected), (1, 1));
+    })
+    .await
+    .expect("in time");
+}
