@@ -155,9 +155,12 @@ pub enum Sniffed {
 pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, wait: Duration) -> Sniffed {
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut chunk = vec![0u8; 4096];
+    let mut check = true;
     loop {
-        if let Some(done) = classify(buf) {
-            return done;
+        if check {
+            if let Some(done) = classify(buf) {
+                return done;
+            }
         }
         let room = SNIFF_CAP.saturating_sub(buf.len()).min(chunk.len());
         if room == 0 {
@@ -171,7 +174,14 @@ pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, wait: Dur
             d.saturating_duration_since(now)
         };
         match tokio::time::timeout(limit, s.read(&mut chunk[..room])).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                // Past the method, only a line break or a control byte can end an HTTP head:
+                // skip re-parsing the rest (no quadratic work for a client trickling bytes).
+                check = buf.first() == Some(&0x16)
+                    || buf.len() <= 2 * head::MAX_METHOD
+                    || chunk[..n].iter().any(|b| b.is_ascii_control());
+            }
             _ => return finish(buf),
         }
     }
@@ -308,7 +318,7 @@ mod head {
     use super::{Sniffed, is_tchar, normalize_host};
 
     /// Longest method considered.
-    const MAX_METHOD: usize = 32;
+    pub(super) const MAX_METHOD: usize = 32;
 
     pub(super) fn classify(buf: &[u8]) -> Option<Sniffed> {
         let other = Some(Sniffed::Other);
@@ -322,13 +332,19 @@ mod head {
             Some(_) => return other,
         }
         // Binary after the method: not HTTP, and the client may be waiting for an answer.
-        let line_end = buf.windows(2).position(|w| w == b"\r\n");
-        let line = &buf[..line_end.unwrap_or(buf.len())];
-        if line.iter().any(|b| b.is_ascii_control() && *b != b'\r') {
+        let nl = buf.iter().position(|b| *b == b'\n');
+        let line = &buf[..nl.unwrap_or(buf.len())];
+        let line = match nl {
+            Some(_) => match line.strip_suffix(b"\r") {
+                Some(l) => l,
+                None => return other,
+            },
+            None => line.strip_suffix(b"\r").unwrap_or(line),
+        };
+        if line.iter().any(|b| b.is_ascii_control()) {
             return other;
         }
-        let line_end = line_end?;
-        let line = &buf[..line_end];
+        let nl = nl?;
         let mut parts = line.split(|b| *b == b' ');
         let (Some(_), Some(target), Some(version), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -338,8 +354,18 @@ mod head {
         if target.is_empty() || !(version == b"HTTP/1.1" || version == b"HTTP/1.0") {
             return other;
         }
-        let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let headers = buf.get(line_end + 2..head_end + 2).unwrap_or_default();
+        // The head ends at the first empty line ("\r\n\r\n").
+        let rest = buf.get(nl + 1..).unwrap_or_default();
+        let end = rest
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .map(|(i, _)| i)
+            .find(|&i| {
+                (i == 1 && rest.first() == Some(&b'\r'))
+                    || (i >= 2 && rest.get(i - 2..=i) == Some(&b"\n\r\n"[..]))
+            })?;
+        let headers = &rest[..end];
         let host = headers
             .split(|b| *b == b'\n')
             .filter_map(|l| {

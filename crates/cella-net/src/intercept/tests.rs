@@ -200,6 +200,64 @@ async fn http_request_heads() {
     }
 }
 
+/// Sniff `bytes` written `step` bytes at a time.
+async fn sniff_trickled(bytes: &[u8], step: usize) -> (Sniffed, Vec<u8>) {
+    let (mut tx, mut rx) = tokio::io::duplex(64);
+    let data = bytes.to_vec();
+    let writer = tokio::spawn(async move {
+        for part in data.chunks(step) {
+            if tx.write_all(part).await.is_err() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        // Stay open: the verdict must not need EOF.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut buf = Vec::new();
+    let s = sniff(&mut rx, &mut buf, Duration::from_secs(5)).await;
+    writer.abort();
+    (s, buf)
+}
+
+#[tokio::test]
+async fn trickled_heads_and_hellos_are_still_recognized() {
+    let mut head = b"GET /".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 3000));
+    head.extend_from_slice(b" HTTP/1.1\r\nAccept: x\r\nHost: Trickle.test\r\n\r\n");
+    for step in [1, 2, 3, 5, 700] {
+        let (s, buf) = sniff_trickled(&head, step).await;
+        assert_eq!(
+            s,
+            Sniffed::Http {
+                host: Some("trickle.test".into())
+            },
+            "{step}"
+        );
+        assert_eq!(buf, head, "{step}");
+    }
+    let (s, _) = sniff_trickled(b"GET / HTTP/1.1\r\n\r\n", 1).await;
+    assert_eq!(s, Sniffed::Http { host: None });
+    // Binary after a plausible start is rejected without waiting for more.
+    let (s, _) = sniff_trickled(
+        b"HELLO-WORLD-PROTOCOL-V1 xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\x00\x01",
+        1,
+    )
+    .await;
+    assert_eq!(s, Sniffed::Other);
+    let hello = hello_for("trickle.example.com");
+    for step in [1, 9, 100] {
+        let (s, _) = sniff_trickled(&hello, step).await;
+        assert_eq!(
+            s,
+            Sniffed::Tls {
+                server_name: Some("trickle.example.com".into())
+            },
+            "{step}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn nothing_within_the_wait_is_other() {
     let (_tx, mut rx) = tokio::io::duplex(1024);
