@@ -157,10 +157,8 @@ pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, wait: Dur
     let mut chunk = vec![0u8; 4096];
     let mut check = true;
     loop {
-        if check {
-            if let Some(done) = classify(buf) {
-                return done;
-            }
+        if let Some(done) = check.then(|| classify(buf)).flatten() {
+            return done;
         }
         let room = SNIFF_CAP.saturating_sub(buf.len()).min(chunk.len());
         if room == 0 {
