@@ -814,3 +814,49 @@ async fn header_case_is_kept_both_ways_and_the_rule_replaces_any_case() {
     .await
     .expect("in time");
 }
+
+/// Benchmark (not a pass/fail limit): `cargo test -p cella-net --release --lib -- --ignored
+/// bench_ --nocapture`. Upload throughput and keep-alive request rate through the TLS engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_tls_engine() {
+    let mut s = setup(Some("api.test")).await;
+    const MIB: usize = 256;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/echo")
+        .header(HOST, "api.test")
+        .body(ChanBody(rx).boxed())
+        .expect("request");
+    let start = std::time::Instant::now();
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![7u8; 1024 * 1024]);
+        for _ in 0..MIB {
+            if tx.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    s.sender.ready().await.expect("ready");
+    let body = text(s.sender.send_request(req).await.expect("response")).await;
+    let secs = start.elapsed().as_secs_f64();
+    assert!(body.contains(&format!("body-bytes: {}\n", MIB * 1024 * 1024)));
+    println!(
+        "upload {MIB} MiB through TLS engine: {:.0} MiB/s",
+        MIB as f64 / secs
+    );
+    let n = 2000;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        s.sender.ready().await.expect("ready");
+        let resp = s.sender.send_request(get("/echo")).await.expect("response");
+        let _ = text(resp).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{n} keep-alive requests: {:.0} req/s, {:.0} us each",
+        n as f64 / secs,
+        secs * 1e6 / n as f64
+    );
+}
