@@ -132,8 +132,8 @@ impl EgressCa {
                 fs::read_to_string(&cert_path).map_err(io(&cert_path))?,
                 fs::read_to_string(&key_path).map_err(io(&key_path))?,
             ),
-            (true, false) => return Err(invalid(&key_path, "missing (the certificate exists)")),
-            (false, true) => return Err(invalid(&cert_path, "missing (the key exists)")),
+            (true, false) => return Err(half(&key_path, dir)),
+            (false, true) => return Err(half(&cert_path, dir)),
         };
         Self::from_pem(&cert_pem, &key_pem, &cert_path, &key_path)
     }
@@ -152,10 +152,13 @@ impl EgressCa {
         let fields = der::cert_fields(&cert_der)
             .ok_or_else(|| invalid(cert_path, "not an X.509 certificate"))?;
         if fields.spki != key.public_key_der().as_slice() {
-            return Err(invalid(cert_path, &format!("does not match {}", key_path.display())));
+            return Err(invalid(
+                cert_path,
+                &format!("does not match {}", key_path.display()),
+            ));
         }
-        let cn = der::common_name(fields.subject)
-            .ok_or_else(|| invalid(cert_path, "no common name"))?;
+        let cn =
+            der::common_name(fields.subject).ok_or_else(|| invalid(cert_path, "no common name"))?;
         // rcgen signs with an issuer Certificate: rebuild one with the stored subject and key
         // and check it reproduces the stored subject exactly (chains match by those bytes).
         let issuer = ca_params(&cn, SystemTime::now())?
@@ -203,7 +206,15 @@ impl EgressCa {
         let mut params = CertificateParams::default();
         let san = match name {
             LeafName::Dns(n) => {
-                SanType::DnsName(n.clone().try_into().map_err(|e: rcgen::Error| cert_err(e))?)
+                // rcgen takes any ASCII; a leaf is only for a real host name.
+                if n.contains('*') || rustls::pki_types::DnsName::try_from(n.as_str()).is_err() {
+                    return Err(CaError::Cert(format!("leaf for {n:?}: not a host name")));
+                }
+                SanType::DnsName(
+                    n.clone()
+                        .try_into()
+                        .map_err(|e: rcgen::Error| cert_err(e))?,
+                )
             }
             LeafName::Ip(ip) => SanType::IpAddress(IpAddr::V4(*ip)),
         };
@@ -225,9 +236,7 @@ impl EgressCa {
             .signed_by(&self.leaf_key, &self.issuer, &self.key)
             .map_err(cert_err)?;
         let chain = vec![leaf.der().clone(), self.cert_der.clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            self.leaf_key.serialize_der(),
-        ));
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -245,6 +254,17 @@ fn invalid(path: &Path, reason: &str) -> CaError {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
+}
+
+fn half(missing: &Path, dir: &Path) -> CaError {
+    invalid(
+        missing,
+        &format!(
+            "missing while the other CA file exists (remove {} to make a new CA, which \
+             sandboxes that trust the old one will not trust)",
+            dir.display()
+        ),
+    )
 }
 
 /// A new CA for host `host`: (certificate PEM, PKCS#8 key PEM).
@@ -306,7 +326,9 @@ fn hostname() -> String {
 
 /// Write `data` to `path` with `mode` through a temporary file in the same directory.
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let io = |p: &Path| {
         let path = p.to_path_buf();
         move |source| CaError::Io { path, source }
@@ -335,8 +357,11 @@ mod der {
         pub spki: &'a [u8],
     }
 
-    /// One TLV at the start of `b`: (tag, content, the whole TLV, the rest).
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8], &[u8])> {
+    /// (tag, content, the whole TLV, the rest).
+    type Tlv<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+    /// One TLV at the start of `b`.
+    fn tlv(b: &[u8]) -> Option<Tlv<'_>> {
         let tag = *b.first()?;
         let first = *b.get(1)?;
         let (len, hdr) = if first < 0x80 {
@@ -475,6 +500,9 @@ mod tests {
             .server_config(&LeafName::Ip(Ipv4Addr::new(192, 0, 2, 7)))
             .expect("ip leaf");
         assert!(!Arc::ptr_eq(&a, &ip));
-        assert!(ca.server_config(&LeafName::Dns("bad name\n".into())).is_err());
+        assert!(
+            ca.server_config(&LeafName::Dns("bad name\n".into()))
+                .is_err()
+        );
     }
 }

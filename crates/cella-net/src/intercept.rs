@@ -22,14 +22,14 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::IpAddr;
-use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -155,8 +155,9 @@ pub enum Sniffed {
 pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, wait: Duration) -> Sniffed {
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut chunk = vec![0u8; 4096];
+    let mut check = true;
     loop {
-        if let Some(done) = classify(buf) {
+        if let Some(done) = check.then(|| classify(buf)).flatten() {
             return done;
         }
         let room = SNIFF_CAP.saturating_sub(buf.len()).min(chunk.len());
@@ -171,7 +172,14 @@ pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, wait: Dur
             d.saturating_duration_since(now)
         };
         match tokio::time::timeout(limit, s.read(&mut chunk[..room])).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                // Past the method, only a line break or a control byte can end an HTTP head:
+                // skip re-parsing the rest (no quadratic work for a client trickling bytes).
+                check = buf.first() == Some(&0x16)
+                    || buf.len() <= 2 * head::MAX_METHOD
+                    || chunk[..n].iter().any(|b| b.is_ascii_control());
+            }
             _ => return finish(buf),
         }
     }
@@ -228,33 +236,27 @@ impl<'a> Reader<'a> {
 }
 
 mod tls {
-    use super::{Reader, Sniffed, SNIFF_CAP};
+    use super::{Reader, SNIFF_CAP, Sniffed};
 
     /// Largest TLS record fragment (2^14) plus the expansion TLS 1.2 allows.
     const MAX_RECORD: usize = 16384 + 2048;
 
     pub(super) fn classify(buf: &[u8]) -> Option<Sniffed> {
         let none = Some(Sniffed::Tls { server_name: None });
-        if let Some(&major) = buf.get(1) {
-            if major != 3 {
-                return Some(Sniffed::Other);
-            }
+        if buf.get(1).is_some_and(|&major| major != 3) {
+            return Some(Sniffed::Other);
         }
         // The handshake message may span records: join the fragments of complete records.
         let mut hs = Vec::new();
         let mut r = Reader(buf);
         loop {
-            let Some(header) = r.take(5) else {
-                return None;
-            };
+            let header = r.take(5)?;
             let (ctype, major) = (header[0], header[1]);
             let len = usize::from(header[3]) << 8 | usize::from(header[4]);
             if ctype != 0x16 || major != 3 || len == 0 || len > MAX_RECORD {
                 return none;
             }
-            let Some(fragment) = r.take(len) else {
-                return None;
-            };
+            let fragment = r.take(len)?;
             hs.extend_from_slice(fragment);
             if hs.len() >= 4 {
                 if hs[0] != 1 {
@@ -311,10 +313,10 @@ mod tls {
 }
 
 mod head {
-    use super::{is_tchar, normalize_host, Sniffed};
+    use super::{Sniffed, is_tchar, normalize_host};
 
     /// Longest method considered.
-    const MAX_METHOD: usize = 32;
+    pub(super) const MAX_METHOD: usize = 32;
 
     pub(super) fn classify(buf: &[u8]) -> Option<Sniffed> {
         let other = Some(Sniffed::Other);
@@ -328,13 +330,19 @@ mod head {
             Some(_) => return other,
         }
         // Binary after the method: not HTTP, and the client may be waiting for an answer.
-        let line_end = buf.windows(2).position(|w| w == b"\r\n");
-        let line = &buf[..line_end.unwrap_or(buf.len())];
-        if line.iter().any(|b| b.is_ascii_control() && *b != b'\r') {
+        let nl = buf.iter().position(|b| *b == b'\n');
+        let line = &buf[..nl.unwrap_or(buf.len())];
+        let line = match nl {
+            Some(_) => match line.strip_suffix(b"\r") {
+                Some(l) => l,
+                None => return other,
+            },
+            None => line.strip_suffix(b"\r").unwrap_or(line),
+        };
+        if line.iter().any(|b| b.is_ascii_control()) {
             return other;
         }
-        let line_end = line_end?;
-        let line = &buf[..line_end];
+        let nl = nl?;
         let mut parts = line.split(|b| *b == b' ');
         let (Some(_), Some(target), Some(version), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -344,8 +352,18 @@ mod head {
         if target.is_empty() || !(version == b"HTTP/1.1" || version == b"HTTP/1.0") {
             return other;
         }
-        let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let headers = buf.get(line_end + 2..head_end + 2).unwrap_or_default();
+        // The head ends at the first empty line ("\r\n\r\n").
+        let rest = buf.get(nl + 1..).unwrap_or_default();
+        let end = rest
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .map(|(i, _)| i)
+            .find(|&i| {
+                (i == 1 && rest.first() == Some(&b'\r'))
+                    || (i >= 2 && rest.get(i - 2..=i) == Some(&b"\n\r\n"[..]))
+            })?;
+        let headers = &rest[..end];
         let host = headers
             .split(|b| *b == b'\n')
             .filter_map(|l| {
@@ -409,8 +427,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let server_name = match name {
-        LeafName::Dns(n) => ServerName::try_from(n.clone())
-            .map_err(|e| format!("TLS server name {n:?}: {e}"))?,
+        LeafName::Dns(n) => {
+            ServerName::try_from(n.clone()).map_err(|e| format!("TLS server name {n:?}: {e}"))?
+        }
         LeafName::Ip(ip) => ServerName::from(IpAddr::V4(*ip)),
     };
     let http11 = vec![b"http/1.1".to_vec()];
@@ -526,6 +545,9 @@ where
             Ok(mut resp) => {
                 let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     || (connect && resp.status().is_success());
+                if !upgraded {
+                    self.upgrading.store(false, Ordering::Relaxed);
+                }
                 if let (true, Some(client)) = (upgraded, client_upgrade) {
                     let up = hyper::upgrade::on(&mut resp);
                     if let Ok(mut slot) = self.upgrade.lock() {
@@ -547,8 +569,10 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
         return true;
     }
     let connection_upgrade = req.headers().get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
     });
     connection_upgrade && req.headers().contains_key(UPGRADE)
 }
@@ -580,11 +604,12 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Option<&str>) -> Vec<(String, String)> + Send + Sync + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(
-        upstream,
-    ))
-    .await
-    .map_err(|e| format!("upstream HTTP/1.1: {e}"))?;
+    // Header case preserved both ways: the engine should be invisible except for the rules.
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake::<_, Incoming>(TokioIo::new(upstream))
+        .await
+        .map_err(|e| format!("upstream HTTP/1.1: {e}"))?;
     let fwd = Arc::new(Forwarder {
         upstream: Mutex::new(Some(sender)),
         headers,
@@ -602,10 +627,14 @@ where
     };
     let mut upstream_conn = pin!(conn.with_upgrades());
     let mut upstream_done = false;
-    let mut server = pin!(hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades());
+    let mut server = pin!(
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .half_close(true)
+            .preserve_header_case(true)
+            .serve_connection(TokioIo::new(client), service)
+            .with_upgrades()
+    );
     let result = loop {
         tokio::select! {
             r = server.as_mut() => break r,
@@ -641,3 +670,6 @@ where
         error: result.err().map(|e| e.to_string()),
     })
 }
+
+#[cfg(test)]
+mod tests;
