@@ -220,9 +220,21 @@ impl Tunnel {
             };
             // The real server proves the name first: a sandbox that sends a rule's name to
             // an address of its choosing gets a reset, never the headers.
-            match crate::intercept::connect_tls(icpt.upstream.clone(), upstream, &name).await {
+            let up = tokio::time::timeout(
+                DIAL_TIMEOUT,
+                crate::intercept::connect_tls(icpt.upstream.clone(), upstream, &name),
+            )
+            .await
+            .unwrap_or_else(|_| Err("TLS to the server timed out".into()));
+            match up {
                 Err(e) => Err(e),
-                Ok(up) => match crate::intercept::accept_tls(&icpt.ca, client, name).await {
+                Ok(up) => match tokio::time::timeout(
+                    DIAL_TIMEOUT,
+                    crate::intercept::accept_tls(&icpt.ca, client, name),
+                )
+                .await
+                .unwrap_or_else(|_| Err("TLS from the sandbox timed out".into()))
+                {
                     Err(e) => Err(e),
                     Ok(cl) => {
                         let sni = host.clone();
@@ -275,8 +287,8 @@ impl Tunnel {
             match proxy {
                 Some(p) => open(p, target, self.allow_private).await,
                 None => {
-                    let sock = tokio::net::TcpSocket::new_v4()
-                        .map_err(|e| format!("socket: {e}"))?;
+                    let sock =
+                        tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
                     if let Some(dev) = &self.uplink {
                         sock.bind_device(Some(dev.as_bytes()))
                             .map_err(|e| format!("binding to {dev}: {e}"))?;
