@@ -157,7 +157,7 @@ def test_traffic_access_token(server):
         sbx.kill()
 
 
-def test_mask_request_host_and_refused_rules(server):
+def test_mask_request_host_and_validated_rules(server):
     # network.mask_request_host: the sandbox's servers see that Host (with ${PORT} filled in)
     sbx = Sandbox.create(template="base", timeout=120, network={"mask_request_host": "${PORT}-myapp.example.com"})
     try:
@@ -166,13 +166,15 @@ def test_mask_request_host_and_refused_rules(server):
         assert r.status_code == 200 and "host=8080-myapp.example.com" in r.text, r.text
     finally:
         sbx.kill()
-    # features cella does not have are refused at create, not silently dropped
+    # network.rules are validated even where no sandbox gets a network (they are applied in
+    # test_network.py): a header that frames the request is refused
     with pytest.raises(Exception) as e:
         Sandbox.create(
             template="base", timeout=60,
-            network={"rules": {"api.example.com": [{"transform": {"headers": {"X-Key": "secret"}}}]}},
+            network={"rules": {"api.example.com": [{"transform": {"headers": {"Host": "evil"}}}]}},
         )
-    assert "network.rules" in str(e.value)
+    assert "network.rules" in str(e.value) and "Host" in str(e.value), e.value
+    # features cella does not have are refused at create, not silently dropped
     # MCP: no gateway; a clear 400 (the SDK would otherwise ask for the mcp-gateway template)
     with pytest.raises(Exception) as e:
         Sandbox.create(timeout=60, mcp={"github/owner/repo": {"runCmd": "npx server"}})

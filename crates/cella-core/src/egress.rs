@@ -1230,4 +1230,138 @@ mod tests {
                 .is_none()
         );
     }
+
+    fn rules_json(v: serde_json::Value) -> cella_api::NetworkRules {
+        serde_json::from_value(v).expect("rules")
+    }
+
+    fn parse_rules(v: serde_json::Value) -> Result<TransformRules, PolicyError> {
+        TransformRules::from_request(Some(&rules_json(v)), "network.rules")
+    }
+
+    #[test]
+    fn rules_match_hosts_wildcards_and_addresses_most_specific_last() {
+        let r = parse_rules(serde_json::json!({
+            "api.example.com": [{"transform": {"headers": {"Authorization": "exact", "X-A": "1"}}}],
+            "*.example.com": [{"transform": {"headers": {"authorization": "wild", "X-W": "w"}}}],
+            "198.51.100.0/24": [{"transform": {"headers": {"Authorization": "net", "X-N": "n"}}},
+                                {"transform": {"headers": {"X-N": "n2"}}}]
+        }))
+        .expect("valid");
+        let ip = Ipv4Addr::new(198, 51, 100, 7);
+        let other_ip = Ipv4Addr::new(203, 0, 113, 1);
+        let h = r.headers_for(Some("API.example.com."), ip);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        // Exact beats wildcard beats address; a later rule of one key beats an earlier one.
+        assert_eq!(get("authorization"), Some("exact"));
+        assert_eq!(get("x-n"), Some("n2"));
+        assert_eq!((get("x-a"), get("x-w")), (Some("1"), Some("w")));
+        assert_eq!(h.iter().filter(|(k, _)| k == "authorization").count(), 1);
+        // The wildcard does not match the apex; addresses match without a name.
+        assert!(!r.matches(Some("example.com"), other_ip));
+        assert!(r.matches(Some("x.y.example.com"), other_ip));
+        assert!(r.matches(None, ip));
+        assert!(!r.matches(None, other_ip));
+        assert!(r.headers_for(Some("other.test"), other_ip).is_empty());
+        assert!(TransformRules::default().is_empty());
+    }
+
+    #[test]
+    fn rules_refuse_what_would_break_or_smuggle_requests() {
+        let one = |name: &str, value: &str| {
+            parse_rules(serde_json::json!({"api.example.com":
+                [{"transform": {"headers": {name: value}}}]}))
+        };
+        for name in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "Connection",
+            "Upgrade",
+            "TE",
+            "Proxy-Authorization",
+            "bad name",
+            "",
+            "x:y",
+        ] {
+            let e = one(name, "v").expect_err(name);
+            assert_eq!(e.field, "network.rules", "{name}");
+        }
+        for value in ["a\r\nInjected: 1", "a\nb", "nul\0"] {
+            assert!(one("X-Ok", value).is_err(), "{value:?}");
+        }
+        assert!(one("X-Ok", "tab\tand spaces are fine").is_ok());
+        assert_eq!(
+            one("X", "${e2b.identity.tokens.aws}")
+                .expect_err("iam")
+                .field,
+            "iam"
+        );
+        let many: serde_json::Map<String, serde_json::Value> = (0..11)
+            .map(|i| (format!("h{i}.test"), serde_json::json!([])))
+            .collect();
+        assert!(parse_rules(many.into()).is_err());
+        let headers: serde_json::Map<String, serde_json::Value> =
+            (0..21).map(|i| (format!("x-{i}"), "v".into())).collect();
+        assert!(
+            parse_rules(serde_json::json!({"a.test": [{"transform": {"headers": headers}}]}))
+                .is_err()
+        );
+        assert!(parse_rules(serde_json::json!({"2001:db8::/32": []})).is_err());
+        assert!(parse_rules(serde_json::json!({"not a host": []})).is_err());
+        assert!(parse_rules(serde_json::json!({"10.0.0.0/33": []})).is_err());
+        // Unknown rule or transform fields are refused by the API types, not ignored.
+        assert!(
+            serde_json::from_value::<cella_api::NetworkRules>(
+                serde_json::json!({"a.test": [{"block": true}]})
+            )
+            .is_err()
+        );
+        assert!(
+            serde_json::from_value::<cella_api::NetworkRules>(
+                serde_json::json!({"a.test": [{"transform": {"body": "x"}}]})
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn rules_are_reported_without_values_and_kept_whole_for_the_paused_record() {
+        let p = EgressPolicy::default()
+            .with_rules(
+                Some(&rules_json(serde_json::json!({"api.example.com":
+                [{"transform": {"headers": {"Authorization": "Bearer s3cret"}}}]}))),
+                "network.",
+            )
+            .expect("valid");
+        assert!(p.tunnels());
+        let info = serde_json::to_value(p.rules.to_info()).expect("json");
+        assert_eq!(
+            info,
+            serde_json::json!({"api.example.com":
+            [{"transform": {"headers": {"authorization": "***"}}}]})
+        );
+        let audit = p.audit_json().to_string();
+        assert!(
+            audit.contains("authorization") && !audit.contains("s3cret"),
+            "{audit}"
+        );
+        let back = serde_json::to_value(p.rules.to_request()).expect("json");
+        assert_eq!(
+            back["api.example.com"][0]["transform"]["headers"]["authorization"],
+            "Bearer s3cret"
+        );
+        // What the record gives back validates to the same rules.
+        let again =
+            TransformRules::from_request(p.rules.to_request().as_ref(), "rules").expect("valid");
+        assert_eq!(again, p.rules);
+        assert!(!EgressPolicy::default().tunnels());
+        assert_eq!(
+            EgressPolicy::default()
+                .with_rules(None, "")
+                .expect("none")
+                .rules,
+            TransformRules::default()
+        );
+    }
 }

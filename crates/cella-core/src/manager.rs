@@ -617,6 +617,12 @@ impl Manager {
         // Only a server with egress gives a sandbox a network, and only if it may reach
         // something: everything else keeps the lo-only netns (no cost at create).
         let egress = self.egress.clone().filter(|_| policy.reaches_anything());
+        if let Some(e) = &egress
+            && !policy.rules.is_empty()
+            && e.interception_ca().is_none()
+        {
+            return Err(no_interception_ca());
+        }
         if egress.is_some() && !driver.supports_egress() {
             return Err(ManagerError::InvalidField {
                 field: "allow_internet_access",
@@ -2280,6 +2286,14 @@ async fn attach_egress(
 /// How long the agent may take to install the interception CA (a microVM under TCG is slow
 /// on its first requests).
 const TRUST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn no_interception_ca() -> ManagerError {
+    ManagerError::Conflict(
+        "this server cannot serve network rules (no interception CA: its host has no system \
+         trust store for the servers rules forward to; see the server's log)"
+            .into(),
+    )
+}
 
 /// Make the sandbox trust the CA that `rules` interception signs with (the agent's `/trust`).
 async fn trust_interception_ca(

@@ -550,6 +550,14 @@ mod tests {
             ),
             "{s}"
         );
+        // Rules alone (no proxy) tunnel too: the listener rewrites or relays.
+        let rules: cella_api::NetworkRules = serde_json::from_value(serde_json::json!(
+            {"api.test": [{"transform": {"headers": {"X-Key": "v"}}}]}))
+        .expect("rules");
+        let ruled = policy(&[], &[])
+            .with_rules(Some(&rules), "")
+            .expect("rules");
+        assert_eq!(rs().update(&att(), &ruled), s);
         let d = rs().detach(&att());
         assert!(
             d.find("delete chain inet cella_i0123 sb3_pre")

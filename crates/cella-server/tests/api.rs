@@ -835,6 +835,31 @@ async fn template_routes_the_sdks_call() {
     }
 }
 
+#[tokio::test]
+async fn rules_need_an_interception_ca_and_leave_nothing_when_refused() {
+    // The fake host network has no interception CA: a create with rules fails cleanly (409),
+    // without a reserved slot or a running sandbox, rather than starting without them.
+    let (h, egress) = egress_harness().await;
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(&h.key),
+            Some(json!({"templateID": "base",
+                "network": {"rules": {"api.example.com": [{"transform": {"headers": {"X-Key": "v"}}}]}}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("network rules")),
+        "{v}"
+    );
+    assert_eq!(egress.reserved(), 0);
+    assert_eq!(h.driver.created(), 0, "refused before anything started");
+}
+
 /// A harness whose manager has a (fake) host-side network, as `--egress allowed`.
 async fn egress_harness() -> (Harness, cella_core::fake::FakeEgress) {
     let egress = cella_core::fake::FakeEgress::new();
@@ -1529,8 +1554,16 @@ async fn features_cella_lacks_are_refused_not_ignored() {
             "mcp",
         ),
         (
-            json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"transform": {"headers": {"x": "y"}}}]}}}),
+            json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"transform": {"headers": {"Host": "y"}}}]}}}),
             "network.rules",
+        ),
+        (
+            json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"transform": {"headers": {"x": "${e2b.identity.tokens.aws}"}}}]}}}),
+            "iam",
+        ),
+        (
+            json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"inject": {}}]}}}),
+            "inject",
         ),
         (
             json!({"templateID": "base", "network": {"egressProxy": {"address": "proxy"}}}),
@@ -1602,7 +1635,7 @@ async fn features_cella_lacks_are_refused_not_ignored() {
             "PUT",
             &format!("/sandboxes/{id}/network"),
             Some(&h.key),
-            Some(json!({"rules": {"x.example": [{}]}})),
+            Some(json!({"rules": {"x.example": [{"transform": {"headers": {"Content-Length": "1"}}}]}})),
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
