@@ -886,6 +886,18 @@ def test_rules_added_later_and_validation(egress, echo):
         # The CA is trusted from then on (curl reads the bundle per process).
         got = fetch(sbx, "https://api.test/")
         assert got["auth"] == [SECRET], got
+        # An address key matches the destination, with or without a name.
+        sbx.update_network({"rules": {"203.0.113.0/24": [{"transform": {"headers": {"X-Net": "yes"}}}]}})
+        got = fetch(sbx, "http://203.0.113.10:8080/")
+        assert got["headers"].get("x-net") == "yes", got
+        # Another protocol to that address is relayed byte for byte, never parsed as HTTP
+        # (the echo server's own error page comes back).
+        raw = sbx.commands.run(
+            "python3 -c \"import socket;s=socket.create_connection(('203.0.113.10',8080),5);"
+            "s.sendall(b'HELLO\\r\\n\\r\\n');print(s.recv(4096))\"",
+            timeout=30,
+        )
+        assert "Bad request syntax" in raw.stdout, (raw.stdout, raw.stderr)
         with pytest.raises(Exception) as e:
             sbx.update_network({"rules": {"api.test": [{"transform": {"headers": {"Host": "x"}}}]}})
         assert "rules" in str(e.value), e.value
@@ -895,7 +907,7 @@ def test_rules_added_later_and_validation(egress, echo):
         ({"api.test": [{"transform": {"headers": {"bad name": "1"}}}]}, "network.rules"),
         ({"api.test": [{"transform": {"headers": {"X": "a\r\nInjected: 1"}}}]}, "network.rules"),
         ({"2001:db8::/32": []}, "network.rules"),
-        ({"api.test": [{"transform": {"headers": {"X": "${e2b.identity.tokens.aws}"}}}]}, "iam"),
+        ({"api.test": [{"transform": {"headers": {"X": "${e2b.identity.tokens.aws}"}}}]}, "network.rules"),
     ):
         with pytest.raises(Exception) as e:
             Sandbox.create(template="base", timeout=60, network={"rules": bad})

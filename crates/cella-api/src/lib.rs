@@ -145,9 +145,10 @@ pub struct NewSandbox {
     /// `dnsServers`, `maskRequestHost`, `httpsPorts`, `egressProxy`, `rules`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
-    /// Workload identity tokens: refused (400), cella has no IAM token service.
+    /// Workload identity tokens (`SandboxIam`): JWTs identifying the sandbox, minted per
+    /// request where a `network.rules` header names them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iam: Option<Unsupported>,
+    pub iam: Option<IamConfig>,
     /// Volumes to mount: refused (400), cella has no volume service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Unsupported>,
@@ -192,6 +193,25 @@ pub struct NetworkConfig {
     /// certificates are not verified, so self-signed ones work). Not the agent's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https_ports: Option<Vec<i64>>,
+}
+
+/// `iam` of a create (`SandboxIam`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IamConfig {
+    /// Token name (the `${e2b.identity.tokens.NAME}` placeholder) to its definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<std::collections::BTreeMap<String, IamToken>>,
+}
+
+/// One workload token (`SandboxIamToken`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IamToken {
+    /// The token's `aud`, exactly as given.
+    pub audience: String,
+    /// `JWT-SVID` (the only type).
+    pub token_type: String,
 }
 
 /// `network.rules`: a host (a name, `*.name`, an IPv4 address or CIDR) mapped to the rules

@@ -199,6 +199,119 @@ pub struct EgressPolicy {
     pub proxy: Option<EgressProxy>,
     /// `rules`: headers set on outbound HTTP/HTTPS requests to some hosts.
     pub rules: TransformRules,
+    /// `iam` of the create: the workload tokens rules may name (kept across updates).
+    pub iam: IamTokens,
+}
+
+/// Most tokens in `iam.tokens`.
+pub const MAX_IAM_TOKENS: usize = 10;
+/// The placeholder a rule's header value names a workload token with.
+pub const IAM_PLACEHOLDER_PREFIX: &str = "${e2b.identity.tokens.";
+
+/// E2B's `iam.tokens`, validated: name → audience (`JWT-SVID` is the only type).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IamTokens {
+    tokens: std::collections::BTreeMap<String, String>,
+}
+
+impl IamTokens {
+    /// Validate a create's `iam`.
+    pub fn from_request(iam: Option<&cella_api::IamConfig>) -> Result<IamTokens, PolicyError> {
+        let Some(tokens) = iam.and_then(|i| i.tokens.as_ref()) else {
+            return Ok(IamTokens::default());
+        };
+        let bad = |m: String| PolicyError::new("iam", m);
+        if tokens.len() > MAX_IAM_TOKENS {
+            return Err(bad(format!("at most {MAX_IAM_TOKENS} tokens")));
+        }
+        let mut out = std::collections::BTreeMap::new();
+        for (name, t) in tokens {
+            if name.is_empty()
+                || name.len() > 128
+                || name.chars().any(|c| c == '{' || c == '}' || c.is_control())
+            {
+                return Err(bad(format!(
+                    "token name {name:?} must be 1-128 characters without '{{', '}}' or \
+                     control characters"
+                )));
+            }
+            if t.token_type != "JWT-SVID" {
+                return Err(bad(format!(
+                    "tokens.{name}.tokenType {:?}: only JWT-SVID is supported",
+                    t.token_type
+                )));
+            }
+            if t.audience.is_empty()
+                || t.audience.len() > 1024
+                || t.audience.chars().any(char::is_control)
+            {
+                return Err(bad(format!(
+                    "tokens.{name}.audience must be 1-1024 characters without control characters"
+                )));
+            }
+            out.insert(name.clone(), t.audience.clone());
+        }
+        Ok(IamTokens { tokens: out })
+    }
+
+    /// The audience of token `name`, if registered.
+    pub fn audience(&self, name: &str) -> Option<&str> {
+        self.tokens.get(name).map(String::as_str)
+    }
+
+    /// No token registered.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// For the audit log: name → audience.
+    pub fn audit_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.tokens).unwrap_or_default()
+    }
+}
+
+/// The token names `${e2b.identity.tokens.NAME}` placeholders in `value` refer to, in order;
+/// `Err` for an unfinished placeholder or another `${e2b.identity.` form.
+pub fn iam_placeholders(value: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    let mut rest = value;
+    while let Some(i) = rest.find("${e2b.identity.") {
+        let after = rest.get(i..).unwrap_or_default();
+        let Some(tail) = after.strip_prefix(IAM_PLACEHOLDER_PREFIX) else {
+            return Err("only ${e2b.identity.tokens.NAME} placeholders are supported".into());
+        };
+        let Some(end) = tail.find('}') else {
+            return Err("an unfinished ${e2b.identity.tokens.NAME} placeholder".into());
+        };
+        names.push(tail.get(..end).unwrap_or_default());
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    Ok(names)
+}
+
+/// `value` with every `${e2b.identity.tokens.NAME}` replaced by `mint(NAME)` (a placeholder
+/// `mint` cannot fill is left as it is: validation only lets registered names through).
+pub fn fill_iam_placeholders(value: &str, mut mint: impl FnMut(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find(IAM_PLACEHOLDER_PREFIX) {
+        let tail = rest
+            .get(i + IAM_PLACEHOLDER_PREFIX.len()..)
+            .unwrap_or_default();
+        let Some(end) = tail.find('}') else { break };
+        let name = tail.get(..end).unwrap_or_default();
+        out.push_str(rest.get(..i).unwrap_or_default());
+        match mint(name) {
+            Some(token) => out.push_str(&token),
+            None => out.push_str(
+                rest.get(i..i + IAM_PLACEHOLDER_PREFIX.len() + end + 1)
+                    .unwrap_or_default(),
+            ),
+        }
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
 }
 
 impl EgressPolicy {
@@ -262,6 +375,7 @@ impl TransformRules {
     /// Validate a request's `rules` (`field` names it in errors).
     pub fn from_request(
         rules: Option<&cella_api::NetworkRules>,
+        iam: &IamTokens,
         field: &'static str,
     ) -> Result<TransformRules, PolicyError> {
         let Some(rules) = rules else {
@@ -318,14 +432,13 @@ impl TransformRules {
                              bytes without control characters"
                         )));
                     }
-                    if value.contains("${e2b.identity.") {
-                        return Err(PolicyError::new(
-                            "iam",
-                            format!(
-                                "{k}: the value of {name} holds a workload identity placeholder; \
-                                 IAM tokens are not supported by this cella server"
-                            ),
-                        ));
+                    let names = iam_placeholders(&value)
+                        .map_err(|m| bad(format!("{k}: the value of {name}: {m}")))?;
+                    if let Some(unknown) = names.iter().find(|n| iam.audience(n).is_none()) {
+                        return Err(bad(format!(
+                            "{k}: the value of {name} names the workload token {unknown:?}, \
+                             which the sandbox's iam.tokens do not register"
+                        )));
                     }
                     set.push((lower, value));
                 }
@@ -621,6 +734,7 @@ impl Default for EgressPolicy {
             dns_servers: vec![DEFAULT_DNS_SERVER],
             proxy: None,
             rules: TransformRules::default(),
+            iam: IamTokens::default(),
         }
     }
 }
@@ -761,8 +875,15 @@ impl EgressPolicy {
         } else {
             "network.rules"
         };
-        self.rules = TransformRules::from_request(rules, field)?;
+        self.rules = TransformRules::from_request(rules, &self.iam, field)?;
         Ok(self)
+    }
+
+    /// Set the sandbox's workload tokens (before [`Self::with_rules`], which checks the
+    /// placeholders against them).
+    pub fn with_iam(mut self, iam: IamTokens) -> EgressPolicy {
+        self.iam = iam;
+        self
     }
 
     /// The `dnsServers` the firewall opens: all of them when `allowOut` names a domain, none
@@ -827,6 +948,9 @@ impl EgressPolicy {
         }
         if !self.rules.is_empty() {
             v["rules"] = self.rules.audit_json();
+        }
+        if !self.iam.is_empty() {
+            v["iam"] = self.iam.audit_json();
         }
         v
     }
@@ -919,6 +1043,12 @@ pub trait Egress: Send + Sync + 'static {
     /// The PEM certificate of the CA that signs the certificates `rules` interception shows
     /// the sandbox; a sandbox with rules must trust it. `None`: rules cannot be served.
     fn interception_ca(&self) -> Option<String> {
+        None
+    }
+
+    /// The workload identity issuer (`iam` tokens): its `iss` and its JWKS (public keys),
+    /// served at `/.well-known/` so relying parties can verify the tokens.
+    fn identity_discovery(&self) -> Option<(String, serde_json::Value)> {
         None
     }
 
@@ -1236,7 +1366,7 @@ mod tests {
     }
 
     fn parse_rules(v: serde_json::Value) -> Result<TransformRules, PolicyError> {
-        TransformRules::from_request(Some(&rules_json(v)), "network.rules")
+        TransformRules::from_request(Some(&rules_json(v)), &IamTokens::default(), "network.rules")
     }
 
     #[test]
@@ -1291,12 +1421,10 @@ mod tests {
             assert!(one("X-Ok", value).is_err(), "{value:?}");
         }
         assert!(one("X-Ok", "tab\tand spaces are fine").is_ok());
-        assert_eq!(
-            one("X", "${e2b.identity.tokens.aws}")
-                .expect_err("iam")
-                .field,
-            "iam"
-        );
+        // A workload token placeholder must name a registered token.
+        let e = one("X", "Bearer ${e2b.identity.tokens.aws}").expect_err("unregistered");
+        assert!(e.message.contains("aws"), "{e}");
+        assert!(one("X", "${e2b.identity.other}").is_err());
         let many: serde_json::Map<String, serde_json::Value> = (0..11)
             .map(|i| (format!("h{i}.test"), serde_json::json!([])))
             .collect();
@@ -1352,8 +1480,8 @@ mod tests {
             "Bearer s3cret"
         );
         // What the record gives back validates to the same rules.
-        let again =
-            TransformRules::from_request(p.rules.to_request().as_ref(), "rules").expect("valid");
+        let again = TransformRules::from_request(p.rules.to_request().as_ref(), &p.iam, "rules")
+            .expect("valid");
         assert_eq!(again, p.rules);
         assert!(!EgressPolicy::default().tunnels());
         assert_eq!(
@@ -1362,6 +1490,67 @@ mod tests {
                 .expect("none")
                 .rules,
             TransformRules::default()
+        );
+    }
+
+    fn iam(v: serde_json::Value) -> Result<IamTokens, PolicyError> {
+        IamTokens::from_request(Some(&serde_json::from_value(v).expect("iam")))
+    }
+
+    #[test]
+    fn iam_tokens_validate_and_rules_may_name_them() {
+        let tokens = iam(
+            serde_json::json!({"tokens": {"aws": {"audience": "sts.amazonaws.com",
+            "tokenType": "JWT-SVID"}}}),
+        )
+        .expect("valid");
+        assert_eq!(tokens.audience("aws"), Some("sts.amazonaws.com"));
+        for bad in [
+            serde_json::json!({"tokens": {"aws": {"audience": "a", "tokenType": "OIDC"}}}),
+            serde_json::json!({"tokens": {"a}b": {"audience": "a", "tokenType": "JWT-SVID"}}}),
+            serde_json::json!({"tokens": {"": {"audience": "a", "tokenType": "JWT-SVID"}}}),
+            serde_json::json!({"tokens": {"aws": {"audience": "", "tokenType": "JWT-SVID"}}}),
+        ] {
+            assert_eq!(iam(bad.clone()).expect_err("bad").field, "iam", "{bad}");
+        }
+        assert!(IamTokens::from_request(None).expect("none").is_empty());
+        let rules = rules_json(serde_json::json!({"api.test": [{"transform": {"headers":
+            {"Authorization": "Bearer ${e2b.identity.tokens.aws}"}}}]}));
+        let p = EgressPolicy::default()
+            .with_iam(tokens)
+            .with_rules(Some(&rules), "network.")
+            .expect("a registered name is fine");
+        let (_, v) = &p.rules.headers_for(Some("api.test"), Ipv4Addr::LOCALHOST)[0];
+        assert_eq!(v, "Bearer ${e2b.identity.tokens.aws}");
+        let filled = fill_iam_placeholders(v, |n| (n == "aws").then(|| "JWT".to_string()));
+        assert_eq!(filled, "Bearer JWT");
+        assert!(
+            EgressPolicy::default()
+                .with_rules(Some(&rules), "network.")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn iam_placeholders_are_found_and_filled_exactly() {
+        assert_eq!(iam_placeholders("plain").expect("ok"), Vec::<&str>::new());
+        assert_eq!(
+            iam_placeholders("${e2b.identity.tokens.a}-${e2b.identity.tokens.b}").expect("ok"),
+            vec!["a", "b"]
+        );
+        assert!(iam_placeholders("${e2b.identity.tokens.a").is_err());
+        assert!(iam_placeholders("${e2b.identity.x}").is_err());
+        let mut asked = Vec::new();
+        let out =
+            fill_iam_placeholders("x${e2b.identity.tokens.a}y${e2b.identity.tokens.b}z", |n| {
+                asked.push(n.to_string());
+                (n == "a").then(|| "A".to_string())
+            });
+        assert_eq!(out, "xAy${e2b.identity.tokens.b}z");
+        assert_eq!(asked, ["a", "b"]);
+        assert_eq!(
+            fill_iam_placeholders("no placeholder", |_| None),
+            "no placeholder"
         );
     }
 }

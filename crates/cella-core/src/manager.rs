@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use crate::driver::{
     Driver, DriverError, EventSink, Limits, SandboxEvent, SandboxHandle, SandboxSpec,
 };
-use crate::egress::{Egress, EgressError, EgressPolicy};
+use crate::egress::{Egress, EgressError, EgressPolicy, IamTokens};
 use crate::metrics::{DEFAULT_HISTORY, MetricsRing, Reading, cpu_percent};
 use crate::snapshot::{
     MAX_CHAIN, PausedRecord, SnapshotError, SnapshotMeta, SnapshotStore, is_snapshot_name,
@@ -532,6 +532,12 @@ impl Manager {
     }
 
     /// The isolation of the default driver.
+    /// The workload identity issuer and its JWKS (`None` without egress).
+    pub fn identity_discovery(&self) -> Option<(String, serde_json::Value)> {
+        self.egress.as_ref()?.identity_discovery()
+    }
+
+    /// The isolation of the default driver.
     pub fn default_isolation(&self) -> Isolation {
         self.drivers
             .get(self.default_driver)
@@ -608,6 +614,7 @@ impl Manager {
         )
         .and_then(|p| p.with_dns_servers(network.dns_servers.as_deref(), "network."))
         .and_then(|p| p.with_egress_proxy(network.egress_proxy.as_ref(), "network."))
+        .and_then(|p| Ok(p.with_iam(IamTokens::from_request(req.iam.as_ref())?)))
         .and_then(|p| p.with_rules(network.rules.as_ref(), "network."))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
@@ -1467,6 +1474,7 @@ impl Manager {
         )
         .and_then(|p| p.with_dns_servers(req.dns_servers.as_deref(), ""))
         .and_then(|p| p.with_egress_proxy(req.egress_proxy.as_ref(), ""))
+        .map(|p| p.with_iam(live.egress().map(|e| e.iam).unwrap_or_default()))
         .and_then(|p| p.with_rules(req.rules.as_ref(), ""))
         .map_err(|e| ManagerError::InvalidField {
             field: e.field,
@@ -2385,9 +2393,6 @@ fn refuse_unsupported(req: &NewSandbox) -> Result<(), ManagerError> {
             message: format!("{what} is not supported by this cella server"),
         })
     };
-    if req.iam.as_ref().is_some_and(|v| !v.is_empty()) {
-        return refuse("iam", "workload identity (IAM tokens)");
-    }
     if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
         return refuse("volumeMounts", "mounting volumes");
     }

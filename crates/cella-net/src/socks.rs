@@ -185,12 +185,20 @@ impl Tunnel {
                 .and_then(|m| m.get(&ip).cloned())
                 .is_some_and(|n| n == host)
         };
-        let (host, tls) = match sniffed {
-            Sniffed::Tls { server_name } => (server_name, true),
-            Sniffed::Http { host } => (host.filter(|h| learned(h)), false),
-            Sniffed::Other => (None, false),
+        // Only TLS and HTTP are ever rewritten: another protocol to an address a rule names
+        // is relayed as it is.
+        let (host, tls, matched) = match sniffed {
+            Sniffed::Tls { server_name } => {
+                let m = rules.matches(server_name.as_deref(), ip);
+                (server_name, true, m)
+            }
+            Sniffed::Http { host } => {
+                let host = host.filter(|h| learned(h));
+                let m = rules.matches(host.as_deref(), ip);
+                (host, false, m)
+            }
+            Sniffed::Other => (None, false, false),
         };
-        let matched = !first.is_empty() && rules.matches(host.as_deref(), ip);
         let mut upstream = match self.dial(proxy.as_ref(), &target, dst).await {
             Ok(u) => u,
             Err(e) => {

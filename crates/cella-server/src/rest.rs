@@ -92,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/health", get(health))
+        .route("/.well-known/openid-configuration", get(openid_configuration))
+        .route("/.well-known/jwks.json", get(jwks))
         .merge(authed)
         .with_state(state)
 }
@@ -102,6 +104,37 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
         default_isolation: state.manager.default_isolation(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
+}
+
+/// OpenID Connect discovery of the workload identity issuer (`iam` tokens), public like the
+/// keys it points to, so a relying party (e.g. a cloud's token exchange) can verify tokens.
+async fn openid_configuration(State(state): State<AppState>) -> Response {
+    match state.manager.identity_discovery() {
+        Some((issuer, _)) => Json(serde_json::json!({
+            "issuer": issuer,
+            "jwks_uri": format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        }))
+        .into_response(),
+        None => no_identity().into_response(),
+    }
+}
+
+/// The workload identity issuer's public keys (JWKS).
+async fn jwks(State(state): State<AppState>) -> Response {
+    match state.manager.identity_discovery() {
+        Some((_, keys)) => Json(keys).into_response(),
+        None => no_identity().into_response(),
+    }
+}
+
+fn no_identity() -> HttpError {
+    HttpError::new(
+        StatusCode::NOT_FOUND,
+        "no workload identity issuer: this server gives sandboxes no network (--egress none)",
+    )
 }
 
 async fn not_implemented(req: Request) -> HttpError {

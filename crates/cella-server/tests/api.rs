@@ -1542,7 +1542,7 @@ async fn features_cella_lacks_are_refused_not_ignored() {
     let h = harness().await;
     for (body, field) in [
         (
-            json!({"templateID": "base", "iam": {"tokens": {"aws": {"audience": "sts", "tokenType": "JWT-SVID"}}}}),
+            json!({"templateID": "base", "iam": {"tokens": {"aws": {"audience": "sts", "tokenType": "OIDC"}}}}),
             "iam",
         ),
         (
@@ -1559,7 +1559,7 @@ async fn features_cella_lacks_are_refused_not_ignored() {
         ),
         (
             json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"transform": {"headers": {"x": "${e2b.identity.tokens.aws}"}}}]}}}),
-            "iam",
+            "not register",
         ),
         (
             json!({"templateID": "base", "network": {"rules": {"api.example.com": [{"inject": {}}]}}}),
