@@ -21,6 +21,7 @@
 
 pub mod ca;
 pub mod dns;
+pub mod identity;
 pub mod intercept;
 pub mod nflog;
 pub mod nft;
