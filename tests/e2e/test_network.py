@@ -912,3 +912,78 @@ def test_rules_added_later_and_validation(egress, echo):
         with pytest.raises(Exception) as e:
             Sandbox.create(template="base", timeout=60, network={"rules": bad})
         assert field in str(e.value), (bad, e.value)
+
+
+def _b64(s: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def verify_es256(token: str, jwk: dict, tmp: Path) -> bool:
+    """Verify a compact ES256 JWS with `openssl` against a P-256 JWK (no Python crypto
+    library needed): the JWK as a SubjectPublicKeyInfo, the r||s signature as DER."""
+    import subprocess
+
+    head, payload, sig = token.split(".")
+    spki = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200") + b"\x04" + _b64(jwk["x"]) + _b64(jwk["y"])
+    (tmp / "pub.der").write_bytes(spki)
+
+    def der_int(b: bytes) -> bytes:
+        b = b.lstrip(b"\x00") or b"\x00"
+        if b[0] & 0x80:
+            b = b"\x00" + b
+        return b"\x02" + bytes([len(b)]) + b
+
+    raw = _b64(sig)
+    body = der_int(raw[:32]) + der_int(raw[32:])
+    (tmp / "sig.der").write_bytes(b"\x30" + bytes([len(body)]) + body)
+    (tmp / "data").write_bytes(f"{head}.{payload}".encode())
+    r = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-keyform", "DER", "-verify", str(tmp / "pub.der"),
+         "-signature", str(tmp / "sig.der"), str(tmp / "data")],
+        capture_output=True, text=True,
+    )
+    return r.returncode == 0
+
+
+def test_iam_tokens_are_minted_per_request_and_verifiable(egress, echo, tmp_path):
+    """iam: a rule's `${e2b.identity.tokens.NAME}` (the SDK's transform callable) becomes a
+    fresh ES256 JWT-SVID per request, for the token's audience, naming the sandbox; the
+    server's OIDC discovery publishes the key that verifies it."""
+    import httpx
+
+    iam = {"tokens": {"api": {"audience": "https://api.test", "token_type": "JWT-SVID"}}}
+    rules = {"api.test": [{"transform": lambda ctx: {"headers": {"Authorization": f"Bearer {ctx.iam.tokens['api']}"}}}]}
+    with Sandbox.create(template="base", timeout=120, iam=iam, network={"rules": rules}) as sbx:
+        tokens = []
+        for _ in range(2):
+            got = fetch(sbx, "https://api.test/")
+            (auth,) = got["auth"]
+            assert auth.startswith("Bearer ey"), got
+            tokens.append(auth.split()[1])
+        assert tokens[0] != tokens[1], "a token per request"
+        claims = json.loads(_b64(tokens[0].split(".")[1]))
+        assert claims["aud"] == "https://api.test", claims
+        assert claims["sub"] == f"spiffe://cella.local/sandbox/{sbx.sandbox_id}", claims
+        assert claims["iss"] == f"http://127.0.0.1:{egress.port}", claims
+        assert claims["exp"] - claims["iat"] == 300, claims
+        header = json.loads(_b64(tokens[0].split(".")[0]))
+        assert header["alg"] == "ES256", header
+        # Public discovery (no API key), as a relying party would fetch it.
+        conf = httpx.get(f"{egress.url}/.well-known/openid-configuration").json()
+        assert conf["issuer"] == claims["iss"], conf
+        keys = httpx.get(conf["jwks_uri"]).json()["keys"]
+        (jwk,) = [k for k in keys if k["kid"] == header["kid"]]
+        assert verify_es256(tokens[0], jwk, tmp_path)
+        forged = tokens[0].split(".")
+        forged[1] = forged[1][:-2] + ("AA" if forged[1][-2:] != "AA" else "BB")
+        assert not verify_es256(".".join(forged), jwk, tmp_path)
+        # The token never enters the sandbox; its placeholder is what the info shows.
+        with egress.api() as c:
+            info = c.get(f"/sandboxes/{sbx.sandbox_id}").json()
+        assert info["network"]["rules"]["api.test"][0]["transform"]["headers"] == {"authorization": "***"}
+    # An unknown token type or a placeholder of an unregistered token: 400.
+    with pytest.raises(Exception) as e:
+        Sandbox.create(template="base", timeout=60, iam={"tokens": {"x": {"audience": "a", "token_type": "OIDC"}}})
+    assert "iam" in str(e.value), e.value

@@ -65,6 +65,14 @@ pub struct ServeArgs {
     /// that `network.rules` requests are forwarded to (e.g. a corporate CA).
     #[arg(long)]
     pub egress_upstream_ca: Option<PathBuf>,
+    /// `iss` of the workload identity tokens (`iam`), the URL where this server's
+    /// `/.well-known/openid-configuration` is reachable (default: `http://<--listen>`).
+    #[arg(long)]
+    pub identity_issuer: Option<String>,
+    /// SPIFFE trust domain of the workload tokens' subject
+    /// (`spiffe://<domain>/sandbox/<id>`).
+    #[arg(long, default_value = "cella.local")]
+    pub identity_trust_domain: String,
     /// How long a paused sandbox is kept before it is killed (its memory stays resident on
     /// this host while paused), e.g. 30m, 24h.
     #[arg(long, env = "CELLA_PAUSED_TTL", default_value = "24h", value_parser = parse_duration)]
@@ -206,6 +214,19 @@ async fn start_egress(
             })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
+    let td = &args.identity_trust_domain;
+    if td.is_empty()
+        || !td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        bail!("--identity-trust-domain {td:?}: lowercase letters, digits, '.', '-', '_' only");
+    }
+    if let Some(iss) = &args.identity_issuer
+        && !(iss.starts_with("https://") || iss.starts_with("http://"))
+    {
+        bail!("--identity-issuer {iss:?}: must be an http(s) URL");
+    }
     let (net, reaped) = cella_net::HostNet::start(cella_net::NetConfig {
         instance: cella_jail::instance_name(&data_dir.join("sandboxes")),
         pool,
@@ -216,6 +237,12 @@ async fn start_egress(
         store: store.clone(),
         proxy_allow_private: args.egress_proxy_private,
         ca_dir: data_dir.join("egress-ca"),
+        identity_dir: data_dir.join("identity"),
+        identity_issuer: args
+            .identity_issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", args.listen)),
+        identity_trust_domain: args.identity_trust_domain.clone(),
         upstream_ca_pem: match &args.egress_upstream_ca {
             Some(p) => Some(
                 std::fs::read(p)

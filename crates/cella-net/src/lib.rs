@@ -69,6 +69,12 @@ pub struct NetConfig {
     pub ca_dir: PathBuf,
     /// Extra PEM roots trusted for the servers intercepted requests go to.
     pub upstream_ca_pem: Option<Vec<u8>>,
+    /// Where the workload identity key of `iam` tokens is kept (created on first start).
+    pub identity_dir: PathBuf,
+    /// `iss` of the tokens (where `/.well-known/` is served).
+    pub identity_issuer: String,
+    /// SPIFFE trust domain of the tokens' `sub`.
+    pub identity_trust_domain: String,
 }
 
 /// Errors starting the host-side network.
@@ -111,6 +117,8 @@ pub struct HostNet {
     conn_audit: Result<nflog::Reader, String>,
     /// `rules` interception (`None`: sandboxes cannot have rules on this server).
     intercept: Option<Arc<socks::Interception>>,
+    /// Mints the `iam` tokens rules name.
+    identity: Arc<socks::Identity>,
 }
 
 struct State {
@@ -188,6 +196,13 @@ impl HostNet {
                 None
             }
         };
+        let key = crate::identity::IdentityKey::load_or_create(&cfg.identity_dir)
+            .map_err(|e| NetError::Config(format!("the workload identity key: {e}")))?;
+        let identity = Arc::new(socks::Identity {
+            key,
+            issuer: cfg.identity_issuer.clone(),
+            trust_domain: cfg.identity_trust_domain.clone(),
+        });
         let mut reaped = Reaped {
             table: run_nft("list table", &format!("list table inet {}\n", rules.table))
                 .await
@@ -231,6 +246,7 @@ impl HostNet {
             slots,
             conn_audit,
             intercept,
+            identity,
         });
         Ok((net, reaped))
     }
@@ -413,6 +429,7 @@ impl Egress for HostNet {
             allow_private: self.cfg.proxy_allow_private,
             store: self.cfg.store.clone(),
             intercept: self.intercept.clone(),
+            identity: self.identity.clone(),
             uplink: self.cfg.uplink.clone(),
         });
         let task = tokio::spawn(async move {
@@ -458,6 +475,10 @@ impl Egress for HostNet {
             *p = policy.clone();
         }
         Ok(())
+    }
+
+    fn identity_discovery(&self) -> Option<(String, serde_json::Value)> {
+        Some((self.identity.issuer.clone(), self.identity.key.jwks()))
     }
 
     fn interception_ca(&self) -> Option<String> {

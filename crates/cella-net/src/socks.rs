@@ -73,6 +73,43 @@ pub struct Interception {
     pub upstream: Arc<rustls::ClientConfig>,
 }
 
+/// Lifetime of a minted workload token (it is used at once, by the request it is set on).
+const TOKEN_TTL_SECS: u64 = 300;
+
+/// The issuer of `iam` workload tokens.
+pub struct Identity {
+    /// Signing key.
+    pub key: crate::identity::IdentityKey,
+    /// `iss`.
+    pub issuer: String,
+    /// SPIFFE trust domain of `sub`.
+    pub trust_domain: String,
+}
+
+impl Identity {
+    /// A fresh token of `sandbox_id` for `audience`.
+    fn mint(&self, sandbox_id: &str, audience: &str) -> Option<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let claims = crate::identity::claims_for(
+            &self.issuer,
+            &self.trust_domain,
+            sandbox_id,
+            audience,
+            now,
+            TOKEN_TTL_SECS,
+        );
+        match self.key.mint(&claims) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(sandbox = sandbox_id, error = %e, "minting a workload token failed");
+                None
+            }
+        }
+    }
+}
+
 /// One sandbox's tunnel listener.
 pub struct Tunnel {
     /// Sandbox ID (audit).
@@ -87,6 +124,8 @@ pub struct Tunnel {
     pub store: Store,
     /// `rules` interception (`None`: a sandbox with rules gets its connections reset).
     pub intercept: Option<Arc<Interception>>,
+    /// Mints the `iam` tokens rules name.
+    pub identity: Arc<Identity>,
     /// The only interface direct connections may leave by (`--egress-interface`).
     pub uplink: Option<String>,
 }
@@ -137,9 +176,10 @@ impl Tunnel {
                 Some(n) => Target::Name(n, dst.port()),
                 None => Target::Ip(dst),
             };
-            (p.proxy.clone(), p.rules.clone(), target)
+            (p.proxy.clone(), (p.rules.clone(), p.iam.clone()), target)
         };
         let _ = client.set_nodelay(true);
+        let (rules, iam) = rules;
         if rules.is_empty() {
             let Some(proxy) = proxy else {
                 // The proxy was removed by an update after the redirect: never go direct here.
@@ -155,7 +195,8 @@ impl Tunnel {
             }
             return;
         }
-        self.intercept(client, dst, proxy, rules, target).await;
+        self.intercept(client, dst, proxy, (rules, iam), target)
+            .await;
     }
 
     /// A connection of a sandbox with `rules`: rewritten when a rule matches what it sends
@@ -166,7 +207,10 @@ impl Tunnel {
         mut client: TcpStream,
         dst: SocketAddrV4,
         proxy: Option<EgressProxy>,
-        rules: cella_core::egress::TransformRules,
+        (rules, iam): (
+            cella_core::egress::TransformRules,
+            cella_core::egress::IamTokens,
+        ),
         target: Target,
     ) {
         use crate::intercept::{Prefixed, Sniffed};
@@ -246,16 +290,16 @@ impl Tunnel {
                     Err(e) => Err(e),
                     Ok(cl) => {
                         let sni = host.clone();
-                        crate::intercept::serve_http1(cl, up, move |_| {
-                            rules.headers_for(sni.as_deref(), ip)
-                        })
-                        .await
+                        let headers = self.headers_fn(rules, iam, ip);
+                        crate::intercept::serve_http1(cl, up, move |_| headers(sni.as_deref()))
+                            .await
                     }
                 },
             }
         } else {
+            let headers = self.headers_fn(rules, iam, ip);
             crate::intercept::serve_http1(client, upstream, move |h| {
-                rules.headers_for(h.filter(|h| learned(h)), ip)
+                headers(h.filter(|h| learned(h)))
             })
             .await
         };
@@ -281,6 +325,30 @@ impl Tunnel {
             kind: "net.transform".into(),
             detail,
         });
+    }
+
+    /// The headers for a request to a host (already checked) on a connection to `ip`, with
+    /// their workload token placeholders filled by freshly minted tokens.
+    fn headers_fn(
+        &self,
+        rules: cella_core::egress::TransformRules,
+        iam: cella_core::egress::IamTokens,
+        ip: Ipv4Addr,
+    ) -> impl Fn(Option<&str>) -> Vec<(String, String)> + Send + Sync + 'static {
+        let identity = self.identity.clone();
+        let sandbox_id = self.sandbox_id.clone();
+        move |host| {
+            rules
+                .headers_for(host, ip)
+                .into_iter()
+                .map(|(name, value)| {
+                    let value = cella_core::egress::fill_iam_placeholders(&value, |token| {
+                        identity.mint(&sandbox_id, iam.audience(token)?)
+                    });
+                    (name, value)
+                })
+                .collect()
+        }
     }
 
     /// Open the connection to `target`: through `proxy`, or directly to `dst` (by the uplink

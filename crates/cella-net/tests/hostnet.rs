@@ -178,6 +178,9 @@ async fn attach_resolve_update_release() {
         proxy_allow_private: true,
         ca_dir: ca_dir.path().join("egress-ca"),
         upstream_ca_pem: None,
+        identity_dir: ca_dir.path().join("identity"),
+        identity_issuer: "http://127.0.0.1:3000".into(),
+        identity_trust_domain: "cella.local".into(),
     })
     .await
     .expect("start");
