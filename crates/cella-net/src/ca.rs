@@ -124,8 +124,9 @@ impl EgressCa {
         let (cert_pem, key_pem) = match (cert_path.exists(), key_path.exists()) {
             (false, false) => {
                 let (cert_pem, key_pem) = create(&hostname())?;
-                write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
-                write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
+                let io = |(path, source)| CaError::Io { path, source };
+                write_atomic(&key_path, key_pem.as_bytes(), 0o600).map_err(io)?;
+                write_atomic(&cert_path, cert_pem.as_bytes(), 0o644).map_err(io)?;
                 (cert_pem, key_pem)
             }
             (true, true) => (
@@ -324,14 +325,20 @@ fn hostname() -> String {
     }
 }
 
-/// Write `data` to `path` with `mode` through a temporary file in the same directory.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+/// Write `data` to `path` with `mode` through a temporary file in the same directory (renamed
+/// over `path`, removed on failure). `Err` names the file that failed. Shared with the
+/// identity key.
+pub(crate) fn write_atomic(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+) -> Result<(), (std::path::PathBuf, std::io::Error)> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
+    tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
-    let io = |p: &Path| {
-        let path = p.to_path_buf();
-        move |source| CaError::Io { path, source }
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| (p, e)
     };
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
@@ -339,14 +346,19 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
         .create_new(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(io(&tmp))?;
+        .map_err(at(&tmp))?;
     // The umask may have narrowed the mode (0644 must stay readable for installing it).
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
+    let written = f
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(data))
+        .and_then(|()| f.sync_all())
+        .map_err(at(&tmp));
     drop(f);
-    fs::rename(&tmp, path).map_err(io(path))
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path).map_err(at(path))) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// The few DER fields of a certificate the loader checks, read by hand (no X.509 parser).

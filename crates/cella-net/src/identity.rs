@@ -18,8 +18,7 @@
 //! replaced: tokens already handed out would stop verifying, and an operator must see why.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -128,7 +127,8 @@ impl IdentityKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
                     .map_err(|_| IdentityError::Crypto("generating a P-256 key failed".into()))?;
-                write_atomic(&path, pem(doc.as_ref()).as_bytes(), 0o600)?;
+                crate::ca::write_atomic(&path, pem(doc.as_ref()).as_bytes(), 0o600)
+                    .map_err(|(path, source)| IdentityError::Io { path, source })?;
                 doc.as_ref().to_vec()
             }
             Err(e) => return Err(io(&path)(e)),
@@ -257,36 +257,11 @@ fn invalid(path: &Path, reason: &str) -> IdentityError {
     }
 }
 
-/// Write `data` to `path` with `mode` through a temporary file in the same directory.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io(&tmp))?;
-    let written = f
-        .write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(io(&tmp));
-    drop(f);
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path).map_err(io(path))) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    use std::os::unix::fs::PermissionsExt;
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).expect("stat").permissions().mode() & 0o777
