@@ -1,12 +1,14 @@
 """Snapshots and fork through the official SDK.
 
-cella's snapshots keep a sandbox's *files* (E2B's `mode="filesystem"`): its driver copies what
+Every snapshot keeps a sandbox's *files* (E2B's `mode="filesystem"`): its driver copies what
 the sandbox changed on top of its template while the sandbox is frozen, and sandboxes started
-from the snapshot get the template plus that layer. Processes and memory are not kept: a
-sandbox from a snapshot, and a fork, cold-start. These tests check what a user can observe:
-files, deletions and ownership come along, later writes of the source do not, the source keeps
-running, list/delete behave as the SDK expects, other API keys see nothing, and nothing of a
-fork's or a deleted snapshot's layer stays on the host once unused."""
+from the snapshot get the template plus that layer. The microVM driver also keeps its *memory*
+(E2B's default, `mode="full"`): a fork, and a sandbox started from such a snapshot with the
+same limits, resume the source's processes. The jail cannot: its snapshots and forks cold-start.
+These tests check what a user can observe: files, deletions and ownership come along, later
+writes of the source do not, the source keeps running, processes come along exactly where the
+driver keeps memory, list/delete behave as the SDK expects, other API keys see nothing, and
+nothing of a fork's or a deleted snapshot's layer stays on the host once unused."""
 
 import os
 import subprocess
@@ -16,7 +18,10 @@ import pytest
 from e2b import Sandbox
 from e2b.exceptions import InvalidArgumentException, NotFoundException, SandboxException
 
-from cella_e2e import CELLA, private_server, sdk_env, wait_until
+from cella_e2e import CELLA, DRIVER, private_server, sdk_env, wait_until
+
+# Whether this driver's snapshots and forks keep memory (processes run on).
+MEMORY = DRIVER == "vm"
 
 
 def _snapshot_dirs(server) -> set:
@@ -45,7 +50,7 @@ def test_a_snapshot_starts_new_sandboxes_with_the_files(server):
             user="root",
         )
         assert r.exit_code == 0, r.stderr
-        # a background process: not part of a filesystem snapshot
+        # a background process: kept only by a memory snapshot
         src.commands.run("sleep 600", background=True)
 
         snap = src.create_snapshot(name=f"snap-{tag}")
@@ -65,8 +70,8 @@ def test_a_snapshot_starts_new_sandboxes_with_the_files(server):
         assert new.files.read("/home/user/proj/sub/f") == "deep\n"
         r = new.commands.run("readlink /home/user/link; stat -c %U /home/user/data.txt; cat /root/r", user="root")
         assert r.stdout.split() == ["/home/user/proj/sub/f", "user", "root-file"]
-        # processes do not come along: it cold-started
-        assert "sleep 600" not in new.commands.run("ps -eo args").stdout
+        # processes come along only with memory (the jail cold-starts)
+        assert ("sleep 600" in new.commands.run("ps -eo args").stdout) == MEMORY
         # it is an ordinary sandbox: writable, and its writes are its own
         new.files.write("/home/user/mine.txt", "x")
         assert not src.files.exists("/home/user/mine.txt")
@@ -113,10 +118,14 @@ def test_a_snapshot_starts_new_sandboxes_with_the_files(server):
 
 
 def test_snapshot_modes_names_and_unknown_sandboxes(server, sandbox):
-    # cella keeps files, not memory: an explicit full snapshot is refused, not silently degraded
-    with pytest.raises(SandboxException) as e:
-        sandbox.create_snapshot(mode="full")
-    assert "memory" in str(e.value)
+    # an explicit full snapshot where the driver cannot keep memory is refused, not degraded
+    if MEMORY:
+        full = sandbox.create_snapshot(mode="full")
+        assert Sandbox.delete_snapshot(full.snapshot_id) is True
+    else:
+        with pytest.raises(SandboxException) as e:
+            sandbox.create_snapshot(mode="full")
+        assert "memory" in str(e.value)
     info = sandbox.create_snapshot(mode="filesystem")
     try:
         assert info.snapshot_id.endswith(":default")
@@ -196,6 +205,69 @@ def test_fork_starts_copies_that_diverge(server):
                 f.kill()
         src.kill()
     wait_until(lambda: _snapshot_dirs(server) == before, timeout=20, what="fork snapshot layers to go")
+
+
+def _count(sbx) -> int:
+    r = sbx.commands.run("cat /tmp/count 2>/dev/null || echo -1")
+    return int(r.stdout.strip() or -1)
+
+
+@pytest.mark.skipif(not MEMORY, reason="the jail driver keeps no memory in snapshots")
+def test_memory_fork_resumes_processes_as_a_sandbox_of_its_own(server):
+    """A microVM fork wakes where its source was: a background loop keeps counting from its
+    in-memory value, tmpfs contents are there, the agent knows the process (commands.list,
+    connect); and it is its own sandbox: its hostname, a fresh CRNG (two forks read different
+    random bytes), the host's clock, its own access token (the source's is refused)."""
+    import time
+
+    import httpx
+
+    src = Sandbox.create(template="base", timeout=300, envs={"FROM_CREATE": "yes"})
+    forks = []
+    try:
+        loop = src.commands.run(
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done",
+            background=True,
+        )
+        src.files.write("/dev/shm/only-in-memory", "shm\n")
+        wait_until(lambda: _count(src) >= 5, timeout=30, what="the loop")
+        forks = src.fork(count=2, timeout=120)
+        assert all(isinstance(f, Sandbox) for f in forks), forks
+        a, b = forks
+        for f in forks:
+            n0 = _count(f)
+            # tmpfs survived (it is memory), and the counter had counted before the fork
+            assert n0 >= 5, n0
+            assert f.files.read("/dev/shm/only-in-memory") == "shm\n"
+            wait_until(lambda: _count(f) > n0, timeout=20, what="the loop to go on")
+            procs = f.commands.list()
+            assert loop.pid in [p.pid for p in procs], procs
+            assert f.commands.run("hostname").stdout.strip() == f.sandbox_id
+            assert f.commands.run("echo $FROM_CREATE").stdout == "yes\n"
+            guest_now = int(f.commands.run("date +%s").stdout)
+            assert abs(guest_now - time.time()) < 10, guest_now
+            # its own access token works; the source's opens nothing in the fork
+            assert f._envd_access_token != src._envd_access_token
+            for token, status in ((f._envd_access_token, 200), (src._envd_access_token, 401)):
+                r = httpx.post(
+                    f"{server.url}/process.Process/List",
+                    json={},
+                    headers={"E2b-Sandbox-Id": f.sandbox_id, "X-Access-Token": token},
+                )
+                assert r.status_code == status, (r.status_code, r.text)
+        rand = [f.commands.run("head -c 16 /dev/urandom | od -An -tx1").stdout for f in forks]
+        assert rand[0] != rand[1], "two forks share a CRNG state"
+        # still independent sandboxes: killing the loop in one leaves the other's and the source's
+        a.commands.kill(loop.pid)
+        n_b = _count(b)
+        wait_until(lambda: _count(b) > n_b, timeout=20, what="b's loop")
+        n_src = _count(src)
+        wait_until(lambda: _count(src) > n_src, timeout=20, what="the source's loop")
+    finally:
+        for f in forks:
+            if isinstance(f, Sandbox):
+                f.kill()
+        src.kill()
 
 
 def test_snapshots_survive_a_server_restart_and_a_crash(server):

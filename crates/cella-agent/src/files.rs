@@ -102,7 +102,8 @@ fn authorize(
     q: &FilesQuery,
     op: Operation,
 ) -> Result<User, HttpError> {
-    if !agent.settings.token.is_empty() {
+    let token = agent.token();
+    if !token.is_empty() {
         let header = headers
             .get(cella_proto::envd::ACCESS_TOKEN_HEADER)
             .and_then(|v| v.to_str().ok());
@@ -121,7 +122,7 @@ fn authorize(
                     q.path.as_deref().unwrap_or_default(),
                     op,
                     q.username.as_deref().unwrap_or_default(),
-                    &agent.settings.token,
+                    &token,
                     q.signature_expiration,
                     now_unix(),
                 )

@@ -96,7 +96,7 @@ async fn health() -> StatusCode {
 }
 
 async fn envs(State(agent): State<AgentRef>) -> Response {
-    axum::Json(&agent.settings.env_vars).into_response()
+    axum::Json(agent.env_vars()).into_response()
 }
 
 /// `GET /metrics` body.

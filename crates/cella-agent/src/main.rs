@@ -103,25 +103,75 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
     Ok(a)
 }
 
-/// Read one line from the control fd without buffering past it.
-fn read_config_line(f: &mut std::fs::File) -> Result<AgentConfig> {
+/// One line from the control fd without buffering past it; `None` at end of file. A line
+/// longer than [`MAX_CONFIG_LINE`] is an error (the rest of it is skipped).
+fn read_control_line(f: &mut std::fs::File) -> Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
+    let mut too_long = false;
     let mut byte = [0u8; 1];
     loop {
         match f.read(&mut byte) {
-            Ok(0) => bail!("control channel closed before the configuration line"),
+            Ok(0) => return Ok(None),
             Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if too_long => {}
             Ok(_) => {
                 line.push(byte[0]);
                 if line.len() > MAX_CONFIG_LINE {
-                    bail!("configuration line too long");
+                    too_long = true;
+                    line.clear();
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e).context("reading the control channel"),
         }
     }
+    if too_long {
+        bail!("configuration line too long");
+    }
+    Ok(Some(line))
+}
+
+/// The first line of the control fd: the agent's configuration.
+fn read_config_line(f: &mut std::fs::File) -> Result<AgentConfig> {
+    let Some(line) = read_control_line(f)? else {
+        bail!("control channel closed before the configuration line");
+    };
     serde_json::from_slice(&line).context("parsing the agent configuration")
+}
+
+/// Every later config line on the control fd re-keys a running agent: a microVM restored from
+/// another sandbox's memory snapshot wakes with that sandbox's hostname, token, environment,
+/// clock and CRNG state, and the host sends the new sandbox's (its listen address and start
+/// command are not changed: the restored ones keep running). Each is answered with `ready`,
+/// which the host waits for. Only the host writes this direction of the channel.
+fn spawn_reconfigure_reader(mut control: std::fs::File, agent: Arc<Agent>) {
+    let spawned = std::thread::Builder::new()
+        .name("control-reader".into())
+        .spawn(move || {
+            loop {
+                let line = match read_control_line(&mut control) {
+                    Ok(Some(line)) => line,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!("no longer reading the control channel: {e:#}");
+                        return;
+                    }
+                };
+                match serde_json::from_slice::<AgentConfig>(&line) {
+                    Ok(cfg) => {
+                        host_state::adopt(&cfg);
+                        agent.reconfigure(cfg.access_token, cfg.env_vars);
+                        agent.events.emit(AgentEvent::Ready {
+                            version: env!("CARGO_PKG_VERSION").to_string(),
+                        });
+                    }
+                    Err(e) => tracing::warn!("ignoring a malformed config line: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the control reader: {e}");
+    }
 }
 
 /// Bring up `lo` (as PID 1 in a fresh network namespace it starts down).
@@ -295,8 +345,13 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr().context("local address")?;
 
+    let mut control_in = None;
     let events = match control {
         Some(file) => {
+            match file.try_clone() {
+                Ok(f) => control_in = Some(f),
+                Err(e) => tracing::warn!("cannot keep reading the control channel: {e}"),
+            }
             let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
             let (written_tx, written_rx) = tokio::sync::watch::channel(0u64);
             spawn_event_writer(file, rx, written_tx);
@@ -317,6 +372,9 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let agent = Arc::new(Agent::new(settings, reaper, events));
+    if let Some(control) = control_in {
+        spawn_reconfigure_reader(control, agent.clone());
+    }
     if let Some(listener) = sudo_listener {
         // Sandbox root (uid 0 of its user namespace) owns the policy files.
         let sudoers = sudo::sudoers::Sudoers::new("/", 0);
@@ -349,6 +407,89 @@ mod tests {
 
     fn args(v: &[&str]) -> Result<Args> {
         parse_args(v.iter().map(|s| s.to_string()))
+    }
+
+    fn settings(token: &str) -> Settings {
+        Settings {
+            token: token.into(),
+            env_vars: BTreeMap::from([("A".to_string(), "1".to_string())]),
+            default_user: "root".into(),
+            default_workdir: String::new(),
+            users_root: PathBuf::from("/"),
+            proc_root: PathBuf::from("/"),
+            system_root: None,
+        }
+    }
+
+    #[test]
+    fn control_lines_are_bounded_and_end_at_eof() {
+        use std::io::Write as _;
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let mut w = std::fs::File::from(OwnedFd::from(a));
+        let mut r = std::fs::File::from(OwnedFd::from(b));
+        // More than a socket buffer holds: written while the reader reads.
+        let writer = std::thread::spawn(move || {
+            w.write_all(b"one\n").expect("write");
+            w.write_all(&vec![b'x'; MAX_CONFIG_LINE + 10])
+                .expect("write");
+            w.write_all(b"\ntwo\npartial").expect("write");
+        });
+        assert_eq!(
+            read_control_line(&mut r).expect("line"),
+            Some(b"one".to_vec())
+        );
+        let err = read_control_line(&mut r).expect_err("too long");
+        assert!(err.to_string().contains("too long"), "{err}");
+        // The oversized line was skipped whole: the next one is intact.
+        assert_eq!(
+            read_control_line(&mut r).expect("line"),
+            Some(b"two".to_vec())
+        );
+        assert_eq!(read_control_line(&mut r).expect("eof"), None);
+        writer.join().expect("writer");
+    }
+
+    /// A later config line (a memory restore) replaces the token and environment and is
+    /// answered with `ready`; a malformed one changes nothing.
+    #[tokio::test]
+    async fn later_config_lines_rekey_the_agent() {
+        use std::io::Write as _;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let agent = Arc::new(Agent::new(
+            settings("old"),
+            Reaper::new(),
+            state::EventSink::new(tx),
+        ));
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        spawn_reconfigure_reader(std::fs::File::from(OwnedFd::from(b)), agent.clone());
+        let mut host = std::fs::File::from(OwnedFd::from(a));
+        host.write_all(b"{not json\n").expect("write");
+        let cfg = AgentConfig {
+            // The current hostname: adopting it changes nothing on the test host.
+            sandbox_id: host_state::hostname().expect("hostname"),
+            access_token: "new".into(),
+            env_vars: BTreeMap::from([("B".to_string(), "2".to_string())]),
+            default_user: "root".into(),
+            default_workdir: String::new(),
+            port: 1,
+            bind: "127.0.0.1".into(),
+            start: None,
+            host_time_ns: None,
+            entropy: Vec::new(),
+        };
+        let mut line = serde_json::to_vec(&cfg).expect("json");
+        line.push(b'\n');
+        host.write_all(&line).expect("write");
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert!(matches!(ev, AgentEvent::Ready { .. }), "{ev:?}");
+        assert!(agent.token_ok(Some("new")));
+        assert!(!agent.token_ok(Some("old")));
+        assert_eq!(agent.env_vars().get("B").map(String::as_str), Some("2"));
+        assert!(!agent.env_vars().contains_key("A"));
+        assert!(rx.try_recv().is_err(), "the malformed line made no event");
     }
 
     #[test]

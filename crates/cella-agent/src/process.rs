@@ -328,7 +328,7 @@ fn build_env(agent: &AgentRef, user: &User, extra: &BTreeMap<String, String>) ->
         user.shell.clone()
     };
     env.insert("SHELL".into(), shell);
-    for (k, v) in agent.settings.env_vars.iter().chain(extra.iter()) {
+    for (k, v) in agent.env_vars().iter().chain(extra.iter()) {
         if !k.is_empty() && !k.contains('=') {
             env.insert(k.clone(), v.clone());
         }

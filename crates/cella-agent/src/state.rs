@@ -104,11 +104,22 @@ impl EventSink {
     }
 }
 
+/// What a host may replace while the agent runs: a microVM restored from a sandbox's memory
+/// snapshot wakes with the source's token and environment and is handed its own
+/// ([`Agent::reconfigure`]).
+#[derive(Debug, Clone)]
+struct Session {
+    token: String,
+    env_vars: BTreeMap<String, String>,
+}
+
 /// Everything request handlers share.
 #[derive(Debug)]
 pub struct Agent {
-    /// Configuration.
+    /// Configuration (`token` and `env_vars` as at start; the live ones are
+    /// [`Agent::token`] and [`Agent::env_vars`]).
     pub settings: Settings,
+    session: std::sync::RwLock<Session>,
     /// User database.
     pub users: UserDb,
     /// Whether we can switch users (running as root).
@@ -135,6 +146,10 @@ impl Agent {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Agent {
             users: UserDb::new(settings.users_root.clone()),
+            session: std::sync::RwLock::new(Session {
+                token: settings.token.clone(),
+                env_vars: settings.env_vars.clone(),
+            }),
             settings,
             is_root: uid == 0,
             self_ids: (uid, gid),
@@ -145,12 +160,40 @@ impl Agent {
         }
     }
 
+    fn session(&self) -> Session {
+        match self.session.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The access token in force (empty: no authentication).
+    pub fn token(&self) -> String {
+        self.session().token
+    }
+
+    /// The sandbox-wide environment in force.
+    pub fn env_vars(&self) -> BTreeMap<String, String> {
+        self.session().env_vars
+    }
+
+    /// Take a new token and environment (the host's config line after a memory restore).
+    /// Requests authorised from now on need the new token; running processes keep theirs.
+    pub fn reconfigure(&self, token: String, env_vars: BTreeMap<String, String>) {
+        let mut s = match self.session.write() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *s = Session { token, env_vars };
+    }
+
     /// Whether a presented token matches (always true when no token is configured).
     pub fn token_ok(&self, presented: Option<&str>) -> bool {
-        if self.settings.token.is_empty() {
+        let token = self.token();
+        if token.is_empty() {
             return true;
         }
-        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), self.settings.token.as_bytes()))
+        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()))
     }
 
     /// Whether the request carries a valid `X-Access-Token`.

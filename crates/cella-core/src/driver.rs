@@ -271,6 +271,19 @@ pub trait SandboxHandle: Send + Sync + 'static {
         ))
     }
 
+    /// [`Self::snapshot_filesystem`] plus the sandbox's memory and device state, saved at the
+    /// same instant the files are read. A sandbox started with `dest` as its newest layer and
+    /// the same CPU and memory limits resumes where this one was: its processes run on (the
+    /// driver hands it its own ID, token, environment, clock and randomness first). Started
+    /// with other limits, or where the saved machine no longer matches, it cold-starts from
+    /// the files. Drivers that cannot keep this default.
+    async fn snapshot_memory(&self, dest: &Path) -> Result<(), DriverError> {
+        let _ = dest;
+        Err(DriverError::Unavailable(
+            "this driver cannot snapshot a sandbox's memory".into(),
+        ))
+    }
+
     /// Prepare the sandbox for the interface that egress adds to its [`Self::netns_path`]:
     /// point its `/etc/resolv.conf` at `nameserver` (the host end of that interface), and
     /// whatever else its driver needs so traffic reaches the interface (a microVM: the guest's

@@ -451,6 +451,17 @@ fn driver_matches(name: &str, isolation: Isolation) -> bool {
 
 const KNOWN_DRIVERS: &[&str] = &["jail", "vm", "microvm", "microvm-kvm", "microvm-tcg"];
 
+/// What a snapshot keeps of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapshotWith {
+    /// Its files (processes end; sandboxes started from it cold-start).
+    Files,
+    /// Files and memory; a driver that cannot is a 400 naming `memory`.
+    Memory,
+    /// Files and memory where the driver can, else files.
+    MemoryIfPossible,
+}
+
 impl Manager {
     /// Build a manager and start its background tasks (reaper, agent-event recorder).
     /// `drivers[default_driver]` serves requests that do not ask for a driver.
@@ -993,14 +1004,11 @@ impl Manager {
         memory: Option<bool>,
     ) -> Result<SnapshotMeta, ManagerError> {
         self.snapshot_store(id)?;
-        if memory == Some(true) {
-            return Err(ManagerError::InvalidField {
-                field: "memory",
-                message: "cella snapshots keep a sandbox's files, not its memory: sandboxes \
-                          started from a snapshot cold-start; ask for mode=\"filesystem\""
-                    .into(),
-            });
-        }
+        let with = match memory {
+            Some(true) => SnapshotWith::Memory,
+            None => SnapshotWith::MemoryIfPossible,
+            Some(false) => SnapshotWith::Files,
+        };
         if let Some(n) = &name {
             if !is_snapshot_name(n) {
                 return Err(ManagerError::InvalidField {
@@ -1015,7 +1023,7 @@ impl Manager {
             }
         }
         let live = self.get_live(Some(owner), id)?;
-        let (meta, _pin) = self.snapshot_live(&live, owner, name, false).await?;
+        let (meta, _pin) = self.snapshot_live(&live, owner, name, false, with).await?;
         Ok(meta)
     }
 
@@ -1026,6 +1034,7 @@ impl Manager {
         actor: &str,
         name: Option<String>,
         hidden: bool,
+        with: SnapshotWith,
     ) -> Result<(SnapshotMeta, SnapshotPin), ManagerError> {
         let id = live.handle.id().to_string();
         let _t = live.transition.lock().await;
@@ -1038,7 +1047,7 @@ impl Manager {
                 state: "paused",
             });
         }
-        self.take_snapshot(live, actor, name, hidden).await
+        self.take_snapshot(live, actor, name, hidden, with).await
     }
 
     /// [`Manager::snapshot_live`] with the transition lock held by the caller.
@@ -1048,6 +1057,7 @@ impl Manager {
         actor: &str,
         name: Option<String>,
         hidden: bool,
+        with: SnapshotWith,
     ) -> Result<(SnapshotMeta, SnapshotPin), ManagerError> {
         let id = live.handle.id().to_string();
         let store = self.snapshot_store(&id)?.clone();
@@ -1066,7 +1076,34 @@ impl Manager {
         }
         let pending = store.begin()?;
         let started = std::time::Instant::now();
-        if let Err(e) = live.handle.snapshot_filesystem(&pending.layer_dir()).await {
+        let dir = pending.layer_dir();
+        let taken = match with {
+            SnapshotWith::Files => live.handle.snapshot_filesystem(&dir).await.map(|()| false),
+            SnapshotWith::Memory => match live.handle.snapshot_memory(&dir).await {
+                Err(DriverError::Unavailable(reason)) => {
+                    store.abort(pending);
+                    return Err(ManagerError::InvalidField {
+                        field: "memory",
+                        message: format!(
+                            "{reason} (sandbox '{id}' has {} isolation); ask for \
+                             mode=\"filesystem\"",
+                            live.handle.isolation().as_str()
+                        ),
+                    });
+                }
+                other => other.map(|()| true),
+            },
+            SnapshotWith::MemoryIfPossible => match live.handle.snapshot_memory(&dir).await {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    if !matches!(e, DriverError::Unavailable(_)) {
+                        tracing::warn!(sandbox = %id, error = %error_chain(&e), "memory snapshot failed; keeping the files only");
+                    }
+                    live.handle.snapshot_filesystem(&dir).await.map(|()| false)
+                }
+            },
+        };
+        if let Err(e) = taken {
             store.abort(pending);
             self.store.audit(NewAudit {
                 actor: actor.to_string(),
@@ -1081,6 +1118,7 @@ impl Manager {
                 other => other.into(),
             });
         }
+        let memory = taken.unwrap_or(false);
         let snapshot_ms = started.elapsed().as_secs_f64() * 1000.0;
         let mut base = live.image.clone();
         base.layers.clear();
@@ -1098,6 +1136,7 @@ impl Manager {
             created_at_ms: now_ms(),
             size_bytes: 0,
             hidden,
+            memory,
         };
         let pins = self.pins.clone();
         let (meta, pin) = tokio::task::spawn_blocking(move || {
@@ -1121,6 +1160,7 @@ impl Manager {
                 "snapshotID": meta.snapshot_id(),
                 "name": meta.name,
                 "forFork": hidden,
+                "memory": meta.memory,
                 "layers": meta.parents.len() + 1,
                 "sizeBytes": meta.size_bytes,
                 "snapshotMs": snapshot_ms,
@@ -1153,7 +1193,9 @@ impl Manager {
             return Err(ManagerError::ShuttingDown);
         }
         let live = self.get_live(Some(owner), id)?;
-        let (meta, pin) = self.snapshot_live(&live, owner, None, true).await?;
+        let (meta, pin) = self
+            .snapshot_live(&live, owner, None, true, SnapshotWith::MemoryIfPossible)
+            .await?;
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..count {
             let mut req = live.request.clone();
@@ -1568,7 +1610,10 @@ impl Manager {
         }
         let started = std::time::Instant::now();
         if !memory && self.snapshots.is_some() {
-            match self.pause_to_disk(live, actor, reason).await {
+            match self
+                .pause_to_disk(live, actor, reason, SnapshotWith::Files)
+                .await
+            {
                 Err(ManagerError::SnapshotUnsupported { reason: why, .. }) => {
                     tracing::debug!(sandbox = %id, reason = %why, "pausing in memory instead of to disk");
                 }
@@ -1678,6 +1723,7 @@ impl Manager {
         live: &Arc<LiveSandbox>,
         actor: &str,
         reason: &str,
+        with: SnapshotWith,
     ) -> Result<(), ManagerError> {
         let id = live.handle.id().to_string();
         let store = self.snapshot_store(&id)?.clone();
@@ -1697,7 +1743,7 @@ impl Manager {
                 tracing::warn!(sandbox = %id, error = %e, "thawing after a failed pause to disk");
             }
         };
-        let (meta, pin) = match self.take_snapshot(live, actor, None, true).await {
+        let (meta, pin) = match self.take_snapshot(live, actor, None, true, with).await {
             Ok(x) => x,
             Err(e) => {
                 thaw().await;
@@ -1923,7 +1969,12 @@ impl Manager {
                     continue;
                 }
                 let _t = live.transition.lock().await;
-                match self.pause_to_disk(&live, "server", "shutdown").await {
+                // Memory-paused: where the driver can, its memory goes to disk too, so its
+                // processes are back after the restart.
+                match self
+                    .pause_to_disk(&live, "server", "shutdown", SnapshotWith::MemoryIfPossible)
+                    .await
+                {
                     Ok(()) => {
                         self.forget(id);
                         continue;

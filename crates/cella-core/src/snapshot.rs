@@ -76,6 +76,10 @@ pub struct SnapshotMeta {
     /// Taken for a fork: never listed, removed once unused.
     #[serde(default)]
     pub hidden: bool,
+    /// The layer holds the sandbox's memory too ([`crate::driver::SandboxHandle::snapshot_memory`]):
+    /// sandboxes started from it with the same limits resume its processes.
+    #[serde(default)]
+    pub memory: bool,
 }
 
 impl SnapshotMeta {
@@ -560,6 +564,7 @@ mod tests {
             created_at_ms: at,
             size_bytes: 0,
             hidden: false,
+            memory: false,
         }
     }
 

@@ -36,6 +36,64 @@ pub const LAYER_META: &str = "layer.json";
 /// Value of `format` in [`LAYER_META`]; bump when the layout changes.
 pub const LAYER_FORMAT: &str = "cella-vm-layer-1";
 
+/// A memory snapshot's migration stream (guest RAM and device state), next to the disk.
+pub const LAYER_MEMORY: &str = "memory";
+/// What the stream was saved from ([`MachineMeta`]).
+pub const LAYER_MACHINE: &str = "machine.json";
+/// Value of `format` in [`LAYER_MACHINE`].
+pub const MACHINE_FORMAT: &str = "cella-vm-machine-1";
+
+/// What [`LAYER_MACHINE`] says: the machine a memory snapshot loads into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineMeta {
+    /// The driver's machine key (QEMU, kernel, initramfs, vCPUs, RAM, device set).
+    pub key: String,
+    /// Whether the RAM was the named backend (a clone's) rather than QEMU's default.
+    pub named_memory: bool,
+}
+
+/// Write [`LAYER_MACHINE`] into `dest` (synced).
+pub fn write_machine(dest: &Path, meta: &MachineMeta) -> io::Result<()> {
+    let v = serde_json::json!({
+        "format": MACHINE_FORMAT,
+        "key": meta.key,
+        "named_memory": meta.named_memory,
+    });
+    let mut text = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    text.push(b'\n');
+    write_synced(&dest.join(LAYER_MACHINE), &text)?;
+    std::fs::File::open(dest).and_then(|d| d.sync_all())
+}
+
+/// The memory snapshot in layer `dir`: `Ok(None)` for a filesystem-only layer.
+pub fn read_machine(dir: &Path) -> Result<Option<MachineMeta>, String> {
+    let path = dir.join(LAYER_MACHINE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if v.get("format").and_then(|f| f.as_str()) != Some(MACHINE_FORMAT) {
+        return Err(format!("{} is not {MACHINE_FORMAT}", path.display()));
+    }
+    if !dir.join(LAYER_MEMORY).is_file() {
+        return Err(format!("{} has no {LAYER_MEMORY}", dir.display()));
+    }
+    Ok(Some(MachineMeta {
+        key: v
+            .get("key")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| format!("{} has no key", path.display()))?
+            .to_string(),
+        named_memory: v
+            .get("named_memory")
+            .and_then(|k| k.as_bool())
+            .ok_or_else(|| format!("{} has no named_memory", path.display()))?,
+    }))
+}
+
 /// What [`LAYER_META`] says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerMeta {
@@ -273,6 +331,23 @@ mod tests {
             template: "base".into(),
             build_id: "b1".into(),
         }
+    }
+
+    #[test]
+    fn machine_meta_roundtrip_and_checks() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        assert_eq!(read_machine(tmp.path()).expect("none"), None);
+        let m = MachineMeta {
+            key: "abc".into(),
+            named_memory: true,
+        };
+        write_machine(tmp.path(), &m).expect("write");
+        let err = read_machine(tmp.path()).expect_err("no stream");
+        assert!(err.contains("has no memory"), "{err}");
+        std::fs::write(tmp.path().join(LAYER_MEMORY), b"x").expect("stream");
+        assert_eq!(read_machine(tmp.path()).expect("read"), Some(m));
+        std::fs::write(tmp.path().join(LAYER_MACHINE), br#"{"format":"other"}"#).expect("w");
+        assert!(read_machine(tmp.path()).is_err());
     }
 
     #[test]

@@ -64,8 +64,8 @@ pub use crate::accel::{Accel, AccelChoice, AccelDecision, HostFacts};
 use crate::image::{ImageError, ImageTools};
 use crate::qemu::{BootMode, Memory, QemuPlan};
 pub use crate::sandbox::{BootPath, VmSandbox};
-use crate::sandbox::{DiskInfo, SlotGuard};
-use crate::snapshot::{AWAITING_CONFIG, Qmp, SnapshotFiles};
+use crate::sandbox::{DiskInfo, MachineInfo, QmpConn, SlotGuard};
+use crate::snapshot::{AWAITING_CONFIG, SnapshotFiles};
 use crate::vmm::{Identity, Launch, Tail};
 
 /// Top cgroup of every VMM (of every cella instance); the jail's is `cella`.
@@ -733,12 +733,19 @@ async fn probe_kvm(config: &VmConfig, kvm_gid: Option<u32>) -> Result<Duration, 
 /// How long a clone may take from QEMU start to the agent's ready before the driver gives
 /// up on the snapshot and boots cold.
 const RESTORE_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a VM restored from a sandbox's memory snapshot may take to answer its config
+/// (the stream holds the whole guest RAM, not only device state).
+const RESUME_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a resumed agent has to answer one config line before it is sent again.
+const REKEY_RETRY: Duration = Duration::from_secs(2);
 /// How long migrating a golden VM's device state to its file may take.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Guest RAM of a VM about to be launched.
 enum LaunchMemory {
     Anonymous,
+    /// Anonymous, in the named backend of a clone (a memory snapshot of one is loaded).
+    Restored,
     /// Create this sparse file (guest RAM size) for a golden VM.
     Golden(PathBuf),
     /// A clone maps the golden RAM from this sealed memfd.
@@ -796,7 +803,6 @@ impl SnapSource {
 struct Launched {
     sandbox: Arc<VmSandbox>,
     ctl: tokio::net::UnixStream,
-    qmp: Option<tokio::net::UnixStream>,
     /// Descriptor number of the migration stream inside QEMU.
     stream_fd: Option<i32>,
 }
@@ -912,7 +918,148 @@ impl VmDriver {
             source: Some(newest.join(layer::LAYER_DISK)),
             base: meta.base,
         };
+        match self.memory_of(newest, &spec.limits) {
+            Ok(Some(machine)) => {
+                match self
+                    .resume(
+                        spec,
+                        &backing,
+                        meta.virtual_size,
+                        newest,
+                        &machine,
+                        &events,
+                        t0,
+                    )
+                    .await
+                {
+                    Ok(sb) => return Ok(sb),
+                    Err(RestoreError::Launch(reason) | RestoreError::Failed(reason)) => {
+                        tracing::warn!(sandbox = %spec.id, layer = %newest.display(), %reason, "cannot resume the memory snapshot; booting cold from its files");
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(reason) => {
+                tracing::info!(sandbox = %spec.id, layer = %newest.display(), %reason, "booting cold from the snapshot's files");
+            }
+        }
         self.cold_boot(spec, backing, disk_size, events, t0).await
+    }
+
+    /// The memory snapshot in layer `dir` if a VM of `limits` can load it: `Ok(None)` for a
+    /// filesystem-only layer, `Err(why not)` when there is one that does not fit.
+    fn memory_of(&self, dir: &Path, limits: &Limits) -> Result<Option<layer::MachineMeta>, String> {
+        let Some(machine) = layer::read_machine(dir)? else {
+            return Ok(None);
+        };
+        if machine.key != self.machine_key(limits, machine.named_memory) {
+            return Err(
+                "its memory was saved from another machine (other vCPUs or memory, or another \
+                 QEMU, kernel or initramfs)"
+                    .into(),
+            );
+        }
+        Ok(Some(machine))
+    }
+
+    /// Start a sandbox from a memory snapshot: the saved RAM and devices on the saved disk,
+    /// then the new sandbox's config line to the running agent, which answers `ready`.
+    #[allow(clippy::too_many_arguments)]
+    async fn resume(
+        &self,
+        spec: &SandboxSpec,
+        backing: &Backing,
+        disk_size: u64,
+        layer_dir: &Path,
+        machine: &layer::MachineMeta,
+        events: &EventSink,
+        t0: Instant,
+    ) -> Result<Arc<VmSandbox>, RestoreError> {
+        let id = spec.id.clone();
+        let dir = self.inner.config.data_dir.join("sandboxes").join(&id);
+        let stream = std::fs::File::open(layer_dir.join(layer::LAYER_MEMORY))
+            .map_err(|e| RestoreError::Launch(format!("opening the memory snapshot: {e}")))?;
+        let launched = self
+            .launch(VmLaunch {
+                name: id.clone(),
+                disk: dir.join("disk.qcow2"),
+                dir,
+                backing: backing.path.clone(),
+                backing_fmt: backing.format,
+                disk_size,
+                limits: spec.limits,
+                memory: if machine.named_memory {
+                    LaunchMemory::Restored
+                } else {
+                    LaunchMemory::Anonymous
+                },
+                qmp: true,
+                stream: Some(OwnedFd::from(stream)),
+                incoming: true,
+                boot: BootPath::Resumed,
+                backing_source: backing.source.clone(),
+                snap: SnapSource::of(spec, &backing.base),
+            })
+            .await
+            .map_err(|e| RestoreError::Launch(error_chain(&e)))?;
+        let sandbox = launched.sandbox;
+        let mut loaded_at = None;
+        let handshake = async {
+            let fd = launched.stream_fd.ok_or("no incoming stream")?;
+            {
+                let mut qmp = sandbox.qmp().await?;
+                qmp.pipeline(&[
+                    (
+                        "migrate-incoming",
+                        serde_json::json!({"uri": format!("fd:{fd}")}),
+                    ),
+                    // Runs once the stream is loaded (the source was stopped when saved).
+                    ("cont", serde_json::json!({})),
+                ])
+                .await?;
+                // The config line goes out only to a running guest: while the stream loads,
+                // the console device is not yet the guest's and could take the line early.
+                loop {
+                    let st = qmp.execute("query-status", serde_json::json!({})).await?;
+                    if st.get("running").and_then(|r| r.as_bool()) == Some(true) {
+                        break;
+                    }
+                    if let Some(bad @ ("internal-error" | "shutdown" | "guest-panicked")) =
+                        st.get("status").and_then(|s| s.as_str())
+                    {
+                        return Err(format!("the restored VM is {bad}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let mut reader = BufReader::new(launched.ctl);
+            loaded_at = Some(t0.elapsed());
+            self.rekey(spec, &mut reader, events).await?;
+            // Saved with the guest's filesystems frozen (so the files alone are consistent too).
+            sandbox
+                .fs_thaw()
+                .await
+                .map_err(|e| format!("thawing the guest's filesystem: {e}"))?;
+            Ok::<_, String>(reader)
+        };
+        match self
+            .finish_start(&sandbox, RESUME_DEADLINE, handshake, events.clone())
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(
+                    sandbox = %id,
+                    accel = ?self.inner.decision.accel,
+                    boot = "resumed",
+                    layer = %layer_dir.display(),
+                    launched_ms = loaded_at.map(|d| d.as_millis() as u64),
+                    ready_ms = t0.elapsed().as_millis() as u64,
+                    "VM ready"
+                );
+                Ok(sandbox)
+            }
+            Err(reason) => Err(RestoreError::Failed(reason)),
+        }
     }
 
     fn agent_config(&self, spec: &SandboxSpec) -> AgentConfig {
@@ -1090,6 +1237,7 @@ impl VmDriver {
         ];
         let memory = match &l.memory {
             LaunchMemory::Anonymous => Memory::Anonymous,
+            LaunchMemory::Restored => Memory::Restored,
             LaunchMemory::Golden(p) => Memory::Golden(p.clone()),
             LaunchMemory::Clone(fd) => {
                 inherit.push(fd.as_raw_fd());
@@ -1103,6 +1251,10 @@ impl VmDriver {
         if let Some(fd) = stream_fd {
             inherit.push(fd);
         }
+        let machine = MachineInfo {
+            named_memory: memory.named(),
+            key: self.machine_key(&l.limits, memory.named()),
+        };
         let plan = QemuPlan {
             accel: inner.decision.accel,
             tb_size_mb: cfg.tb_size_mb,
@@ -1120,6 +1272,7 @@ impl VmDriver {
             incoming: l.incoming,
             tsc_khz: inner.tsc_khz,
         };
+
         let snap_identity = identity.clone().map(|i| Identity {
             groups: Vec::new(),
             ..i
@@ -1204,13 +1357,43 @@ impl VmDriver {
                 virtual_size: l.disk_size,
             },
             lifecycle: tokio::sync::Mutex::new(()),
+            qmp: tokio::sync::Mutex::new(match qmp_host {
+                Some(h) => QmpConn::Unopened(h),
+                None => QmpConn::Lost,
+            }),
+            machine,
         });
         Ok(Launched {
             sandbox,
             ctl: ctl_host,
-            qmp: qmp_host,
             stream_fd,
         })
+    }
+
+    /// Wait for a start's `handshake` (its agent's `ready`) within `deadline`, then keep
+    /// forwarding the agent's events. On failure the VM is torn down and the error is the
+    /// reason with how QEMU ended ([`Self::failed`]).
+    async fn finish_start(
+        &self,
+        sandbox: &VmSandbox,
+        deadline: Duration,
+        handshake: impl std::future::Future<Output = Result<BufReader<tokio::net::UnixStream>, String>>,
+        events: EventSink,
+    ) -> Result<(), String> {
+        let result = match tokio::time::timeout(deadline, handshake).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no ready event within {deadline:?}")),
+        };
+        match result {
+            Ok(reader) => {
+                let task = spawn_event_reader(sandbox.id.clone(), reader, events);
+                if let Ok(mut t) = sandbox.tasks.lock() {
+                    t.push(task);
+                }
+                Ok(())
+            }
+            Err(reason) => Err(self.failed(sandbox, reason).await),
+        }
     }
 
     /// Tear down a VM that did not come up; the reason, with how QEMU ended and its last words.
@@ -1252,6 +1435,42 @@ impl VmDriver {
         wait_ready(&spec.id, reader, events).await
     }
 
+    /// [`Self::configure`] for a VM resumed from a memory snapshot: the line is sent again
+    /// every [`REKEY_RETRY`] until the agent answers (a re-key is idempotent). Seen twice in
+    /// ~30 resumes before this existed: a resumed guest that never answered its line (cause
+    /// not found); none since, in 18.
+    async fn rekey(
+        &self,
+        spec: &SandboxSpec,
+        reader: &mut BufReader<tokio::net::UnixStream>,
+        events: &EventSink,
+    ) -> Result<(), String> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let config = self.agent_config(spec);
+            let mut line =
+                serde_json::to_vec(&config).map_err(|e| format!("encoding the config: {e}"))?;
+            line.push(b'\n');
+            reader
+                .get_mut()
+                .write_all(&line)
+                .await
+                .map_err(|e| format!("sending the config: {e}"))?;
+            match tokio::time::timeout(REKEY_RETRY, wait_ready(&spec.id, reader, events)).await {
+                Ok(r) => {
+                    if attempt > 1 {
+                        tracing::info!(sandbox = %spec.id, attempt, "resumed agent answered a repeated config line");
+                    }
+                    return r;
+                }
+                Err(_) => {
+                    tracing::debug!(sandbox = %spec.id, attempt, "no answer to the config line yet");
+                }
+            }
+        }
+    }
+
     async fn cold_boot(
         &self,
         spec: &SandboxSpec,
@@ -1273,7 +1492,8 @@ impl VmDriver {
                 disk_size,
                 limits: spec.limits,
                 memory: LaunchMemory::Anonymous,
-                qmp: false,
+                // For memory snapshots (`snapshot_memory`).
+                qmp: true,
                 stream: None,
                 incoming: false,
                 boot: BootPath::Cold,
@@ -1291,16 +1511,11 @@ impl VmDriver {
             self.configure(spec, &mut reader, &events).await?;
             Ok::<_, String>(reader)
         };
-        let result = match tokio::time::timeout(timeout, handshake).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no ready event within {timeout:?}")),
-        };
-        match result {
-            Ok(reader) => {
-                let task = spawn_event_reader(id.clone(), reader, events);
-                if let Ok(mut t) = sandbox.tasks.lock() {
-                    t.push(task);
-                }
+        match self
+            .finish_start(&sandbox, timeout, handshake, events.clone())
+            .await
+        {
+            Ok(()) => {
                 tracing::info!(
                     sandbox = %id,
                     accel = ?self.inner.decision.accel,
@@ -1312,9 +1527,7 @@ impl VmDriver {
                 );
                 Ok(sandbox)
             }
-            Err(reason) => Err(DriverError::AgentNotReady(
-                self.failed(&sandbox, reason).await,
-            )),
+            Err(reason) => Err(DriverError::AgentNotReady(reason)),
         }
     }
 
@@ -1357,9 +1570,8 @@ impl VmDriver {
         let t_launch = t0.elapsed();
         let mut resumed_at = None;
         let handshake = async {
-            let qmp = launched.qmp.ok_or("no QMP connection")?;
             let fd = launched.stream_fd.ok_or("no incoming stream")?;
-            let mut qmp = Qmp::connect(qmp).await?;
+            let mut qmp = sandbox.qmp().await?;
             qmp.pipeline(&[
                 ("migrate-set-capabilities", snapshot::ignore_shared()),
                 (
@@ -1375,16 +1587,11 @@ impl VmDriver {
             self.configure(spec, &mut reader, events).await?;
             Ok::<_, String>(reader)
         };
-        let result = match tokio::time::timeout(RESTORE_DEADLINE, handshake).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no ready event within {RESTORE_DEADLINE:?}")),
-        };
-        match result {
-            Ok(reader) => {
-                let task = spawn_event_reader(id.clone(), reader, events.clone());
-                if let Ok(mut t) = sandbox.tasks.lock() {
-                    t.push(task);
-                }
+        match self
+            .finish_start(&sandbox, RESTORE_DEADLINE, handshake, events.clone())
+            .await
+        {
+            Ok(()) => {
                 tracing::info!(
                     sandbox = %id,
                     accel = ?self.inner.decision.accel,
@@ -1397,8 +1604,44 @@ impl VmDriver {
                 );
                 Ok(sandbox)
             }
-            Err(reason) => Err(RestoreError::Failed(self.failed(&sandbox, reason).await)),
+            Err(reason) => Err(RestoreError::Failed(reason)),
         }
+    }
+
+    /// Everything a memory snapshot's stream depends on besides the disk, hashed: a VM of
+    /// `limits` whose RAM is named or not loads only a stream saved with the same key.
+    fn machine_key(&self, limits: &Limits, named_memory: bool) -> String {
+        let cfg = &self.inner.config;
+        let canonical = QemuPlan {
+            accel: self.inner.decision.accel,
+            tb_size_mb: cfg.tb_size_mb,
+            vcpus: limits.cpu_count,
+            memory_mb: limits.memory_mb,
+            kernel: cfg.kernel(),
+            initramfs: cfg.initramfs(),
+            disk: Some(PathBuf::from("disk")),
+            control_fd: 3,
+            serial_fd: 4,
+            tap_fd: Some(5),
+            mode: BootMode::Run,
+            memory: if named_memory {
+                Memory::Restored
+            } else {
+                Memory::Anonymous
+            },
+            qmp_fd: Some(6),
+            incoming: true,
+            tsc_khz: self.inner.tsc_khz,
+        };
+        let mut parts = vec![
+            // bump when the memory snapshot layout or the guest protocol changes
+            "cella-vm-machine-1".to_string(),
+            self.inner.qemu_version.clone(),
+            file_stamp(&cfg.kernel()),
+            file_stamp(&cfg.initramfs()),
+        ];
+        parts.extend(canonical.args());
+        snapshot::key(&parts)
     }
 
     /// Everything a clone depends on, hashed: the key of its snapshot.
@@ -1548,27 +1791,8 @@ impl VmDriver {
             booted = Some(t0.elapsed());
             // Let the agent enter its read and the guest go idle.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let qmp = launched.qmp.ok_or("no QMP connection")?;
-            let mut qmp = Qmp::connect(qmp).await?;
-            qmp.send_fd("stream", &state_w).await?;
-            // Only QEMU may hold the write end now: the copier's EOF is the stream's end.
-            drop(state_w);
-            qmp.pipeline(&[
-                ("migrate-set-capabilities", snapshot::ignore_shared()),
-                ("stop", serde_json::json!({})),
-                ("migrate", serde_json::json!({"uri": "fd:stream"})),
-            ])
-            .await?;
-            loop {
-                let st = qmp.execute("query-migrate", serde_json::json!({})).await?;
-                match st.get("status").and_then(|s| s.as_str()) {
-                    Some("completed") => break,
-                    Some("failed") | Some("cancelled") => {
-                        return Err(format!("migration to the state file failed: {st}"));
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
+            let mut qmp = sandbox.qmp().await?;
+            snapshot::stop_and_save(&mut qmp, state_w, false).await?;
             Ok::<_, String>(reader)
         };
         let result = match tokio::time::timeout(timeout, work).await {
@@ -1665,7 +1889,7 @@ fn install_snapshot(tmp: &SnapshotFiles, dest: &Path, gid: Option<u32>) -> io::R
 }
 
 /// A pipe: (write end, read end).
-fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

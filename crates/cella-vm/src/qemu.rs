@@ -50,6 +50,18 @@ pub enum Memory {
     /// A clone: RAM is the golden RAM, mapped private (copy-on-write) from an inherited
     /// descriptor (a sealed memfd, see `snapshot`).
     Clone(i32),
+    /// A VM restored from a memory snapshot of a clone: anonymous RAM under the clone's
+    /// backend name and device set (the migration stream fills it).
+    Restored,
+}
+
+impl Memory {
+    /// Whether the RAM is a named backend (`memory-backend=mem`): the machine shape of golden
+    /// VMs and everything started from them. A migration stream only loads into the shape it
+    /// was saved from.
+    pub fn named(&self) -> bool {
+        !matches!(self, Memory::Anonymous)
+    }
 }
 
 /// Everything one QEMU invocation needs.
@@ -141,11 +153,10 @@ impl QemuPlan {
             "-no-reboot",
         ]);
         let machine = "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on";
-        match &self.memory {
-            Memory::Anonymous => push(&["-M", machine]),
-            Memory::Golden(_) | Memory::Clone(_) => {
-                push(&["-M", &format!("{machine},memory-backend=mem")])
-            }
+        if self.memory.named() {
+            push(&["-M", &format!("{machine},memory-backend=mem")]);
+        } else {
+            push(&["-M", machine]);
         }
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm".to_string(), "host"),
@@ -176,6 +187,10 @@ impl QemuPlan {
                 &format!(
                     "memory-backend-file,id=mem,size={size}M,mem-path=/proc/self/fd/{fd},share=off"
                 ),
+            ]),
+            Memory::Restored => push(&[
+                "-object",
+                &format!("memory-backend-ram,id=mem,size={size}M"),
             ]),
         }
         push(&[
@@ -208,12 +223,13 @@ impl QemuPlan {
                 &format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"),
             ]);
         }
-        match self.memory {
-            Memory::Anonymous => push(&["-device", "virtio-balloon-device,free-page-reporting=on"]),
+        if self.memory.named() {
             // QEMU 7.2 discards reported pages of a file-backed RAM block by punching holes
             // in the file: in a golden VM's RAM file, under every clone. Off for snapshots
             // (the device set must match between a golden VM and its clones).
-            Memory::Golden(_) | Memory::Clone(_) => push(&["-device", "virtio-balloon-device"]),
+            push(&["-device", "virtio-balloon-device"]);
+        } else {
+            push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
         }
         push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-device,rng=rng0"]);
@@ -338,6 +354,24 @@ mod tests {
                 .collect()
         };
         assert_eq!(strip(&g), strip(&c), "machine arguments must match");
+        let mut restored = clone.clone();
+        restored.memory = Memory::Restored;
+        let r = restored.args();
+        assert_eq!(
+            value_after(&r, "-object")[0],
+            "memory-backend-ram,id=mem,size=256M"
+        );
+        let strip_ram = |a: &[String]| -> Vec<String> {
+            strip(a)
+                .into_iter()
+                .filter(|x| !x.starts_with("memory-backend-ram"))
+                .collect()
+        };
+        assert_eq!(
+            strip_ram(&r),
+            strip(&c),
+            "a restored clone has the clone's shape"
+        );
     }
 
     #[test]

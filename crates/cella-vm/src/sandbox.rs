@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::layer::{self, LayerMeta};
+use crate::snapshot::Qmp;
 use crate::vmm::{Identity, Launch, Tail, pidfd_kill};
 
 /// How long teardown waits for the killed VMM to be reaped.
@@ -43,6 +44,24 @@ pub enum BootPath {
     Cold,
     /// Restored from a golden VM's snapshot.
     Restored,
+    /// Restored from another sandbox's memory snapshot: its processes run on.
+    Resumed,
+}
+
+/// The VMM's QMP connection, opened (greeting read) on first use.
+pub(crate) enum QmpConn {
+    Unopened(tokio::net::UnixStream),
+    Open(Qmp<tokio::net::UnixStream>),
+    Lost,
+}
+
+/// What a memory snapshot must record to be restored into the same machine.
+#[derive(Debug, Clone)]
+pub(crate) struct MachineInfo {
+    /// Whether guest RAM is the named backend (golden VMs and what started from them).
+    pub(crate) named_memory: bool,
+    /// Hash of everything the migration stream depends on (see `VmDriver::machine_key`).
+    pub(crate) key: String,
 }
 
 /// What a filesystem snapshot of a sandbox needs to know about its disk.
@@ -90,6 +109,8 @@ pub struct VmSandbox {
     pub(crate) disk: DiskInfo,
     /// Serialises pause, resume and filesystem snapshots.
     pub(crate) lifecycle: tokio::sync::Mutex<()>,
+    pub(crate) qmp: tokio::sync::Mutex<QmpConn>,
+    pub(crate) machine: MachineInfo,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -106,6 +127,23 @@ impl VmSandbox {
     /// Whether this sandbox was booted or restored from a snapshot.
     pub fn boot_path(&self) -> BootPath {
         self.boot
+    }
+
+    /// The QMP connection (opened on first use).
+    pub(crate) async fn qmp(
+        &self,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, Qmp<tokio::net::UnixStream>>, String> {
+        let mut conn = self.qmp.lock().await;
+        if let QmpConn::Unopened(_) = &*conn
+            && let QmpConn::Unopened(stream) = std::mem::replace(&mut *conn, QmpConn::Lost)
+        {
+            *conn = QmpConn::Open(Qmp::connect(stream).await?);
+        }
+        tokio::sync::MutexGuard::try_map(conn, |c| match c {
+            QmpConn::Open(q) => Some(q),
+            _ => None,
+        })
+        .map_err(|_| "the VMM has no QMP connection".to_string())
     }
 
     /// SIGKILL the VMM (no cleanup: that is [`Self::teardown`]).
@@ -213,6 +251,9 @@ fn copy_from_fd(src: &std::fs::File, dst: &mut std::fs::File) -> io::Result<u64>
     }
 }
 
+/// How long saving a VM's memory may take.
+const SAVE_DEADLINE: Duration = Duration::from_secs(120);
+
 /// How long flattening a disk copy may take.
 const FLATTEN_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -311,6 +352,7 @@ impl VmSandbox {
         work: &Path,
         top: &Path,
         was_paused: bool,
+        memory: bool,
     ) -> Result<(Duration, u64), DriverError> {
         let identity = self.disk.identity.clone();
         let (w, t) = (work.to_path_buf(), top.to_path_buf());
@@ -330,6 +372,7 @@ impl VmSandbox {
             source,
         });
         let copied = match file {
+            Ok(f) if memory => self.saved_copy(f, &dest.join(layer::LAYER_MEMORY)).await,
             Ok(f) => self.quiesced_copy(f).await,
             Err(e) => Err(e),
         };
@@ -390,6 +433,10 @@ impl VmSandbox {
             .await
             .map_err(|e| DriverError::Setup(format!("compacting the disk copy: {e}")))?;
         let info = self.disk.clone();
+        let machine = memory.then(|| layer::MachineMeta {
+            key: self.machine.key.clone(),
+            named_memory: self.machine.named_memory,
+        });
         let (top, dest) = (flat, dest.to_path_buf());
         let bytes = tokio::task::spawn_blocking(move || -> Result<u64, DriverError> {
             let virtual_size =
@@ -403,12 +450,180 @@ impl VmSandbox {
                 template: info.template.clone(),
                 build_id: info.build_id.clone(),
             };
-            layer::finish_layer(&top, &dest, &meta, info.gid)
-                .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))
+            let bytes = layer::finish_layer(&top, &dest, &meta, info.gid)
+                .map_err(|e| DriverError::Setup(cella_core::manager::error_chain(&e)))?;
+            if let Some(machine) = &machine {
+                layer::write_machine(&dest, machine).map_err(|source| DriverError::Io {
+                    context: format!("writing {}", dest.join(layer::LAYER_MACHINE).display()),
+                    source,
+                })?;
+            }
+            Ok(bytes)
         })
         .await
         .map_err(|e| DriverError::Setup(format!("layer task failed: {e}")))??;
         Ok((stopped, bytes))
+    }
+
+    /// A filesystem snapshot into `dest`, with the memory stream when `memory`.
+    async fn snapshot(&self, dest: &Path, memory: bool) -> Result<(), DriverError> {
+        check_dest(dest)?;
+        let _life = self.lifecycle.lock().await;
+        if self.exit_rx.borrow().is_some() {
+            return Err(DriverError::Setup(format!(
+                "sandbox {} is not running",
+                self.id
+            )));
+        }
+        let t0 = Instant::now();
+        let was_paused = self
+            .cgroups
+            .is_frozen(&self.id)
+            .map_err(|e| cella_jail::sandbox::freeze_error(&self.id, e))?;
+        if was_paused {
+            cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await?;
+        }
+        let work = self.disk.work_root.join(format!(
+            ".snap-{}-{}",
+            self.id,
+            WORK_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let top = work.join("top.qcow2");
+        let finished = self
+            .snapshot_into(dest, &work, &top, was_paused, memory)
+            .await;
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&work)).await;
+        match finished {
+            Ok((stopped, bytes)) => {
+                tracing::info!(
+                    sandbox = %self.id,
+                    paused = was_paused,
+                    stopped_ms = stopped.as_millis() as u64,
+                    total_ms = t0.elapsed().as_millis() as u64,
+                    layer_bytes = bytes,
+                    memory,
+                    "snapshot"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let dest = dest.to_path_buf();
+                let _ = tokio::task::spawn_blocking(move || layer::clear_dir(&dest)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stop the VM, save its RAM and device state into `memory` (a new file, root's, 0600:
+    /// it holds everything the sandbox had in memory) and copy its overlay to `top` at that
+    /// same instant, then let it run on. No filesystem freeze: with the guest stopped, its
+    /// page cache is part of the saved RAM. Returns how long it was stopped.
+    async fn saved_copy(&self, top: std::fs::File, memory: &Path) -> Result<Duration, DriverError> {
+        let (stream_w, stream_r) = crate::pipe_pair().map_err(|source| DriverError::Io {
+            context: "creating the memory stream pipe".into(),
+            source,
+        })?;
+        let path = memory.to_path_buf();
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut r = std::fs::File::from(stream_r);
+            let mut w = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            let n = io::copy(&mut r, &mut w)?;
+            w.sync_all()?;
+            Ok(n)
+        });
+        // Frozen first, so the disk copy is consistent on its own: a sandbox whose machine no
+        // longer fits the saved memory cold-starts from the files. A resumed VM wakes frozen
+        // and is thawed by the driver.
+        self.agent_post(FSFREEZE)
+            .await
+            .map_err(|e| DriverError::Setup(format!("freezing the guest's filesystem: {e}")))?;
+        let stopped_at = Instant::now();
+        let saved = {
+            let mut qmp = self.qmp().await.map_err(DriverError::Setup)?;
+            let r = tokio::time::timeout(
+                SAVE_DEADLINE,
+                crate::snapshot::stop_and_save(&mut qmp, stream_w, true),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("not saved within {SAVE_DEADLINE:?}")));
+            if r.is_err() {
+                let _ = qmp.execute("migrate_cancel", serde_json::json!({})).await;
+            }
+            r
+        };
+        let copied = match saved {
+            Ok(()) => {
+                // QEMU closed the stream when the save completed.
+                let written = tokio::time::timeout(SAVE_DEADLINE, writer)
+                    .await
+                    .map_err(|_| DriverError::Setup("the memory stream did not end".into()))
+                    .and_then(|j| {
+                        j.map_err(|e| DriverError::Setup(format!("stream task failed: {e}")))
+                    })
+                    .and_then(|r| {
+                        r.map_err(|source| DriverError::Io {
+                            context: "writing the memory snapshot".into(),
+                            source,
+                        })
+                    });
+                match written {
+                    Ok(bytes) => {
+                        tracing::info!(sandbox = %self.id, memory_bytes = bytes, "memory saved");
+                        self.copy_overlay(top).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => {
+                writer.abort();
+                Err(DriverError::Setup(format!("saving the VM's memory: {e}")))
+            }
+        };
+        // Whatever happened: the source runs on (a no-op if it never stopped).
+        let resumed = match self.qmp().await {
+            Ok(mut qmp) => qmp
+                .execute("cont", serde_json::json!({}))
+                .await
+                .map(|_| ())
+                .map_err(|e| DriverError::Setup(format!("resuming the VM after its save: {e}"))),
+            Err(e) => Err(DriverError::Setup(e)),
+        };
+        let stopped = stopped_at.elapsed();
+        let fs_thawed = match resumed {
+            Ok(()) => self
+                .agent_post(FSTHAW)
+                .await
+                .map_err(|e| DriverError::Setup(format!("thawing the guest's filesystem: {e}"))),
+            Err(e) => Err(e),
+        };
+        copied.and(fs_thawed).map(|()| stopped)
+    }
+
+    /// Copy the overlay (as the host opened it) to `top` and sync it; the VM must be stopped.
+    async fn copy_overlay(&self, top: std::fs::File) -> Result<(), DriverError> {
+        let src = self.disk.overlay.clone();
+        let mut dst = top;
+        tokio::task::spawn_blocking(move || {
+            copy_from_fd(&src, &mut dst)
+                .and_then(|_| dst.sync_all())
+                .map_err(|source| DriverError::Io {
+                    context: "copying the sandbox's disk overlay".into(),
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| DriverError::Setup(format!("copy task failed: {e}")))
+        .and_then(|r| r)
+    }
+
+    /// Thaw the guest's filesystems (after a resume from a memory snapshot saved frozen).
+    pub(crate) async fn fs_thaw(&self) -> Result<(), String> {
+        self.agent_post(FSTHAW).await
     }
 
     /// Freeze the guest's filesystem, stop the VM, copy its overlay to `top`, let the VM
@@ -420,19 +635,7 @@ impl VmSandbox {
         let stopped_at = Instant::now();
         let copied = match cella_jail::sandbox::freeze(self.cgroups.clone(), &self.id).await {
             Ok(()) => {
-                let src = self.disk.overlay.clone();
-                let mut dst = top;
-                let copied = tokio::task::spawn_blocking(move || {
-                    copy_from_fd(&src, &mut dst)
-                        .and_then(|_| dst.sync_all())
-                        .map_err(|source| DriverError::Io {
-                            context: "copying the sandbox's disk overlay".into(),
-                            source,
-                        })
-                })
-                .await
-                .map_err(|e| DriverError::Setup(format!("copy task failed: {e}")))
-                .and_then(|r| r);
+                let copied = self.copy_overlay(top).await;
                 let thawed = cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await;
                 copied.and(thawed)
             }
@@ -532,48 +735,11 @@ impl SandboxHandle for VmSandbox {
     /// that window (see [`crate::layer`]). A paused sandbox runs for that short window (its
     /// guest must flush) and is paused again before this returns.
     async fn snapshot_filesystem(&self, dest: &Path) -> Result<(), DriverError> {
-        check_dest(dest)?;
-        let _life = self.lifecycle.lock().await;
-        if self.exit_rx.borrow().is_some() {
-            return Err(DriverError::Setup(format!(
-                "sandbox {} is not running",
-                self.id
-            )));
-        }
-        let t0 = Instant::now();
-        let was_paused = self
-            .cgroups
-            .is_frozen(&self.id)
-            .map_err(|e| cella_jail::sandbox::freeze_error(&self.id, e))?;
-        if was_paused {
-            cella_jail::sandbox::thaw(self.cgroups.clone(), &self.id).await?;
-        }
-        let work = self.disk.work_root.join(format!(
-            ".snap-{}-{}",
-            self.id,
-            WORK_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let top = work.join("top.qcow2");
-        let finished = self.snapshot_into(dest, &work, &top, was_paused).await;
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&work)).await;
-        match finished {
-            Ok((stopped, bytes)) => {
-                tracing::info!(
-                    sandbox = %self.id,
-                    paused = was_paused,
-                    stopped_ms = stopped.as_millis() as u64,
-                    total_ms = t0.elapsed().as_millis() as u64,
-                    layer_bytes = bytes,
-                    "filesystem snapshot"
-                );
-                Ok(())
-            }
-            Err(e) => {
-                let dest = dest.to_path_buf();
-                let _ = tokio::task::spawn_blocking(move || layer::clear_dir(&dest)).await;
-                Err(e)
-            }
-        }
+        self.snapshot(dest, false).await
+    }
+
+    async fn snapshot_memory(&self, dest: &Path) -> Result<(), DriverError> {
+        self.snapshot(dest, true).await
     }
 
     async fn wait_exit(&self) -> ExitInfo {

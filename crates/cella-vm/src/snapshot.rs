@@ -212,8 +212,50 @@ fn send_with_fd(sock: i32, data: &[u8], fd: i32) -> io::Result<()> {
 
 /// `x-ignore-shared`: shared RAM blocks are not written into the migration stream.
 pub fn ignore_shared() -> Value {
-    json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})
+    ignore_shared_set(true)
 }
+
+fn ignore_shared_set(state: bool) -> Value {
+    json!({"capabilities": [{"capability": "x-ignore-shared", "state": state}]})
+}
+
+/// Stop the VM and write its migration stream into `stream` (a pipe the caller drains), then
+/// wait until QEMU reports it complete. `with_ram`: the guest RAM goes into the stream too (a
+/// sandbox's memory snapshot); else shared RAM stays out (a golden VM's RAM is its file).
+/// The VM stays stopped (`postmigrate`); `cont` runs it again.
+pub async fn stop_and_save(
+    qmp: &mut Qmp<tokio::net::UnixStream>,
+    stream: OwnedFd,
+    with_ram: bool,
+) -> Result<(), String> {
+    qmp.send_fd("stream", &stream).await?;
+    // Only QEMU may hold the write end now: the reader's EOF is the stream's end.
+    drop(stream);
+    qmp.pipeline(&[
+        ("migrate-set-capabilities", ignore_shared_set(!with_ram)),
+        // QEMU 7.2 caps migration at 128 MiB/s by default: far below a local file.
+        (
+            "migrate-set-parameters",
+            json!({"max-bandwidth": MIGRATE_BANDWIDTH}),
+        ),
+        ("stop", json!({})),
+        ("migrate", json!({"uri": "fd:stream"})),
+    ])
+    .await?;
+    loop {
+        let st = qmp.execute("query-migrate", json!({})).await?;
+        match st.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                return Err(format!("saving the VM failed: {st}"));
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Bytes per second a save may write (effectively unlimited: 64 GiB/s).
+const MIGRATE_BANDWIDTH: u64 = 64 << 30;
 
 /// Copy `ram` (sparse) into a new memfd and seal it against every change.
 pub fn sealed_ram(ram: &Path) -> io::Result<OwnedFd> {
