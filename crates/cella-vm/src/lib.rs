@@ -735,11 +735,10 @@ async fn probe_kvm(config: &VmConfig, kvm_gid: Option<u32>) -> Result<Duration, 
 const RESTORE_DEADLINE: Duration = Duration::from_secs(20);
 /// How long a VM restored from a sandbox's memory snapshot may take to answer its config
 /// (the stream holds the whole guest RAM, not only device state).
-const RESUME_DEADLINE: Duration = Duration::from_secs(10);
-/// How many times a memory snapshot is tried before the sandbox boots cold from its files.
-const RESUME_ATTEMPTS: u32 = 3;
-/// How long a resumed agent has to answer one config line before it is sent again.
-const REKEY_RETRY: Duration = Duration::from_secs(2);
+const RESUME_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a resumed agent gets to answer (within [`RESUME_DEADLINE`], leaving time to read
+/// the machine's state for the log).
+const REKEY_DEADLINE: Duration = Duration::from_secs(15);
 /// How long migrating a golden VM's device state to its file may take.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -922,29 +921,23 @@ impl VmDriver {
         };
         match self.memory_of(newest, &spec.limits) {
             Ok(Some(machine)) => {
-                // A resumed guest now and then never answers its config line (cause not found,
-                // about 1 in 15 under TCG); a fresh attempt from the same files has not failed
-                // twice in a row so far.
-                for attempt in 1..=RESUME_ATTEMPTS {
-                    let resumed = self
-                        .resume(
-                            spec,
-                            &backing,
-                            meta.virtual_size,
-                            newest,
-                            &machine,
-                            &events,
-                            t0,
-                        )
-                        .await;
-                    match resumed {
-                        Ok(sb) => return Ok(sb),
-                        Err(RestoreError::Launch(reason) | RestoreError::Failed(reason)) => {
-                            tracing::warn!(sandbox = %spec.id, layer = %newest.display(), attempt, %reason, "cannot resume the memory snapshot");
-                        }
+                match self
+                    .resume(
+                        spec,
+                        &backing,
+                        meta.virtual_size,
+                        newest,
+                        &machine,
+                        &events,
+                        t0,
+                    )
+                    .await
+                {
+                    Ok(sb) => return Ok(sb),
+                    Err(RestoreError::Launch(reason) | RestoreError::Failed(reason)) => {
+                        tracing::warn!(sandbox = %spec.id, layer = %newest.display(), %reason, "cannot resume the memory snapshot; booting cold from its files");
                     }
                 }
-                tracing::warn!(sandbox = %spec.id, layer = %newest.display(), "booting cold from the memory snapshot's files");
             }
             Ok(None) => {}
             Err(reason) => {
@@ -1014,35 +1007,23 @@ impl VmDriver {
         let mut loaded_at = None;
         let handshake = async {
             let fd = launched.stream_fd.ok_or("no incoming stream")?;
-            {
-                let mut qmp = sandbox.qmp().await?;
-                qmp.pipeline(&[
-                    (
-                        "migrate-incoming",
-                        serde_json::json!({"uri": format!("fd:{fd}")}),
-                    ),
-                    // Runs once the stream is loaded (the source was stopped when saved).
-                    ("cont", serde_json::json!({})),
-                ])
-                .await?;
-                // The config line goes out only to a running guest: while the stream loads,
-                // the console device is not yet the guest's and could take the line early.
-                loop {
-                    let st = qmp.execute("query-status", serde_json::json!({})).await?;
-                    if st.get("running").and_then(|r| r.as_bool()) == Some(true) {
-                        break;
-                    }
-                    if let Some(bad @ ("internal-error" | "shutdown" | "guest-panicked")) =
-                        st.get("status").and_then(|s| s.as_str())
-                    {
-                        return Err(format!("the restored VM is {bad}"));
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
+            // The config line goes out only to a running guest: while the stream loads, the
+            // console device is not yet the guest's and could take the line early.
+            snapshot::load_and_run(&mut *sandbox.qmp().await?, fd, None).await?;
             let mut reader = BufReader::new(launched.ctl);
             loaded_at = Some(t0.elapsed());
-            self.rekey(spec, &mut reader, events).await?;
+            match tokio::time::timeout(REKEY_DEADLINE, self.configure(spec, &mut reader, events))
+                .await
+            {
+                Ok(answered) => answered?,
+                Err(_) => {
+                    return Err(format!(
+                        "the resumed agent did not answer its config line within \
+                         {REKEY_DEADLINE:?}; {}",
+                        sandbox.machine_report().await
+                    ));
+                }
+            }
             // Saved with the guest's filesystems frozen (so the files alone are consistent too).
             sandbox
                 .fs_thaw()
@@ -1443,42 +1424,6 @@ impl VmDriver {
         wait_ready(&spec.id, reader, events).await
     }
 
-    /// [`Self::configure`] for a VM resumed from a memory snapshot: the line is sent again
-    /// every [`REKEY_RETRY`] until the agent answers (a re-key is idempotent). Seen twice in
-    /// ~30 resumes before this existed: a resumed guest that never answered its line (cause
-    /// not found); none since, in 18.
-    async fn rekey(
-        &self,
-        spec: &SandboxSpec,
-        reader: &mut BufReader<tokio::net::UnixStream>,
-        events: &EventSink,
-    ) -> Result<(), String> {
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let config = self.agent_config(spec);
-            let mut line =
-                serde_json::to_vec(&config).map_err(|e| format!("encoding the config: {e}"))?;
-            line.push(b'\n');
-            reader
-                .get_mut()
-                .write_all(&line)
-                .await
-                .map_err(|e| format!("sending the config: {e}"))?;
-            match tokio::time::timeout(REKEY_RETRY, wait_ready(&spec.id, reader, events)).await {
-                Ok(r) => {
-                    if attempt > 1 {
-                        tracing::info!(sandbox = %spec.id, attempt, "resumed agent answered a repeated config line");
-                    }
-                    return r;
-                }
-                Err(_) => {
-                    tracing::debug!(sandbox = %spec.id, attempt, "no answer to the config line yet");
-                }
-            }
-        }
-    }
-
     async fn cold_boot(
         &self,
         spec: &SandboxSpec,
@@ -1579,16 +1524,11 @@ impl VmDriver {
         let mut resumed_at = None;
         let handshake = async {
             let fd = launched.stream_fd.ok_or("no incoming stream")?;
-            let mut qmp = sandbox.qmp().await?;
-            qmp.pipeline(&[
-                ("migrate-set-capabilities", snapshot::ignore_shared()),
-                (
-                    "migrate-incoming",
-                    serde_json::json!({"uri": format!("fd:{fd}")}),
-                ),
-                // The golden VM was stopped: without this the clone stays paused.
-                ("cont", serde_json::json!({})),
-            ])
+            snapshot::load_and_run(
+                &mut *sandbox.qmp().await?,
+                fd,
+                Some(snapshot::ignore_shared()),
+            )
             .await?;
             resumed_at = Some(t0.elapsed());
             let mut reader = BufReader::new(launched.ctl);

@@ -146,6 +146,100 @@ impl VmSandbox {
         .map_err(|_| "the VMM has no QMP connection".to_string())
     }
 
+    /// What the vCPUs, the interrupt controllers and the virtio console were doing, read over
+    /// QMP: for a guest that stopped answering (the console alone is silent then).
+    pub(crate) async fn machine_report(&self) -> String {
+        let Ok(mut qmp) = self.qmp().await else {
+            return String::new();
+        };
+        let mut parts = Vec::new();
+        let mut hmp = async |cmd: &str| -> String {
+            match qmp
+                .execute(
+                    "human-monitor-command",
+                    serde_json::json!({ "command-line": cmd }),
+                )
+                .await
+            {
+                Ok(v) => v.as_str().unwrap_or_default().to_string(),
+                Err(e) => format!("({e})"),
+            }
+        };
+        let regs = hmp("info registers -a").await;
+        let rips: Vec<&str> = regs
+            .lines()
+            .filter(|l| l.starts_with("RIP=") || l.starts_with("CPU#"))
+            .map(str::trim)
+            .collect();
+        parts.push(format!("cpus: {}", rips.join(" | ")));
+        let pic = hmp("info pic").await;
+        let pins: Vec<&str> = pic
+            .lines()
+            .filter(|l| !l.contains("masked") && !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        parts.push(format!("ioapic: {}", pins.join(" | ")));
+        for cpu in 0..rips.iter().filter(|l| l.starts_with("RIP=")).count() {
+            let lapic = hmp(&format!("info lapic {cpu}")).await;
+            let lapic: Vec<&str> = lapic
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("ISR") || l.starts_with("IRR"))
+                .collect();
+            parts.push(format!("lapic {cpu}: {}", lapic.join(" | ")));
+        }
+        let devices = qmp
+            .execute("x-query-virtio", serde_json::json!({}))
+            .await
+            .unwrap_or_default();
+        for dev in devices.as_array().into_iter().flatten() {
+            let (Some(name), Some(path)) = (
+                dev.get("name").and_then(|n| n.as_str()),
+                dev.get("path").and_then(|p| p.as_str()),
+            ) else {
+                continue;
+            };
+            if name != "virtio-serial" {
+                continue;
+            }
+            if let Ok(st) = qmp
+                .execute("x-query-virtio-status", serde_json::json!({ "path": path }))
+                .await
+            {
+                parts.push(format!(
+                    "serial: isr={} status={:?} broken={}",
+                    st.get("isr").unwrap_or(&serde_json::Value::Null),
+                    st.get("status")
+                        .and_then(|s| s.get("statuses"))
+                        .unwrap_or(&serde_json::Value::Null)
+                        .to_string(),
+                    st.get("broken").unwrap_or(&serde_json::Value::Null)
+                ));
+            }
+            for queue in 0..6u16 {
+                let Ok(q) = qmp
+                    .execute(
+                        "x-query-virtio-queue-status",
+                        serde_json::json!({ "path": path, "queue": queue }),
+                    )
+                    .await
+                else {
+                    break;
+                };
+                let f = |k: &str| q.get(k).cloned().unwrap_or(serde_json::Value::Null);
+                parts.push(format!(
+                    "vq{queue}: shadow_avail={} last_avail={} used={} signalled={} inuse={}",
+                    f("shadow-avail-idx"),
+                    f("last-avail-idx"),
+                    f("used-idx"),
+                    f("signalled-used"),
+                    f("inuse")
+                ));
+            }
+        }
+        parts.join("; ")
+    }
+
     /// SIGKILL the VMM (no cleanup: that is [`Self::teardown`]).
     pub(crate) fn kill(&self) -> io::Result<()> {
         pidfd_kill(&self.pidfd)
