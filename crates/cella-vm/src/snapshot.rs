@@ -443,20 +443,35 @@ mod tests {
         assert_eq!(s, libc::MAP_FAILED);
     }
 
-    /// A fake QMP server for [`load_and_run`]: `inmigrate` for the first `loading` status
-    /// queries, then `paused` until `cont`, then running. Returns the commands it got.
-    async fn fake_incoming(b: tokio::io::DuplexStream, loading: usize) -> Vec<String> {
+    /// A fake QMP server: greets, then answers each command with the raw line(s) `reply`
+    /// gives (events may come first). Returns the commands it got.
+    async fn fake_qmp(
+        b: tokio::io::DuplexStream,
+        mut reply: impl FnMut(&str) -> Vec<u8>,
+    ) -> Vec<String> {
         let mut r = BufReader::new(b);
         r.get_mut()
             .write_all(b"{\"QMP\":{\"version\":{}}}\n")
             .await
             .expect("greet");
         let mut buf = Vec::new();
-        let (mut got, mut queries, mut running) = (Vec::new(), 0, false);
+        let mut got = Vec::new();
         while let Ok(Line::Full) = read_line_bounded(&mut r, &mut buf, 4096).await {
             let v: Value = serde_json::from_slice(&buf).expect("json");
             let cmd = v["execute"].as_str().expect("execute").to_string();
-            let reply = match cmd.as_str() {
+            let line = reply(&cmd);
+            got.push(cmd);
+            r.get_mut().write_all(&line).await.expect("reply");
+        }
+        got
+    }
+
+    /// [`fake_qmp`] for [`load_and_run`]: `inmigrate` for the first `loading` status queries,
+    /// then `paused` until `cont`, then running.
+    async fn fake_incoming(b: tokio::io::DuplexStream, loading: usize) -> Vec<String> {
+        let (mut queries, mut running) = (0, false);
+        fake_qmp(b, move |cmd| {
+            let reply = match cmd {
                 "query-status" => {
                     queries += 1;
                     let status = match (running, queries <= loading) {
@@ -473,12 +488,11 @@ mod tests {
                 // What QEMU does with an early `cont`: nothing that survives the load.
                 _ => json!({"return": {}}),
             };
-            got.push(cmd);
             let mut line = serde_json::to_vec(&reply).expect("encode");
             line.push(b'\n');
-            r.get_mut().write_all(&line).await.expect("reply");
-        }
-        got
+            line
+        })
+        .await
     }
 
     #[tokio::test]
@@ -504,23 +518,12 @@ mod tests {
     #[tokio::test]
     async fn a_load_that_ends_in_a_bad_state_is_an_error() {
         let (a, b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move {
-            let mut r = BufReader::new(b);
-            r.get_mut()
-                .write_all(b"{\"QMP\":{\"version\":{}}}\n")
-                .await
-                .expect("greet");
-            let mut buf = Vec::new();
-            while let Ok(Line::Full) = read_line_bounded(&mut r, &mut buf, 4096).await {
-                let v: Value = serde_json::from_slice(&buf).expect("json");
-                let reply: &[u8] = if v["execute"] == "query-status" {
-                    b"{\"return\":{\"running\":false,\"status\":\"internal-error\"}}\n"
-                } else {
-                    b"{\"return\":{}}\n"
-                };
-                r.get_mut().write_all(reply).await.expect("reply");
+        let server = tokio::spawn(fake_qmp(b, |cmd| match cmd {
+            "query-status" => {
+                b"{\"return\":{\"running\":false,\"status\":\"internal-error\"}}\n".to_vec()
             }
-        });
+            _ => b"{\"return\":{}}\n".to_vec(),
+        }));
         let mut q = Qmp::connect(a).await.expect("connect");
         let err = load_and_run(&mut q, 7, None).await.expect_err("bad state");
         assert!(err.contains("internal-error"), "{err}");
@@ -531,24 +534,15 @@ mod tests {
     #[tokio::test]
     async fn qmp_pipeline_skips_events_and_reports_errors() {
         let (a, b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move {
-            let mut r = BufReader::new(b);
-            r.get_mut()
-                .write_all(b"{\"QMP\":{\"version\":{}}}\n")
-                .await
-                .expect("greet");
-            let mut buf = Vec::new();
-            let mut n = 0;
-            while let Ok(Line::Full) = read_line_bounded(&mut r, &mut buf, 4096).await {
-                n += 1;
-                let reply: &[u8] = match n {
-                    1 | 2 => b"{\"return\":{}}\n",
-                    3 => b"{\"event\":\"RESUME\"}\n{\"return\":{\"status\":\"ok\"}}\n",
-                    _ => b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"no\"}}\n",
-                };
-                r.get_mut().write_all(reply).await.expect("reply");
+        let mut n = 0;
+        let server = tokio::spawn(fake_qmp(b, move |_| {
+            n += 1;
+            match n {
+                1 | 2 => b"{\"return\":{}}\n".to_vec(),
+                3 => b"{\"event\":\"RESUME\"}\n{\"return\":{\"status\":\"ok\"}}\n".to_vec(),
+                _ => b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"no\"}}\n".to_vec(),
             }
-        });
+        }));
         let mut q = Qmp::connect(a).await.expect("connect");
         let got = q
             .pipeline(&[("stop", json!({})), ("query-status", json!({}))])
