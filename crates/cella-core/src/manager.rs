@@ -1198,7 +1198,7 @@ impl Manager {
             .await?;
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..count {
-            let mut req = live.request.clone();
+            let mut req = request_in_force(&live);
             req.template_id = meta.id.clone();
             req.timeout = Some(timeout);
             req.driver = None;
@@ -2174,10 +2174,15 @@ impl Manager {
 }
 
 /// What it takes to start `live` again from its files in snapshot `snapshot`.
-fn paused_record(live: &LiveSandbox, snapshot: &str, end_at_ms: i64) -> PausedRecord {
+/// The create request of `live` with the network rules in force now: `update_network` may
+/// have changed them since the create. What a revival after a pause to disk and a fork start
+/// with.
+fn request_in_force(live: &LiveSandbox) -> cella_api::NewSandbox {
     let mut request = live.request.clone();
-    // The rules in force now (update_network may have changed them since the create).
     if let Some(p) = live.egress() {
+        // `denyOut` holds `0.0.0.0/0` exactly when the internet is closed now; the create's
+        // `allow_internet_access: false` would close it again after an update opened it.
+        request.allow_internet_access = None;
         let net = request.network.get_or_insert_with(Default::default);
         net.allow_out = Some(p.allow_out());
         net.deny_out = Some(p.deny_out());
@@ -2185,6 +2190,11 @@ fn paused_record(live: &LiveSandbox, snapshot: &str, end_at_ms: i64) -> PausedRe
         net.egress_proxy = p.proxy.as_ref().map(crate::egress::EgressProxy::to_request);
         net.rules = p.rules.to_request();
     }
+    request
+}
+
+fn paused_record(live: &LiveSandbox, snapshot: &str, end_at_ms: i64) -> PausedRecord {
+    let request = request_in_force(live);
     PausedRecord {
         id: live.handle.id().to_string(),
         owner: live.owner.clone(),

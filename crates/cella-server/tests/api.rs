@@ -1644,3 +1644,48 @@ async fn features_cella_lacks_are_refused_not_ignored() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_fork_gets_the_network_rules_in_force_not_the_create_request() {
+    let egress = cella_core::fake::FakeEgress::new();
+    let h = harness_full(FakeDriver::with_egress(), Some(egress.clone()), true);
+    let v = h
+        .create(json!({"templateID": "base", "allow_internet_access": false,
+            "network": {"allowOut": ["created.test"]}}))
+        .await;
+    let id = v["sandboxID"].as_str().expect("id").to_string();
+    let fork_policy = |body: Value| {
+        let (h, egress, id) = (&h, &egress, &id);
+        async move {
+            let (s, v) = h
+                .call(
+                    "PUT",
+                    &format!("/sandboxes/{id}/network"),
+                    Some(&h.key),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+            let (s, v) = h
+                .call(
+                    "POST",
+                    &format!("/sandboxes/{id}/fork"),
+                    Some(&h.key),
+                    Some(json!({"count": 1})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            let fork = v[0]["sandbox"]["sandboxID"].as_str().expect("fork id");
+            egress.attached(fork).expect("the fork has a network")
+        }
+    };
+    // Updated to another allow-listed domain: the fork has the new rule, not the created one.
+    let p = fork_policy(json!({"allowOut": ["updated.test"], "denyOut": ["0.0.0.0/0"]})).await;
+    assert!(p.allows_name("updated.test"), "{p:?}");
+    assert!(!p.allows_name("created.test"), "{p:?}");
+    assert!(p.denies_all(), "{p:?}");
+    // Opened to the internet: the create's allow_internet_access=false does not close it again.
+    let p = fork_policy(json!({"allowOut": [], "denyOut": []})).await;
+    assert!(!p.denies_all(), "{p:?}");
+    assert!(p.deny_out().is_empty(), "{p:?}");
+}

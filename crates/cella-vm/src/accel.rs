@@ -58,6 +58,8 @@ pub struct HostFacts {
     pub kvm_device: Result<(), String>,
     /// `cpu MHz` of the first CPU in `/proc/cpuinfo`, in kHz (the guest's TSC rate under TCG).
     pub cpu_khz: Option<u64>,
+    /// What a KVM guest's `-cpu host` inherits from the host CPU ([`cpuinfo_identity`]).
+    pub cpu_identity: String,
 }
 
 impl HostFacts {
@@ -75,6 +77,7 @@ impl HostFacts {
             cpu_virt: cpuinfo_has_virt(&cpuinfo),
             kvm_device,
             cpu_khz: cpuinfo_khz(&cpuinfo),
+            cpu_identity: cpuinfo_identity(&cpuinfo),
         }
     }
 }
@@ -91,6 +94,35 @@ pub fn cpuinfo_has_virt(cpuinfo: &str) -> bool {
                 .split_whitespace()
                 .any(|f| f == "vmx" || f == "svm")
     })
+}
+
+/// The first CPU's vendor, family, model, stepping, microcode and flags, one `key: value` per
+/// line: under KVM (`-cpu host`) the guest sees this CPU, and a guest saved on one CPU may
+/// not run on another (a memory snapshot's key includes it). A microcode update that changes
+/// the flags changes it too.
+pub fn cpuinfo_identity(cpuinfo: &str) -> String {
+    const KEYS: [&str; 7] = [
+        "vendor_id",
+        "cpu family",
+        "model",
+        "model name",
+        "stepping",
+        "microcode",
+        "flags",
+    ];
+    let mut out = Vec::new();
+    for line in cpuinfo.lines() {
+        // The first processor's block ends at the first blank line.
+        if line.trim().is_empty() && !out.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && KEYS.contains(&k.trim())
+        {
+            out.push(format!("{}: {}", k.trim(), v.trim()));
+        }
+    }
+    out.join("\n")
 }
 
 /// The first `cpu MHz` value of a cpuinfo text, in kHz.
@@ -192,6 +224,19 @@ mod tests {
         assert!(f.kvm_device.is_err());
         // "vmx" inside another flag name does not count
         assert!(!cpuinfo_has_virt("flags : vmxnet svmish\n"));
+        assert_eq!(
+            facts(PVM_HOST, false).cpu_identity,
+            "vendor_id: GenuineIntel\nflags: fpu vme de pse tsc msr pae hypervisor lahf_lm"
+        );
+        // Only the first CPU counts; the clock (which varies) does not.
+        let two = "processor : 0\nvendor_id : AuthenticAMD\ncpu family : 25\nmodel : 1\n\
+            model name : EPYC\nstepping : 1\nmicrocode : 0xa0011d1\ncpu MHz : 1.5\n\
+            flags : fpu svm\n\nprocessor : 1\nvendor_id : Other\n";
+        assert_eq!(
+            cpuinfo_identity(two),
+            "vendor_id: AuthenticAMD\ncpu family: 25\nmodel: 1\nmodel name: EPYC\n\
+             stepping: 1\nmicrocode: 0xa0011d1\nflags: fpu svm"
+        );
         assert_eq!(cpuinfo_khz("cpu MHz : nan\n"), None);
         assert_eq!(cpuinfo_khz(""), None);
     }

@@ -432,6 +432,8 @@ struct Inner {
     cgroups: Arc<Cgroups>,
     decision: AccelDecision,
     tsc_khz: Option<u64>,
+    /// The host CPU a KVM guest sees ([`accel::cpuinfo_identity`]).
+    cpu_identity: String,
     slots: Arc<Mutex<BTreeSet<u32>>>,
     image_lock: tokio::sync::Mutex<()>,
     agent_hash: Mutex<Option<(FileStamp, String)>>,
@@ -544,6 +546,7 @@ impl VmDriver {
         Ok(VmDriver {
             inner: Arc::new(Inner {
                 tsc_khz: facts.cpu_khz,
+                cpu_identity: facts.cpu_identity.clone(),
                 config,
                 cgroups: Arc::new(cgroups),
                 decision,
@@ -1611,6 +1614,10 @@ impl VmDriver {
             file_stamp(&cfg.kernel()),
             file_stamp(&cfg.initramfs()),
         ]);
+        if self.inner.decision.accel == Accel::Kvm {
+            // `-cpu host`: the guest's CPU is this host's (TCG's `max` is the same everywhere).
+            parts.push(format!("host cpu\n{}", self.inner.cpu_identity));
+        }
         parts.extend(canonical.args());
         snapshot::key(&parts)
     }
