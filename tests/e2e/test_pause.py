@@ -187,12 +187,12 @@ def test_kill_while_paused_leaves_nothing_behind(server):
     _settled(server, before)
 
 
-def test_paused_sandboxes_go_to_disk_at_shutdown_and_are_lost_in_a_crash(server):
+def test_paused_sandboxes_outlive_a_clean_stop_and_a_crash(server):
     """What a restart does to paused sandboxes, exactly: at SIGTERM a paused sandbox is written
     to disk and is paused again after the start (a microVM with its memory: its processes are
-    back after the connect; a jail with its files only: its processes end like every other);
-    after a SIGKILL the frozen cgroup stays behind, the next start thaws and removes it, and
-    that sandbox is gone (only a clean stop writes paused sandboxes out)."""
+    back after the connect; a jail with its files only: its processes end like every other).
+    A pause writes the same copy to disk at once, so after a SIGKILL the next start thaws and
+    removes the frozen cgroup the crash left and the sandbox is paused again from that copy."""
     before = _snap(server)
     a = Sandbox.create(template="base", timeout=300)
     a.commands.run("sleep 781", background=True)
@@ -220,15 +220,27 @@ def test_paused_sandboxes_go_to_disk_at_shutdown_and_are_lost_in_a_crash(server)
 
     b = Sandbox.create(template="base", timeout=300)
     b.commands.run("sleep 782", background=True)
+    b.files.write("/home/user/b.txt", "b\n")
+    b.files.write("/tmp/in-memory.txt", "tmpfs b\n")
     assert b.pause() is True
     server.kill9()
     time.sleep(0.5)
     assert _freezer_states(b.sandbox_id) == {"FROZEN"}, "the crash should leave the frozen cgroup"
     server.start()
+    # the frozen processes are gone; the pause's copy is all that is left of it
     left = _added(server, before, _snap(server))
-    assert not left, f"left behind after restart: {left}"
+    assert set(left) <= {"data_files"}, left
+    assert any(f.startswith(f"snapshots/.paused/{b.sandbox_id}") for f in left.get("data_files", [])), left
     with server.api() as api:
-        assert api.get(f"/sandboxes/{b.sandbox_id}").status_code == 404
+        r = api.get(f"/sandboxes/{b.sandbox_id}")
+        assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+    back = Sandbox.connect(b.sandbox_id, timeout=120)
+    assert back.files.read("/home/user/b.txt") == "b\n"
+    assert ("sleep 782" in back.commands.run("ps -eo args").stdout) == memory
+    if memory:
+        assert back.files.read("/tmp/in-memory.txt") == "tmpfs b\n"
+    back.kill()
+    _settled(server, before)
     fresh = Sandbox.create(template="base", timeout=60)
     try:
         assert fresh.commands.run("echo fresh").stdout == "fresh\n"

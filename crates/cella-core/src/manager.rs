@@ -213,6 +213,10 @@ pub struct LiveSandbox {
     on_disk: Option<String>,
     /// Auto-pause keeps memory (`autoPauseMemory`, default true); false pauses to disk.
     auto_pause_memory: bool,
+    /// While paused in memory: the copy written at the pause (files, and memory where the
+    /// driver can) that its paused record points to, so a restart after a crash brings it
+    /// back. Released at the resume and the kill.
+    saved: Mutex<Option<SnapshotPin>>,
     /// Serializes pause, resume and destroy of this sandbox.
     transition: tokio::sync::Mutex<()>,
 }
@@ -785,6 +789,7 @@ impl Manager {
             auto_pause: std::sync::atomic::AtomicBool::new(auto_pause),
             auto_resume,
             paused: std::sync::atomic::AtomicBool::new(false),
+            saved: Mutex::new(None),
             transition: tokio::sync::Mutex::new(()),
         });
         let record = if revival.is_some() {
@@ -1639,6 +1644,7 @@ impl Manager {
         if let Err(e) = self.store.set_sandbox_end(&id, until) {
             tracing::warn!(sandbox = %id, error = %e, "recording pause end time failed");
         }
+        let saved = self.save_paused_copy(live, actor, until).await;
         self.store.audit(NewAudit {
             actor: actor.to_string(),
             sandbox_id: Some(id),
@@ -1647,11 +1653,72 @@ impl Manager {
                 "reason": reason,
                 "memory": true,
                 "memoryRequested": memory,
+                "saved": saved,
                 "pausedUntil": format_rfc3339_ms(until),
                 "pauseMs": started.elapsed().as_secs_f64() * 1000.0,
             }),
         });
         Ok(true)
+    }
+
+    /// For a sandbox just paused in memory (the caller holds its transition lock): snapshot
+    /// it (hidden; memory too where the driver can) and write its paused record, so that a
+    /// crash of the server while it is paused does not lose it: the next start finds it
+    /// paused on disk, as after a clean stop. It stays paused in memory meanwhile (a resume
+    /// is instant and open streams continue). What was saved (`"memory"`, `"files"`), or
+    /// `"none"` when this server keeps no snapshots or the copy failed (logged; the pause
+    /// itself stands).
+    async fn save_paused_copy(
+        &self,
+        live: &Arc<LiveSandbox>,
+        actor: &str,
+        until: i64,
+    ) -> &'static str {
+        let Some(store) = self.snapshots.clone() else {
+            return "none";
+        };
+        let id = live.handle.id().to_string();
+        let (meta, pin) = match self
+            .take_snapshot(live, actor, None, true, SnapshotWith::MemoryIfPossible)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %error_chain(&e), "cannot save a paused sandbox to disk; a crash while it is paused would lose it");
+                return "none";
+            }
+        };
+        let rec = paused_record(live, &meta.id, until);
+        let written = tokio::task::spawn_blocking(move || store.save_paused(&rec)).await;
+        match written {
+            Ok(Ok(())) => {
+                if let Ok(mut s) = live.saved.lock() {
+                    *s = Some(pin);
+                }
+                if meta.memory { "memory" } else { "files" }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %id, error = %e, "cannot write a paused sandbox's record");
+                "none"
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "cannot write a paused sandbox's record");
+                "none"
+            }
+        }
+    }
+
+    /// Drop the copy [`Self::save_paused_copy`] wrote (resumed or killed): its record goes,
+    /// its snapshot with the next gc.
+    fn release_paused_copy(&self, live: &LiveSandbox) -> bool {
+        let pin = live.saved.lock().ok().and_then(|mut s| s.take());
+        if pin.is_none() {
+            return false;
+        }
+        if let Some(store) = &self.snapshots {
+            store.remove_paused(live.handle.id());
+        }
+        true
     }
 
     /// Thaw `live` if it is paused and give it `secs` to live. `Ok(false)`: it was running.
@@ -1689,6 +1756,9 @@ impl Manager {
         let end = now_ms() + (secs as i64) * 1000;
         live.end_at_ms.store(end, Ordering::Relaxed);
         live.paused.store(false, Ordering::SeqCst);
+        if self.release_paused_copy(live) {
+            self.gc_snapshots().await;
+        }
         if let Err(e) = self.store.set_sandbox_end(&id, end) {
             tracing::warn!(sandbox = %id, error = %e, "recording resume end time failed");
         }
@@ -1944,7 +2014,8 @@ impl Manager {
         {
             store.remove_paused(id);
         }
-        if live.as_ref().is_some_and(|l| l.snapshot.is_some()) {
+        let released = live.as_ref().is_some_and(|l| self.release_paused_copy(l));
+        if released || live.as_ref().is_some_and(|l| l.snapshot.is_some()) {
             self.gc_snapshots().await;
         }
         result
@@ -2252,6 +2323,7 @@ fn dormant_entry(store: &SnapshotStore, rec: &PausedRecord, max_pids: u64) -> Op
         auto_pause_memory: rec.request.auto_pause_memory != Some(false),
         request: rec.request.clone(),
         on_disk: Some(rec.snapshot.clone()),
+        saved: Mutex::new(None),
         transition: tokio::sync::Mutex::new(()),
     })
 }
@@ -3493,6 +3565,59 @@ mod tests {
         assert!(driver.alive().contains(&paused));
         assert!(manager.info("k", &running).is_err());
         manager.kill("k", &paused).await.expect("kill");
+        assert_eq!(snapshot_dirs(&snaps), 0);
+    }
+
+    #[tokio::test]
+    async fn a_memory_pause_is_on_disk_at_once_and_outlives_a_crash() {
+        let snaps = tempfile::tempdir().expect("tempdir");
+        let config = || ManagerConfig {
+            snapshot_dir: Some(snaps.path().join("snapshots")),
+            ..fast()
+        };
+        let e = env(config());
+        let id = create(&e, base(60)).await;
+
+        // paused in memory (still alive in the driver) and written out
+        e.manager.pause("k", &id, true).await.expect("pause");
+        assert!(e.driver.alive().contains(&id), "paused in memory");
+        assert_eq!(paused_records(&snaps), vec![format!("{id}.json")]);
+        assert_eq!(snapshot_dirs(&snaps), 1);
+        // a resume drops the copy
+        e.manager.connect("k", &id, None).await.expect("connect");
+        assert!(paused_records(&snaps).is_empty());
+        assert_eq!(snapshot_dirs(&snaps), 0);
+        // a kill while paused too
+        e.manager.pause("k", &id, true).await.expect("pause");
+        e.manager.kill("k", &id).await.expect("kill");
+        assert!(paused_records(&snaps).is_empty());
+        assert_eq!(snapshot_dirs(&snaps), 0);
+
+        // a crash: the manager is dropped without a shutdown
+        let id = create(&e, base(60)).await;
+        let token = e.manager.info("k", &id).expect("info").envd_access_token;
+        e.manager.pause("k", &id, true).await.expect("pause");
+        let driver = FakeDriver::new();
+        let manager = Manager::start(
+            vec![Arc::new(driver.clone())],
+            0,
+            e.manager.templates().clone(),
+            e.store.clone(),
+            config(),
+        );
+        assert_eq!(
+            manager.info("k", &id).expect("info").state,
+            SandboxState::Paused
+        );
+        let (sbx, resumed) = manager.connect("k", &id, None).await.expect("connect");
+        assert!(resumed);
+        assert_eq!(sbx.envd_access_token, token, "SDK handles keep working");
+        assert!(driver.alive().contains(&id), "revived from the copy");
+        assert!(
+            paused_records(&snaps).is_empty(),
+            "revived: no longer paused"
+        );
+        manager.kill("k", &id).await.expect("kill");
         assert_eq!(snapshot_dirs(&snaps), 0);
     }
 }
