@@ -1708,6 +1708,21 @@ impl Manager {
         }
     }
 
+    /// End the processes of `live`, which lives on as its paused record on disk: thaw it (a
+    /// frozen v1 cgroup must be thawed for SIGKILL to land), destroy it, release its network.
+    async fn end_processes(&self, live: &LiveSandbox) {
+        let id = live.handle.id();
+        let _ = live.handle.resume().await;
+        if let Err(e) = live.handle.destroy().await {
+            tracing::warn!(sandbox = %id, error = %e, "destroying a sandbox paused to disk");
+        }
+        if let (Some(eg), Some(_)) = (&self.egress, live.egress())
+            && let Err(e) = eg.release(id).await
+        {
+            tracing::warn!(sandbox = %id, error = %e, "releasing the network of a sandbox paused to disk");
+        }
+    }
+
     /// Drop the copy [`Self::save_paused_copy`] wrote (resumed or killed): its record goes,
     /// its snapshot with the next gc.
     fn release_paused_copy(&self, live: &LiveSandbox) -> bool {
@@ -1851,16 +1866,7 @@ impl Manager {
             store.remove_paused(&id);
         }
         drop(pin);
-        // Its processes go (a frozen v1 cgroup must be thawed for SIGKILL to land).
-        let _ = live.handle.resume().await;
-        if let Err(e) = live.handle.destroy().await {
-            tracing::warn!(sandbox = %id, error = %e, "destroying a sandbox paused to disk");
-        }
-        if let (Some(eg), Some(_)) = (&self.egress, live.egress())
-            && let Err(e) = eg.release(&id).await
-        {
-            tracing::warn!(sandbox = %id, error = %e, "releasing the network of a sandbox paused to disk");
-        }
+        self.end_processes(live).await;
         if let Err(e) = self.store.set_sandbox_end(&id, until) {
             tracing::warn!(sandbox = %id, error = %e, "recording pause end time failed");
         }
@@ -2040,8 +2046,16 @@ impl Manager {
                     continue;
                 }
                 let _t = live.transition.lock().await;
-                // Memory-paused: where the driver can, its memory goes to disk too, so its
-                // processes are back after the restart.
+                if live.saved.lock().is_ok_and(|s| s.is_some()) {
+                    // Written out at the pause (it has been frozen since): that copy and its
+                    // record are what the next start brings back.
+                    self.forget(id);
+                    self.end_processes(&live).await;
+                    continue;
+                }
+                // Memory-paused without a copy (it failed at the pause): where the driver
+                // can, its memory goes to disk too, so its processes are back after the
+                // restart.
                 match self
                     .pause_to_disk(&live, "server", "shutdown", SnapshotWith::MemoryIfPossible)
                     .await
@@ -3530,9 +3544,15 @@ mod tests {
             .expect("info")
             .envd_access_token;
         e.manager.pause("k", &paused, true).await.expect("pause");
+        let copies = snapshot_dirs(&snaps);
         e.manager.shutdown().await;
         assert!(e.driver.alive().is_empty(), "{:?}", e.driver.alive());
         assert_eq!(paused_records(&snaps), vec![format!("{paused}.json")]);
+        assert_eq!(
+            (copies, snapshot_dirs(&snaps)),
+            (1, 1),
+            "the copy written at the pause is the one kept"
+        );
 
         // a new server on the same directories (same templates)
         let store = e.store.clone();
