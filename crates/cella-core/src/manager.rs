@@ -1689,23 +1689,18 @@ impl Manager {
             }
         };
         let rec = paused_record(live, &meta.id, until);
-        let written = tokio::task::spawn_blocking(move || store.save_paused(&rec)).await;
-        match written {
-            Ok(Ok(())) => {
-                if let Ok(mut s) = live.saved.lock() {
-                    *s = Some(pin);
-                }
-                if meta.memory { "memory" } else { "files" }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(sandbox = %id, error = %e, "cannot write a paused sandbox's record");
-                "none"
-            }
-            Err(e) => {
-                tracing::warn!(sandbox = %id, error = %e, "cannot write a paused sandbox's record");
-                "none"
-            }
+        let written = tokio::task::spawn_blocking(move || store.save_paused(&rec))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::warn!(sandbox = %id, error = %e, "cannot write a paused sandbox's record");
+            return "none";
         }
+        if let Ok(mut s) = live.saved.lock() {
+            *s = Some(pin);
+        }
+        if meta.memory { "memory" } else { "files" }
     }
 
     /// End the processes of `live`, which lives on as its paused record on disk: thaw it (a
